@@ -1,0 +1,1 @@
+"""CGMQ: Constraint Guided Model Quantization in JAX, Flax and Optax."""
