@@ -1,0 +1,202 @@
+"""``constrained_update``: CGMQ's budget constraint as an optax gradient transformation.
+
+This is Constraint Guided Gradient Descent (Van Baelen & Karsmakers) applied to the
+quantizer parameters, made exact for the integer BOP cost (CGMQ.md section 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cgmq_jax import quantizer
+
+DEFAULT_RESCALE = 1.5
+# Smallest norm of the constraint's quantizer step while infeasible, in log2 units: with no
+# loss signal at all (zero updates) the constraint still moves, by 1.5 * 0.01 per step.
+DEFAULT_MIN_SCALE = 1e-2
+
+
+class ConstrainedUpdateState(NamedTuple):
+    """State of :func:`constrained_update`."""
+
+    cost: jax.Array  # exact cost (BOPs) of the params the last update was computed at
+    infeasible_steps: jax.Array  # int32: steps taken while the cost was over budget
+    guard_steps: jax.Array  # int32: feasible steps whose cost-raising components were zeroed
+    scale_floor: jax.Array  # largest quantizer-update norm seen; keeps the constraint alive
+
+
+def _cost_raising(updates: optax.Updates, is_quantizer) -> optax.Updates:
+    """Boolean tree: quantizer components that could add bits (d down, or q_max up)."""
+    sign = jnp.asarray(quantizer.COST_RAISING_SIGN, jnp.float32)
+    return jax.tree.map(
+        lambda u, q: (u * sign > 0) if q else jnp.zeros(jnp.shape(u), bool), updates, is_quantizer
+    )
+
+
+def _zero_where(updates, mask):
+    return jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), updates, mask)
+
+
+def _quantizer_norm(tree, is_quantizer) -> jax.Array:
+    return optax.tree.norm(
+        jax.tree.map(lambda t, q: t if q else jnp.zeros_like(t), tree, is_quantizer)
+    )
+
+
+def constrained_update(
+    cost_fn: Callable[[optax.Params], jax.Array],
+    budget: float,
+    *,
+    rescale: float = DEFAULT_RESCALE,
+    min_scale: float = DEFAULT_MIN_SCALE,
+    is_quantizer: Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Keep a quantized network's cost within ``budget``, CGGD-style, with no penalty weight.
+
+    Put it last in a chain, after the optimizer (it rewrites the *updates* it is given):
+    ``optax.chain(optax.adam(1e-3), constrained_update(cost_fn, budget))``.
+
+    Weight updates always pass through untouched. For the quantizer updates
+    (leaves ``[log2 d, log2 q_max]``; *cost-raising* components decrease ``d`` or increase
+    ``q_max``, the only changes that can add bits):
+
+    * feasible, and the exact cost after the proposed update is still within budget:
+      pass through;
+    * feasible, but the proposed update would leave the budget (the *guard*): the
+      cost-raising components are set to zero, so the cost cannot rise;
+    * infeasible: the cost-raising components are set to zero and the constraint direction
+      ``-rescale * s * g / ||g||`` is added, with ``g`` the floor-aware gradient of
+      ``cost_fn`` w.r.t. the quantizer latents and ``s = max(||u_q||, s_floor)``: the norm
+      of the incoming quantizer update before masking, floored by ``s_floor``, the largest
+      such norm seen so far and at least ``min_scale`` (so that a decaying learning rate or
+      a zero loss gradient cannot switch the constraint off). With ``rescale > 1`` the constraint term outweighs the loss term
+      and every infeasible step lowers the cost.
+
+    Finally each quantizer's ``q_max`` is kept at least at its rounded step ``d_q``, so
+    ``n >= 1`` holds without dragging ``d`` down (this never adds a bit).
+
+    Note the meaning of "mask" here: unlike ``optax.masked``, which lets masked leaves pass
+    through unchanged, this transform *zeroes* the masked components.
+
+    Args:
+      cost_fn: ``params -> BOPs``, jittable, exact in value with a straight-through
+        gradient, e.g. ``functools.partial(cgmq_jax.cost.bops, specs=specs)``.
+      budget: the maximum BOPs per example, a positive finite number.
+      rescale: CGGD's ``R``; must be > 1. The default 1.5 need not be tuned per budget.
+      min_scale: the smallest ``s`` (in the log2 units of the latents), > 0.
+      is_quantizer: ``params -> tree of bools`` marking quantizer leaves; by default
+        leaves named ``*_quantizer`` (:func:`cgmq_jax.quantizer.param_labels`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+
+    Examples:
+      >>> import functools, jax, optax
+      >>> from cgmq_jax import constrained_update, cost, models
+      >>> model = models.MLP()
+      >>> x = jax.numpy.ones((1, 28, 28, 1))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> specs = cost.layer_specs(model, x)
+      >>> cost.exact_bops(params, specs)  # 8-bit everywhere: 266200 * 8 * 8
+      17036800
+      >>> tx = optax.chain(
+      ...     optax.clip_by_global_norm(1.0),
+      ...     optax.adam(1e-2),
+      ...     constrained_update(functools.partial(cost.bops, specs=specs), budget=4e6),
+      ... )
+      >>> state = tx.init(params)
+      >>> zero_loss = jax.tree.map(jax.numpy.zeros_like, params)
+      >>> @jax.jit
+      ... def step(params, state):
+      ...     updates, state = tx.update(zero_loss, state, params)
+      ...     return optax.apply_updates(params, updates), state
+      >>> for _ in range(500):
+      ...     params, state = step(params, state)
+      >>> cost.exact_bops(params, specs) <= 4e6
+      True
+      >>> int(state[-1].infeasible_steps) > 0
+      True
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(f"budget must be a number of BOPs, got {type(budget).__name__}")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget must be a positive finite number of BOPs, got {budget}")
+    if not (isinstance(rescale, int | float) and math.isfinite(rescale) and rescale > 1):
+        raise ValueError(
+            f"rescale (CGGD's R) must be a finite number > 1, got {rescale}; the default is "
+            f"{DEFAULT_RESCALE}"
+        )
+    if not (isinstance(min_scale, int | float) and math.isfinite(min_scale) and min_scale > 0):
+        raise ValueError(f"min_scale must be a positive finite number, got {min_scale}")
+    if is_quantizer is None:
+        is_quantizer = _default_is_quantizer
+
+    def init_fn(params):
+        del params
+        return ConstrainedUpdateState(
+            cost=jnp.zeros([], jnp.float32),
+            infeasible_steps=jnp.zeros([], jnp.int32),
+            guard_steps=jnp.zeros([], jnp.int32),
+            scale_floor=jnp.asarray(min_scale, jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "constrained_update needs the current params: call tx.update(updates, state, "
+                "params)"
+            )
+        quantizer_mask = is_quantizer(params)
+        cost, cost_grad = jax.value_and_grad(cost_fn)(params)
+        proposed_cost = cost_fn(optax.apply_updates(params, updates))
+        feasible = cost <= budget
+        guard = feasible & (proposed_cost > budget)
+
+        raising = _cost_raising(updates, quantizer_mask)
+        masked = _zero_where(updates, raising)
+
+        scale = _quantizer_norm(updates, quantizer_mask)
+        scale_floor = jnp.maximum(state.scale_floor, scale)
+        direction_norm = _quantizer_norm(cost_grad, quantizer_mask)
+        step = rescale * scale_floor / jnp.maximum(direction_norm, 1e-30)
+        corrected = jax.tree.map(
+            lambda u, g, q: u - step * g if q else u, masked, cost_grad, quantizer_mask
+        )
+
+        new_updates = jax.tree.map(
+            lambda u, m, c: jnp.where(feasible, jnp.where(guard, m, u), c),
+            updates,
+            masked,
+            corrected,
+        )
+        new_updates = jax.tree.map(
+            lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
+        )
+        new_state = ConstrainedUpdateState(
+            cost=cost.astype(jnp.float32),
+            infeasible_steps=state.infeasible_steps + (~feasible).astype(jnp.int32),
+            guard_steps=state.guard_steps + guard.astype(jnp.int32),
+            scale_floor=scale_floor,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _default_is_quantizer(params):
+    return jax.tree.map(lambda label: label == "quantizer", quantizer.param_labels(params))
+
+
+def _keep_levels(update: jax.Array, theta: jax.Array) -> jax.Array:
+    """Raise the ``log2 q_max`` update so that ``q_max >= d_q`` after it (``n >= 1``)."""
+    new = theta + update
+    log2_step = jnp.clip(jnp.round(new[..., 0]), quantizer.LOG2_D_MIN, quantizer.LOG2_D_MAX)
+    floor = log2_step - theta[..., 1]
+    return update.at[..., 1].set(jnp.maximum(update[..., 1], floor))

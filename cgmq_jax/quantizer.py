@@ -1,0 +1,220 @@
+"""Pure quantizer functions: DQ's [d, q_max] parametrization with straight-through gradients.
+
+A quantizer has two positive latent floats: the step ``d`` and the range ``q_max``. In the
+forward pass the step is rounded to a power of two, ``d_q = 2 ** round(log2(d))``, the number
+of positive levels is ``n = max(round(q_max / d_q), 1)``, and
+
+    code = clip(round(x / d_q), lo, n)        lo = -n (signed) or 0 (unsigned)
+    fake_quant(x) = d_q * code                == dequantize(*quantize(x))
+
+so the fake-quant forward pass is integer arithmetic exactly. Rounding convention: every
+``round`` here is ``jnp.round``, which rounds halves to even (``round(2.5) == 2``).
+
+Gradients (``jax.custom_vjp``, CGMQ.md section 1, after Uhlich et al. 2020):
+
+* w.r.t. ``x``: 1 inside ``[lo * d_q, n * d_q]``, 0 outside;
+* w.r.t. ``d``: ``(fake_quant(x) - x) / d_q`` inside the range, and for the clipped value
+  outside it (``(n * d_q - q_max) / d_q`` above, its mirror below for signed tensors,
+  0 below for unsigned ones); the power-of-two rounding of ``d`` is straight-through;
+* w.r.t. ``q_max``: ``sign(x)`` outside the range, 0 inside (0 below an unsigned range).
+
+The bit-width is an integer derived from ``n``: ``bit_length(n)`` (+1 and at least 2 when
+signed), computed exactly from the exponent of ``frexp(n)``. :func:`bitwidth` returns it
+as a float with a straight-through gradient from the relaxation ``log2(q_max / d + 1)``,
+which is zero for a quantizer already at its floor (``n == 1``), as the constraint must not
+push a quantizer that can save nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+# Bounds of the power-of-two step, in log2. Wide enough for any tensor met in practice.
+LOG2_D_MIN = -24.0
+LOG2_D_MAX = 24.0
+
+
+def _straight_through(surrogate: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
+    return surrogate + jax.lax.stop_gradient(value - surrogate)
+
+
+def power_of_two_step(d: ArrayLike) -> jax.Array:
+    """``d_q = 2 ** round(log2(clip(d)))`` with a straight-through gradient (``dd_q/dd = 1``)."""
+    d = jnp.asarray(d, jnp.float32)
+    tiny = jnp.float32(2.0**LOG2_D_MIN)
+    exponent = jnp.clip(jnp.round(jnp.log2(jnp.maximum(d, tiny))), LOG2_D_MIN, LOG2_D_MAX)
+    return _straight_through(d, jnp.exp2(exponent))
+
+
+def levels(d: ArrayLike, q_max: ArrayLike) -> jax.Array:
+    """Number of positive levels ``n = max(round(q_max / d_q), 1)`` (float, no gradient)."""
+    d_q = jax.lax.stop_gradient(power_of_two_step(d))
+    return jnp.maximum(jnp.round(jnp.asarray(q_max, jnp.float32) / d_q), 1.0)
+
+
+def _lowest_code(n: jax.Array, signed: bool) -> jax.Array:
+    return -n if signed else jnp.zeros_like(n)
+
+
+def quantize(
+    x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Float tensor to integer codes and their power-of-two scale.
+
+    Args:
+      x: the tensor.
+      d: the latent step (positive scalar).
+      q_max: the latent range (positive scalar).
+      signed: codes in ``[-n, n]`` if true, ``[0, n]`` otherwise.
+
+    Returns:
+      ``(codes, scale)``: int32 codes of ``x``'s shape and the float32 scale ``d_q``.
+    """
+    d_q = jax.lax.stop_gradient(power_of_two_step(d))
+    n = levels(d, q_max)
+    codes = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / d_q), _lowest_code(n, signed), n)
+    return codes.astype(jnp.int32), d_q
+
+
+def dequantize(codes: ArrayLike, scale: ArrayLike) -> jax.Array:
+    """Integer codes back to floats: ``codes * scale``."""
+    return jnp.asarray(codes).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
+
+
+def _fake_quant_forward(x, d, q_max, signed):
+    d_q = jax.lax.stop_gradient(power_of_two_step(d))
+    n = levels(d, q_max)
+    lo = _lowest_code(n, signed)
+    x_q = d_q * jnp.clip(jnp.round(x / d_q), lo, n)
+    return x_q, (x, x_q, d_q, n, lo, jnp.asarray(q_max, jnp.float32))
+
+
+def _fake_quant_fwd(x, d, q_max, signed):
+    x_q, residuals = _fake_quant_forward(x, d, q_max, signed)
+    return x_q, (residuals, jnp.shape(d), jnp.shape(q_max))
+
+
+def _fake_quant_bwd(signed, saved, g):
+    (x, x_q, d_q, n, lo, q_max), d_shape, q_max_shape = saved
+    below = x < lo * d_q
+    above = x > n * d_q
+    inside = ~(below | above)
+    grad_x = jnp.where(inside, g, 0.0)
+    # Outside the range the output is the clipped value: DQ clips x at +-q_max, then rounds.
+    clipped_d = (n * d_q - q_max) / d_q
+    d_partial = jnp.where(inside, (x_q - x) / d_q, 0.0)
+    d_partial = d_partial + jnp.where(above, clipped_d, 0.0)
+    if signed:
+        d_partial = d_partial - jnp.where(below, clipped_d, 0.0)
+        q_partial = jnp.where(above, 1.0, 0.0) - jnp.where(below, 1.0, 0.0)
+    else:
+        q_partial = jnp.where(above, 1.0, 0.0)
+    grad_d = jnp.reshape(jnp.sum(g * d_partial), d_shape)
+    grad_q_max = jnp.reshape(jnp.sum(g * q_partial), q_max_shape)
+    return grad_x, grad_d, grad_q_max
+
+
+_fake_quant = jax.custom_vjp(
+    lambda x, d, q_max, signed: _fake_quant_forward(x, d, q_max, signed)[0],
+    nondiff_argnums=(3,),
+)
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
+    """``dequantize(*quantize(x, d, q_max))`` with DQ's straight-through gradients.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from cgmq_jax import quantizer
+      >>> x = jnp.array([-1.0, 0.1, 0.3, 2.0])
+      >>> quantizer.fake_quant(x, 0.25, 1.0, signed=True)
+      Array([-1.  ,  0.  ,  0.25,  1.  ], dtype=float32)
+      >>> int(quantizer.bitwidth(0.25, 1.0, signed=True))
+      4
+    """
+    x = jnp.asarray(x, jnp.float32)
+    d = jnp.asarray(d, jnp.float32)
+    q_max = jnp.asarray(q_max, jnp.float32)
+    return _fake_quant(x, d, q_max, signed)
+
+
+def exact_bitwidth(d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
+    """The integer bit-width (int32): ``bit_length(n)``, +1 (at least 2) when signed."""
+    _, exponent = jnp.frexp(levels(d, q_max))  # n = m * 2**e with m in [0.5, 1): e = bit_length
+    return exponent.astype(jnp.int32) + (1 if signed else 0)
+
+
+def bitwidth(d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
+    """The bit-width as a float: exact value, straight-through gradient, floor-aware.
+
+    The value is :func:`exact_bitwidth`. The gradient is that of ``log2(q_max / d + 1)``,
+    except at the minimum bit-width (``n == 1``), where it is zero.
+    """
+    d = jnp.asarray(d, jnp.float32)
+    q_max = jnp.asarray(q_max, jnp.float32)
+    exact = exact_bitwidth(d, q_max, signed=signed).astype(jnp.float32)
+    relaxed = jnp.log2(q_max / jnp.maximum(d, 2.0**LOG2_D_MIN) + 1.0)
+    at_floor = levels(d, q_max) <= 1.0
+    relaxed = jnp.where(at_floor, jax.lax.stop_gradient(relaxed), relaxed)
+    return _straight_through(relaxed, exact)
+
+
+def min_bitwidth(*, signed: bool) -> int:
+    """The smallest bit-width a quantizer can have: 2 signed, 1 unsigned."""
+    return 2 if signed else 1
+
+
+def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Array, jax.Array]:
+    """Latent ``(d, q_max)`` that give exactly ``bits`` bits after power-of-two rounding.
+
+    ``d = 2 ** ceil(log2(q_max / (2**(bits-1) - 1)))`` when signed, ``2**bits - 1`` levels
+    when unsigned (CGMQ.md section 1). Then ``n = round(q_max / d)`` lies in
+    ``[top / 2, top]``, which rounds (halves to even) to a ``bits``-bit count. A
+    non-positive ``q_max`` (an all-zero tensor) is replaced by the smallest step.
+    """
+    if bits < min_bitwidth(signed=signed):
+        raise ValueError(f"bits must be >= {min_bitwidth(signed=signed)}, got {bits}")
+    top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    q_max = jnp.maximum(jnp.asarray(q_max, jnp.float32), 2.0**LOG2_D_MIN * top)
+    d = jnp.exp2(jnp.ceil(jnp.log2(q_max / top)))
+    return d, q_max
+
+
+# A quantizer lives in a parameter tree as one leaf of shape (2,): [log2 d, log2 q_max].
+# Storing logarithms keeps both positive and makes one learning rate mean the same relative
+# step for every quantizer (an image input has d = 2**-8, a weight range may be 12).
+QUANTIZER_SUFFIX = "_quantizer"
+# Sign of a cost-raising update of each latent: decreasing d, or increasing q_max, can add
+# bits; the opposite never can.
+COST_RAISING_SIGN = (-1.0, 1.0)
+
+
+def latents(d: ArrayLike, q_max: ArrayLike) -> jax.Array:
+    """The stored leaf ``[log2 d, log2 q_max]``."""
+    return jnp.stack(
+        [jnp.log2(jnp.asarray(d, jnp.float32)), jnp.log2(jnp.asarray(q_max, jnp.float32))]
+    )
+
+
+def from_latents(theta: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """``(d, q_max)`` from a stored leaf ``[log2 d, log2 q_max]``."""
+    theta = jnp.asarray(theta, jnp.float32)
+    return jnp.exp2(theta[..., 0]), jnp.exp2(theta[..., 1])
+
+
+def is_quantizer_path(path) -> bool:
+    """Whether a ``jax.tree_util`` key path names a quantizer leaf (``*_quantizer``)."""
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", last))
+    return isinstance(name, str) and name.endswith(QUANTIZER_SUFFIX)
+
+
+def param_labels(params):
+    """``"quantizer"`` or ``"weight"`` for every leaf: a label function for ``optax.partition``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "quantizer" if is_quantizer_path(path) else "weight", params
+    )
