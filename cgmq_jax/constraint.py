@@ -75,8 +75,8 @@ def constrained_update(
       ``cost_fn`` w.r.t. the quantizer latents and ``s = max(||u_q||, s_floor)``: the norm
       of the incoming quantizer update before masking, floored by ``s_floor``, the largest
       such norm seen so far and at least ``min_scale`` (so that a decaying learning rate or
-      a zero loss gradient cannot switch the constraint off). With ``rescale > 1`` the constraint term outweighs the loss term
-      and every infeasible step lowers the cost.
+      a zero loss gradient cannot switch the constraint off). With ``rescale > 1`` the
+      constraint term outweighs the loss term and every infeasible step lowers the cost.
 
     Finally each quantizer's ``q_max`` is kept at least at its rounded step ``d_q``, so
     ``n >= 1`` holds without dragging ``d`` down (this never adds a bit).
