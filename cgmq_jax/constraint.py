@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cgmq_jax import cost as cost_module
 from cgmq_jax import quantizer
 
 DEFAULT_RESCALE = 1.5
 # Smallest norm of the constraint's quantizer step while infeasible, in log2 units: with no
 # loss signal at all (zero updates) the constraint still moves, by 1.5 * 0.01 per step.
 DEFAULT_MIN_SCALE = 1e-2
+_STEP_ONLY = jnp.array([1.0, 0.0], jnp.float32)  # weights of [log2 d, log2 q_max] in g
 
 
 class ConstrainedUpdateState(NamedTuple):
@@ -123,10 +125,7 @@ def constrained_update(
       >>> int(state[-1].infeasible_steps) > 0
       True
     """
-    if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise TypeError(f"budget must be a number of BOPs, got {type(budget).__name__}")
-    if not (math.isfinite(budget) and budget > 0):
-        raise ValueError(f"budget must be a positive finite number of BOPs, got {budget}")
+    cost_module.validate_budget(budget)
     if not (isinstance(rescale, int | float) and math.isfinite(rescale) and rescale > 1):
         raise ValueError(
             f"rescale (CGGD's R) must be a finite number > 1, got {rescale}; the default is "
@@ -164,7 +163,12 @@ def constrained_update(
 
         scale = _quantizer_norm(updates, quantizer_mask)
         scale_floor = jnp.maximum(state.scale_floor, scale)
-        direction_norm = _quantizer_norm(cost_grad, quantizer_mask)
+        # The constraint moves the step latents only (measured: moving log2 q_max too, as the
+        # plain cost gradient does, clipped ranges hard and cost a point of accuracy).
+        cost_grad = jax.tree.map(
+            lambda g, q: g * _STEP_ONLY if q else jnp.zeros_like(g), cost_grad, quantizer_mask
+        )
+        direction_norm = optax.tree.norm(cost_grad)
         step = rescale * scale_floor / jnp.maximum(direction_norm, 1e-30)
         corrected = jax.tree.map(
             lambda u, g, q: u - step * g if q else u, masked, cost_grad, quantizer_mask
@@ -200,3 +204,37 @@ def _keep_levels(update: jax.Array, theta: jax.Array) -> jax.Array:
     log2_step = jnp.clip(jnp.round(new[..., 0]), quantizer.LOG2_D_MIN, quantizer.LOG2_D_MAX)
     floor = log2_step - theta[..., 1]
     return update.at[..., 1].set(jnp.maximum(update[..., 1], floor))
+
+
+def fixed_bitwidths(
+    is_quantizer: Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Freeze every quantizer's level count ``n`` (so its bit-width) while its step learns.
+
+    The ``log2 q_max`` update is replaced so that ``q_max = n * d_q`` after the update: the
+    range follows the learned power-of-two step (LSQ-style fixed-bit QAT). Put it last in
+    a chain, like :func:`constrained_update`.
+    """
+    if is_quantizer is None:
+        is_quantizer = _default_is_quantizer
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("fixed_bitwidths needs the current params: tx.update(u, s, params)")
+
+        def follow_step(update, theta):
+            n = quantizer.levels(*quantizer.from_latents(theta))
+            log2_step = jnp.clip(
+                jnp.round(theta[..., 0] + update[..., 0]),
+                quantizer.LOG2_D_MIN,
+                quantizer.LOG2_D_MAX,
+            )
+            return update.at[..., 1].set(log2_step + jnp.log2(n) - theta[..., 1])
+
+        new_updates = jax.tree.map(
+            lambda u, p, q: follow_step(u, p) if q else u, updates, params, is_quantizer(params)
+        )
+        return new_updates, state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)

@@ -144,6 +144,14 @@ def relative_bops(cost: float, specs: tuple[LayerSpec, ...]) -> float:
     return 100.0 * cost / float_bops(specs)
 
 
+def validate_budget(budget: float) -> None:
+    """Raise a clear error unless ``budget`` is a positive finite number of BOPs."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(f"budget must be a number of BOPs, got {type(budget).__name__}")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"the budget must be a positive finite number of BOPs, got {budget}")
+
+
 def min_cost(specs: tuple[LayerSpec, ...]) -> int:
     """The smallest achievable cost: every quantizer at its minimum bit-width."""
     return sum(

@@ -126,8 +126,10 @@ class QuantConv(_QuantizedLayer):
         )
 
 
-def init_quantizers(model: nn.Module, params, batch: jax.Array, *, bits: int = 8):
-    """Quantized parameters from float ones: every quantizer at exactly ``bits`` bits.
+def init_quantizers(
+    model: nn.Module, params, batch: jax.Array, *, input_bits: int = 8, weight_bits: int = 8
+):
+    """Quantized parameters from float ones: every quantizer at an exact bit-width.
 
     Weight quantizers take their range from ``max|W|``; input quantizers from a high
     percentile of the layer's inputs in the float network on ``batch``.
@@ -137,7 +139,8 @@ def init_quantizers(model: nn.Module, params, batch: jax.Array, *, bits: int = 8
       params: its float parameters (``model.clone(quantized=False)``'s tree); any quantizer
         leaves already present are replaced.
       batch: a calibration batch of inputs.
-      bits: the initial bit-width of every quantizer.
+      input_bits: the initial bit-width of every input quantizer.
+      weight_bits: the initial bit-width of every weight quantizer.
 
     Returns:
       The parameter tree of ``model.clone(quantized=True)``.
@@ -156,10 +159,12 @@ def init_quantizers(model: nn.Module, params, batch: jax.Array, *, bits: int = 8
         if name == "input_quantizer":
             input_range = observed[(*layer, "input_range")]
             signed = bool(observed[(*layer, "input_signed")])
-            result[path] = _initial_quantizer(input_range, signed=signed, bits=bits)
+            result[path] = _initial_quantizer(input_range, signed=signed, bits=input_bits)
         elif name == "weight_quantizer":
             kernel = weights_flat[(*layer, "kernel")]
-            result[path] = _initial_quantizer(jnp.max(jnp.abs(kernel)), signed=True, bits=bits)
+            result[path] = _initial_quantizer(
+                jnp.max(jnp.abs(kernel)), signed=True, bits=weight_bits
+            )
         else:
             result[path] = weights_flat[path]
     return flax.traverse_util.unflatten_dict(result)

@@ -1,0 +1,113 @@
+"""The budget guarantee made real (CGMQ.md section 4): feasibility check, repair, certificate.
+
+Everything here is exact: bit-widths are integers and costs are Python integers.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from cgmq_jax import cost, quantizer
+
+
+class InfeasibleBudgetError(ValueError):
+    """The budget is below the smallest cost the network can have."""
+
+
+def check_budget(budget: float, specs: tuple[cost.LayerSpec, ...]) -> None:
+    """Raise a clear error for a budget that is not a positive finite number, or infeasible."""
+    cost.validate_budget(budget)
+    minimum = cost.min_cost(specs)
+    if budget < minimum:
+        raise InfeasibleBudgetError(
+            f"budget {budget:,.0f} BOPs is infeasible: the minimum achievable cost of this "
+            f"network (every quantizer at its minimum bit-width) is {minimum:,} BOPs; "
+            f"use --budget_bops {minimum:.4g} or more"
+        )
+
+
+def _set_bits(theta: jax.Array, bits: int, *, signed: bool) -> jax.Array:
+    """The leaf with ``q_max`` at the largest value that gives ``bits`` bits at the same step."""
+    d, _ = quantizer.from_latents(theta)
+    d_q = quantizer.power_of_two_step(d)
+    top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    return theta.at[1].set(jnp.log2(top * d_q))
+
+
+def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget: float):
+    """Lower bits one at a time, where each bit saves most, until the exact cost fits.
+
+    Each step lowers by one bit the quantizer whose decrement saves the most BOPs, by
+    setting its ``q_max`` to the largest value with one bit fewer at the same step. It
+    ends in at most (sum of bits above the floors) steps because the minimum-bit network is
+    feasible (checked by :func:`check_budget`).
+
+    Returns:
+      ``(params, steps)``: the repaired parameters and the number of bits removed.
+    """
+    check_budget(budget, specs)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    steps = 0
+    while True:
+        table = cost.layer_table(flax.traverse_util.unflatten_dict(flat), specs)
+        if sum(row["bops"] for row in table) <= budget:
+            return flax.traverse_util.unflatten_dict(flat), steps
+        best = None
+        for spec, row in zip(specs, table, strict=True):
+            for kind, bits, other, signed in (
+                ("weight", row["weight_bits"], row["input_bits"], spec.weight_signed),
+                ("input", row["input_bits"], row["weight_bits"], spec.input_signed),
+            ):
+                if bits > quantizer.min_bitwidth(signed=signed):
+                    saving = spec.macs * other
+                    if best is None or saving > best[0]:
+                        best = (saving, (*spec.path, f"{kind}_quantizer"), bits - 1, signed)
+        _, path, bits, signed = best
+        flat[path] = _set_bits(jnp.asarray(flat[path]), bits, signed=signed)
+        steps += 1
+
+
+def cost_report(params, specs: tuple[cost.LayerSpec, ...], budget: float | None) -> dict:
+    """Exact cost, per-layer bits and MACs, and whether ``C <= budget``.
+
+    ``params=None`` reports the float network (32-bit weights and inputs).
+    """
+    if params is None:
+        table = [
+            {
+                "layer": spec.name,
+                "macs": spec.macs,
+                "weight_bits": cost.FLOAT_BITS,
+                "input_bits": cost.FLOAT_BITS,
+                "bops": spec.macs * cost.FLOAT_BITS**2,
+            }
+            for spec in specs
+        ]
+    else:
+        table = cost.layer_table(params, specs)
+    total = sum(row["bops"] for row in table)
+    return {
+        "budget_bops": budget,
+        "bops": total,
+        "within_budget": budget is not None and total <= budget,
+        "relative_bops_percent": cost.relative_bops(total, specs),
+        "float_bops": cost.float_bops(specs),
+        "min_cost_bops": cost.min_cost(specs),
+        "layers": table,
+    }
+
+
+def certify(params, specs: tuple[cost.LayerSpec, ...], budget: float) -> dict:
+    """The certificate of a model: :func:`cost_report`, asserting ``C <= budget``.
+
+    Raises:
+      AssertionError: if the exact cost exceeds the budget (never for a repaired model).
+    """
+    report = cost_report(params, specs, budget)
+    if not report["within_budget"]:
+        raise AssertionError(
+            f"certificate refused: exact cost {report['bops']:,} > budget {budget:,.0f}"
+        )
+    return report

@@ -1,0 +1,109 @@
+"""Writing a run's results: ``results.json``, the parameters, ``training.png``, a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+
+import flax.serialization
+
+from cgmq_jax.train import FitResult
+
+PARAMS_FILE = "params.msgpack"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "training.png"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def layer_table_text(layers: list[dict], budget: float | None) -> str:
+    """A plain-text table of per-layer bit-widths, MACs and BOPs, with the total."""
+    lines = [f"{'layer':<8} {'w bits':>6} {'in bits':>7} {'MACs':>9} {'BOPs':>11}"]
+    for row in layers:
+        lines.append(
+            f"{row['layer']:<8} {row['weight_bits']:>6} {row['input_bits']:>7} "
+            f"{row['macs']:>9,} {row['bops']:>11,}"
+        )
+    total = sum(row["bops"] for row in layers)
+    lines.append(f"{'total':<8} {'':>6} {'':>7} {sum(r['macs'] for r in layers):>9,} {total:>11,}")
+    if budget is not None:
+        verdict = "within" if total <= budget else "OVER"
+        lines.append(f"budget {budget:,.0f} BOPs: {verdict} budget")
+    return "\n".join(lines)
+
+
+def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
+    return {
+        "flags": flags if flags is not None else dataclasses.asdict(result.config),
+        "config": dataclasses.asdict(result.config),
+        "seed": result.config.seed,
+        "data_source": result.data_source,
+        "versions": package_versions(),
+        "history": result.history,
+        "test_accuracy": result.test_accuracy,
+        "bops": result.certificate["bops"],
+        "within_budget": result.certificate["within_budget"],
+        "wall_seconds": result.wall_seconds,
+        "certificate": result.certificate,
+    }
+
+
+def write_results(result: FitResult, out: str | os.PathLike, *, flags: dict | None = None) -> Path:
+    """Write ``results.json``, ``params.msgpack`` and ``training.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARAMS_FILE).write_bytes(flax.serialization.to_bytes(result.params))
+    _atomic_write(out / RESULTS_FILE, json.dumps(result_dict(result, flags=flags), indent=2))
+    plot_training(result.history, result.config.budget_bops, out / PLOT_FILE)
+    return out
+
+
+def load_params(out: str | os.PathLike):
+    """The parameters a run wrote (a nested dict of numpy arrays)."""
+    return flax.serialization.msgpack_restore((Path(out) / PARAMS_FILE).read_bytes())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_training(history: list[dict], budget: float | None, path: str | os.PathLike) -> None:
+    """Validation accuracy and exact BOPs per epoch, with the budget line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_bops) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    epochs = [row["epoch"] for row in history]
+    ax_acc.plot(epochs, [100 * row["val_accuracy"] for row in history], "o-")
+    ax_acc.set_ylabel("validation accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    qat = [row for row in history if "bops" in row]
+    if qat:
+        ax_bops.plot([r["epoch"] for r in qat], [r["bops"] for r in qat], "s-", label="exact BOPs")
+        ax_bops.set_yscale("log")
+    if budget is not None:
+        ax_bops.axhline(budget, color="red", linestyle="--", label=f"budget {budget:.3g}")
+    ax_bops.set_xlabel("epoch (float pretraining, then QAT)")
+    ax_bops.set_ylabel("BOPs per example")
+    ax_bops.grid(alpha=0.3)
+    ax_bops.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
