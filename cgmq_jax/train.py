@@ -39,8 +39,8 @@ class TrainConfig:
     budget_bops: float | None = 2e6
     model: str = "lenet5"
     method: str = "cgmq"
-    epochs: int = 12
-    pretrain_epochs: int = 3
+    epochs: int = 25
+    pretrain_epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3  # weights (Adam, cosine-decayed over QAT)
     quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
