@@ -86,7 +86,8 @@ class _QuantizedLayer(nn.Module):
             kernel = quantize_tensor(weight_theta, kernel, signed=True)
         y = self._multiply(x, kernel)
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (kernel.shape[-1],))
+            bias = self.param("bias", self.bias_init, (kernel.shape[-1],))
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
 
 

@@ -144,6 +144,23 @@ def _quantizer_optimizer(config: TrainConfig, steps: int) -> optax.GradientTrans
     )
 
 
+def check_config(
+    config: TrainConfig, input_shape: tuple[int, ...] = (28, 28, 1)
+) -> tuple[cost.LayerSpec, ...]:
+    """Validate a config before any data is loaded; return the model's layer specs.
+
+    Raises:
+      ValueError: a bad flag value, or a budget that is not a positive finite number.
+      certify.InfeasibleBudgetError: the budget is below the network's minimum cost.
+    """
+    config.validate()
+    model = models.get_model(config.model, quantized=True)
+    specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    if config.method in ("cgmq", "dq"):
+        certify.check_budget(config.budget_bops, specs)
+    return specs
+
+
 def fit(
     config: TrainConfig,
     dataset: data.MnistData,
@@ -163,17 +180,14 @@ def fit(
       certify.InfeasibleBudgetError: before any training, if the budget is below the
         network's minimum cost (the message states both numbers).
     """
-    config.validate()
     started = time.perf_counter()
     key = jax.random.key(config.seed)
     train, validation, test = dataset.train, dataset.validation, dataset.test
     sample = jnp.asarray(train[0][:2])
+    specs = check_config(config, sample.shape[1:])
     quantized_model = models.get_model(config.model, quantized=True)
     float_model = quantized_model.clone(quantized=False)
-    specs = cost.layer_specs(quantized_model, sample)
     budget = config.budget_bops
-    if config.method in ("cgmq", "dq"):
-        certify.check_budget(budget, specs)
 
     history: list[dict] = []
     float_accuracy = make_accuracy(float_model)

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         }
     )
     try:
-        config.validate()
+        train.check_config(config)
         dataset = data.load_mnist(args.data, data_dir=args.data_dir, download=args.download)
         if args.train_examples is not None:
             dataset = dataclasses.replace(
