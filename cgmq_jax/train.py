@@ -174,7 +174,8 @@ def fit(
       config: the run's settings.
       dataset: train / validation / test splits (:func:`cgmq_jax.data.load_mnist`).
       log: where the per-epoch lines go.
-      float_params: a pretrained float checkpoint; skips pretraining when given.
+      float_params: a pretrained float checkpoint (e.g. :func:`pretrain`'s); pretraining
+        is skipped when given.
 
     Raises:
       certify.InfeasibleBudgetError: before any training, if the budget is below the
@@ -187,14 +188,17 @@ def fit(
     specs = check_config(config, sample.shape[1:])
     quantized_model = models.get_model(config.model, quantized=True)
     float_model = quantized_model.clone(quantized=False)
-    budget = config.budget_bops
+    budget = config.budget_bops if config.method in ("cgmq", "dq") else None
 
     history: list[dict] = []
     float_accuracy = make_accuracy(float_model)
 
     # 1. Float pretraining.
+    pretrain_epochs = config.pretrain_epochs if config.method != "float" else config.epochs
     if float_params is None:
         float_params = jax.jit(float_model.init)(key, sample)["params"]
+    else:
+        pretrain_epochs = 0
     tx = optax.adam(config.lr)
     state = train_state.TrainState.create(apply_fn=float_model.apply, params=float_params, tx=tx)
 
@@ -211,7 +215,7 @@ def fit(
         make_train_step(float_model),
         train,
         config,
-        epochs=config.pretrain_epochs if config.method != "float" else config.epochs,
+        epochs=pretrain_epochs,
         first_epoch=0,
         desc="float",
         on_epoch=log_float,
@@ -291,12 +295,13 @@ def fit(
     )
 
     # 4. The result: best feasible checkpoint, or the last one repaired; then certify.
+    # dq keeps its last epoch when no epoch was feasible (as DQ's code does); cgmq repairs.
     repaired_bits = 0
     if best["params"] is not None:
         params = best["params"]
     else:
         params = jax.device_get(state.params)
-        if budget is not None:
+        if config.method == "cgmq":
             params, repaired_bits = certify.greedy_repair(params, specs, budget)
             log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
     if config.method == "cgmq":

@@ -17,30 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LENET_MACS = 281640
 
 
-def _synthetic_mnist(n_train=384, n_eval=128, seed=0) -> data.MnistData:
-    """Ten classes of blobs that a LeNet-5 can separate a little in one epoch."""
-    rng = np.random.default_rng(seed)
-    prototypes = rng.integers(0, 256, size=(10, 28, 28, 1))
-
-    def split(n):
-        labels = rng.integers(0, 10, size=n).astype(np.int32)
-        noise = rng.integers(-40, 40, size=(n, 28, 28, 1))
-        images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.float32) / 256
-        return images, labels
-
-    return data.MnistData(split(n_train), split(n_eval), split(n_eval), "synthetic")
-
-
 @pytest.fixture(autouse=True)
 def _standard_promotion():
-    # optax.adam's bias correction mixes an int32 count with floats (see conftest.py).
-    with jax.numpy_dtype_promotion("standard"):
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
         yield
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return _synthetic_mnist()
 
 
 def _load_cli():
@@ -50,11 +30,11 @@ def _load_cli():
     return module
 
 
-def test_fit_returns_a_certified_model_within_budget(tiny_data):
+def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
     config = train.TrainConfig(budget_bops=2e6, epochs=1, pretrain_epochs=1, batch_size=64)
-    result = train.fit(config, tiny_data, log=lambda _: None)
+    result = train.fit(config, tiny_mnist, log=lambda _: None)
     certificate = result.certificate
-    specs = cost.layer_specs(models.LeNet5(), tiny_data.train[0][:1])
+    specs = cost.layer_specs(models.LeNet5(), tiny_mnist.train[0][:1])
     assert certificate["within_budget"]
     assert certificate["bops"] == cost.exact_bops(result.params, specs) <= 2e6
     assert sum(row["bops"] for row in certificate["layers"]) == certificate["bops"]
@@ -99,8 +79,8 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error:") and len(err.splitlines()) == 1
 
 
-def test_cli_writes_results(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_data)
+def test_cli_writes_results(tmp_path, tiny_mnist, monkeypatch):
+    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
     out = tmp_path / "run"
     argv = ["--budget_bops", "2e6", "--epochs", "1", "--pretrain_epochs", "0", "--out", str(out)]
     assert _load_cli().main(argv) == 0
@@ -110,6 +90,6 @@ def test_cli_writes_results(tmp_path, tiny_data, monkeypatch):
     assert results["versions"]["jax"]
     assert (out / "training.png").stat().st_size > 0
     params = report.load_params(out)
-    specs = cost.layer_specs(models.LeNet5(), tiny_data.train[0][:1])
+    specs = cost.layer_specs(models.LeNet5(), tiny_mnist.train[0][:1])
     assert cost.exact_bops(params, specs) == results["bops"]
     assert math.isfinite(results["test_accuracy"])
