@@ -157,7 +157,8 @@ def bitwidth(d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
     d = jnp.asarray(d, jnp.float32)
     q_max = jnp.asarray(q_max, jnp.float32)
     exact = exact_bitwidth(d, q_max, signed=signed).astype(jnp.float32)
-    relaxed = jnp.log2(q_max / jnp.maximum(d, 2.0**LOG2_D_MIN) + 1.0)
+    # The floor sits below the step clip, so the gradient still flows at d = 2**LOG2_D_MIN.
+    relaxed = jnp.log2(q_max / jnp.maximum(d, 2.0 ** (LOG2_D_MIN - 8)) + 1.0)
     at_floor = levels(d, q_max) <= 1.0
     relaxed = jnp.where(at_floor, jax.lax.stop_gradient(relaxed), relaxed)
     return _straight_through(relaxed, exact)
