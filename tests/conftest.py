@@ -23,10 +23,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # an int32 ``count`` (used by ``optax.adam``), so tests that run Adam wrap it in
 # ``jax.numpy_dtype_promotion("standard")`` (see ``standard_promotion`` below).
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-# Rank promotion is left at its default ("allow"): the core fails under "raise".
-# cgmq_jax/nn.py, ``_QuantizedLayer.__call__``, ``y = y + self.param("bias", ...)`` adds a
-# (C,) bias to a (B, ..., C) output (flax's own Dense reshapes the bias first). See
-# tests/test_models.py::test_models_under_strict_rank_promotion (xfail, strict).
+# Implicit rank promotion is an error too (the core passes since nn.py reshapes the bias).
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 standard_promotion = functools.partial(jax.numpy_dtype_promotion, "standard")
 
