@@ -1,0 +1,879 @@
+"""Deployable output: integer weights, power-of-two scales and bit-widths in one ``.npz`` file.
+
+This module is the export room of ``cgmq_jax``. It turns a trained, certified model into a
+self-describing integer file that a firmware tool can read without JAX, and it holds the
+tools that prove the file is the trained model and fits its budget:
+
+* :func:`export` / :func:`export_run` write the file (these need JAX; they import it lazily);
+* :func:`load` reads and verifies it (format, version, keys, shapes, dtypes, SHA-256);
+* :func:`count_bops` recounts MACs and BOPs from the file's shapes and levels alone;
+* :func:`run_integer` is an integer-only reference inference (int64 accumulators,
+  power-of-two rescaling by shifts with exact round-half-to-even, integer ReLU / max-pool).
+
+Everything except the two writers uses only numpy, ``json``, ``hashlib`` and ``zipfile``,
+and this file imports nothing else at import time. NOTE: ``import cgmq_jax.export`` still
+runs ``cgmq_jax/__init__.py``, which imports JAX; on a machine without JAX load this one
+file by path (it is self-contained)::
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cgmq_export", "cgmq_jax/export.py")
+    cgmq_export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cgmq_export)
+    cgmq_export.count_bops("model_int.npz")
+
+File format ``cgmq-int-npz`` version 1 (all fields in ``docs/export.md``): an uncompressed
+numpy ``.npz`` archive (load it with ``allow_pickle=False``) with
+
+* ``header.json``: the UTF-8 JSON header, stored as a 1-D ``uint8`` array;
+* ``header.sha256``: the hex SHA-256 of those header bytes, as a 1-D ``uint8`` array;
+* per quantized layer ``L<i>.weight`` (integer weight codes, the layer's kernel layout) and
+  ``L<i>.bias`` (integer bias at accumulator scale), little-endian, listed in
+  ``header["arrays"]`` with dtype, shape and SHA-256; ``header["payload_sha256"]`` is the
+  SHA-256 of all those arrays' raw bytes concatenated in that order.
+
+Integer semantics (CGMQ.md section 1): a tensor flowing between ops is an integer array
+``t`` with a power-of-two exponent ``e`` (its real value is ``t * 2**e``). A layer with
+input exponent ``e_in`` and ``n_in`` levels first requantizes its input,
+``code = clip(round_half_even(t * 2**(e - e_in)), lo, n_in)`` (``lo = 0`` unsigned,
+``-n_in`` signed), done with shifts; then ``acc = codes (*) W + B`` in int64, an integer
+at exponent ``e_w + e_in``. ``B = round_half_even(bias / 2**(e_w + e_in))`` is the one
+float-to-integer step of the export (the trained bias is a float); the network input
+(``uint8`` pixels at exponent -8, MNIST's ``x = uint8 / 256``) needs no float step at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "cgmq-int-npz"
+VERSION = 1
+HEADER_KEY = "header.json"
+HEADER_SHA_KEY = "header.sha256"
+DEFAULT_FILE = "model_int.npz"
+#: The exponent of MNIST pixels: images are ``uint8 / 256`` exactly (``cgmq_jax.data``).
+PIXEL_EXPONENT = -8
+#: How the float bias becomes an integer (see :func:`export`): ``"odd"`` (default) or
+#: ``"accumulator"`` (round half to even at the accumulator scale).
+BIAS_SCHEMES = ("odd", "accumulator")
+#: Bits below the accumulator LSB of the logits layer's bias under the ``"odd"`` scheme.
+LOGIT_BIAS_BITS = 16
+_INT_DTYPES = ((8, np.int8), (16, np.int16), (32, np.int32), (64, np.int64))
+_LAYER_OPS = ("conv", "dense")
+
+
+class ExportError(ValueError):
+    """A file that is not a valid, intact ``cgmq-int-npz`` model (one-line message)."""
+
+
+# --------------------------------------------------------------------------- integer helpers
+
+
+def int_dtype_for_bits(bits: int) -> np.dtype:
+    """The smallest signed numpy integer dtype holding a ``bits``-bit two's-complement value.
+
+    >>> int_dtype_for_bits(3), int_dtype_for_bits(9)
+    (dtype('int8'), dtype('int16'))
+    """
+    for width, dtype in _INT_DTYPES:
+        if bits <= width:
+            return np.dtype(dtype)
+    raise ValueError(f"{bits} bits do not fit a 64-bit integer")
+
+
+def bits_for_levels(levels: int, *, signed: bool) -> int:
+    """The bit-width of a quantizer with ``levels`` positive levels (CGMQ.md section 1).
+
+    ``bit_length(n)`` unsigned (at least 1), ``bit_length(n) + 1`` signed (at least 2).
+
+    >>> bits_for_levels(1, signed=False), bits_for_levels(3, signed=True)
+    (1, 3)
+    """
+    bits = max(int(levels), 1).bit_length()
+    return bits + 1 if signed else bits
+
+
+def signed_bits(max_abs: int) -> int:
+    """Bits of a two's-complement integer holding every value in ``[-max_abs, max_abs]``."""
+    return int(max_abs).bit_length() + 1
+
+
+def round_shift(values: np.ndarray, shift: int) -> np.ndarray:
+    """``round_half_even(values * 2**shift)`` for integer ``values``, with integer ops only.
+
+    A non-negative ``shift`` is a left shift (exact). A negative one is an arithmetic right
+    shift by ``k = -shift`` plus a rounding increment: up if the dropped remainder exceeds
+    half, or equals half and the kept part is odd (ties to even, like ``jnp.round``).
+
+    >>> round_shift(np.array([-6, -5, -3, 3, 5, 6, 7]), -1).tolist()
+    [-3, -2, -2, 2, 2, 3, 4]
+    """
+    values = np.asarray(values, np.int64)
+    if shift >= 0:
+        return values << np.int64(shift)
+    k = np.int64(-shift)
+    kept = values >> k  # floor division by 2**k
+    remainder = values - (kept << k)  # in [0, 2**k)
+    half = np.int64(1) << (k - np.int64(1))
+    up = (remainder > half) | ((remainder == half) & ((kept & np.int64(1)) == np.int64(1)))
+    return kept + up.astype(np.int64)
+
+
+def requantize(
+    values: np.ndarray, exponent: int, *, to_exponent: int, levels: int, signed: bool
+) -> np.ndarray:
+    """Integer tensor at ``exponent`` -> codes of a quantizer (step ``2**to_exponent``).
+
+    ``clip(round_half_even(values * 2**(exponent - to_exponent)), lo, levels)``, exactly the
+    fake-quant ``clip(round(x / d_q), lo, n)`` of ``x = values * 2**exponent``.
+    """
+    values = np.asarray(values, np.int64)
+    lo = -levels if signed else 0
+    shift = exponent - to_exponent
+    if shift > 0:  # pre-clip so that the left shift cannot overflow; the result is the same
+        values = np.clip(values, -(levels + 1), levels + 1)
+    return np.clip(round_shift(values, shift), lo, levels)
+
+
+def _conv_output_size(size: int, kernel: int, stride: int, pad: Sequence[int]) -> int:
+    return (size + pad[0] + pad[1] - kernel) // stride + 1
+
+
+def _max_pool(t: np.ndarray, window: Sequence[int], strides: Sequence[int]) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(t, tuple(window), axis=(1, 2))
+    windows = windows[:, :: strides[0], :: strides[1]]
+    return windows.max(axis=(-2, -1))
+
+
+def _conv(codes: np.ndarray, kernel: np.ndarray, layer: dict) -> np.ndarray:
+    """Integer NHWC x HWIO convolution (explicit padding, strides, groups) in int64."""
+    (pt, pb), (pl, pr) = layer["padding"]
+    sh, sw = layer["strides"]
+    kh, kw, cin_g, cout = kernel.shape
+    groups = layer["groups"]
+    x = np.pad(codes, ((0, 0), (pt, pb), (pl, pr), (0, 0)))  # code 0 is the value 0
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
+    windows = windows[:, ::sh, ::sw]  # (N, OH, OW, C, kh, kw)
+    n, oh, ow = windows.shape[:3]
+    cout_g = cout // groups
+    outs = []
+    for g in range(groups):
+        patch = windows[:, :, :, g * cin_g : (g + 1) * cin_g]
+        patch = patch.transpose(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * cin_g)
+        w = kernel[..., g * cout_g : (g + 1) * cout_g].reshape(kh * kw * cin_g, cout_g)
+        outs.append(patch.astype(np.int64) @ w.astype(np.int64))
+    return np.concatenate(outs, axis=-1).reshape(n, oh, ow, cout)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerModel:
+    """A loaded, verified ``cgmq-int-npz`` file: its header and integer arrays."""
+
+    path: Path
+    header: dict
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def layers(self) -> list[dict]:
+        """The per-layer header records, in network order."""
+        return self.header["layers"]
+
+    def weight(self, index: int) -> np.ndarray:
+        """Integer weight codes of layer ``index``."""
+        return self.arrays[self.layers[index]["weight_key"]]
+
+    def bias(self, index: int) -> np.ndarray:
+        """Integer bias of layer ``index`` (at exponent ``accumulator_exponent``)."""
+        return self.arrays[self.layers[index]["bias_key"]]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _as_bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array).tobytes()
+
+
+def _fail(path: os.PathLike | str, problem: str) -> ExportError:
+    return ExportError(f"{path}: {problem}")
+
+
+_LAYER_FIELDS = (
+    "name",
+    "kind",
+    "input_shape",
+    "output_shape",
+    "kernel_shape",
+    "weight_key",
+    "bias_key",
+    "weight_bits",
+    "weight_exponent",
+    "weight_levels",
+    "input_bits",
+    "input_exponent",
+    "input_levels",
+    "input_signed",
+    "accumulator_exponent",
+    "bias_exponent",
+    "output_bits",
+    "bias_bits",
+    "macs",
+)
+_CONV_FIELDS = ("strides", "padding", "groups")
+_HEADER_FIELDS = ("format", "version", "input", "ops", "layers", "output", "arrays")
+
+
+def load(path: str | os.PathLike) -> IntegerModel:
+    """Read and verify an exported file.
+
+    Checks: a readable zip/npz (no pickles), ``format`` and ``version``, the header's
+    SHA-256, every required header field, every array listed (dtype, shape, SHA-256), and
+    the payload SHA-256.
+
+    Raises:
+      ExportError: with a one-line message naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            stored = {key: np.asarray(npz[key]) for key in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _fail(
+            path, f"not a readable .npz archive (truncated or corrupted?): {problem}"
+        ) from None
+    for key in (HEADER_KEY, HEADER_SHA_KEY):
+        if key not in stored:
+            raise _fail(path, f"missing entry {key!r}; not a {FORMAT} file")
+    header_bytes = stored.pop(HEADER_KEY).astype(np.uint8).tobytes()
+    expected = stored.pop(HEADER_SHA_KEY).astype(np.uint8).tobytes().decode("ascii", "replace")
+    if _sha256(header_bytes) != expected:
+        raise _fail(path, "header checksum mismatch (header.json corrupted)")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _fail(path, f"header.json is not valid JSON: {error}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise _fail(path, f"wrong format {found!r}, expected {FORMAT!r}")
+    if header.get("version") != VERSION:
+        raise _fail(
+            path, f"unsupported {FORMAT} version {header.get('version')!r} (reader: {VERSION})"
+        )
+    missing = [key for key in _HEADER_FIELDS if key not in header]
+    if missing:
+        raise _fail(path, f"header is missing {', '.join(missing)}")
+    for i, layer in enumerate(header["layers"]):
+        needed = _LAYER_FIELDS + (_CONV_FIELDS if layer.get("kind") == "conv" else ())
+        missing = [key for key in needed if key not in layer]
+        if missing:
+            raise _fail(path, f"header layer {i} is missing {', '.join(missing)}")
+        if layer["bias_exponent"] > layer["accumulator_exponent"]:
+            raise _fail(path, f"header layer {i}: bias_exponent above accumulator_exponent")
+    for op in header["ops"]:
+        if op.get("op") in _LAYER_OPS and not 0 <= op.get("layer", -1) < len(header["layers"]):
+            raise _fail(path, f"op {op} names no layer of the header")
+    arrays: dict[str, np.ndarray] = {}
+    payload = hashlib.sha256()
+    for key, meta in header["arrays"].items():
+        if key not in stored:
+            raise _fail(path, f"missing array {key!r}")
+        array = stored[key]
+        if array.dtype.str != meta["dtype"] or list(array.shape) != meta["shape"]:
+            raise _fail(
+                path,
+                f"array {key!r} is {array.dtype.str}{list(array.shape)}, header says "
+                f"{meta['dtype']}{meta['shape']}",
+            )
+        raw = _as_bytes(array)
+        if _sha256(raw) != meta["sha256"]:
+            raise _fail(path, f"checksum mismatch in array {key!r} (payload corrupted)")
+        payload.update(raw)
+        arrays[key] = array
+    if payload.hexdigest() != header.get("payload_sha256"):
+        raise _fail(path, "payload checksum mismatch")
+    return IntegerModel(path=path, header=header, arrays=arrays)
+
+
+# --------------------------------------------------------------------------- BOP recount
+
+
+def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
+    """Recount MACs and BOPs from the file alone (shapes, strides, padding, levels).
+
+    Per layer: MACs from shapes (conv: ``out_h * out_w * out_ch * kh * kw * in_ch / groups``
+    with ``out_h = (h + pad - kh) // stride + 1``; dense: ``in * out``), bit-widths from the
+    quantizer levels (``bit_length(n)``, +1 signed), BOPs ``= MACs * b_w * b_in``. It also
+    checks that the header's own ``macs`` and bit-width fields agree, that every weight
+    code is within ``[-n_w, n_w]``, and compares with the trainer's certificate.
+
+    Args:
+      path: the exported file (or an already loaded :class:`IntegerModel`).
+
+    Returns:
+      ``{"layers": [{name, kind, macs, weight_bits, input_bits, bops}], "macs", "bops",
+      "certificate_bops", "budget_bops", "matches_certificate", "within_budget"}``;
+      the last four are ``None`` when the file carries no certificate.
+
+    Raises:
+      ExportError: an unreadable file, or a header that contradicts itself.
+    """
+    model = path if isinstance(path, IntegerModel) else load(path)
+    fail = lambda problem: _fail(model.path, problem)  # noqa: E731
+    rows = []
+    for i, layer in enumerate(model.layers):
+        kernel = model.weight(i)
+        if list(kernel.shape) != layer["kernel_shape"]:
+            raise fail(f"layer {layer['name']}: weight shape {kernel.shape} != kernel_shape")
+        if layer["kind"] == "conv":
+            h, w, c = layer["input_shape"]
+            kh, kw, cin_g, cout = kernel.shape
+            if cin_g * layer["groups"] != c:
+                raise fail(f"layer {layer['name']}: kernel input channels do not match input")
+            oh = _conv_output_size(h, kh, layer["strides"][0], layer["padding"][0])
+            ow = _conv_output_size(w, kw, layer["strides"][1], layer["padding"][1])
+            macs = oh * ow * cout * kh * kw * cin_g
+            out_shape = [oh, ow, cout]
+        elif layer["kind"] == "dense":
+            (fan_in,) = layer["input_shape"]
+            k_in, k_out = kernel.shape
+            if k_in != fan_in:
+                raise fail(f"layer {layer['name']}: kernel rows {k_in} != input size {fan_in}")
+            macs = k_in * k_out
+            out_shape = [k_out]
+        else:
+            raise fail(f"layer {layer['name']}: unknown kind {layer['kind']!r}")
+        if out_shape != layer["output_shape"] or macs != layer["macs"]:
+            raise fail(f"layer {layer['name']}: stated output shape or MACs disagree with shapes")
+        weight_bits = bits_for_levels(layer["weight_levels"], signed=True)
+        input_bits = bits_for_levels(layer["input_levels"], signed=layer["input_signed"])
+        if (weight_bits, input_bits) != (layer["weight_bits"], layer["input_bits"]):
+            raise fail(f"layer {layer['name']}: stated bit-widths disagree with the levels")
+        if kernel.size and int(np.abs(kernel.astype(np.int64)).max()) > layer["weight_levels"]:
+            raise fail(f"layer {layer['name']}: weight codes exceed +-{layer['weight_levels']}")
+        rows.append(
+            {
+                "layer": layer["name"],
+                "kind": layer["kind"],
+                "macs": macs,
+                "weight_bits": weight_bits,
+                "input_bits": input_bits,
+                "bops": macs * weight_bits * input_bits,
+            }
+        )
+    total = sum(row["bops"] for row in rows)
+    certificate = model.header.get("certificate") or {}
+    certified = certificate.get("bops")
+    budget = certificate.get("budget_bops")
+    return {
+        "layers": rows,
+        "macs": sum(row["macs"] for row in rows),
+        "bops": total,
+        "certificate_bops": certified,
+        "budget_bops": budget,
+        "matches_certificate": None if certified is None else total == certified,
+        "within_budget": None if budget is None else total <= budget,
+    }
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def input_codes_from_float(model: IntegerModel, images: np.ndarray) -> np.ndarray:
+    """The first layer's input codes from float inputs: ``clip(round(x / d_in), lo, n)``.
+
+    This is the one float operation of a float-input deployment (division by a power of two
+    is exact, ``np.round`` rounds halves to even like ``jnp.round``). Integer inputs at a
+    known exponent need no float step: pass them to :func:`run_integer` directly.
+    """
+    first = model.layers[model.header["ops_first_layer"]]
+    lo = -first["input_levels"] if first["input_signed"] else 0
+    scaled = np.asarray(images, np.float64) / 2.0 ** first["input_exponent"]
+    return np.clip(np.round(scaled), lo, first["input_levels"]).astype(np.int64)
+
+
+def run_integer(
+    model: IntegerModel | str | os.PathLike,
+    inputs: np.ndarray,
+    *,
+    input_exponent: int | None = None,
+    first_layer_codes: bool = False,
+    return_codes: bool = False,
+) -> tuple[np.ndarray, int] | tuple[np.ndarray, int, dict[str, np.ndarray]]:
+    """Integer-only reference inference of an exported model.
+
+    Args:
+      model: the loaded file (or its path).
+      inputs: a batch of integers shaped ``(N, *header["input"]["shape"])``: the network
+        input at ``2**input_exponent`` scale (e.g. ``uint8`` MNIST pixels, exponent -8), or,
+        with ``first_layer_codes``, the first layer's input codes already
+        (:func:`input_codes_from_float`).
+      input_exponent: the exponent of ``inputs``; default ``header["input"]["exponent"]``.
+      first_layer_codes: ``inputs`` are codes of the first layer's input quantizer.
+      return_codes: also return every layer's integer input codes, by layer name.
+
+    Returns:
+      ``(logits, exponent)``: int64 accumulators of the last layer and their exponent
+      (``logits * 2**exponent`` are the float logits; ``argmax`` is the prediction), plus
+      ``{layer name: input codes}`` when ``return_codes``.
+    """
+    model = model if isinstance(model, IntegerModel) else load(model)
+    header = model.header
+    t = np.asarray(inputs)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"run_integer takes integer inputs, got {t.dtype}")
+    if list(t.shape[1:]) != header["input"]["shape"]:
+        raise ValueError(f"inputs shaped {t.shape[1:]}, the model takes {header['input']['shape']}")
+    t = t.astype(np.int64)
+    exponent = header["input"]["exponent"] if input_exponent is None else int(input_exponent)
+    precoded = first_layer_codes
+    codes_by_layer: dict[str, np.ndarray] = {}
+    for op in header["ops"]:
+        kind = op["op"]
+        if kind in _LAYER_OPS:
+            layer = model.layers[op["layer"]]
+            if precoded:
+                codes, precoded = t, False
+            else:
+                codes = requantize(
+                    t,
+                    exponent,
+                    to_exponent=layer["input_exponent"],
+                    levels=layer["input_levels"],
+                    signed=layer["input_signed"],
+                )
+            if return_codes:
+                codes_by_layer[layer["name"]] = codes
+            kernel = model.weight(op["layer"])
+            if kind == "conv":
+                acc = _conv(codes, kernel, layer)
+            else:
+                acc = codes @ kernel.astype(np.int64)
+            shift = layer["accumulator_exponent"] - layer["bias_exponent"]
+            t = (acc << np.int64(shift)) + model.bias(op["layer"]).astype(np.int64)
+            exponent = layer["bias_exponent"]
+        elif kind == "relu":
+            t = np.maximum(t, 0)
+        elif kind == "maxpool":
+            t = _max_pool(t, op["window"], op["strides"])
+        elif kind == "flatten":
+            t = t.reshape(t.shape[0], -1)
+        else:
+            raise _fail(model.path, f"unknown op {kind!r}")
+    if return_codes:
+        return t, exponent, codes_by_layer
+    return t, exponent
+
+
+def predict(
+    model: IntegerModel | str | os.PathLike,
+    inputs: np.ndarray,
+    *,
+    batch_size: int = 1000,
+    **kwargs: Any,
+) -> np.ndarray:
+    """``argmax`` of :func:`run_integer`'s logits, in batches (int64 class indices)."""
+    model = model if isinstance(model, IntegerModel) else load(model)
+    out = [
+        np.argmax(run_integer(model, inputs[i : i + batch_size], **kwargs)[0], axis=-1)
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+def pixels_from_unit_float(images: np.ndarray) -> np.ndarray:
+    """MNIST float images (``uint8 / 256`` exactly) back to ``uint8`` pixels, checked."""
+    scaled = np.asarray(images, np.float64) * 2.0**-PIXEL_EXPONENT
+    pixels = np.round(scaled)
+    if not np.array_equal(pixels, scaled) or pixels.min(initial=0) < 0 or pixels.max() > 255:
+        raise ValueError("images are not exact multiples of 1/256 in [0, 255/256]")
+    return pixels.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- writing (JAX)
+
+
+def _graph_for(model, layer_names: list[str]) -> list[dict]:
+    name = type(model).__name__
+    pool = {"op": "maxpool", "window": [2, 2], "strides": [2, 2], "padding": "VALID"}
+    if name == "LeNet5":
+        conv1, conv2, *dense = layer_names
+        ops = [{"op": "conv", "layer": conv1}, {"op": "relu"}, dict(pool)]
+        ops += [{"op": "conv", "layer": conv2}, {"op": "relu"}, dict(pool), {"op": "flatten"}]
+    elif name == "MLP":
+        ops, dense = [{"op": "flatten"}], layer_names
+    else:
+        raise ValueError(f"no op graph known for {name}; pass graph=[...] to export()")
+    for i, layer in enumerate(dense):
+        ops.append({"op": "dense", "layer": layer})
+        if i < len(dense) - 1:
+            ops.append({"op": "relu"})
+    return ops
+
+
+def _trace_layers(model, input_shape: Sequence[int]) -> list[dict]:
+    """Every quantized layer in call order, with its attributes and shapes (no FLOPs)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen
+
+    from cgmq_jax import nn as qnn
+
+    found = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, qnn.QuantConv | qnn.QuantDense):
+            if not module.quantize:
+                raise ValueError(f"layer {'/'.join(module.path)} is not quantized")
+            entry = {
+                "path": tuple(module.path),
+                "kind": "conv" if isinstance(module, qnn.QuantConv) else "dense",
+                "input_shape": list(args[0].shape[1:]),
+                "output_shape": list(out.shape[1:]),
+                "input_signed": bool(module.input_signed),
+                "use_bias": bool(module.use_bias),
+            }
+            if entry["kind"] == "conv":
+                kernel = module.get_variable("params", "kernel")
+                padding = module.padding
+                if isinstance(padding, str):
+                    padding = jax.lax.padtype_to_pads(
+                        args[0].shape[1:3], kernel.shape[:2], tuple(module.strides), padding
+                    )
+                entry.update(
+                    strides=[int(s) for s in module.strides],
+                    padding=[[int(a), int(b)] for a, b in padding],
+                    groups=int(module.feature_group_count),
+                )
+            found.append(entry)
+        return out
+
+    sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    with linen.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), sample)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no quantized layers")
+    return found
+
+
+def _quantizer_facts(theta, *, signed: bool) -> tuple[int, int, int]:
+    """``(exponent of d_q, levels n, bits)`` of a quantizer leaf, via the trainer's code."""
+    from cgmq_jax import quantizer
+
+    d, q_max = quantizer.from_latents(np.asarray(theta, np.float32))
+    d_q = float(np.asarray(quantizer.power_of_two_step(d)))
+    mantissa, exp = math.frexp(d_q)
+    if mantissa != 0.5:
+        raise ValueError(f"step {d_q} is not a power of two")
+    levels = int(np.asarray(quantizer.levels(d, q_max)))
+    bits = int(np.asarray(quantizer.exact_bitwidth(d, q_max, signed=signed)))
+    if bits != bits_for_levels(levels, signed=signed):
+        raise ValueError(f"bit-width {bits} disagrees with {levels} levels")
+    return exp - 1, levels, bits
+
+
+def _bias_exponent(
+    e_acc: int, facts: list[tuple], order: list[int], index: int, scheme: str
+) -> int:
+    """The exponent of a layer's integer bias (and of its output); see :func:`export`."""
+    if scheme == "accumulator":
+        return e_acc
+    position = order.index(index)
+    if position + 1 == len(order):  # the logits
+        return e_acc - LOGIT_BIAS_BITS
+    next_input_exponent = facts[order[position + 1]][3]
+    # The next quantizer rounds at multiples of half its step, 2**(e_next - 1).
+    return min(e_acc, next_input_exponent - 1) - 1
+
+
+def round_to_odd(values: np.ndarray) -> np.ndarray:
+    """Integers as they are; anything else to the odd one of its two integer neighbours.
+
+    Rounding to odd keeps a value strictly inside the same open interval between
+    consecutive even integers, so adding it to an even integer and comparing with even
+    integers (or rounding at any coarser power-of-two grid) gives the same answer as the
+    unrounded value (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums:
+    proved algorithms using rounding to odd", IEEE TC 2008).
+
+    >>> round_to_odd(np.array([-2.5, -2.0, 0.25, 1.5, 2.0, 2.01])).tolist()
+    [-3.0, -2.0, 1.0, 1.0, 2.0, 3.0]
+    """
+    values = np.asarray(values, np.float64)
+    low = np.floor(values)
+    odd_low = np.mod(low, 2.0) == 1.0
+    return np.where(values == low, low, np.where(odd_low, low, low + 1.0))
+
+
+def _check_graph(ops: list[dict], layers: list[dict], input_shape: list[int]) -> None:
+    """Follow the op list's shapes; they must meet every traced layer's input and output."""
+    shape = list(input_shape)
+    seen = []
+    for op in ops:
+        kind = op["op"]
+        if kind in _LAYER_OPS:
+            layer = layers[op["layer"]]
+            if layer["kind"] != kind or shape != layer["input_shape"]:
+                raise ValueError(
+                    f"op graph reaches {layer['name']} ({layer['kind']}, input "
+                    f"{layer['input_shape']}) as {kind} with shape {shape}"
+                )
+            shape = list(layer["output_shape"])
+            seen.append(op["layer"])
+        elif kind == "maxpool":
+            (wh, ww), (sh, sw) = op["window"], op["strides"]
+            shape = [(shape[0] - wh) // sh + 1, (shape[1] - ww) // sw + 1, shape[2]]
+        elif kind == "flatten":
+            shape = [math.prod(shape)]
+        elif kind != "relu":
+            raise ValueError(f"unknown op {kind!r}")
+    if seen != list(range(len(layers))):
+        raise ValueError(f"op graph visits layers {seen}, expected each once in call order")
+    if ops[-1]["op"] not in _LAYER_OPS:
+        raise ValueError("the op graph must end with a layer (the logits)")
+
+
+def export(
+    params: Any,
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int] = (28, 28, 1),
+    input_exponent: int = PIXEL_EXPONENT,
+    bias_scheme: str = "odd",
+    graph: list[dict] | None = None,
+    certificate: dict | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write a quantized model's parameters as a ``cgmq-int-npz`` file (needs JAX).
+
+    Args:
+      params: the quantized parameter tree (``report.load_params`` of a run, or ``fit``'s).
+      model: the Flax model (``quantized=True``), e.g. ``models.get_model("lenet5")``.
+      path: the ``.npz`` file to write.
+      input_shape: one example's input shape (no batch axis).
+      input_exponent: the exponent of the integer network input the file expects
+        (default -8: MNIST pixels, ``x = uint8 / 256``).
+      bias_scheme: how the float bias becomes an integer ``B`` at exponent ``e_b`` (the
+        export's one float -> int step); a layer's output is ``(acc << (e_acc - e_b)) + B``
+        at exponent ``e_b``, with ``e_acc = e_w + e_in``.
+
+        * ``"accumulator"``: ``e_b = e_acc``, ``B = round_half_even(bias / 2**e_acc)``.
+          Simple, but it loses up to half an accumulator LSB, which is up to several input
+          steps of the next layer when the accumulator is the coarser, and it decides the
+          frequent exact ties of the next quantizer's rounding differently from the float
+          bias (measured: 46 of 10,000 LeNet-5 test predictions changed).
+        * ``"odd"`` (default): ``e_b = min(e_acc, e_next - 1) - 1`` (``e_next`` the next
+          layer's input exponent; the next quantizer rounds at multiples of
+          ``2**(e_next - 1)``), ``B = round_to_odd(bias / 2**e_b)``. The next layer's codes
+          (and ReLU / max-pool) are then exactly those of exact arithmetic with the float
+          bias (see :func:`round_to_odd`), for one or two more bias bits. The logits layer
+          takes ``e_b = e_acc - LOGIT_BIAS_BITS``: its argmax compares different channels'
+          biases, so it needs fine bits rather than parity.
+      graph: the op list, with ``"layer"`` naming a layer by its ``/``-joined path; known
+        for :class:`~cgmq_jax.models.LeNet5` and :class:`~cgmq_jax.models.MLP`. It is checked
+        against the model's traced shapes.
+      certificate: the trainer's certificate (``results.json["certificate"]``), copied into
+        the header for the cross-check of :func:`count_bops`.
+      metadata: free-form JSON-able facts to keep (run directory, seed, accuracy, ...).
+
+    Returns:
+      The path written.
+    """
+    if bias_scheme not in BIAS_SCHEMES:
+        raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
+    traced = _trace_layers(model, input_shape)
+    names = ["/".join(entry["path"]) for entry in traced]
+    ops = graph if graph is not None else _graph_for(model, names)
+    ops = [dict(op) for op in ops]
+    for op in ops:
+        if op["op"] in _LAYER_OPS:
+            if op["layer"] not in names:
+                raise ValueError(f"op graph names unknown layer {op['layer']!r}; have {names}")
+            op["layer"] = names.index(op["layer"])
+    order = [op["layer"] for op in ops if op["op"] in _LAYER_OPS]
+    facts = []
+    for entry in traced:
+        node = params
+        for key in entry["path"]:
+            node = node[key]
+        e_w, n_w, b_w = _quantizer_facts(node["weight_quantizer"], signed=True)
+        e_in, n_in, b_in = _quantizer_facts(node["input_quantizer"], signed=entry["input_signed"])
+        kernel = np.asarray(node["kernel"], np.float32)
+        if entry["use_bias"]:
+            bias = np.asarray(node["bias"], np.float32).astype(np.float64)
+        else:
+            bias = np.zeros(kernel.shape[-1], np.float64)
+        facts.append((e_w, n_w, b_w, e_in, n_in, b_in, kernel, bias))
+    layers, arrays = [], {}
+    for i, entry in enumerate(traced):
+        e_w, n_w, b_w, e_in, n_in, b_in, kernel, bias = facts[i]
+        codes = np.clip(np.round(kernel.astype(np.float64) / 2.0**e_w), -n_w, n_w)
+        weight = codes.astype(int_dtype_for_bits(b_w))
+        e_acc = e_w + e_in
+        e_bias = _bias_exponent(e_acc, facts, order, i, bias_scheme)
+        scaled = bias / 2.0**e_bias  # exact: a float32 over a power of two, in float64
+        # The one float -> int step of the export.
+        bias_codes = np.round(scaled) if bias_scheme == "accumulator" else round_to_odd(scaled)
+        bias_error = float(np.max(np.abs(bias - bias_codes * 2.0**e_bias), initial=0.0))
+        bias_max = int(np.max(np.abs(bias_codes), initial=0))
+        bias_bits = signed_bits(bias_max)
+        fan_in = math.prod(kernel.shape[:-1])
+        out_bound = (fan_in * n_w * n_in << (e_acc - e_bias)) + bias_max
+        weight_key, bias_key = f"L{i}.weight", f"L{i}.bias"
+        arrays[weight_key] = weight
+        arrays[bias_key] = bias_codes.astype(int_dtype_for_bits(bias_bits))
+        layer = {
+            "name": names[i],
+            "kind": entry["kind"],
+            "input_shape": entry["input_shape"],
+            "output_shape": entry["output_shape"],
+            "kernel_shape": list(kernel.shape),
+            "kernel_layout": "HWIO" if entry["kind"] == "conv" else "IO",
+        }
+        if entry["kind"] == "conv":
+            layer.update(strides=entry["strides"], padding=entry["padding"], groups=entry["groups"])
+        layer.update(
+            weight_key=weight_key,
+            weight_dtype=weight.dtype.name,
+            weight_bits=b_w,
+            weight_exponent=e_w,
+            weight_levels=n_w,
+            weight_signed=True,
+            input_bits=b_in,
+            input_exponent=e_in,
+            input_levels=n_in,
+            input_signed=entry["input_signed"],
+            accumulator_exponent=e_acc,
+            bias_key=bias_key,
+            bias_dtype=arrays[bias_key].dtype.name,
+            bias_bits=bias_bits,
+            bias_exponent=e_bias,
+            bias_rounding="half_even" if bias_scheme == "accumulator" else "odd",
+            bias_rounding_max_abs_error=bias_error,
+            output_bits=signed_bits(out_bound),
+            macs=math.prod(entry["output_shape"]) * fan_in,
+        )
+        layers.append(layer)
+    _check_graph(ops, layers, list(input_shape))
+    first = next(op["layer"] for op in ops if op["op"] in _LAYER_OPS)
+    last = layers[ops[-1]["layer"]]
+    header: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": type(model).__name__,
+        "input": {
+            "shape": list(input_shape),
+            "layout": "NHWC without the batch axis" if len(input_shape) == 3 else "features",
+            "exponent": int(input_exponent),
+            "note": "integers at 2**exponent scale (MNIST: uint8 pixels, x = uint8 / 256)",
+        },
+        "ops": ops,
+        "ops_first_layer": first,
+        "layers": layers,
+        "output": {
+            "layer": ops[-1]["layer"],
+            "exponent": last["bias_exponent"],
+            "meaning": "int accumulators; logits = acc * 2**exponent; prediction = argmax",
+        },
+        "bias_scheme": bias_scheme,
+        "macs": sum(layer["macs"] for layer in layers),
+        "bops": sum(L["macs"] * L["weight_bits"] * L["input_bits"] for L in layers),
+    }
+    if certificate is not None:
+        header["certificate"] = {
+            key: certificate.get(key)
+            for key in ("bops", "budget_bops", "within_budget", "layers", "selected_epoch")
+            if key in certificate
+        }
+    if metadata is not None:
+        header["metadata"] = metadata
+    le = {key: value.astype(value.dtype.newbyteorder("<")) for key, value in arrays.items()}
+    header["arrays"] = {
+        key: {
+            "dtype": value.dtype.str,
+            "shape": list(value.shape),
+            "sha256": _sha256(_as_bytes(value)),
+        }
+        for key, value in le.items()
+    }
+    header["payload_sha256"] = _sha256(b"".join(_as_bytes(value) for value in le.values()))
+    header_bytes = json.dumps(header, indent=1).encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        **{
+            HEADER_KEY: np.frombuffer(header_bytes, np.uint8),
+            HEADER_SHA_KEY: np.frombuffer(_sha256(header_bytes).encode("ascii"), np.uint8),
+        },
+        **le,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def export_run(
+    results_dir: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    bias_scheme: str = "odd",
+) -> Path:
+    """Export a run directory (``results.json`` + ``params.msgpack``) written by the trainer.
+
+    Args:
+      results_dir: the run's directory.
+      path: the file to write; default ``results_dir / model_int.npz``.
+      bias_scheme: see :func:`export`.
+
+    Raises:
+      ValueError: a missing or unreadable run, or a float (unquantized) run.
+    """
+    import flax.serialization
+
+    from cgmq_jax import models
+
+    results_dir = Path(results_dir)
+    results_file = results_dir / "results.json"
+    params_file = results_dir / "params.msgpack"
+    for needed in (results_file, params_file):
+        if not needed.is_file():
+            raise ValueError(f"{results_dir}: no {needed.name}; is this a run directory?")
+    results = json.loads(results_file.read_text())
+    config = results.get("config", {})
+    if config.get("method") == "float":
+        raise ValueError(f"{results_dir}: a float run has no quantizers to export")
+    params = flax.serialization.msgpack_restore(params_file.read_bytes())
+    model = models.get_model(config.get("model", "lenet5"), quantized=True)
+    metadata = {
+        "run": str(results_dir),
+        "method": config.get("method"),
+        "seed": results.get("seed"),
+        "test_accuracy": results.get("test_accuracy"),
+        "data_source": results.get("data_source"),
+    }
+    return export(
+        params,
+        model,
+        path if path is not None else results_dir / DEFAULT_FILE,
+        bias_scheme=bias_scheme,
+        certificate=results.get("certificate"),
+        metadata=metadata,
+    )
