@@ -830,6 +830,94 @@ def export(
     return path
 
 
+def compare_with_model(
+    path: str | os.PathLike | IntegerModel,
+    params: Any,
+    model: Any,
+    images: np.ndarray,
+    *,
+    batch_size: int = 1000,
+) -> dict:
+    """Run the file's integer inference and the JAX fake-quant model side by side (needs JAX).
+
+    Args:
+      path: the exported file (or a loaded :class:`IntegerModel`).
+      params: the quantized parameters it was exported from.
+      model: the Flax model.
+      images: float inputs, exact multiples of ``2**header["input"]["exponent"]``
+        (MNIST: ``uint8 / 256``); the integer side gets them as integers at that exponent.
+      batch_size: examples per batch.
+
+    Returns:
+      ``{"examples", "agree", "int_predictions", "jax_predictions", "code_mismatches":
+      {layer: [mismatching codes, total codes, max |difference|]}, "max_logit_difference"}``:
+      the layer input codes are those the JAX model's quantizers produce (intercepted),
+      compared with the integer engine's; the logit difference is in float units.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import linen
+
+    from cgmq_jax import nn as qnn
+    from cgmq_jax import quantizer
+
+    exported = path if isinstance(path, IntegerModel) else load(path)
+    exponent = exported.header["input"]["exponent"]
+
+    def forward(params, x):
+        codes = {}
+
+        def record(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and isinstance(
+                module, qnn.QuantConv | qnn.QuantDense
+            ):
+                theta = module.get_variable("params", "input_quantizer")
+                d, q_max = quantizer.from_latents(theta)
+                codes["/".join(module.path)] = quantizer.quantize(
+                    args[0], d, q_max, signed=module.input_signed
+                )[0]
+            return next_fun(*args, **kwargs)
+
+        with linen.intercept_methods(record):
+            logits = model.apply({"params": params}, x)
+        return logits, codes
+
+    forward = jax.jit(forward)
+    images = np.asarray(images)
+    scaled = images.astype(np.float64) * 2.0**-exponent
+    integers = np.round(scaled)
+    if not np.array_equal(integers, scaled):
+        raise ValueError(f"inputs are not exact multiples of 2**{exponent}")
+    integers = integers.astype(np.int64)
+    int_pred, jax_pred, mismatches, max_logit = [], [], {}, 0.0
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        logits, codes = jax.device_get(forward(params, jnp.asarray(images[start:stop])))
+        int_logits, out_exp, int_codes = run_integer(
+            exported, integers[start:stop], return_codes=True
+        )
+        jax_pred.append(np.argmax(logits, -1))
+        int_pred.append(np.argmax(int_logits, -1))
+        scaled_logits = int_logits.astype(np.float64) * 2.0**out_exp
+        max_logit = max(max_logit, float(np.max(np.abs(scaled_logits - logits), initial=0.0)))
+        for name, ours in int_codes.items():
+            theirs = np.asarray(codes[name], np.int64)
+            row = mismatches.setdefault(name, [0, 0, 0])
+            row[0] += int(np.sum(theirs != ours))
+            row[1] += int(ours.size)
+            row[2] = max(row[2], int(np.max(np.abs(theirs - ours), initial=0)))
+    int_pred, jax_pred = np.concatenate(int_pred), np.concatenate(jax_pred)
+    return {
+        "examples": len(images),
+        "agree": int(np.sum(int_pred == jax_pred)),
+        "int_predictions": int_pred,
+        "jax_predictions": jax_pred,
+        "code_mismatches": mismatches,
+        "max_logit_difference": max_logit,
+    }
+
+
 def export_run(
     results_dir: str | os.PathLike,
     path: str | os.PathLike | None = None,
