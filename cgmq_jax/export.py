@@ -15,9 +15,9 @@ and this file imports nothing else at import time. NOTE: ``import cgmq_jax.expor
 runs ``cgmq_jax/__init__.py``, which imports JAX; on a machine without JAX load this one
 file by path (it is self-contained)::
 
-    import importlib.util
+    import importlib.util, sys
     spec = importlib.util.spec_from_file_location("cgmq_export", "cgmq_jax/export.py")
-    cgmq_export = importlib.util.module_from_spec(spec)
+    cgmq_export = sys.modules["cgmq_export"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cgmq_export)
     cgmq_export.count_bops("model_int.npz")
 
@@ -580,8 +580,11 @@ def _quantizer_facts(theta, *, signed: bool) -> tuple[int, int, int]:
     d, q_max = quantizer.from_latents(np.asarray(theta, np.float32))
     d_q = float(np.asarray(quantizer.power_of_two_step(d)))
     mantissa, exp = math.frexp(d_q)
-    if mantissa != 0.5:
-        raise ValueError(f"step {d_q} is not a power of two")
+    if mantissa != 0.5:  # jnp.exp2 is inexact for some integer exponents on XLA:CPU
+        raise ValueError(
+            f"the trainer's step {d_q!r} is not a power of two (jnp.exp2 of an integer "
+            f"exponent near {exp - 1} is inexact), so no integer file reproduces it"
+        )
     levels = int(np.asarray(quantizer.levels(d, q_max)))
     bits = int(np.asarray(quantizer.exact_bitwidth(d, q_max, signed=signed)))
     if bits != bits_for_levels(levels, signed=signed):

@@ -1,0 +1,492 @@
+"""Tests of cgmq_jax.export: the integer model file, its reader, BOP recount and inference.
+
+No real data: small models with random weights, biases and inputs. The integer engine is
+compared with the real Flax layers (``QuantConv`` / ``QuantDense``, i.e. the trainer's
+``quantizer.fake_quant`` path) through :func:`cgmq_jax.export.compare_with_model`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgmq_jax import cost, quantizer
+from cgmq_jax import export as ex
+from cgmq_jax.nn import QuantConv, QuantDense
+
+REPO = Path(__file__).resolve().parent.parent
+EXPORT_PY = REPO / "cgmq_jax" / "export.py"
+
+
+class TinyConv(nn.Module):
+    """conv 4@3x3 -> relu -> max-pool 2 -> flatten -> dense 3, on 8x8xC inputs."""
+
+    input_signed: bool = False
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "VALID"
+
+    @nn.compact
+    def __call__(self, x):
+        x = QuantConv(
+            features=4,
+            kernel_size=(3, 3),
+            strides=self.strides,
+            padding=self.padding,
+            input_signed=self.input_signed,
+            name="conv",
+        )(x)
+        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = jnp.reshape(x, (x.shape[0], -1))
+        return QuantDense(features=3, name="fc")(x)
+
+
+CONV_GRAPH = [
+    {"op": "conv", "layer": "conv"},
+    {"op": "relu"},
+    {"op": "maxpool", "window": [2, 2], "strides": [2, 2], "padding": "VALID"},
+    {"op": "flatten"},
+    {"op": "dense", "layer": "fc"},
+]
+
+
+class TinyDense(nn.Module):
+    """dense 6 -> relu -> dense 4, on flat inputs."""
+
+    input_signed: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(QuantDense(features=6, input_signed=self.input_signed, name="fc1")(x))
+        return QuantDense(features=4, name="fc2")(x)
+
+
+DENSE_GRAPH = [{"op": "dense", "layer": "fc1"}, {"op": "relu"}, {"op": "dense", "layer": "fc2"}]
+
+
+def _with_bits(params, layer, weight_bits, input_bits, *, input_signed, input_range=1.0):
+    """``params`` with ``layer``'s quantizers at exact bit-widths (random weights kept)."""
+    params = jax.tree.map(lambda v: v, params)
+    node = params[layer]
+    w_range = jnp.max(jnp.abs(node["kernel"]))
+    node["weight_quantizer"] = quantizer.latents(
+        *quantizer.init_at_bits(w_range, weight_bits, signed=True)
+    )
+    node["input_quantizer"] = quantizer.latents(
+        *quantizer.init_at_bits(jnp.float32(input_range), input_bits, signed=input_signed)
+    )
+    return params
+
+
+def _random_inputs(shape, exponent, *, signed, seed):
+    """Exact multiples of ``2**exponent`` in [0, 1.2) (or [-1.2, 1.2) signed): some clip."""
+    rng = np.random.default_rng(seed)
+    top = int(1.2 * 2.0**-exponent)
+    ints = rng.integers(-top if signed else 0, top, size=shape)
+    return (ints * 2.0**exponent).astype(np.float32), ints
+
+
+def _random_biases(params, seed, scale=0.3):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: (
+            jnp.asarray(rng.normal(0.0, scale, v.shape), jnp.float32)
+            if path[-1].key == "bias"
+            else v
+        ),
+        params,
+    )
+
+
+def _init(model, shape):
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32))["params"]
+
+
+# --------------------------------------------------------------------------- integer helpers
+
+
+def test_round_shift_matches_round_half_even():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.integers(-5000, 5000, 2000), np.arange(-40, 41)])
+    for shift in range(-9, 4):
+        expected = np.round(values * 2.0**shift)  # float64 is exact here; halves to even
+        np.testing.assert_array_equal(ex.round_shift(values, shift), expected)
+    assert ex.round_shift(np.array([1, 3, 5, -1, -3, -5]), -1).tolist() == [0, 2, 2, 0, -2, -2]
+
+
+def test_round_to_odd_keeps_every_coarser_comparison():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.normal(0, 20, 4000), np.arange(-8, 8) / 2.0])
+    odd = ex.round_to_odd(values)
+    integer = values == np.floor(values)
+    np.testing.assert_array_equal(odd[integer], values[integer])
+    assert np.all(np.mod(odd[~integer], 2) == 1)
+    # For any even integer a: sign(a + odd - 2k) == sign(a + value - 2k) for all k.
+    np.testing.assert_array_equal(np.floor(odd / 2), np.floor(values / 2))
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(1, np.int8), (8, np.int8), (9, np.int16)])
+def test_int_dtype_for_bits(bits, dtype):
+    assert ex.int_dtype_for_bits(bits) == np.dtype(dtype)
+    assert ex.int_dtype_for_bits(17) == np.dtype(np.int32)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_every_integer(tmp_path):
+    model = TinyConv()
+    params = _with_bits(_init(model, (8, 8, 1)), "conv", 5, 3, input_signed=False)
+    params = _with_bits(params, "fc", 3, 4, input_signed=False, input_range=2.0)
+    params = _random_biases(params, seed=2)
+    path = ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1), graph=CONV_GRAPH)
+    loaded = ex.load(path)
+    for i, name in enumerate(["conv", "fc"]):
+        node, layer = params[name], loaded.layers[i]
+        d_w, q_w = quantizer.from_latents(node["weight_quantizer"])
+        d_in, q_in = quantizer.from_latents(node["input_quantizer"])
+        codes, scale = quantizer.quantize(node["kernel"], d_w, q_w, signed=True)
+        np.testing.assert_array_equal(loaded.weight(i), np.asarray(codes))
+        assert loaded.weight(i).dtype == np.int8
+        assert 2.0 ** layer["weight_exponent"] == float(scale)
+        assert 2.0 ** layer["input_exponent"] == float(quantizer.power_of_two_step(d_in))
+        assert layer["weight_levels"] == int(quantizer.levels(d_w, q_w))
+        assert layer["input_levels"] == int(quantizer.levels(d_in, q_in))
+        assert layer["weight_bits"] == int(quantizer.exact_bitwidth(d_w, q_w, signed=True))
+        assert layer["input_bits"] == int(quantizer.exact_bitwidth(d_in, q_in, signed=False))
+        # The bias: within one unit of its exponent, odd unless exact.
+        bias = loaded.bias(i).astype(np.float64) * 2.0 ** layer["bias_exponent"]
+        error = np.abs(bias - np.asarray(node["bias"], np.float64))
+        assert np.all(error < 2.0 ** layer["bias_exponent"])
+        assert layer["bias_bits"] == ex.signed_bits(int(np.abs(loaded.bias(i)).max()))
+    assert [layer["weight_bits"] for layer in loaded.layers] == [5, 3]
+    assert [layer["input_bits"] for layer in loaded.layers] == [3, 4]
+    # Numpy alone reads the same integers back.
+    with np.load(path, allow_pickle=False) as raw:
+        header = json.loads(raw["header.json"].tobytes().decode("utf-8"))
+        assert header["format"] == ex.FORMAT and header["version"] == ex.VERSION
+        for key in header["arrays"]:
+            np.testing.assert_array_equal(raw[key], loaded.arrays[key])
+
+
+# --------------------------------------------------------------------------- integer == fake-quant
+
+
+CASES = [
+    # (weight bits, input bits, input signed, network-input exponent)
+    (2, 1, False, -8),
+    (3, 2, False, -8),
+    (4, 4, False, -4),  # the first requantization is a left shift
+    (8, 8, False, -8),
+    (2, 2, True, -8),
+    (5, 3, True, -4),
+    (8, 8, True, -8),
+    (6, 7, True, -8),
+]
+
+
+@pytest.mark.parametrize(("weight_bits", "input_bits", "signed", "exponent"), CASES)
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_integer_inference_equals_fake_quant(
+    tmp_path, kind, weight_bits, input_bits, signed, exponent
+):
+    """Every layer's integer input codes equal the Flax layers' exactly; logits up to the bias.
+
+    The hidden layers' codes are exact because the bias is rounded to odd one bit below
+    the next quantizer's half step. The logits differ by the logit bias's rounding (less
+    than ``2**bias_exponent``) plus float32 rounding of the JAX logits.
+    """
+    if kind == "conv":
+        model, graph, shape = TinyConv(input_signed=signed), CONV_GRAPH, (8, 8, 2)
+        first, second = "conv", "fc"
+    else:
+        model, graph, shape = TinyDense(input_signed=signed), DENSE_GRAPH, (10,)
+        first, second = "fc1", "fc2"
+    seed = weight_bits * 100 + input_bits * 10 + signed
+    params = _with_bits(_init(model, shape), first, weight_bits, input_bits, input_signed=signed)
+    params = _with_bits(
+        params, second, max(2, 9 - weight_bits), 9 - input_bits, input_signed=False, input_range=2.0
+    )
+    params = _random_biases(params, seed)
+    path = ex.export(
+        params, model, tmp_path / "m.npz", input_shape=shape, input_exponent=exponent, graph=graph
+    )
+    images, ints = _random_inputs((64, *shape), exponent, signed=signed, seed=seed)
+    result = ex.compare_with_model(path, params, model, images)
+    for name, (mismatching, total, _) in result["code_mismatches"].items():
+        assert mismatching == 0, f"{name}: {mismatching} of {total} codes differ"
+    assert result["agree"] == 64
+    # Logits, against the JAX model directly.
+    loaded = ex.load(path)
+    logits, out_exp = ex.run_integer(loaded, ints)
+    reference = np.asarray(model.apply({"params": params}, jnp.asarray(images)), np.float64)
+    tolerance = 2.0 ** loaded.layers[-1]["bias_exponent"] + 1e-6 * np.abs(reference).max()
+    np.testing.assert_allclose(logits * 2.0**out_exp, reference, rtol=0, atol=tolerance)
+    # The float entry point (first layer codes from float inputs) gives the same logits.
+    codes = ex.input_codes_from_float(loaded, images)
+    np.testing.assert_array_equal(ex.run_integer(loaded, codes, first_layer_codes=True)[0], logits)
+
+
+@pytest.mark.parametrize("snap", [True, False])
+def test_accumulator_scale_bias(tmp_path, snap):
+    """The brief's bias scheme: exact when biases sit on the accumulator grid, else off by
+    at most half an accumulator LSB per logit (one dense layer, no next quantizer)."""
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return QuantDense(features=5, name="fc")(x)
+
+    model, shape = One(), (12,)
+    params = _with_bits(_init(model, shape), "fc", 4, 3, input_signed=False)
+    params = _random_biases(params, seed=7)
+    d_w, _ = quantizer.from_latents(params["fc"]["weight_quantizer"])
+    d_in, _ = quantizer.from_latents(params["fc"]["input_quantizer"])
+    lsb = float(quantizer.power_of_two_step(d_w)) * float(quantizer.power_of_two_step(d_in))
+    if snap:
+        params["fc"]["bias"] = jnp.round(params["fc"]["bias"] / lsb) * lsb
+    path = ex.export(
+        params,
+        model,
+        tmp_path / "m.npz",
+        input_shape=shape,
+        graph=[{"op": "dense", "layer": "fc"}],
+        bias_scheme="accumulator",
+    )
+    loaded = ex.load(path)
+    assert loaded.layers[0]["bias_exponent"] == loaded.layers[0]["accumulator_exponent"]
+    images, ints = _random_inputs((32, *shape), -8, signed=False, seed=7)
+    logits, out_exp = ex.run_integer(loaded, ints)
+    reference = np.asarray(model.apply({"params": params}, jnp.asarray(images)), np.float64)
+    error = np.abs(logits * 2.0**out_exp - reference).max()
+    assert error <= (1e-6 if snap else lsb / 2 + 1e-6)
+
+
+def test_lenet5_integer_equals_fake_quant_and_trainer_cost(tmp_path, lenet, set_bits):
+    """The real LeNet-5 graph at mixed bits: identical codes everywhere, BOPs as the trainer's."""
+    specs = lenet["specs"]
+    weight_bits = {"conv1": 3, "conv2": 2, "fc1": 4, "fc2": 5, "fc3": 3}
+    input_bits = {"conv1": 1, "conv2": 2, "fc1": 3, "fc2": 4, "fc3": 8}
+    params = set_bits(lenet["params8"], specs, weight_bits, input_bits)
+    params = _random_biases(params, seed=3, scale=0.1)
+    certificate = {"bops": cost.exact_bops(params, specs), "budget_bops": 2e6}
+    path = ex.export(params, lenet["model"], tmp_path / "lenet.npz", certificate=certificate)
+    counted = ex.count_bops(path)
+    assert counted["bops"] == certificate["bops"] and counted["matches_certificate"]
+    assert counted["within_budget"] == (certificate["bops"] <= 2e6)
+    assert [row["macs"] for row in counted["layers"]] == [spec.macs for spec in specs]
+    assert counted["macs"] == 281_640
+    images, _ = _random_inputs((48, 28, 28, 1), -8, signed=False, seed=3)
+    result = ex.compare_with_model(path, params, lenet["model"], np.minimum(images, 255 / 256))
+    assert result["max_logit_difference"] < 1e-3
+    assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
+    assert result["agree"] == 48
+
+
+# --------------------------------------------------------------------------- BOP recount
+
+
+def test_count_bops_hand_computed(tmp_path):
+    """8x8x1 -> conv 4@3x3 valid (6x6x4) -> pool (3x3x4) -> flatten 36 -> dense 3.
+
+    conv: 6*6*4 * 3*3*1 = 1,296 MACs at 3 x 2 bits = 7,776 BOPs;
+    dense: 36*3 = 108 MACs at 4 x 5 bits = 2,160 BOPs; total 1,404 MACs, 9,936 BOPs.
+    With stride 2 and SAME padding the conv gives 4x4x4: 576 MACs, 3,456 BOPs; then
+    pool 2x2x4 -> 16 -> dense 3: 48 MACs, 960 BOPs.
+    """
+    for strides, padding, expected in (
+        ((1, 1), "VALID", [(1296, 7776), (108, 2160)]),
+        ((2, 2), "SAME", [(576, 3456), (48, 960)]),
+    ):
+        model = TinyConv(strides=strides, padding=padding)
+        params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
+        params = _with_bits(params, "fc", 4, 5, input_signed=False)
+        certificate = {"bops": sum(b for _, b in expected), "budget_bops": 10_000}
+        path = ex.export(
+            params,
+            model,
+            tmp_path / f"{padding}.npz",
+            input_shape=(8, 8, 1),
+            graph=CONV_GRAPH,
+            certificate=certificate,
+        )
+        counted = ex.count_bops(path)
+        assert [(row["macs"], row["bops"]) for row in counted["layers"]] == expected
+        assert counted["bops"] == certificate["bops"]
+        assert counted["matches_certificate"] and counted["within_budget"]
+
+
+def test_count_bops_runs_with_jax_blocked(tmp_path):
+    """The reader, counter and integer inference need numpy only: load the file by path."""
+    model = TinyConv()
+    params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
+    params = _random_biases(_with_bits(params, "fc", 4, 4, input_signed=False), seed=5)
+    path = ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1), graph=CONV_GRAPH)
+    _, ints = _random_inputs((16, 8, 8, 1), -8, signed=False, seed=5)
+    np.save(tmp_path / "inputs.npy", ints)
+    script = f"""
+import importlib.util, json, sys
+for name in ("jax", "jaxlib", "flax", "optax"):
+    sys.modules[name] = None  # any import of them now raises ImportError
+spec = importlib.util.spec_from_file_location("cgmq_export", {str(EXPORT_PY)!r})
+module = sys.modules["cgmq_export"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+import numpy as np
+counted = module.count_bops({str(path)!r})
+logits, exponent = module.run_integer({str(path)!r}, np.load({str(tmp_path / "inputs.npy")!r}))
+loaded = [
+    m for m, v in sys.modules.items()
+    if v is not None and m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "cgmq_jax")
+]
+print(json.dumps({{"counted": counted, "logits": logits.tolist(), "loaded": loaded}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    got = json.loads(out.stdout)
+    assert got["counted"] == ex.count_bops(path)
+    assert got["logits"] == ex.run_integer(path, ints)[0].tolist()
+    assert got["loaded"] == []  # neither JAX, Flax nor the training package was imported
+
+
+# --------------------------------------------------------------------------- clear errors
+
+
+@pytest.fixture
+def small_file(tmp_path):
+    model = TinyDense()
+    params = _with_bits(_init(model, (10,)), "fc1", 4, 3, input_signed=False)
+    params = _random_biases(_with_bits(params, "fc2", 3, 2, input_signed=False), seed=4)
+    return ex.export(params, model, tmp_path / "m.npz", input_shape=(10,), graph=DENSE_GRAPH)
+
+
+def _rewrite(path, out, *, header=None, drop=(), replace=None, keep_header_sha=False):
+    with np.load(path, allow_pickle=False) as npz:
+        entries = {key: npz[key] for key in npz.files if key not in drop}
+    if header is not None:
+        raw = json.dumps(header).encode()
+        entries["header.json"] = np.frombuffer(raw, np.uint8)
+        if not keep_header_sha:
+            digest = ex._sha256(raw).encode()
+            entries["header.sha256"] = np.frombuffer(digest, np.uint8)
+    entries.update(replace or {})
+    np.savez(out, **entries)
+    return out
+
+
+def _header(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return json.loads(npz["header.json"].tobytes())
+
+
+def _expect_error(path, *fragments):
+    with pytest.raises(ex.ExportError) as info:
+        ex.count_bops(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_flipped_byte_is_detected(small_file, tmp_path):
+    data = bytearray(small_file.read_bytes())
+    with zipfile.ZipFile(small_file) as archive:
+        start = archive.getinfo("L0.weight.npy").header_offset
+    with np.load(small_file) as npz:
+        raw = npz["L0.weight"].tobytes()
+    offset = data.index(raw, start) + len(raw) // 2  # a byte of the stored weight codes
+    data[offset] ^= 0x01
+    bad = tmp_path / "flipped.npz"
+    bad.write_bytes(bytes(data))
+    _expect_error(bad, "corrupted")
+
+
+def test_truncated_file(small_file, tmp_path):
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(small_file.read_bytes()[: small_file.stat().st_size // 2])
+    _expect_error(bad, "not a readable .npz")
+
+
+def test_consistent_zip_with_changed_payload(small_file, tmp_path):
+    with np.load(small_file) as npz:
+        weight = npz["L0.weight"].copy()
+    weight.flat[0] = weight.flat[0] + 1 if weight.flat[0] < 0 else weight.flat[0] - 1
+    bad = _rewrite(small_file, tmp_path / "payload.npz", replace={"L0.weight": weight})
+    _expect_error(bad, "checksum mismatch in array 'L0.weight'")
+
+
+def test_changed_header_is_detected(small_file, tmp_path):
+    header = _header(small_file)
+    header["layers"][0]["input_bits"] -= 1  # an attempt to lower the BOP count
+    bad = _rewrite(small_file, tmp_path / "header.npz", header=header, keep_header_sha=True)
+    _expect_error(bad, "header checksum mismatch")
+    # Re-signed header: the counter still refuses bits that disagree with the levels.
+    bad = _rewrite(small_file, tmp_path / "resigned.npz", header=header)
+    _expect_error(bad, "bit-widths disagree")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("format", "onnx", "wrong format 'onnx'"),
+        ("version", 99, "unsupported cgmq-int-npz version"),
+    ],
+)
+def test_wrong_format_or_version(small_file, tmp_path, field, value, fragment):
+    header = _header(small_file)
+    header[field] = value
+    _expect_error(_rewrite(small_file, tmp_path / "x.npz", header=header), fragment)
+
+
+def test_missing_keys(small_file, tmp_path):
+    _expect_error(_rewrite(small_file, tmp_path / "a.npz", drop=["L1.bias"]), "missing array")
+    _expect_error(_rewrite(small_file, tmp_path / "b.npz", drop=["header.json"]), "missing entry")
+    header = _header(small_file)
+    del header["layers"][1]["input_levels"]
+    _expect_error(_rewrite(small_file, tmp_path / "c.npz", header=header), "input_levels")
+    del header["ops"]
+    _expect_error(_rewrite(small_file, tmp_path / "d.npz", header=header), "missing ops")
+    _expect_error(tmp_path / "absent.npz", "no such file")
+
+
+def test_cli_reports_a_corrupted_file_and_exits_2(small_file, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "experiments" / "export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(small_file.read_bytes()[:100])
+    assert cli.main([str(bad), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "\n" not in err
+    assert cli.main([str(tmp_path / "no_run_here")]) == 2
+    assert cli.main([str(small_file)]) == 0  # no --check: integrity and the BOP table only
+
+
+def test_export_refuses_a_graph_that_does_not_fit(tmp_path):
+    model = TinyConv()
+    params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
+    params = _with_bits(params, "fc", 3, 2, input_signed=False)
+    wrong = [op for op in CONV_GRAPH if op["op"] != "maxpool"]
+    with pytest.raises(ValueError, match="op graph reaches fc"):
+        ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1), graph=wrong)
+    with pytest.raises(ValueError, match="no op graph known"):
+        ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
+
+
+def test_export_refuses_a_step_that_is_not_a_power_of_two(tmp_path, monkeypatch):
+    model = TinyDense()
+    params = _with_bits(_init(model, (10,)), "fc1", 4, 3, input_signed=False)
+    params = _with_bits(params, "fc2", 3, 2, input_signed=False)
+    monkeypatch.setattr(quantizer, "power_of_two_step", lambda d: jnp.float32(0.3))
+    with pytest.raises(ValueError, match="not a power of two"):
+        ex.export(params, model, tmp_path / "m.npz", input_shape=(10,), graph=DENSE_GRAPH)
