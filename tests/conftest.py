@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pathlib
 
@@ -18,15 +19,37 @@ jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-# Strict dtype promotion, as in equinox's tests/conftest.py: the core (cgmq_jax) passes under
-# it. optax 0.2.8 does not: ``optax.tree.bias_correction`` computes ``1 - decay**count`` with
-# an int32 ``count`` (used by ``optax.adam``), so tests that run Adam wrap it in
-# ``jax.numpy_dtype_promotion("standard")`` (see ``standard_promotion`` below).
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-# Implicit rank promotion is an error too (the core passes since nn.py reshapes the bias).
-jax.config.update("jax_numpy_rank_promotion", "raise")
+# Strict dtype promotion and no implicit rank promotion, as in equinox's tests/conftest.py:
+# the core (cgmq_jax) passes under both (nn.py reshapes the bias before adding it).
+#
+# They are set per test by the autouse fixture ``_strict_promotion`` below (and around the
+# shared model fixtures), not with a global ``jax.config.update``: a global setting would
+# also reach the doctests of cgmq_jax/, which run in the same pytest process (testpaths)
+# and use optax.adam. optax 0.2.8 does not pass strict dtype promotion:
+# ``optax.tree.bias_correction`` computes ``1 - decay**count`` with an int32 ``count``. Tests
+# that run Adam wrap it in ``jax.numpy_dtype_promotion("standard")`` (``standard_promotion``).
+STRICT_DTYPE_PROMOTION = "strict"
+STRICT_RANK_PROMOTION = "raise"
+
+
+@contextlib.contextmanager
+def strict_promotion():
+    with (
+        jax.numpy_dtype_promotion(STRICT_DTYPE_PROMOTION),
+        jax.numpy_rank_promotion(STRICT_RANK_PROMOTION),
+    ):
+        yield
+
 
 standard_promotion = functools.partial(jax.numpy_dtype_promotion, "standard")
+
+
+@pytest.fixture(autouse=True)
+def _strict_promotion():
+    """Every test under tests/ runs with strict dtype promotion and rank promotion errors."""
+    with strict_promotion():
+        yield
+
 
 settings.register_profile(
     "cgmq",
@@ -58,14 +81,16 @@ def _model_bundle(model_cls, sample, batch):
 
     model = model_cls()
     float_model = model_cls(quantized=False)
-    float_params = jax.jit(float_model.init)(jax.random.key(0), sample)["params"]
-    params8 = jax.jit(functools.partial(cnn.init_quantizers, model))(float_params, batch)
+    with strict_promotion():  # session fixtures are set up outside the autouse fixture
+        float_params = jax.jit(float_model.init)(jax.random.key(0), sample)["params"]
+        params8 = jax.jit(functools.partial(cnn.init_quantizers, model))(float_params, batch)
+        specs = cost.layer_specs(model, sample)
     return {
         "model": model,
         "float_model": float_model,
         "float_params": float_params,
         "params8": params8,
-        "specs": cost.layer_specs(model, sample),
+        "specs": specs,
     }
 
 

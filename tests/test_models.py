@@ -21,9 +21,13 @@ def _shapes(tree):
 
 
 def test_strict_promotion_is_on():
-    # conftest.py: the whole suite runs with strict dtype and rank promotion.
+    # conftest.py: every test runs with strict dtype promotion and rank promotion errors.
     assert jax.config.jax_numpy_dtype_promotion == "strict"
     assert jax.config.jax_numpy_rank_promotion == "raise"
+    with pytest.raises(Exception, match="implicit dtype promotion"):
+        jnp.ones(2, jnp.float32) + jnp.ones(2, jnp.int32)
+    with pytest.raises(ValueError, match="rank_promotion"):
+        jnp.ones((2, 3), jnp.float32) + jnp.ones(3, jnp.float32)
 
 
 @pytest.mark.parametrize("name", BUNDLES)
