@@ -44,6 +44,7 @@ float-to-integer step of the export (the trained bias is a float); the network i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -833,6 +834,37 @@ def export(
     return path
 
 
+@functools.cache
+def _jitted_forward():
+    """``jit(model, params, x) -> (logits, {layer: input codes})``, built once (needs JAX)."""
+    import jax
+    from flax import linen
+
+    from cgmq_jax import nn as qnn
+    from cgmq_jax import quantizer
+
+    def forward(model, params, x):
+        codes = {}
+
+        def record(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and isinstance(
+                module, qnn.QuantConv | qnn.QuantDense
+            ):
+                theta = module.get_variable("params", "input_quantizer")
+                d, q_max = quantizer.from_latents(theta)
+                codes["/".join(module.path)] = quantizer.quantize(
+                    args[0], d, q_max, signed=module.input_signed
+                )[0]
+            return next_fun(*args, **kwargs)
+
+        with linen.intercept_methods(record):
+            logits = model.apply({"params": params}, x)
+        return logits, codes
+
+    return jax.jit(forward, static_argnums=0)
+
+
 def compare_with_model(
     path: str | os.PathLike | IntegerModel,
     params: Any,
@@ -857,36 +889,11 @@ def compare_with_model(
       the layer input codes are those the JAX model's quantizers produce (intercepted),
       compared with the integer engine's; the logit difference is in float units.
     """
-    import jax
     import jax.numpy as jnp
-    from flax import linen
-
-    from cgmq_jax import nn as qnn
-    from cgmq_jax import quantizer
 
     exported = path if isinstance(path, IntegerModel) else load(path)
     exponent = exported.header["input"]["exponent"]
-
-    def forward(params, x):
-        codes = {}
-
-        def record(next_fun, args, kwargs, context):
-            module = context.module
-            if context.method_name == "__call__" and isinstance(
-                module, qnn.QuantConv | qnn.QuantDense
-            ):
-                theta = module.get_variable("params", "input_quantizer")
-                d, q_max = quantizer.from_latents(theta)
-                codes["/".join(module.path)] = quantizer.quantize(
-                    args[0], d, q_max, signed=module.input_signed
-                )[0]
-            return next_fun(*args, **kwargs)
-
-        with linen.intercept_methods(record):
-            logits = model.apply({"params": params}, x)
-        return logits, codes
-
-    forward = jax.jit(forward)
+    forward = _jitted_forward()
     images = np.asarray(images)
     scaled = images.astype(np.float64) * 2.0**-exponent
     integers = np.round(scaled)
@@ -896,7 +903,8 @@ def compare_with_model(
     int_pred, jax_pred, mismatches, max_logit = [], [], {}, 0.0
     for start in range(0, len(images), batch_size):
         stop = start + batch_size
-        logits, codes = jax.device_get(forward(params, jnp.asarray(images[start:stop])))
+        logits, codes = forward(model, params, jnp.asarray(images[start:stop]))
+        logits = np.asarray(logits, np.float64)
         int_logits, out_exp, int_codes = run_integer(
             exported, integers[start:stop], return_codes=True
         )
