@@ -327,9 +327,11 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
       path: the exported file (or an already loaded :class:`IntegerModel`).
 
     Returns:
-      ``{"layers": [{name, kind, macs, weight_bits, input_bits, bops}], "macs", "bops",
+      ``{"layers": [{layer, kind, macs, weight_bits, input_bits, bops}], "macs", "bops",
       "certificate_bops", "budget_bops", "matches_certificate", "within_budget"}``;
       the last four are ``None`` when the file carries no certificate.
+      ``matches_certificate`` needs the totals equal and, when the certificate lists its
+      layers, every layer's name, MACs, bit-widths and BOPs equal too.
 
     Raises:
       ExportError: an unreadable file, or a header that contradicts itself.
@@ -378,16 +380,23 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
             }
         )
     total = sum(row["bops"] for row in rows)
+    if model.header.get("bops", total) != total:
+        raise fail(f"header states {model.header['bops']} BOPs, its layers give {total}")
     certificate = model.header.get("certificate") or {}
     certified = certificate.get("bops")
     budget = certificate.get("budget_bops")
+    matches = None if certified is None else total == certified
+    if matches and certificate.get("layers") is not None:
+        keys = ("layer", "macs", "weight_bits", "input_bits", "bops")
+        ours = [tuple(row[k] for k in keys) for row in rows]
+        matches = ours == [tuple(row.get(k) for k in keys) for row in certificate["layers"]]
     return {
         "layers": rows,
         "macs": sum(row["macs"] for row in rows),
         "bops": total,
         "certificate_bops": certified,
         "budget_bops": budget,
-        "matches_certificate": None if certified is None else total == certified,
+        "matches_certificate": matches,
         "within_budget": None if budget is None else total <= budget,
     }
 
@@ -402,7 +411,7 @@ def input_codes_from_float(model: IntegerModel, images: np.ndarray) -> np.ndarra
     is exact, ``np.round`` rounds halves to even like ``jnp.round``). Integer inputs at a
     known exponent need no float step: pass them to :func:`run_integer` directly.
     """
-    first = model.layers[model.header["ops_first_layer"]]
+    first = model.layers[next(op["layer"] for op in model.header["ops"] if op["op"] in _LAYER_OPS)]
     lo = -first["input_levels"] if first["input_signed"] else 0
     scaled = np.asarray(images, np.float64) / 2.0 ** first["input_exponent"]
     return np.clip(np.round(scaled), lo, first["input_levels"]).astype(np.int64)
@@ -776,7 +785,6 @@ def export(
         )
         layers.append(layer)
     _check_graph(ops, layers, list(input_shape))
-    first = next(op["layer"] for op in ops if op["op"] in _LAYER_OPS)
     last = layers[ops[-1]["layer"]]
     header: dict[str, Any] = {
         "format": FORMAT,
@@ -789,7 +797,6 @@ def export(
             "note": "integers at 2**exponent scale (MNIST: uint8 pixels, x = uint8 / 256)",
         },
         "ops": ops,
-        "ops_first_layer": first,
         "layers": layers,
         "output": {
             "layer": ops[-1]["layer"],

@@ -289,6 +289,10 @@ def test_lenet5_integer_equals_fake_quant_and_trainer_cost(tmp_path, lenet, set_
     path = ex.export(params, lenet["model"], tmp_path / "lenet.npz", certificate=certificate)
     counted = ex.count_bops(path)
     assert counted["bops"] == certificate["bops"] and counted["matches_certificate"]
+    certificate["layers"] = cost.layer_table(params, specs)  # per layer, as the trainer's
+    assert ex.count_bops(
+        ex.export(params, lenet["model"], tmp_path / "l2.npz", certificate=certificate)
+    )["matches_certificate"]
     assert counted["within_budget"] == (certificate["bops"] <= 2e6)
     assert [row["macs"] for row in counted["layers"]] == [spec.macs for spec in specs]
     assert counted["macs"] == 281_640
@@ -297,6 +301,24 @@ def test_lenet5_integer_equals_fake_quant_and_trainer_cost(tmp_path, lenet, set_
     assert result["max_logit_difference"] < 1e-3
     assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
     assert result["agree"] == 48
+
+
+def test_mlp_graph(tmp_path, mlp, set_bits):
+    """The MLP's op list (flatten first, no ReLU after the logits) and its BOPs."""
+    specs = mlp["specs"]
+    params = _random_biases(set_bits(mlp["params8"], specs, 3, 2), seed=6, scale=0.1)
+    certificate = {"bops": cost.exact_bops(params, specs), "budget_bops": 2e6}
+    path = ex.export(params, mlp["model"], tmp_path / "mlp.npz", certificate=certificate)
+    loaded = ex.load(path)
+    assert [op["op"] for op in loaded.header["ops"]] == [
+        "flatten", "dense", "relu", "dense", "relu", "dense"
+    ]  # fmt: skip
+    counted = ex.count_bops(loaded)
+    assert counted["matches_certificate"] and counted["macs"] == 266_200
+    images, _ = _random_inputs((32, 28, 28, 1), -8, signed=False, seed=6)
+    result = ex.compare_with_model(loaded, params, mlp["model"], np.minimum(images, 255 / 256))
+    assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
+    assert result["agree"] == 32
 
 
 # --------------------------------------------------------------------------- BOP recount
