@@ -27,7 +27,7 @@ numpy ``.npz`` archive (load it with ``allow_pickle=False``) with
 * ``header.json``: the UTF-8 JSON header, stored as a 1-D ``uint8`` array;
 * ``header.sha256``: the hex SHA-256 of those header bytes, as a 1-D ``uint8`` array;
 * per quantized layer ``L<i>.weight`` (integer weight codes, the layer's kernel layout) and
-  ``L<i>.bias`` (integer bias at accumulator scale), little-endian, listed in
+  ``L<i>.bias`` (integer bias at ``2**bias_exponent``), little-endian, listed in
   ``header["arrays"]`` with dtype, shape and SHA-256; ``header["payload_sha256"]`` is the
   SHA-256 of all those arrays' raw bytes concatenated in that order.
 
@@ -35,10 +35,14 @@ Integer semantics (CGMQ.md section 1): a tensor flowing between ops is an intege
 ``t`` with a power-of-two exponent ``e`` (its real value is ``t * 2**e``). A layer with
 input exponent ``e_in`` and ``n_in`` levels first requantizes its input,
 ``code = clip(round_half_even(t * 2**(e - e_in)), lo, n_in)`` (``lo = 0`` unsigned,
-``-n_in`` signed), done with shifts; then ``acc = codes (*) W + B`` in int64, an integer
-at exponent ``e_w + e_in``. ``B = round_half_even(bias / 2**(e_w + e_in))`` is the one
-float-to-integer step of the export (the trained bias is a float); the network input
-(``uint8`` pixels at exponent -8, MNIST's ``x = uint8 / 256``) needs no float step at all.
+``-n_in`` signed), done with shifts; then ``acc = codes (*) W`` in int64, an integer at
+exponent ``e_acc = e_w + e_in``; the layer's output is ``(acc << (e_acc - e_b)) + B`` at
+exponent ``e_b = bias_exponent <= e_acc``. ReLU, max-pool and flatten act on the integers.
+``B``, the trained float bias as an integer, is the one float-to-integer step of the export:
+by default rounded to odd one bit below the next quantizer's half step, which makes every
+next-layer code equal to exact arithmetic with the float bias (see :func:`export`,
+``bias_scheme``). The network input (``uint8`` pixels at exponent -8, MNIST's
+``x = uint8 / 256``) needs no float step at all.
 """
 
 from __future__ import annotations
