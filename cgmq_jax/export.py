@@ -241,6 +241,40 @@ _CONV_FIELDS = ("strides", "padding", "groups")
 _HEADER_FIELDS = ("format", "version", "input", "ops", "layers", "output", "arrays")
 
 
+def _check_structure(path: Path, header: dict, stored: dict) -> dict[str, np.ndarray]:
+    """Layer fields, op references, and every listed array (dtype, shape, SHA-256)."""
+    for i, layer in enumerate(header["layers"]):
+        needed = _LAYER_FIELDS + (_CONV_FIELDS if layer.get("kind") == "conv" else ())
+        missing = [key for key in needed if key not in layer]
+        if missing:
+            raise _fail(path, f"header layer {i} is missing {', '.join(missing)}")
+        if layer["bias_exponent"] > layer["accumulator_exponent"]:
+            raise _fail(path, f"header layer {i}: bias_exponent above accumulator_exponent")
+    for op in header["ops"]:
+        if op.get("op") in _LAYER_OPS and not 0 <= op.get("layer", -1) < len(header["layers"]):
+            raise _fail(path, f"op {op} names no layer of the header")
+    arrays: dict[str, np.ndarray] = {}
+    payload = hashlib.sha256()
+    for key, meta in header["arrays"].items():
+        if key not in stored:
+            raise _fail(path, f"missing array {key!r}")
+        array = stored[key]
+        if array.dtype.str != meta["dtype"] or list(array.shape) != meta["shape"]:
+            raise _fail(
+                path,
+                f"array {key!r} is {array.dtype.str}{list(array.shape)}, header says "
+                f"{meta['dtype']}{meta['shape']}",
+            )
+        raw = _as_bytes(array)
+        if _sha256(raw) != meta["sha256"]:
+            raise _fail(path, f"checksum mismatch in array {key!r} (payload corrupted)")
+        payload.update(raw)
+        arrays[key] = array
+    if payload.hexdigest() != header.get("payload_sha256"):
+        raise _fail(path, "payload checksum mismatch")
+    return arrays
+
+
 def load(path: str | os.PathLike) -> IntegerModel:
     """Read and verify an exported file.
 
@@ -283,35 +317,10 @@ def load(path: str | os.PathLike) -> IntegerModel:
     missing = [key for key in _HEADER_FIELDS if key not in header]
     if missing:
         raise _fail(path, f"header is missing {', '.join(missing)}")
-    for i, layer in enumerate(header["layers"]):
-        needed = _LAYER_FIELDS + (_CONV_FIELDS if layer.get("kind") == "conv" else ())
-        missing = [key for key in needed if key not in layer]
-        if missing:
-            raise _fail(path, f"header layer {i} is missing {', '.join(missing)}")
-        if layer["bias_exponent"] > layer["accumulator_exponent"]:
-            raise _fail(path, f"header layer {i}: bias_exponent above accumulator_exponent")
-    for op in header["ops"]:
-        if op.get("op") in _LAYER_OPS and not 0 <= op.get("layer", -1) < len(header["layers"]):
-            raise _fail(path, f"op {op} names no layer of the header")
-    arrays: dict[str, np.ndarray] = {}
-    payload = hashlib.sha256()
-    for key, meta in header["arrays"].items():
-        if key not in stored:
-            raise _fail(path, f"missing array {key!r}")
-        array = stored[key]
-        if array.dtype.str != meta["dtype"] or list(array.shape) != meta["shape"]:
-            raise _fail(
-                path,
-                f"array {key!r} is {array.dtype.str}{list(array.shape)}, header says "
-                f"{meta['dtype']}{meta['shape']}",
-            )
-        raw = _as_bytes(array)
-        if _sha256(raw) != meta["sha256"]:
-            raise _fail(path, f"checksum mismatch in array {key!r} (payload corrupted)")
-        payload.update(raw)
-        arrays[key] = array
-    if payload.hexdigest() != header.get("payload_sha256"):
-        raise _fail(path, "payload checksum mismatch")
+    try:
+        arrays = _check_structure(path, header, stored)
+    except (TypeError, AttributeError, KeyError, IndexError) as error:
+        raise _fail(path, f"malformed header ({type(error).__name__}: {error})") from None
     return IntegerModel(path=path, header=header, arrays=arrays)
 
 

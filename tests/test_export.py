@@ -485,6 +485,9 @@ def test_missing_keys(small_file, tmp_path):
     _expect_error(_rewrite(small_file, tmp_path / "c.npz", header=header), "input_levels")
     del header["ops"]
     _expect_error(_rewrite(small_file, tmp_path / "d.npz", header=header), "missing ops")
+    header = _header(small_file)
+    header["arrays"] = ["L0.weight"]  # a list where a table belongs
+    _expect_error(_rewrite(small_file, tmp_path / "e.npz", header=header), "malformed header")
     _expect_error(tmp_path / "absent.npz", "no such file")
 
 
