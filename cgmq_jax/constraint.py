@@ -199,10 +199,14 @@ def _default_is_quantizer(params):
 
 
 def _keep_levels(update: jax.Array, theta: jax.Array) -> jax.Array:
-    """Raise the ``log2 q_max`` update so that ``q_max >= d_q`` after it (``n >= 1``)."""
+    """Raise the ``log2 q_max`` update so that ``q_max >= d_q / sqrt(2)`` after it.
+
+    ``n = max(round(q_max / d_q), 1)`` is then 1 at most, so this never adds a bit; the
+    half-step margin keeps float error in ``d_q`` and ``exp2`` from mattering.
+    """
     new = theta + update
-    log2_step = jnp.clip(jnp.round(new[..., 0]), quantizer.LOG2_D_MIN, quantizer.LOG2_D_MAX)
-    floor = log2_step - theta[..., 1]
+    d_step = quantizer.power_of_two_step(jnp.exp2(new[..., 0]))
+    floor = jnp.log2(d_step) - 0.5 - theta[..., 1]
     return update.at[..., 1].set(jnp.maximum(update[..., 1], floor))
 
 
@@ -225,12 +229,8 @@ def fixed_bitwidths(
 
         def follow_step(update, theta):
             n = quantizer.levels(*quantizer.from_latents(theta))
-            log2_step = jnp.clip(
-                jnp.round(theta[..., 0] + update[..., 0]),
-                quantizer.LOG2_D_MIN,
-                quantizer.LOG2_D_MAX,
-            )
-            return update.at[..., 1].set(log2_step + jnp.log2(n) - theta[..., 1])
+            d_step = quantizer.power_of_two_step(jnp.exp2(theta[..., 0] + update[..., 0]))
+            return update.at[..., 1].set(jnp.log2(n * d_step) - theta[..., 1])
 
         new_updates = jax.tree.map(
             lambda u, p, q: follow_step(u, p) if q else u, updates, params, is_quantizer(params)

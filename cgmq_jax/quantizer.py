@@ -37,8 +37,17 @@ LOG2_D_MAX = 24.0
 
 
 def _straight_through(surrogate: jax.Array, value: jax.Array) -> jax.Array:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
-    return surrogate + jax.lax.stop_gradient(value - surrogate)
+    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass.
+
+    Written so that the forward value is ``value`` bit for bit (``surrogate - surrogate`` is
+    exactly 0 for finite surrogates), whatever their magnitudes.
+    """
+    return jax.lax.stop_gradient(value) + (surrogate - jax.lax.stop_gradient(surrogate))
+
+
+def _exact_power_of_two(exponent: jax.Array) -> jax.Array:
+    """``2.0 ** exponent`` for integer-valued float exponents, exactly (``exp2`` is not)."""
+    return jnp.ldexp(jnp.float32(1.0), exponent.astype(jnp.int32))
 
 
 def power_of_two_step(d: ArrayLike) -> jax.Array:
@@ -46,7 +55,7 @@ def power_of_two_step(d: ArrayLike) -> jax.Array:
     d = jnp.asarray(d, jnp.float32)
     tiny = jnp.float32(2.0**LOG2_D_MIN)
     exponent = jnp.clip(jnp.round(jnp.log2(jnp.maximum(d, tiny))), LOG2_D_MIN, LOG2_D_MAX)
-    return _straight_through(d, jnp.exp2(exponent))
+    return _straight_through(d, _exact_power_of_two(exponent))
 
 
 def levels(d: ArrayLike, q_max: ArrayLike) -> jax.Array:
@@ -175,13 +184,23 @@ def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Arra
     ``d = 2 ** ceil(log2(q_max / (2**(bits-1) - 1)))`` when signed, ``2**bits - 1`` levels
     when unsigned (CGMQ.md section 1). Then ``n = round(q_max / d)`` lies in
     ``[top / 2, top]``, which rounds (halves to even) to a ``bits``-bit count. A
-    non-positive ``q_max`` (an all-zero tensor) is replaced by the smallest step.
+    non-positive ``q_max`` (an all-zero tensor) is replaced by the smallest step. The
+    returned range is ``n * d``, the given one rounded to the centre of its level.
     """
     if bits < min_bitwidth(signed=signed):
         raise ValueError(f"bits must be >= {min_bitwidth(signed=signed)}, got {bits}")
     top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     q_max = jnp.maximum(jnp.asarray(q_max, jnp.float32), 2.0**LOG2_D_MIN * top)
-    d = jnp.exp2(jnp.ceil(jnp.log2(q_max / top)))
+    # log2 is inexact in float32: start from its ceil, then step to the smallest exponent
+    # whose level count fits (the formula's exponent, computed exactly).
+    exponent = jnp.ceil(jnp.log2(q_max / top))
+    fits = lambda e: jnp.round(q_max / _exact_power_of_two(e)) <= top  # noqa: E731
+    exponent = jnp.where(fits(exponent - 1), exponent - 1, exponent)
+    exponent = jnp.where(fits(exponent), exponent, exponent + 1)
+    d = _exact_power_of_two(exponent)
+    # Store the range at the centre of its rounding interval, n * d, so that a few ulps
+    # (e.g. through the stored log2) never move n across a half-integer.
+    q_max = jnp.maximum(jnp.round(q_max / d), 1.0) * d
     return d, q_max
 
 
