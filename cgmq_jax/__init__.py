@@ -1,30 +1,54 @@
 """CGMQ: Constraint Guided Model Quantization in JAX, Flax and Optax.
 
 Mixed-precision quantization-aware training under a hard bit-operation (BOP) budget.
+
+Submodules and the public names below are imported lazily (PEP 562), so that the
+numpy-only reader of exported models (:mod:`cgmq_jax.export`) works without JAX.
 """
 
-from cgmq_jax import constraint, cost, models, nn, quantizer
-from cgmq_jax.constraint import ConstrainedUpdateState, constrained_update
-from cgmq_jax.cost import bops, exact_bops, layer_specs, layer_table, min_cost
-from cgmq_jax.quantizer import bitwidth, dequantize, fake_quant, param_labels, quantize
+from __future__ import annotations
 
-__all__ = [
-    "ConstrainedUpdateState",
-    "bitwidth",
-    "bops",
-    "constrained_update",
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "certify",
     "constraint",
     "cost",
-    "dequantize",
-    "exact_bops",
-    "fake_quant",
-    "layer_specs",
-    "layer_table",
-    "min_cost",
+    "data",
+    "export",
     "models",
     "nn",
-    "param_labels",
-    "quantize",
     "quantizer",
-]
-__version__ = "0.1.0"
+    "report",
+    "sweep",
+    "train",
+)
+_NAMES = {
+    "ConstrainedUpdateState": "constraint",
+    "constrained_update": "constraint",
+    "bops": "cost",
+    "exact_bops": "cost",
+    "layer_specs": "cost",
+    "layer_table": "cost",
+    "min_cost": "cost",
+    "bitwidth": "quantizer",
+    "dequantize": "quantizer",
+    "fake_quant": "quantizer",
+    "param_labels": "quantizer",
+    "quantize": "quantizer",
+}
+__all__ = sorted((*_SUBMODULES, *_NAMES))
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cgmq_jax.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"cgmq_jax.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'cgmq_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
