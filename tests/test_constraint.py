@@ -206,15 +206,9 @@ def test_quantizer_at_its_floor_is_not_pushed(lenet, cost_fn):
             assert u[0] > 0 and u[1] == 0, (key, u)
 
 
-@pytest.mark.xfail(
-    strict=False,  # a fix is in progress: drop this mark once it is committed
-    reason="BUG (constraint._keep_levels, constraint.py:~203): the floor q_max >= d_q uses "
-    "round(log2 d) of the latent, but the quantizer's d_q is 2**round(log2(exp2(log2 d))), "
-    "which differs when log2 d is (within float error of) a half-integer. With "
-    "theta = [-0.5, log2 0.3] (d_q = 0.5, n = 1, 2 bits), a zero update and a budget equal "
-    "to the current cost, _keep_levels assumes d_q = 1 and raises q_max to 1: n = 2, 3 bits, "
-    "the cost goes 200 -> 300 over the budget though the step was feasible.",
-)
+# Regression (fixed in 8594e25): _keep_levels took the step as round(log2 d) of the latent,
+# not the quantizer's d_q; at log2 d = -0.5 it assumed d_q = 1 (quantizer: 0.5) and raised
+# q_max to 1: n = 2, 2 -> 3 bits, cost 200 -> 300 over a budget of 200 on a feasible step.
 def test_keep_levels_never_adds_a_bit():
     spec = cost.LayerSpec(("layer",), 100, False)
     for log2_d in (-0.5, -1.4999999):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -86,6 +87,8 @@ def test_codes_in_range_and_roundtrip_equals_fake_quant(d, ratio, unit, signed):
     n = float(levels(d, q_max))
     assert codes.dtype == jnp.int32
     assert n >= 1 and n == max(np.round(q_max / f32(scale)), 1.0)
+    mantissa, _ = np.frexp(np.float32(scale))
+    assert mantissa == 0.5  # d_q is an exact power of two
     codes = np.asarray(codes)
     assert codes.max() <= n
     assert codes.min() >= (-n if signed else 0)
@@ -257,6 +260,17 @@ def test_init_at_bits_gives_exactly_that_many_bits(case):
     assert float(d) > 0 and float(q) > 0
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_bits_batched(q_values, bits, signed, through_leaf):
+    def one(q):
+        d, q_max = quantizer.init_at_bits(q, bits, signed=signed)
+        if through_leaf:
+            d, q_max = quantizer.from_latents(quantizer.latents(d, q_max))
+        return quantizer.exact_bitwidth(d, q_max, signed=signed)
+
+    return jax.vmap(one)(q_values)
+
+
 def test_init_at_bits_every_width_over_many_ranges():
     rng = np.random.default_rng(0)
     q_values = np.float32(2.0 ** rng.uniform(-16, 10, 200))
@@ -264,7 +278,14 @@ def test_init_at_bits_every_width_over_many_ranges():
         for bits in range(quantizer.min_bitwidth(signed=signed), 9):
             top = _top(bits, signed)
             powers = np.float32(top * 2.0 ** np.arange(-16, 10))
-            qs = np.concatenate([q_values, powers])
+            qs = np.concatenate(
+                [
+                    q_values,
+                    powers,
+                    np.nextafter(powers, np.float32(np.inf)),
+                    np.nextafter(powers, np.float32(0)),
+                ]
+            )
             got = np.asarray(
                 [
                     int(
@@ -276,6 +297,10 @@ def test_init_at_bits_every_width_over_many_ranges():
                 ]
             )
             assert np.all(got == bits), (signed, bits, qs[got != bits])
+            # The same vectorised under jit, and after the round trip through the stored leaf.
+            for through_leaf in (False, True):
+                got = np.asarray(_init_bits_batched(qs, bits, signed, through_leaf))
+                assert np.all(got == bits), (signed, bits, through_leaf, qs[got != bits])
 
 
 def test_init_at_bits_rejects_too_few_bits():
@@ -285,15 +310,9 @@ def test_init_at_bits_rejects_too_few_bits():
         quantizer.init_at_bits(1.0, 0, signed=False)
 
 
-@pytest.mark.xfail(
-    strict=False,  # a fix is in progress: drop this mark once it is committed
-    reason="BUG (quantizer.init_at_bits, quantizer.py:183, and latents/from_latents): the "
-    "bit-width is lost at range boundaries. Under jit, log2(q_max/top) is inexact, so "
-    "q_max = nextafter(255 * 2**-15, 0) at 8 unsigned bits gets d = 2**-14, n = 127: 7 bits. "
-    "Through the stored leaf, exp2(log2(q_max)) moves q_max by ulps: "
-    "q_max = nextafter(31.75, inf) at 8 signed bits has q_max/d = 63.5000 -> n = 64 (8 bits) "
-    "but 63.49999 -> 63 (7 bits) after latents()/from_latents().",
-)
+# Regression (fixed in 8594e25): under jit log2(q_max/top) was inexact, so q_max =
+# nextafter(255 * 2**-15, 0) got 7 of 8 unsigned bits; and exp2(log2(q_max)) through the
+# stored leaf moved q_max = nextafter(31.75, inf) from n = 64 (8 signed bits) to n = 63.
 def test_init_at_bits_exact_under_jit_and_through_latents():
     jitted = jax.jit(quantizer.init_at_bits, static_argnames=("bits", "signed"))
     q = np.nextafter(f32(255 * 2.0**-15), np.float32(0))
@@ -306,33 +325,23 @@ def test_init_at_bits_exact_under_jit_and_through_latents():
 # --- the power-of-two step -------------------------------------------------------------------
 
 
-def test_step_is_a_power_of_two_in_the_common_range():
-    # |log2 d| <= 12 and even exponents: where XLA's exp2 is exact on CPU.
-    for k in range(-12, 13):
+def test_step_rounds_log2_d_to_the_nearest_power_of_two():
+    # Eager scalars; d within a factor sqrt(2) of 2**k rounds to 2**k.
+    for k in range(-24, 25, 3):
         for factor in (0.75, 1.0, 1.3):
             assert float(power_of_two_step(f32(factor * 2.0**k))) == 2.0**k
 
 
-@pytest.mark.xfail(
-    strict=False,  # a fix is in progress: drop this mark once it is committed
-    reason="BUG (quantizer.power_of_two_step, quantizer.py:48-49): d_q = jnp.exp2(exponent) "
-    "is not an exact power of two on XLA CPU for integer exponents -24..-15, -13, 13, 15, "
-    "17, 19, 21, 23 (e.g. d = 2**-15 gives d_q = 3.0517593e-05, not 3.0517578e-05), so the "
-    "scale returned by quantize() is not a power of two there. jnp.ldexp(1.0, k) is exact.",
-)
+# Regression (fixed in 8594e25): jnp.exp2 of an integer is not exact on XLA CPU (exponents
+# -24..-15, -13, 13, 15, ..., 23), so d_q was not a power of two there.
 def test_step_is_an_exact_power_of_two_everywhere():
     ks = np.arange(-24, 25)
     got = np.asarray(jax.vmap(quantizer.power_of_two_step)(np.float32(1.3 * 2.0**ks)))
     np.testing.assert_array_equal(got, 2.0**ks)
 
 
-@pytest.mark.xfail(
-    strict=False,  # a fix is in progress: drop this mark once it is committed
-    reason="BUG (quantizer.power_of_two_step, quantizer.py:39-49): outside the clip range "
-    "the straight-through form d + stop_gradient(2**e - d) is not 2**e in float32: "
-    "d = 1e-30 gives d_q = 5.9604641e-08 (not 2**-24) and d = 1e30 gives d_q = 0.0, so "
-    "fake_quant(1.0, 1e30, 1e30) is NaN. Use stop_gradient(2**e) + (d - stop_gradient(d)).",
-)
+# Regression (fixed in 8594e25): the straight-through form d + stop_gradient(2**e - d) was
+# not 2**e outside the clip range: d = 1e-30 gave 5.9604641e-08, d = 1e30 gave 0 (NaN).
 def test_step_is_clipped_exactly_outside_its_bounds():
     assert float(power_of_two_step(f32(1e-30))) == 2.0**quantizer.LOG2_D_MIN
     assert float(power_of_two_step(f32(1e30))) == 2.0**quantizer.LOG2_D_MAX
@@ -410,10 +419,8 @@ def test_gradients_match_the_spec_on_random_inputs(d, ratio, unit, signed):
     if signed:
         expected_d -= below.sum() * clipped_d
         expected_q -= float(below.sum())
-    # float32 sums, and d_q itself inexact by an ulp where XLA's exp2 is (see the xfail tests
-    # of the power-of-two step), which moves each (x_q - x)/d_q by about |x/d_q| * 2**-23.
-    tolerance = 1e-5 * SIZE + 2.0**-20 * float(np.sum(np.abs(x))) / float(scale)
-    np.testing.assert_allclose(gd, expected_d, rtol=1e-5, atol=tolerance)
+    # d_q is a power of two, so each term is exact in float32; only the sum rounds.
+    np.testing.assert_allclose(gd, expected_d, rtol=1e-5, atol=1e-5 * SIZE)
     assert gq == expected_q
 
 
@@ -450,11 +457,10 @@ def test_vmap_over_a_batch_of_quantizers():
         assert batched.shape == (len(ds), len(x))
         assert batched_grads[0].shape == (len(ds), len(x))
         assert batched_grads[1].shape == (len(ds),)
-        # Compared with the jitted single quantizer: outside the clip range of d (1e-30) eager
-        # and jitted d_q differ in the last bit (see test_step_is_clipped_exactly...).
         one_jit, grads_jit = jax.jit(one), jax.jit(grads)
         for i in range(len(ds)):
             np.testing.assert_array_equal(batched[i], np.asarray(one_jit(ds[i], qs[i])))
+            np.testing.assert_array_equal(batched[i], np.asarray(one(ds[i], qs[i])))
             single = grads_jit(ds[i], qs[i])
             for a, b in zip(batched_grads, single, strict=True):
                 np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), rtol=1e-6)
