@@ -32,6 +32,10 @@ COLUMNS = (
 )
 
 
+def _print_now(line: str) -> None:
+    print(line, flush=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One cell of the grid."""
@@ -99,7 +103,7 @@ def run_grid(
     pretrain_epochs: int,
     base: train.TrainConfig | None = None,
     fit: Callable = train.fit,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _print_now,
 ) -> list[dict]:
     """Run every run whose row is not in ``csv_path`` yet; append each row when done."""
     base = base if base is not None else train.TrainConfig()
