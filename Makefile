@@ -4,16 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BUDGET ?= 2e6
 
-.PHONY: setup data demo test lint
+.PHONY: setup setup-tfds data demo test lint
 
-$(VENV)/.installed: requirements.txt requirements-tfds.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-tfds.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# The optional TFDS source (TensorFlow-CPU, about 1.3 GB): the tests cover it.
+$(VENV)/.installed-tfds: $(VENV)/.installed requirements-tfds.txt
+	$(PY) -m pip install --quiet -r requirements-tfds.txt
+	touch $@
+
 setup: $(VENV)/.installed
+
+setup-tfds: $(VENV)/.installed-tfds
 
 data: setup
 	$(PY) -m cgmq_jax.data fetch
@@ -24,5 +31,5 @@ demo: data
 lint: setup
 	$(VENV)/bin/ruff check cgmq_jax experiments tests
 
-test: setup lint
+test: setup-tfds lint
 	$(PY) -m pytest
