@@ -253,8 +253,9 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, budgets: Iterable[flo
     fig, ax = plt.subplots(figsize=(8, 5))
     for budget in budgets:
         ax.axvline(budget, color="red", alpha=0.3, linestyle="--")
+    over = [r for r in rows if r["within_budget"] == "False"]
     for method, (marker, color) in styles.items():
-        chosen = [r for r in rows if r["method"] == method]
+        chosen = [r for r in rows if r["method"] == method and r not in over]
         if chosen:
             ax.scatter(
                 [int(r["bops"]) for r in chosen],
@@ -264,11 +265,20 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, budgets: Iterable[flo
                 label=method,
                 alpha=0.8,
             )
+    if over:
+        ax.scatter(
+            [int(r["bops"]) for r in over],
+            [100 * float(r["test_accuracy"]) for r in over],
+            marker="x",
+            color="tab:red",
+            label="over budget (dq)",
+            alpha=0.8,
+        )
     for r in rows:
         if r["method"] == "fixed":
             ax.annotate(r["bits"], (int(r["bops"]), 100 * float(r["test_accuracy"])), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("BOPs per example (log); dashed: budgets")
+    ax.set_xlabel("BOPs per example (log); dashed: budgets; dq within budget in orange")
     ax.set_ylabel("test accuracy (%)")
     lowest = min((100 * float(r["test_accuracy"]) for r in rows), default=0)
     ax.set_ylim(max(lowest - 1, 80 if lowest > 80 else 0), 100)
