@@ -221,6 +221,12 @@ def fixed_bitwidths(
     The ``log2 q_max`` update is replaced so that ``q_max = n * d_q`` after the update: the
     range follows the learned power-of-two step (LSQ-style fixed-bit QAT). Put it last in
     a chain, like :func:`constrained_update`.
+
+    Evaluate the loss at :func:`cgmq_jax.quantizer.tie_ranges` ``(params)``, so that the
+    step's gradient is the total derivative of the tied range. With DQ's partial
+    derivative (``q_max`` held), the clipping signal is lost once the range follows the
+    step, and the step random-walks: measured on LeNet-5 W4A4, the training loss rose
+    from 0.05 to 1.09 over 8 QAT epochs.
     """
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer

@@ -233,6 +233,30 @@ def is_quantizer_path(path) -> bool:
     return isinstance(name, str) and name.endswith(QUANTIZER_SUFFIX)
 
 
+def tie_range(theta: ArrayLike) -> jax.Array:
+    """The leaf with its range tied to its step: ``q_max = n * d_q``, ``n`` held fixed.
+
+    The forward value is that of ``theta`` when its range already sits at ``n * d_q`` (as
+    :func:`cgmq_jax.constraint.fixed_bitwidths` keeps it); the gradient differs. Through
+    the tie, the gradient w.r.t. ``log2 d`` is the *total* derivative of a fixed-``n``
+    quantizer (LSQ's): ``round(x / d) - x / d`` inside the range and ``n`` (``-n``)
+    above (below) it, instead of DQ's partial derivative with ``q_max`` held, which is
+    about zero outside the range once ``q_max == n * d_q``. The gradient w.r.t.
+    ``log2 q_max`` is zero. Fixed-bit QAT evaluates its loss at the tied leaves.
+    """
+    theta = jnp.asarray(theta, jnp.float32)
+    d, q_max = from_latents(theta)
+    n = levels(d, q_max)  # no gradient: the bit-width is fixed
+    return theta.at[..., 1].set(jnp.log2(n * power_of_two_step(d)))
+
+
+def tie_ranges(params):
+    """:func:`tie_range` applied to every quantizer leaf of a parameter tree."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: tie_range(leaf) if is_quantizer_path(path) else leaf, params
+    )
+
+
 def param_labels(params):
     """``"quantizer"`` or ``"weight"`` for every leaf: a label function for ``optax.partition``."""
     return jax.tree_util.tree_map_with_path(

@@ -248,8 +248,11 @@ def fit(
             return _cross_entropy(quantized_model, params, images, labels) + dq_penalty(
                 params, specs, budget, config.lam
             )
-    else:  # fixed
+    else:  # fixed: the range follows the step, so the loss sees the tied range
         tx = optax.chain(optimizer, constraint.fixed_bitwidths())
+
+        def loss_fn(params, images, labels):
+            return _cross_entropy(quantized_model, quantizer.tie_ranges(params), images, labels)
     state = train_state.TrainState.create(apply_fn=quantized_model.apply, params=params, tx=tx)
     accuracy = make_accuracy(quantized_model)
     best = {"val_accuracy": -1.0, "params": None, "epoch": None}
