@@ -99,15 +99,33 @@ def cost_report(params, specs: tuple[cost.LayerSpec, ...], budget: float | None)
     }
 
 
+class CertificateRefused(AssertionError):
+    """A model that must not be certified: over budget, non-finite, or below the minimum."""
+
+
 def certify(params, specs: tuple[cost.LayerSpec, ...], budget: float) -> dict:
     """The certificate of a model: :func:`cost_report`, asserting ``C <= budget``.
 
     Raises:
-      AssertionError: if the exact cost exceeds the budget (never for a repaired model).
+      CertificateRefused: (an ``AssertionError``) if any parameter or quantizer latent is
+        not finite, if the exact cost is below the network's minimum cost (the latents are
+        broken), or if it exceeds the budget (never for a repaired model).
     """
+    bad = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if not bool(jnp.all(jnp.isfinite(jnp.asarray(leaf))))
+    ]
+    if bad:
+        raise CertificateRefused(f"certificate refused: non-finite parameters in {', '.join(bad)}")
     report = cost_report(params, specs, budget)
+    if report["bops"] < report["min_cost_bops"]:
+        raise CertificateRefused(
+            f"certificate refused: exact cost {report['bops']:,} is below the network's "
+            f"minimum {report['min_cost_bops']:,}; the quantizer latents are broken"
+        )
     if not report["within_budget"]:
-        raise AssertionError(
+        raise CertificateRefused(
             f"certificate refused: exact cost {report['bops']:,} > budget {budget:,.0f}"
         )
     return report

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 import platform
 from pathlib import Path
 
 import flax.serialization
 
+from cgmq_jax.rundir import PARAMS_FILE, RunDir, RunDirError, load_run
 from cgmq_jax.train import FitResult
 
-PARAMS_FILE = "params.msgpack"
-RESULTS_FILE = "results.json"
-PLOT_FILE = "training.png"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy")
 
 
@@ -61,29 +58,34 @@ def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
     }
 
 
-def write_results(result: FitResult, out: str | os.PathLike, *, flags: dict | None = None) -> Path:
-    """Write ``results.json``, ``params.msgpack`` and ``training.png`` into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PARAMS_FILE).write_bytes(flax.serialization.to_bytes(result.params))
-    _atomic_write(out / RESULTS_FILE, json.dumps(result_dict(result, flags=flags), indent=2))
-    plot_training(result.history, result.config.budget_bops, out / PLOT_FILE)
-    return out
+def write_results(result: FitResult, run: RunDir, *, flags: dict | None = None) -> Path:
+    """Publish a finished run into its (locked) directory: ``params.msgpack`` and
+    ``training.png``, then ``results.json`` with the params' SHA-256, each atomically."""
+    run.publish(
+        flax.serialization.to_bytes(result.params),
+        result_dict(result, flags=flags),
+        lambda f: plot_training(result.history, result.config.budget_bops, f),
+    )
+    return run.path
 
 
 def load_params(out: str | os.PathLike):
-    """The parameters a run wrote (a nested dict of numpy arrays)."""
-    return flax.serialization.msgpack_restore((Path(out) / PARAMS_FILE).read_bytes())
+    """The parameters of a finished run (a nested dict of numpy arrays), verified against
+    the SHA-256 that its ``results.json`` records.
+
+    Raises:
+      RunDirError: no finished run, or params that are not the ones the results describe.
+    """
+    _, payload = load_run(out)
+    try:
+        return flax.serialization.msgpack_restore(payload)
+    except Exception as error:  # msgpack raises several unrelated types
+        raise RunDirError(f"{Path(out) / PARAMS_FILE}: not a params file ({error})") from None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def plot_training(history: list[dict], budget: float | None, path: str | os.PathLike) -> None:
-    """Validation accuracy and exact BOPs per epoch, with the budget line."""
+def plot_training(history: list[dict], budget: float | None, path) -> None:
+    """Validation accuracy and exact BOPs per epoch, with the budget line (PNG to ``path``,
+    a file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,5 +107,5 @@ def plot_training(history: list[dict], budget: float | None, path: str | os.Path
     ax_bops.grid(alpha=0.3)
     ax_bops.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

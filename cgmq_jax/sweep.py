@@ -1,7 +1,14 @@
-"""Method comparison: a resumable grid of runs, one CSV row each, a summary and a plot.
+"""Method comparison: a resumable grid of runs, one CSV row each, a summary and two plots.
 
-Every run goes through :func:`cgmq_jax.train.fit` with the same protocol; runs of one seed
-share one float pretraining (the ``float`` rows are that checkpoint, evaluated).
+Every run goes through :func:`cgmq_jax.train.fit` with the same protocol. The quantized runs
+of one seed share one float pretraining of ``pretrain_epochs`` epochs, then train
+``epochs`` QAT epochs. The ``float`` row of a seed is a float network trained as long as
+they are, ``pretrain_epochs + epochs`` epochs, by a separate :func:`~cgmq_jax.train.fit`
+(not the shared checkpoint), so that the comparison does not favour the quantized runs by
+training them longer.
+
+Each row records the training loss of every epoch of its run (``epoch_losses``: QAT epochs
+for the quantized methods, float epochs for ``float``); :func:`plot_losses` draws them.
 """
 
 from __future__ import annotations
@@ -28,8 +35,16 @@ COLUMNS = (
     "within_budget",
     "wall_seconds",
     "epochs",
+    "final_loss",
+    "epoch_losses",
     "layer_bits",
 )
+STYLES = {  # method -> (marker, colour), shared by the plots
+    "cgmq": ("o", "tab:blue"),
+    "dq": ("x", "tab:orange"),
+    "fixed": ("s", "tab:green"),
+    "float": ("*", "tab:gray"),
+}
 
 
 def _print_now(line: str) -> None:
@@ -66,7 +81,7 @@ def grid(
     fixed_bits: Iterable[tuple[int, int]],
     methods: Iterable[str] = train.METHODS,
 ) -> list[Run]:
-    """All runs: float first per seed (its checkpoint seeds the others), then the rest."""
+    """All runs, seed by seed: float first, then fixed, then cgmq and dq per budget."""
     methods, budgets, lams, fixed_bits = list(methods), list(budgets), list(lams), list(fixed_bits)
     runs = []
     for seed in seeds:
@@ -83,11 +98,48 @@ def grid(
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``runs.csv`` (none if it does not exist)."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def check_csv(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` if ``path`` exists but is not a ``runs.csv`` with :data:`COLUMNS`.
+
+    Appending to a file of an older sweep (other columns, float rows from the shared
+    checkpoint) would mix incomparable rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ValueError(f"{path} exists but is not a file")
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), None)
+    if header is not None and tuple(header) != COLUMNS:
+        raise ValueError(
+            f"{path} was written by an older sweep (columns {','.join(header)}); "
+            "move it away or choose another --out"
+        )
+
+
+def check_dataset(dataset: data.MnistData, batch_size: int) -> None:
+    """Raise :class:`~cgmq_jax.data.DataError` unless every run can train and be evaluated.
+
+    The train split needs at least one full batch (the last partial batch is dropped), and
+    the validation and test splits at least one example each.
+    """
+    n_train = len(dataset.train[1])
+    if n_train < batch_size:
+        raise data.DataError(
+            f"the train split has {n_train} examples, fewer than one batch of {batch_size}"
+        )
+    for name in ("validation", "test"):
+        if len(getattr(dataset, name)[1]) == 0:
+            raise data.DataError(f"the {name} split is empty")
 
 
 def _row_key(row: dict) -> tuple[str, ...]:
@@ -102,12 +154,23 @@ def run_grid(
     epochs: int,
     pretrain_epochs: int,
     base: train.TrainConfig | None = None,
-    fit: Callable = train.fit,
+    fit: Callable | None = None,
     log: Callable[[str], None] = _print_now,
 ) -> list[dict]:
-    """Run every run whose row is not in ``csv_path`` yet; append each row when done."""
+    """Run every run whose row is not in ``csv_path`` yet; append each row when done.
+
+    Quantized runs train ``epochs`` QAT epochs from their seed's shared float checkpoint of
+    ``pretrain_epochs`` epochs (trained once, when first needed); the ``float`` row trains a
+    float network for ``pretrain_epochs + epochs`` epochs on its own. ``fit`` defaults to
+    :func:`cgmq_jax.train.fit` (looked up at call time).
+
+    Raises:
+      ValueError: ``csv_path`` is not a ``runs.csv`` of this version (:func:`check_csv`).
+    """
     base = base if base is not None else train.TrainConfig()
+    fit = fit if fit is not None else train.fit
     csv_path = Path(csv_path)
+    check_csv(csv_path)
     done = {_row_key(row) for row in read_rows(csv_path)}
     float_results: dict[int, train.FitResult] = {}
 
@@ -122,9 +185,14 @@ def run_grid(
     for i, run in enumerate(runs):
         if run.key in done:
             continue
-        if run.method == "float":
-            result = pretrained(run.seed)
+        if run.method == "float":  # as long as the quantized runs: pretraining + QAT
+            run_epochs = pretrain_epochs + epochs
+            config = dataclasses.replace(
+                base, method="float", epochs=run_epochs, seed=run.seed, budget_bops=None
+            )
+            result = fit(config, dataset, log=lambda _: None)
         else:
+            run_epochs = epochs
             config = dataclasses.replace(
                 base,
                 method=run.method,
@@ -138,7 +206,7 @@ def run_grid(
             )
             float_params = pretrained(run.seed).params
             result = fit(config, dataset, log=lambda _: None, float_params=float_params)
-        row = _row(run, result, epochs if run.method != "float" else pretrain_epochs)
+        row = _row(run, result, run_epochs)
         _append(csv_path, row)
         log(
             f"[{i + 1}/{len(runs)}] {' '.join(k for k in run.key if k)}: "
@@ -148,9 +216,20 @@ def run_grid(
     return read_rows(csv_path)
 
 
+def epoch_losses(history: list[dict], method: str) -> list[float]:
+    """The mean training loss of each epoch of a run of ``method``, from its ``history``.
+
+    Its QAT epochs for a quantized method (a run that pretrained its own float network also
+    has float epochs; they are left out), its float epochs for ``float``.
+    """
+    phase = "float" if method == "float" else "qat"
+    return [float(h["loss"]) for h in history if h["phase"] == phase]
+
+
 def _row(run: Run, result: train.FitResult, epochs: int) -> dict:
     method, budget, lam, bits, seed = run.key
     certificate = result.certificate
+    losses = epoch_losses(result.history, run.method)
     layer_bits = " ".join(
         f"{r['layer']}:{r['weight_bits']}/{r['input_bits']}" for r in certificate["layers"]
     )
@@ -166,12 +245,14 @@ def _row(run: Run, result: train.FitResult, epochs: int) -> dict:
         "within_budget": "" if run.budget_bops is None else str(certificate["within_budget"]),
         "wall_seconds": f"{result.wall_seconds:.1f}",
         "epochs": epochs,
+        "final_loss": f"{losses[-1]:.4f}" if losses else "",
+        "epoch_losses": " ".join(f"{loss:.4f}" for loss in losses),
         "layer_bits": layer_bits,
     }
 
 
 def _append(path: Path, row: dict) -> None:
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -183,11 +264,12 @@ def _append(path: Path, row: dict) -> None:
 
 
 def summarize(rows: list[dict]) -> str:
-    """Markdown: per method and budget, median and range of test accuracy, compliance."""
+    """Markdown: per method and budget, median and range of test accuracy, median BOPs,
+    median final training loss, compliance."""
     lines = [
         "| method | budget (BOPs) | lam / bits | runs | test acc. median (min-max) | "
-        "BOPs median | within budget |",
-        "|---|---|---|---|---|---|---|",
+        "BOPs median | final loss median | within budget |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def group_key(row):
@@ -202,11 +284,13 @@ def summarize(rows: list[dict]) -> str:
         bops = statistics.median(int(r["bops"]) for r in group)
         compliant = [r["within_budget"] == "True" for r in group if r["within_budget"]]
         compliance = f"{sum(compliant)}/{len(compliant)}" if compliant else "n/a"
+        losses = [float(r["final_loss"]) for r in group if r.get("final_loss")]
+        final_loss = f"{statistics.median(losses):.4f}" if losses else "n/a"
         setting = bits or (f"{lam:g}" if method == "dq" else "")
         lines.append(
             f"| {method} | {f'{budget:.0e}' if budget else '-'} | {setting} | {len(group)} | "
             f"{statistics.median(accuracies):.2f} ({min(accuracies):.2f}-{max(accuracies):.2f}) | "
-            f"{bops:,.0f} | {compliance} |"
+            f"{bops:,.0f} | {final_loss} | {compliance} |"
         )
     return "\n".join(lines)
 
@@ -244,17 +328,11 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, budgets: Iterable[flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {
-        "cgmq": ("o", "tab:blue"),
-        "dq": ("x", "tab:orange"),
-        "fixed": ("s", "tab:green"),
-        "float": ("*", "tab:gray"),
-    }
     fig, ax = plt.subplots(figsize=(8, 5))
     for budget in budgets:
         ax.axvline(budget, color="red", alpha=0.3, linestyle="--")
     over = [r for r in rows if r["within_budget"] == "False"]
-    for method, (marker, color) in styles.items():
+    for method, (marker, color) in STYLES.items():
         chosen = [r for r in rows if r["method"] == method and r not in over]
         if chosen:
             ax.scatter(
@@ -284,6 +362,38 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, budgets: Iterable[flo
     ax.set_ylim(max(lowest - 1, 80 if lowest > 80 else 0), 100)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(rows: list[dict], path: str | os.PathLike) -> None:
+    """Training loss per epoch (log axis), one line per run, coloured by method.
+
+    Each run's epochs are its own: the QAT epochs of a quantized run, all the float epochs
+    of a ``float`` run. The legend has one entry per method.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, (marker, color) in STYLES.items():
+        label = method
+        for row in rows:
+            losses = [float(x) for x in row.get("epoch_losses", "").split()]
+            if row["method"] != method or not losses:
+                continue
+            epochs = range(1, len(losses) + 1)
+            ax.plot(epochs, losses, color=color, marker=marker, alpha=0.6, label=label)
+            label = "_nolegend_"  # one legend entry per method
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch of the run (quantized: QAT epochs; float: all its epochs)")
+    ax.set_ylabel("training loss (mean over the epoch, log)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

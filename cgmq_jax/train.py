@@ -15,8 +15,13 @@ Methods (``TrainConfig.method``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
+import math
+import signal
+import threading
 import time
 from typing import Any
 
@@ -30,6 +35,24 @@ from tqdm.auto import tqdm
 from cgmq_jax import certify, constraint, cost, data, models, nn, quantizer
 
 METHODS = ("cgmq", "dq", "fixed", "float")
+MAX_BITS = 16
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or parameter: the run stops, and nothing is certified."""
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (Ctrl-C); ``saved`` says whether a checkpoint was written."""
+
+    def __init__(self, where: str, saved: bool):
+        super().__init__(where)
+        self.where = where
+        self.saved = saved
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +76,7 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and its valid range."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.model not in models.MODELS:
@@ -61,13 +85,34 @@ class TrainConfig:
             if self.budget_bops is None:
                 raise ValueError(f"method {self.method!r} needs a budget (--budget_bops)")
             cost.validate_budget(self.budget_bops)
-        for name in ("epochs", "pretrain_epochs", "batch_size"):
-            if getattr(self, name) < (1 if name == "batch_size" else 0):
-                raise ValueError(f"{name} must be non-negative (batch_size positive)")
-        if self.method in ("cgmq", "dq", "fixed") and self.epochs < 1:
-            raise ValueError(f"method {self.method!r} needs at least one QAT epoch (--epochs)")
-        if not (self.lr > 0 and self.quantizer_lr > 0):
-            raise ValueError("learning rates must be positive")
+        elif self.budget_bops is not None:
+            cost.validate_budget(self.budget_bops)
+        ranges = {  # field: (smallest, largest) allowed integer
+            "epochs": (1, 10_000),
+            "pretrain_epochs": (0, 10_000),
+            "batch_size": (1, 1 << 20),
+            "init_bits": (2, MAX_BITS),
+            "bits_w": (2, MAX_BITS),
+            "bits_a": (1, MAX_BITS),
+            "calibration_size": (1, 1 << 20),
+            "seed": (0, 2**32 - 1),
+        }
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"--{name} must be an integer in [{low}, {high}], got {value!r}")
+        for name in ("lr", "quantizer_lr"):
+            if not _positive_finite(getattr(self, name)):
+                raise ValueError(
+                    f"--{name} must be a positive finite number, got {getattr(self, name)!r}"
+                )
+        if not (_positive_finite(self.rescale) and self.rescale > 1):
+            raise ValueError(
+                f"--rescale (CGGD's R) must be a finite number > 1, got {self.rescale!r}; "
+                f"the default is {constraint.DEFAULT_RESCALE}"
+            )
+        if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"--lam must be a finite number >= 0, got {self.lam!r}")
 
 
 @dataclasses.dataclass
@@ -124,19 +169,6 @@ def make_accuracy(model, batch_size: int = 1000):
     return accuracy
 
 
-def _run_epochs(state, train_step, split, config, *, epochs, first_epoch, desc, on_epoch):
-    images, labels = split
-    steps = len(labels) // config.batch_size
-    for epoch in range(first_epoch, first_epoch + epochs):
-        losses = []
-        batches = data.batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch)
-        for x, y in tqdm(batches, total=steps, desc=f"{desc} {epoch + 1}", leave=False):
-            state, loss = train_step(state, x, y)
-            losses.append(loss)
-        state = on_epoch(state, epoch, float(np.mean(jax.device_get(losses))))
-    return state
-
-
 def _quantizer_optimizer(config: TrainConfig, steps: int) -> optax.GradientTransformation:
     weights = optax.adam(optax.cosine_decay_schedule(config.lr, max(steps, 1)))
     return optax.partition(
@@ -161,14 +193,234 @@ def check_config(
     return specs
 
 
+def check_dataset(config: TrainConfig, dataset: data.MnistData) -> None:
+    """Raise ``ValueError`` unless the splits can train at least one step and be evaluated."""
+    for name, (images, labels) in zip(
+        ("train", "validation", "test"),
+        (dataset.train, dataset.validation, dataset.test),
+        strict=True,
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"the {name} split has {len(images)} images but {len(labels)} labels")
+        if len(labels) == 0:
+            raise ValueError(f"the {name} split of {dataset.source} is empty")
+    if len(dataset.train[1]) < config.batch_size:
+        raise ValueError(
+            f"the train split has {len(dataset.train[1])} examples, fewer than one batch "
+            f"(--batch_size {config.batch_size}): no step would be trained"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What every phase of a run needs: the config, the models, the layer specs."""
+
+    config: TrainConfig
+    specs: tuple[cost.LayerSpec, ...]
+    model: Any  # quantized
+    float_model: Any
+    steps_per_epoch: int
+    float_epochs: range  # global epoch numbers (they seed the data order)
+    qat_epochs: range
+
+    @property
+    def budget(self) -> float | None:
+        return self.config.budget_bops if self.config.method in ("cgmq", "dq") else None
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands; with the arrays, what a checkpoint holds (JSON-serialisable)."""
+
+    phase: str = "float"  # of the state held: "float" or "qat"
+    epoch: int = 0  # global number of the epoch in progress (or next)
+    step: int = 0  # batches of ``epoch`` already trained (non-zero after an interrupt)
+    losses: list[float] = dataclasses.field(default_factory=list)  # of those batches
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_accuracy: float = -1.0
+    seconds: float = 0.0  # training time spent before this process (resumed runs)
+
+
+def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: bool) -> _Setup:
+    check_dataset(config, dataset)
+    specs = check_config(config, dataset.train[0].shape[1:])
+    model = models.get_model(config.model, quantized=True)
+    steps = len(dataset.train[1]) // config.batch_size
+    if config.method == "float":
+        float_epochs, qat_epochs = range(0 if pretrained else config.epochs), range(0)
+    else:
+        first_qat = config.pretrain_epochs
+        float_epochs = range(0 if pretrained else first_qat)
+        qat_epochs = range(first_qat, first_qat + config.epochs)
+    return _Setup(
+        config, specs, model, model.clone(quantized=False), steps, float_epochs, qat_epochs
+    )
+
+
+def _float_state(setup: _Setup, params) -> train_state.TrainState:
+    tx = optax.adam(setup.config.lr)
+    return train_state.TrainState.create(apply_fn=setup.float_model.apply, params=params, tx=tx)
+
+
+def _calibration_batch(setup: _Setup, images: np.ndarray) -> jax.Array:
+    rng = np.random.default_rng(setup.config.seed)
+    return jnp.asarray(images[rng.permutation(len(images))[: setup.config.calibration_size]])
+
+
+def _qat_state(setup: _Setup, float_params, calibration: jax.Array) -> train_state.TrainState:
+    """Quantizers at ``init_bits`` (fixed: ``bits_w`` / ``bits_a``), the method's optimizer."""
+    config = setup.config
+    if config.method == "fixed":
+        bits = {"input_bits": config.bits_a, "weight_bits": config.bits_w}
+    else:
+        bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
+    params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
+    optimizer = _quantizer_optimizer(config, len(setup.qat_epochs) * setup.steps_per_epoch)
+    if config.method == "cgmq":
+        cost_fn = functools.partial(cost.bops, specs=setup.specs)
+        constrained = constraint.constrained_update(cost_fn, setup.budget, rescale=config.rescale)
+        tx = optax.chain(optimizer, constrained)
+    elif config.method == "fixed":
+        tx = optax.chain(optimizer, constraint.fixed_bitwidths())
+    else:  # dq
+        tx = optimizer
+    return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
+
+
+def _qat_loss(setup: _Setup):
+    config, model = setup.config, setup.model
+    if config.method == "dq":
+
+        def loss_fn(params, images, labels):
+            penalty = dq_penalty(params, setup.specs, setup.budget, config.lam)
+            return _cross_entropy(model, params, images, labels) + penalty
+
+    elif config.method == "fixed":  # the range follows the step: the loss sees the tie
+
+        def loss_fn(params, images, labels):
+            return _cross_entropy(model, quantizer.tie_ranges(params), images, labels)
+
+    else:
+        loss_fn = functools.partial(_cross_entropy, model)
+    return loss_fn
+
+
+def _checkpoint_arrays(state, best_params) -> dict:
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "step": jnp.asarray(state.step, jnp.int32),
+        "best_params": best_params if best_params is not None else state.params,
+    }
+
+
+def _train_epoch(state, train_step, setup, split, progress, *, desc, should_stop, save):
+    """Train the rest of ``progress.epoch``; return the state and every loss of the epoch.
+
+    After each step ``should_stop()`` is asked; if true, the state so far is saved with
+    ``save(state, progress)`` (mid-epoch) and :class:`Interrupted` is raised.
+    """
+    config = setup.config
+    batches = data.batches(*split, config.batch_size, seed=config.seed, epoch=progress.epoch)
+    batches = itertools.islice(batches, progress.step, None)
+    losses = []
+    bar = tqdm(
+        batches,
+        total=setup.steps_per_epoch,
+        initial=progress.step,
+        desc=f"{desc} {progress.epoch + 1}",
+        leave=False,
+    )
+    for i, (x, y) in enumerate(bar, progress.step + 1):
+        state, loss = train_step(state, x, y)
+        losses.append(loss)
+        if should_stop() and i < setup.steps_per_epoch:
+            bar.close()
+            progress.step = i
+            progress.losses += [float(v) for v in jax.device_get(losses)]
+            saved = save(state, progress)
+            raise Interrupted(f"{progress.phase} epoch {progress.epoch + 1}, batch {i}", saved)
+    return state, progress.losses + [float(v) for v in jax.device_get(losses)]
+
+
+def _check_finite(setup: _Setup, progress: _Progress, losses: list[float], params) -> None:
+    """Raise :class:`TrainingDiverged` at a non-finite loss or parameter (names both)."""
+    bad_step = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    finite = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
+    bad_leaves = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
+        if not ok
+    ]
+    if bad_step is None and not bad_leaves:
+        return
+    where = f"{progress.phase} epoch {progress.epoch + 1}"
+    parts = []
+    if bad_step is not None:
+        parts.append(f"the loss became {losses[bad_step]} at batch {bad_step + 1} of {where}")
+    if bad_leaves:
+        shown = ", ".join(bad_leaves[:3]) + (" ..." if len(bad_leaves) > 3 else "")
+        parts.append(f"non-finite parameters after {where}: {shown}")
+    raise TrainingDiverged(
+        "training diverged: " + "; ".join(parts) + "; nothing certified. Lower --lr or "
+        "--quantizer_lr."
+    )
+
+
+def _evaluate_float(setup, state, progress, loss, split, accuracy_fn, log) -> dict:
+    accuracy = accuracy_fn(state.params, *split)
+    log(f"float epoch {progress.epoch + 1}: loss {loss:.4f}  val acc {100 * accuracy:.2f}%")
+    return {"epoch": progress.epoch + 1, "phase": "float", "loss": loss, "val_accuracy": accuracy}
+
+
+def _evaluate_qat(setup, state, progress, loss, split, accuracy_fn, log) -> dict:
+    accuracy = accuracy_fn(state.params, *split)
+    bops = cost.exact_bops(state.params, setup.specs)
+    feasible = setup.budget is None or bops <= setup.budget
+    row = {
+        "epoch": progress.epoch + 1,
+        "phase": "qat",
+        "loss": loss,
+        "val_accuracy": accuracy,
+        "bops": bops,
+        "relative_bops_percent": cost.relative_bops(bops, setup.specs),
+        "within_budget": feasible,
+    }
+    constrained = _constraint_state(state.opt_state)
+    if constrained is not None:
+        row["infeasible_steps"] = int(constrained.infeasible_steps)
+        row["guard_steps"] = int(constrained.guard_steps)
+    verdict = "" if setup.budget is None else ("  within budget" if feasible else "  OVER budget")
+    log(
+        f"QAT epoch {progress.epoch + 1 - setup.config.pretrain_epochs}: loss {loss:.4f}  "
+        f"val acc {100 * accuracy:.2f}%  BOPs {bops:,} "
+        f"({row['relative_bops_percent']:.3f}% of 32-bit){verdict}"
+    )
+    return row
+
+
+def _stop_never() -> bool:
+    return False
+
+
 def fit(
     config: TrainConfig,
     dataset: data.MnistData,
     *,
     log=tqdm.write,
     float_params=None,
+    checkpointer=None,
+    resume: bool = False,
+    checkpoint_meta: dict | None = None,
+    should_stop=_stop_never,
 ) -> FitResult:
     """Run the whole protocol and return a certified result.
+
+    The run is a sequence of epochs (float pretraining, then QAT); after each epoch the
+    full training state is checkpointed (when ``checkpointer`` is given), so that
+    ``resume=True`` continues from the last checkpoint and ends bit for bit where the
+    uninterrupted run would have.
 
     Args:
       config: the run's settings.
@@ -176,134 +428,119 @@ def fit(
       log: where the per-epoch lines go.
       float_params: a pretrained float checkpoint (e.g. :func:`pretrain`'s); pretraining
         is skipped when given.
+      checkpointer: a :class:`cgmq_jax.checkpoint.Checkpointer`, or None for no checkpoints.
+      resume: continue from ``checkpointer``'s latest checkpoint (from the start if none).
+      checkpoint_meta: extra JSON stored in every checkpoint (e.g. the CLI's flags).
+      should_stop: asked after every step; when it returns true, the state is checkpointed
+        mid-epoch and :class:`Interrupted` is raised (see :func:`stop_on_sigint`).
 
     Raises:
+      ValueError: a bad config, or a dataset that cannot train one step.
       certify.InfeasibleBudgetError: before any training, if the budget is below the
         network's minimum cost (the message states both numbers).
+      TrainingDiverged: a non-finite loss or parameter; nothing is certified.
+      Interrupted: ``should_stop()`` returned true.
     """
     started = time.perf_counter()
+    setup = _make_setup(config, dataset, pretrained=float_params is not None)
     key = jax.random.key(config.seed)
-    train, validation, test = dataset.train, dataset.validation, dataset.test
+    train, validation = dataset.train, dataset.validation
     sample = jnp.asarray(train[0][:2])
-    specs = check_config(config, sample.shape[1:])
-    quantized_model = models.get_model(config.model, quantized=True)
-    float_model = quantized_model.clone(quantized=False)
-    budget = config.budget_bops if config.method in ("cgmq", "dq") else None
-
-    history: list[dict] = []
-    float_accuracy = make_accuracy(float_model)
-
-    # 1. Float pretraining.
-    pretrain_epochs = config.pretrain_epochs if config.method != "float" else config.epochs
     if float_params is None:
-        float_params = jax.jit(float_model.init)(key, sample)["params"]
-    else:
-        pretrain_epochs = 0
-    tx = optax.adam(config.lr)
-    state = train_state.TrainState.create(apply_fn=float_model.apply, params=float_params, tx=tx)
+        float_params = jax.jit(setup.float_model.init)(key, sample)["params"]
+    calibration = _calibration_batch(setup, train[0])
 
-    def log_float(state, epoch, loss):
-        accuracy = float_accuracy(state.params, *validation)
-        history.append(
-            {"epoch": epoch + 1, "phase": "float", "loss": loss, "val_accuracy": accuracy}
+    progress = _Progress(epoch=setup.float_epochs.start if setup.float_epochs else 0)
+    state, best_params = _float_state(setup, float_params), None
+    if not setup.float_epochs and config.method != "float":
+        progress = _Progress(phase="qat", epoch=setup.qat_epochs.start)
+        state = _qat_state(setup, float_params, calibration)
+    meta = checkpointer.latest_meta() if (resume and checkpointer is not None) else None
+    if meta is not None:
+        progress = _Progress(**meta["progress"])
+        if progress.phase == "qat" and setup.float_epochs:  # ``state`` is the float one
+            state = jax.eval_shape(lambda p: _qat_state(setup, p, calibration), float_params)
+        like = jax.eval_shape(lambda s: _checkpoint_arrays(s, None), state)
+        arrays = checkpointer.restore_arrays(like)
+        state = state.replace(
+            params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"]
         )
-        log(f"float epoch {epoch + 1}: loss {loss:.4f}  val acc {100 * accuracy:.2f}%")
-        return state
-
-    state = _run_epochs(
-        state,
-        make_train_step(float_model),
-        train,
-        config,
-        epochs=pretrain_epochs,
-        first_epoch=0,
-        desc="float",
-        on_epoch=log_float,
-    )
-    if config.method == "float":
-        return _finish_float(config, state.params, float_model, specs, history, dataset, started)
-
-    # 2. Quantizers at init_bits (fixed: at bits_w / bits_a).
-    rng = np.random.default_rng(config.seed)
-    calibration = train[0][rng.permutation(len(train[1]))[: config.calibration_size]]
-    if config.method == "fixed":
-        bits = {"input_bits": config.bits_a, "weight_bits": config.bits_w}
-    else:
-        bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
-    params = nn.init_quantizers(quantized_model, state.params, jnp.asarray(calibration), **bits)
-
-    # 3. QAT.
-    steps = config.epochs * (len(train[1]) // config.batch_size)
-    optimizer = _quantizer_optimizer(config, steps)
-    loss_fn = functools.partial(_cross_entropy, quantized_model)
-    if config.method == "cgmq":
-        cost_fn = functools.partial(cost.bops, specs=specs)
-        tx = optax.chain(
-            optimizer, constraint.constrained_update(cost_fn, budget, rescale=config.rescale)
-        )
-    elif config.method == "dq":
-        tx = optimizer
-
-        def loss_fn(params, images, labels):
-            return _cross_entropy(quantized_model, params, images, labels) + dq_penalty(
-                params, specs, budget, config.lam
-            )
-    else:  # fixed: the range follows the step, so the loss sees the tied range
-        tx = optax.chain(optimizer, constraint.fixed_bitwidths())
-
-        def loss_fn(params, images, labels):
-            return _cross_entropy(quantized_model, quantizer.tie_ranges(params), images, labels)
-    state = train_state.TrainState.create(apply_fn=quantized_model.apply, params=params, tx=tx)
-    accuracy = make_accuracy(quantized_model)
-    best = {"val_accuracy": -1.0, "params": None, "epoch": None}
-
-    def log_qat(state, epoch, loss):
-        val_accuracy = accuracy(state.params, *validation)
-        bops = cost.exact_bops(state.params, specs)
-        feasible = budget is None or bops <= budget
-        row = {
-            "epoch": epoch + 1,
-            "phase": "qat",
-            "loss": loss,
-            "val_accuracy": val_accuracy,
-            "bops": bops,
-            "relative_bops_percent": cost.relative_bops(bops, specs),
-            "within_budget": feasible,
-        }
-        constrained = _constraint_state(state.opt_state)
-        if constrained is not None:
-            row["infeasible_steps"] = int(constrained.infeasible_steps)
-            row["guard_steps"] = int(constrained.guard_steps)
-        history.append(row)
-        verdict = "" if budget is None else ("  within budget" if feasible else "  OVER budget")
+        best_params = arrays["best_params"] if progress.best_epoch is not None else None
         log(
-            f"QAT epoch {epoch + 1 - config.pretrain_epochs}: loss {loss:.4f}  "
-            f"val acc {100 * val_accuracy:.2f}%  BOPs {bops:,} "
-            f"({row['relative_bops_percent']:.3f}% of 32-bit){verdict}"
+            f"resumed from the checkpoint at {progress.phase} epoch {progress.epoch + 1}, "
+            f"batch {progress.step}"
         )
-        if feasible and val_accuracy > best["val_accuracy"]:
-            best.update(val_accuracy=val_accuracy, params=jax.device_get(state.params))
-            best["epoch"] = epoch + 1
-        return state
 
-    state = _run_epochs(
-        state,
-        make_train_step(quantized_model, loss_fn),
-        train,
-        config,
-        epochs=config.epochs,
-        first_epoch=config.pretrain_epochs,
-        desc="QAT",
-        on_epoch=log_qat,
+    def save(state, progress) -> bool:
+        if checkpointer is None:
+            return False
+        elapsed = progress.seconds + time.perf_counter() - started
+        body = {"progress": {**dataclasses.asdict(progress), "seconds": elapsed}}
+        index = progress.epoch * setup.steps_per_epoch + progress.step
+        checkpointer.save(
+            index, _checkpoint_arrays(state, best_params), {**(checkpoint_meta or {}), **body}
+        )
+        return True
+
+    phases = (
+        (
+            "float",
+            setup.float_epochs,
+            setup.float_model,
+            make_train_step(setup.float_model),
+            _evaluate_float,
+        ),
+        ("qat", setup.qat_epochs, setup.model, None, _evaluate_qat),
     )
+    for phase, epochs, model, train_step, evaluate in phases:
+        if progress.phase != phase:
+            continue
+        accuracy_fn = make_accuracy(model)
+        if train_step is None:
+            train_step = make_train_step(model, _qat_loss(setup))
+        for epoch in range(progress.epoch, epochs.stop):
+            progress.epoch = epoch
+            state, losses = _train_epoch(
+                state,
+                train_step,
+                setup,
+                train,
+                progress,
+                desc=phase,
+                should_stop=should_stop,
+                save=save,
+            )
+            _check_finite(setup, progress, losses, state.params)
+            loss = float(np.mean(np.asarray(losses, np.float32)))
+            row = evaluate(setup, state, progress, loss, validation, accuracy_fn, log)
+            progress.history.append(row)
+            if (
+                phase == "qat"
+                and row["within_budget"]
+                and row["val_accuracy"] > progress.best_val_accuracy
+            ):
+                progress.best_val_accuracy, progress.best_epoch = row["val_accuracy"], epoch + 1
+                best_params = state.params
+            progress.epoch, progress.step, progress.losses = epoch + 1, 0, []
+            save(state, progress)
+        if phase == "float" and config.method != "float":
+            progress = dataclasses.replace(progress, phase="qat", epoch=setup.qat_epochs.start)
+            state = _qat_state(setup, state.params, calibration)
+    seconds = progress.seconds + time.perf_counter() - started
+    if config.method == "float":
+        return _finish_float(setup, state.params, progress.history, dataset, seconds)
+    return _finish_qat(setup, state.params, best_params, progress, dataset, seconds, log)
 
-    # 4. The result: best feasible checkpoint, or the last one repaired; then certify.
-    # dq keeps its last epoch when no epoch was feasible (as DQ's code does); cgmq repairs.
+
+def _finish_qat(setup, last_params, best_params, progress, dataset, seconds, log) -> FitResult:
+    """The best feasible checkpoint, or the last one repaired (cgmq); certified."""
+    config, specs, budget = setup.config, setup.specs, setup.budget
     repaired_bits = 0
-    if best["params"] is not None:
-        params = best["params"]
+    if best_params is not None:
+        params = jax.device_get(best_params)
     else:
-        params = jax.device_get(state.params)
+        # dq keeps its last epoch when no epoch was feasible (as DQ's code does); cgmq repairs.
+        params = jax.device_get(last_params)
         if config.method == "cgmq":
             params, repaired_bits = certify.greedy_repair(params, specs, budget)
             log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
@@ -311,16 +548,15 @@ def fit(
         certificate = certify.certify(params, specs, budget)
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
         certificate = certify.cost_report(params, specs, budget)
-    certificate["selected_epoch"] = best["epoch"]
+    certificate["selected_epoch"] = progress.best_epoch
     certificate["repaired_bits"] = repaired_bits
-    test_accuracy = accuracy(params, *test)
     return FitResult(
         config=config,
         params=params,
-        history=history,
-        test_accuracy=test_accuracy,
+        history=progress.history,
+        test_accuracy=make_accuracy(setup.model)(params, *dataset.test),
         certificate=certificate,
-        wall_seconds=time.perf_counter() - started,
+        wall_seconds=seconds,
         data_source=dataset.source,
         specs=specs,
     )
@@ -335,17 +571,48 @@ def _constraint_state(opt_state):
     return None
 
 
-def _finish_float(config, params, float_model, specs, history, dataset, started) -> FitResult:
+def _finish_float(setup, params, history, dataset, seconds) -> FitResult:
     params = jax.device_get(params)
-    certificate = certify.cost_report(None, specs, config.budget_bops)
-    certificate.update(selected_epoch=config.epochs, repaired_bits=0)
+    certificate = certify.cost_report(None, setup.specs, setup.config.budget_bops)
+    certificate.update(selected_epoch=setup.config.epochs, repaired_bits=0)
     return FitResult(
-        config=config,
+        config=setup.config,
         params=params,
         history=history,
-        test_accuracy=make_accuracy(float_model)(params, *dataset.test),
+        test_accuracy=make_accuracy(setup.float_model)(params, *dataset.test),
         certificate=certificate,
-        wall_seconds=time.perf_counter() - started,
+        wall_seconds=seconds,
         data_source=dataset.source,
-        specs=specs,
+        specs=setup.specs,
     )
+
+
+class StopFlag:
+    """A flag set by the first SIGINT (Ctrl-C); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@contextlib.contextmanager
+def stop_on_sigint():
+    """Within the block, Ctrl-C asks :func:`fit` to checkpoint and stop after the current
+    step (pass the yielded flag as ``should_stop``); a second Ctrl-C raises at once."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag.requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -3,13 +3,21 @@
     python experiments/mnist.py --budget_bops 2e6
 
 Parses flags and calls :func:`cgmq_jax.train.fit`; everything else is library code.
-Exit status: 0 on success, 2 on bad input (infeasible budget, missing data, bad flag).
+Every flag, the output directory and the data are checked before any training. Each
+epoch ends with a checkpoint in ``OUT/checkpoints``; ``--resume`` continues a killed or
+interrupted run (Ctrl-C checkpoints mid-epoch) bit for bit. ``results.json`` is written
+last and records the SHA-256 of ``params.msgpack``.
+
+Exit status: 0 on success; 2 on bad input (a bad flag, an infeasible budget, missing or
+empty data, an unusable or busy ``--out``); 1 when training diverged (nothing certified) or
+the results could not be written; 130 when interrupted (the message says how to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 
 
@@ -56,13 +64,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use only the first N training examples (quick checks)",
     )
     p.add_argument("--out", default="runs/mnist", help="results directory")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out from its last checkpoint (same flags)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from cgmq_jax import certify, data, report, train
+def _resume_command(argv: list[str]) -> str:
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return shlex.join(["python", "experiments/mnist.py", *kept, "--resume"])
 
+
+def _error(message: object, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from cgmq_jax import rundir, train
+
+    # The run's identity: --resume must be given the same flags (and --out is the run).
+    flags = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "overwrite")}
     config = train.TrainConfig(
         **{
             f.name: getattr(args, f.name)
@@ -70,18 +97,74 @@ def main(argv=None) -> int:
             if hasattr(args, f.name)
         }
     )
+    # 1. Everything that can be checked before data loading or training.
     try:
         train.check_config(config)
-        dataset = data.load_mnist(args.data, data_dir=args.data_dir, download=args.download)
-        if args.train_examples is not None:
-            dataset = dataclasses.replace(
-                dataset, train=tuple(a[: args.train_examples] for a in dataset.train)
+        if args.train_examples is not None and args.train_examples < config.batch_size:
+            raise ValueError(
+                f"--train_examples {args.train_examples} is fewer than one batch "
+                f"(--batch_size {config.batch_size}): no step would be trained"
             )
-        result = train.fit(config, dataset)
-    except (ValueError, TypeError, certify.InfeasibleBudgetError, data.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = report.write_results(result, args.out, flags=vars(args))
+        run = rundir.RunDir.open(
+            args.out, flags=flags, resume=args.resume, overwrite=args.overwrite
+        )
+    except (ValueError, TypeError) as error:  # InfeasibleBudgetError and RunDirError too
+        return _error(error, 2)
+    except KeyboardInterrupt:
+        return _error("interrupted before training started; nothing was written", 130)
+    with run:
+        return _train_and_publish(args, argv, config, flags, run)
+
+
+def _train_and_publish(args, argv, config, flags, run) -> int:
+    from cgmq_jax import data, report, train
+
+    try:
+        # 2. The data, checked before any training.
+        try:
+            dataset = data.load_mnist(args.data, data_dir=args.data_dir, download=args.download)
+            if args.train_examples is not None:
+                dataset = dataclasses.replace(
+                    dataset, train=tuple(a[: args.train_examples] for a in dataset.train)
+                )
+            train.check_dataset(config, dataset)
+        except (ValueError, data.DataError) as error:
+            return _error(error, 2)
+        # 3. Training, checkpointed after every epoch (and at Ctrl-C).
+        try:
+            with train.stop_on_sigint() as stop:
+                result = train.fit(
+                    config,
+                    dataset,
+                    checkpointer=run.checkpointer,
+                    resume=args.resume,
+                    checkpoint_meta={"flags": flags},
+                    should_stop=stop,
+                )
+        except train.Interrupted as stopped:
+            saved = "checkpoint saved" if stopped.saved else "nothing saved"
+            return _error(
+                f"interrupted at {stopped.where} ({saved}); resume with: {_resume_command(argv)}",
+                130,
+            )
+        except train.TrainingDiverged as error:
+            return _error(error, 1)
+        # 4. Publish: params and plot, then results.json (the commit record) last.
+        try:
+            report.write_results(result, run, flags=vars(args))
+        except OSError as error:
+            return _error(
+                f"cannot write the results into {run.path} ({error.strerror or error}); the "
+                f"trained state is checkpointed there: fix that, then run "
+                f"{_resume_command(argv)}",
+                1,
+            )
+    except KeyboardInterrupt:
+        return _error(
+            f"interrupted; the last complete epoch is checkpointed in {run.path} (if any): "
+            f"resume with: {_resume_command(argv)}",
+            130,
+        )
     print()
     print(report.layer_table_text(result.certificate["layers"], config.budget_bops))
     print(
@@ -90,7 +173,7 @@ def main(argv=None) -> int:
         f"({result.certificate['relative_bops_percent']:.3f}% of 32-bit)  "
         f"wall {result.wall_seconds:.0f} s  data {result.data_source}"
     )
-    print(f"wrote {out}/results.json, params.msgpack, training.png")
+    print(f"wrote {run.path}/results.json, params.msgpack, training.png")
     return 0
 
 

@@ -3,18 +3,29 @@
     python experiments/sweep.py --preset quick      # about 20 minutes on 2 cores
     python experiments/sweep.py --preset full       # the README's numbers
 
+The quantized runs of a seed share one float pretraining (``pretrain_epochs``) and then
+train ``epochs`` QAT epochs; the ``float`` row is a float network trained as long,
+``pretrain_epochs + epochs`` epochs (13 in the full preset), in a run of its own.
+
+Every flag is checked before any data is loaded or any training starts: a bad one is an
+``error: ...`` line on stderr and exit status 2.
+
 Resumable: rows already in ``OUT/runs.csv`` are not redone. Writes ``runs.csv``,
-``summary.md`` and ``pareto.png`` into ``--out``.
+``summary.md``, ``pareto.png`` (test accuracy vs BOPs) and ``loss.png`` (training loss per
+epoch of every run) into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 PRESETS = {
-    # epochs are QAT epochs; the float pretraining is shared by all runs of a seed.
+    # epochs are QAT epochs, after a float pretraining shared by the quantized runs of a
+    # seed; the float row trains pretrain_epochs + epochs float epochs on its own.
     "quick": {"epochs": 2, "pretrain_epochs": 2, "seeds": [0, 1]},
     "full": {"epochs": 8, "pretrain_epochs": 5, "seeds": [0, 1]},
 }
@@ -23,7 +34,7 @@ LAMS = [0.01, 0.1, 1.0, 10.0]
 FIXED_BITS = [(8, 8), (4, 4), (2, 2)]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", default=None, help="results directory (default runs/sweep_PRESET)")
@@ -34,43 +45,116 @@ def main(argv=None) -> int:
     p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
     p.add_argument("--data_dir", default=None)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"runs/sweep_{args.preset}"
+    if args.seeds is None:
+        args.seeds = PRESETS[args.preset]["seeds"]
+    return args
 
-    from cgmq_jax import data, sweep
 
+def check_args(args: argparse.Namespace) -> Path:
+    """Validate every flag before any compute; return the (created, writable) ``--out``.
+
+    Raises:
+      ValueError: the first bad flag, with a one-line message (an infeasible budget raises
+        :class:`cgmq_jax.certify.InfeasibleBudgetError`, a ``ValueError``).
+    """
+    from cgmq_jax import cost, sweep, train
+
+    unknown = [m for m in args.methods if m not in train.METHODS]
+    if unknown:
+        raise ValueError(
+            f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(train.METHODS)}"
+        )
+    for budget in args.budgets:
+        try:
+            cost.validate_budget(budget)
+            train.check_config(train.TrainConfig(method="cgmq", budget_bops=budget))
+        except ValueError as error:  # certify.InfeasibleBudgetError is one, and says the minimum
+            message = str(error).replace("--budget_bops", "--budgets")  # this script's flag
+            raise type(error)(f"--budgets: {message}") from None
+    for lam in args.lams:
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"--lams must be positive finite numbers, got {lam:g}")
+    for seed in args.seeds:
+        if seed < 0:
+            raise ValueError(f"--seeds must be non-negative integers, got {seed}")
+    out = _check_out(Path(args.out))
+    sweep.check_csv(out / "runs.csv")
+    return out
+
+
+def _check_out(out: Path) -> Path:
+    """Create ``out`` and probe it with a temporary file; ``ValueError`` if unusable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe_"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(f"--out {out}: cannot create or write the directory ({reason})") from None
+    return out
+
+
+def _error(error: Exception) -> int:
+    print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cgmq_jax import data, sweep, train
+
+    try:
+        out = check_args(args)
+    except (ValueError, TypeError) as error:
+        return _error(error)
     preset = PRESETS[args.preset]
-    out = Path(args.out or f"runs/sweep_{args.preset}")
+    base = train.TrainConfig()
     runs = sweep.grid(
         budgets=args.budgets,
-        seeds=args.seeds if args.seeds is not None else preset["seeds"],
+        seeds=args.seeds,
         lams=args.lams,
         fixed_bits=FIXED_BITS,
         methods=args.methods,
     )
     try:
         dataset = data.load_mnist(args.data, data_dir=args.data_dir)
-    except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        sweep.check_dataset(dataset, base.batch_size)
+    except ValueError as error:  # data.DataError is a ValueError
+        return _error(error)
     rows = sweep.run_grid(
         runs,
         dataset,
         out / "runs.csv",
         epochs=preset["epochs"],
         pretrain_epochs=preset["pretrain_epochs"],
+        base=base,
     )
-    summary = (
-        f"Preset `{args.preset}`: {preset['pretrain_epochs']} float epochs (shared per seed) + "
-        f"{preset['epochs']} QAT epochs, seeds {sorted({r['seed'] for r in rows})}.\n\n"
+    summary = _summary(args.preset, preset, rows)
+    (out / "summary.md").write_text(summary)
+    sweep.plot_pareto(rows, out / "pareto.png", args.budgets)
+    sweep.plot_losses(rows, out / "loss.png")
+    print(summary)
+    print(f"wrote {out}/runs.csv, summary.md, pareto.png, loss.png")
+    return 0
+
+
+def _summary(name: str, preset: dict, rows: list[dict]) -> str:
+    from cgmq_jax import sweep
+
+    pretrain, epochs = preset["pretrain_epochs"], preset["epochs"]
+    return (
+        f"Preset `{name}`: quantized runs {pretrain} float epochs (shared per seed) + "
+        f"{epochs} QAT epochs; float runs {pretrain + epochs} float epochs; "
+        f"seeds {sorted({int(r['seed']) for r in rows})}.\n\n"
         + sweep.summarize(rows)
         + "\n\n"
         + sweep.dq_search_cost(rows)
         + "\n"
     )
-    (out / "summary.md").write_text(summary)
-    sweep.plot_pareto(rows, out / "pareto.png", args.budgets)
-    print(summary)
-    print(f"wrote {out}/runs.csv, summary.md, pareto.png")
-    return 0
 
 
 if __name__ == "__main__":
