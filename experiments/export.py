@@ -88,9 +88,9 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
         "data_source": dataset.source,
     }
     if run_dir is not None:
-        from cgmq_jax import models, report
+        from cgmq_jax import models, report, rundir
 
-        results = json.loads((run_dir / "results.json").read_text())
+        results, _ = rundir.load_run(run_dir)
         params = report.load_params(run_dir)
         network = models.get_model(results["config"]["model"], quantized=True)
         compared = ex.compare_with_model(model, params, network, images)
@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, data.DataError) as error:  # ExportError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from cgmq_jax import files
+
     report = path.with_name(path.name + ".check.json")
-    report.write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_text(report, json.dumps(summary, indent=2) + "\n")
     print(f"check {'PASSED' if ok else 'FAILED'}; wrote {report}")
     return 0 if ok else 1
 

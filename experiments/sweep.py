@@ -105,7 +105,7 @@ def _error(error: Exception) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cgmq_jax import data, sweep, train
+    from cgmq_jax import data, files, sweep, train
 
     try:
         out = check_args(args)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     )
     try:
         dataset = data.load_mnist(args.data, data_dir=args.data_dir)
-        sweep.check_dataset(dataset, base.batch_size)
+        train.check_dataset(base, dataset)
     except ValueError as error:  # data.DataError is a ValueError
         return _error(error)
     rows = sweep.run_grid(
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         base=base,
     )
     summary = _summary(args.preset, preset, rows)
-    (out / "summary.md").write_text(summary)
+    files.write_text(out / "summary.md", summary)
     sweep.plot_pareto(rows, out / "pareto.png", args.budgets)
     sweep.plot_losses(rows, out / "loss.png")
     print(summary)

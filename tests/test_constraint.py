@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import chex
@@ -439,3 +440,46 @@ def test_state_is_found_in_a_chain(lenet, cost_fn):
         "infeasible_steps",
         "guard_steps",
     }
+
+
+def _fixed_bit_mse_run(bits: int, *, tied: bool, steps: int = 300) -> list[float]:
+    """Fixed-bit QAT of one quantizer on ``mean((Q(x) - x)**2)``, Gaussian ``x``, from a range
+    far too small (most of ``x`` clipped): the chain the trainer's ``fixed`` method uses."""
+    from cgmq_jax import nn
+
+    x = jax.random.normal(jax.random.key(0), (4096,))
+    theta = quantizer.latents(*quantizer.init_at_bits(0.25, bits, signed=True))
+    params = {"layer": {"weight_quantizer": theta}}
+
+    def loss(p):
+        p = quantizer.tie_ranges(p) if tied else p
+        return jnp.mean(
+            (nn.quantize_tensor(p["layer"]["weight_quantizer"], x, signed=True) - x) ** 2
+        )
+
+    tx = optax.chain(optax.adam(1e-2), constraint.fixed_bitwidths())
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    state, losses = tx.init(params), []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    return losses
+
+
+def test_fixed_bit_qat_loss_falls_with_the_tied_range():
+    """Issue 14: with the range tied to the step, DQ's partial derivative (q_max held) loses
+    the clipping signal and the loss rises; the tied range's total derivative makes it fall."""
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam
+        w4 = _fixed_bit_mse_run(4, tied=True)
+        w2 = _fixed_bit_mse_run(2, tied=True)
+        untied = _fixed_bit_mse_run(4, tied=False)
+    assert w4[-1] < 0.1 * w4[0]
+    assert max(b - a for a, b in itertools.pairwise(w4)) <= 1e-6  # never rises at W4
+    assert w2[-1] < 0.5 * w2[0]
+    assert untied[-1] > untied[0]  # the bug this guards against: the loss rises

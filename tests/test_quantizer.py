@@ -484,3 +484,26 @@ def test_latents_roundtrip_and_labels():
         "layer": {"kernel": "weight", "input_quantizer": "quantizer", "bias": "weight"}
     }
     assert quantizer.COST_RAISING_SIGN == (-1.0, 1.0)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_tie_range_gives_the_total_lsq_derivative_of_the_step(bits):
+    """Through ``tie_range`` (``q_max = n * d_q``), d fake_quant / d log2 d is LSQ's total
+    derivative times ``d ln 2``: ``round(x/d) - x/d`` inside, ``+-n`` outside; no q_max part."""
+    theta = quantizer.latents(*quantizer.init_at_bits(1.0, bits, signed=True))
+    d, q_max = quantizer.from_latents(theta)
+    n = quantizer.levels(d, q_max)
+    x = jnp.array([-3.0, -0.3, 0.1, 0.26, 0.9, 2.5], jnp.float32)
+
+    def forward(theta):
+        return quantizer.fake_quant(
+            x, *quantizer.from_latents(quantizer.tie_range(theta)), signed=True
+        )
+
+    np.testing.assert_array_equal(forward(theta), quantizer.fake_quant(x, d, q_max, signed=True))
+    jacobian = jax.jacobian(forward)(theta)
+    expected = jnp.where(x > n * d, n, jnp.where(x < -n * d, -n, jnp.round(x / d) - x / d)) * (
+        d * jnp.log(2.0)
+    )
+    np.testing.assert_allclose(jacobian[:, 0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(jacobian[:, 1], jnp.zeros_like(x))
