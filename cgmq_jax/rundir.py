@@ -49,9 +49,10 @@ def strict_json(value: Any) -> str:
 class RunDir:
     """An output directory held by this process. Use :meth:`open`; close it when done."""
 
-    def __init__(self, path: Path, lock_fd: int):
+    def __init__(self, path: Path, lock_fd: int, *, created: bool = False):
         self.path = path
         self._lock_fd = lock_fd
+        self._created = created
 
     @classmethod
     def open(
@@ -81,6 +82,7 @@ class RunDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunDirError(f"--out {path} is an existing file, not a directory; pick another")
+        created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=path):
@@ -98,7 +100,7 @@ class RunDir:
                 f"--out {path} is in use by another live run (pid {holder}); wait for it or "
                 "pick another --out"
             ) from None
-        run = cls(path, lock_fd)
+        run = cls(path, lock_fd, created=created)
         try:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
@@ -126,11 +128,9 @@ class RunDir:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             return
         if not resume:
-            where = meta.get("progress", {})
             raise RunDirError(
-                f"{self.path} holds an unfinished run (checkpoint at {where.get('phase')} epoch "
-                f"{where.get('epoch', -1) + 1}, batch {where.get('step')}); pass --resume to "
-                "continue it or --overwrite to start over"
+                f"{self.path} holds an unfinished run (checkpoint at {meta.get('position')}); "
+                "pass --resume to continue it or --overwrite to start over"
             )
         stored = meta.get("flags")
         if flags is not None and stored is not None and stored != flags:
@@ -174,13 +174,23 @@ class RunDir:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def close(self) -> None:
+        """Release the lock; a directory left holding nothing but it is removed again."""
         if "checkpointer" in self.__dict__:
             self.checkpointer.close()
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if {p.name for p in self.path.iterdir()} <= {LOCK_FILE, CHECKPOINT_DIR}:
+                if self.checkpoint_dir.exists() and any(self.checkpoint_dir.iterdir()):
+                    raise OSError("checkpoints to keep")
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+                (self.path / LOCK_FILE).unlink()  # still locked: nobody else holds it now
+                if self._created:
+                    self.path.rmdir()
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> RunDir:
         return self

@@ -315,6 +315,13 @@ def _checkpoint_arrays(state, best_params) -> dict:
     }
 
 
+def _epoch_name(setup: _Setup, progress: _Progress) -> str:
+    """``float epoch k`` or ``QAT epoch k``, numbered as the per-epoch log lines are."""
+    if progress.phase == "float":
+        return f"float epoch {progress.epoch + 1}"
+    return f"QAT epoch {progress.epoch + 1 - setup.qat_epochs.start}"
+
+
 def _train_epoch(state, train_step, setup, split, progress, *, desc, should_stop, save):
     """Train the rest of ``progress.epoch``; return the state and every loss of the epoch.
 
@@ -340,7 +347,7 @@ def _train_epoch(state, train_step, setup, split, progress, *, desc, should_stop
             progress.step = i
             progress.losses += [float(v) for v in jax.device_get(losses)]
             saved = save(state, progress)
-            raise Interrupted(f"{progress.phase} epoch {progress.epoch + 1}, batch {i}", saved)
+            raise Interrupted(f"{_epoch_name(setup, progress)}, batch {i}", saved)
     return state, progress.losses + [float(v) for v in jax.device_get(losses)]
 
 
@@ -355,7 +362,7 @@ def _check_finite(setup: _Setup, progress: _Progress, losses: list[float], param
     ]
     if bad_step is None and not bad_leaves:
         return
-    where = f"{progress.phase} epoch {progress.epoch + 1}"
+    where = _epoch_name(setup, progress)
     parts = []
     if bad_step is not None:
         parts.append(f"the loss became {losses[bad_step]} at batch {bad_step + 1} of {where}")
@@ -466,16 +473,16 @@ def fit(
             params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"]
         )
         best_params = arrays["best_params"] if progress.best_epoch is not None else None
-        log(
-            f"resumed from the checkpoint at {progress.phase} epoch {progress.epoch + 1}, "
-            f"batch {progress.step}"
-        )
+        log(f"resumed from the checkpoint at {_epoch_name(setup, progress)}, batch {progress.step}")
 
     def save(state, progress) -> bool:
         if checkpointer is None:
             return False
         elapsed = progress.seconds + time.perf_counter() - started
-        body = {"progress": {**dataclasses.asdict(progress), "seconds": elapsed}}
+        body = {
+            "progress": {**dataclasses.asdict(progress), "seconds": elapsed},
+            "position": f"{_epoch_name(setup, progress)}, batch {progress.step}",
+        }
         index = progress.epoch * setup.steps_per_epoch + progress.step
         checkpointer.save(
             index, _checkpoint_arrays(state, best_params), {**(checkpoint_meta or {}), **body}

@@ -148,7 +148,11 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
                 130,
             )
         except train.TrainingDiverged as error:
-            return _error(error, 1)
+            return _error(
+                f"{error} The last finite epoch stays checkpointed in {run.path}; "
+                "rerun with --overwrite.",
+                1,
+            )
         # 4. Publish: params and plot, then results.json (the commit record) last.
         try:
             report.write_results(result, run, flags=vars(args))

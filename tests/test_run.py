@@ -117,6 +117,7 @@ def test_empty_splits_fail_before_training(
     with pytest.raises(ValueError, match=fragment):
         train.fit(train.TrainConfig(epochs=1, pretrain_epochs=1), broken, log=lambda _: None)
     assert _cli()(["--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()  # the directory it made is gone again
 
 
 # 2. A run directory is consistent or absent ----------------------------------------------
@@ -255,9 +256,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted)
     assert not (out / "results.json").exists()
     refused = _run_cli(tmp_path, [*TINY, "--out", str(out)])
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    assert "checkpoint at QAT epoch 2, batch 0" in refused.stderr
     resumed = _run_cli(tmp_path, [*TINY, "--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from the checkpoint at qat epoch 3, batch 0" in resumed.stdout
+    assert "resumed from the checkpoint at QAT epoch 2, batch 0" in resumed.stdout
     _same_run(json.loads((out / "results.json").read_text()), uninterrupted)
     assert not (out / "checkpoints").exists()
 
@@ -267,13 +269,13 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes_bit_identical(tmp_path, uninte
     stopped = _run_cli(tmp_path, [*TINY, "--out", str(out)], SIGNAL_AT_STEP=16, SIGNAL="SIGINT")
     assert stopped.returncode == 130
     last = stopped.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted at qat epoch 3, batch 4 (checkpoint saved)")
+    assert last.startswith("error: interrupted at QAT epoch 2, batch 4 (checkpoint saved)")
     assert "--resume" in last and "Traceback" not in stopped.stderr
     differs = _run_cli(tmp_path, [*TINY, "--seed", "3", "--out", str(out), "--resume"])
     assert differs.returncode == 2 and "--seed 0 -> 3" in differs.stderr
     resumed = _run_cli(tmp_path, [*TINY, "--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from the checkpoint at qat epoch 3, batch 4" in resumed.stdout
+    assert "resumed from the checkpoint at QAT epoch 2, batch 4" in resumed.stdout
     _same_run(json.loads((out / "results.json").read_text()), uninterrupted)
 
 
