@@ -193,6 +193,23 @@ def load_mnist(
     return data
 
 
+def synthetic(train: int = 384, validation: int = 128, test: int = 128, *, seed: int = 0):
+    """A tiny synthetic MNIST stand-in: ten noisy prototypes, for smoke tests in seconds.
+
+    Images are ``uint8 / 256`` like the real sources, labels int32 in 0..9; the same
+    arguments always give the same arrays. Not data to report accuracy on.
+    """
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(10, 28, 28, 1))
+
+    def split(n):
+        labels = rng.integers(0, 10, size=n).astype(np.int32)
+        noise = rng.integers(-40, 40, size=(n, 28, 28, 1))
+        return np.clip(prototypes[labels] + noise, 0, 255).astype(np.float32) / 256, labels
+
+    return MnistData(split(train), split(validation), split(test), "synthetic")
+
+
 def batches(
     images: np.ndarray,
     labels: np.ndarray,

@@ -144,16 +144,25 @@ def set_bits():
 @pytest.fixture(scope="session")
 def tiny_mnist():
     """A tiny synthetic MNIST (ten noisy prototypes), for end-to-end runs in seconds."""
-    import numpy as np
-
     from cgmq_jax import data
 
-    rng = np.random.default_rng(0)
-    prototypes = rng.integers(0, 256, size=(10, 28, 28, 1))
+    return data.synthetic()
 
-    def split(n):
-        labels = rng.integers(0, 10, size=n).astype(np.int32)
-        noise = rng.integers(-40, 40, size=(n, 28, 28, 1))
-        return np.clip(prototypes[labels] + noise, 0, 255).astype(np.float32) / 256, labels
 
-    return data.MnistData(split(384), split(128), split(128), "synthetic")
+def load_cli(name: str):
+    """An ``experiments/NAME.py`` script as a module (they are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_cli", REPO / "experiments" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def standard_promotion_fixture():
+    """Standard dtype promotion for a test that runs optax.adam (see the note above)."""
+    with standard_promotion():
+        yield

@@ -4,7 +4,6 @@ resume (bit-identical after SIGKILL and after Ctrl-C), no certificate for a brok
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_cli
 
 from cgmq_jax import certify, cost, data, files, models, report, rundir, train
 
@@ -23,17 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "3", "--pretrain_epochs", "1", "--batch_size", "64"]
 
 
-@pytest.fixture(autouse=True)
-def _standard_promotion():
-    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
-        yield
-
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("mnist_cli", ROOT / "experiments" / "mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
 
 
 @pytest.fixture
@@ -81,7 +71,7 @@ def _one_line_error(capsys) -> str:
     ],
 )
 def test_bad_flags_fail_before_data_loading(flags, fragment, tmp_path, no_data, capsys):
-    assert _cli()([*flags, "--out", str(tmp_path / "run")]) == 2
+    assert load_cli("mnist").main([*flags, "--out", str(tmp_path / "run")]) == 2
     assert fragment in _one_line_error(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -89,7 +79,7 @@ def test_bad_flags_fail_before_data_loading(flags, fragment, tmp_path, no_data, 
 def test_unusable_out_fails_before_data_loading(tmp_path, no_data, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert _cli()(["--out", str(a_file)]) == 2
+    assert load_cli("mnist").main(["--out", str(a_file)]) == 2
     assert "is an existing file" in _one_line_error(capsys)
     read_only = tmp_path / "ro"
     read_only.mkdir()
@@ -97,7 +87,7 @@ def test_unusable_out_fails_before_data_loading(tmp_path, no_data, capsys):
     try:
         if os.access(read_only, os.W_OK):  # root ignores permissions
             pytest.skip("running as root: a read-only directory is writable")
-        assert _cli()(["--out", str(read_only / "run")]) == 2
+        assert load_cli("mnist").main(["--out", str(read_only / "run")]) == 2
         assert "cannot be written" in _one_line_error(capsys)
     finally:
         read_only.chmod(0o700)
@@ -116,7 +106,7 @@ def test_empty_splits_fail_before_training(
     monkeypatch.setattr(train, "make_train_step", pytest.fail)
     with pytest.raises(ValueError, match=fragment):
         train.fit(train.TrainConfig(epochs=1, pretrain_epochs=1), broken, log=lambda _: None)
-    assert _cli()(["--out", str(tmp_path / "run")]) == 2
+    assert load_cli("mnist").main(["--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()  # the directory it made is gone again
 
 
@@ -125,7 +115,7 @@ def test_empty_splits_fail_before_training(
 
 def test_published_run_is_verified_and_strict_json(tmp_path, tiny_data):
     out = tmp_path / "run"
-    assert _cli()([*TINY, "--out", str(out)]) == 0
+    assert load_cli("mnist").main([*TINY, "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == [".lock", "params.msgpack", "results.json", "training.png"]
     text = (out / "results.json").read_text()
@@ -144,19 +134,19 @@ def test_published_run_is_verified_and_strict_json(tmp_path, tiny_data):
 
 def test_finished_run_is_not_overwritten_without_overwrite(tmp_path, tiny_data, capsys):
     out = tmp_path / "run"
-    assert _cli()([*TINY, "--out", str(out)]) == 0
+    assert load_cli("mnist").main([*TINY, "--out", str(out)]) == 0
     before = (out / "results.json").read_bytes()
     capsys.readouterr()
-    assert _cli()([*TINY, "--seed", "1", "--out", str(out)]) == 2
+    assert load_cli("mnist").main([*TINY, "--seed", "1", "--out", str(out)]) == 2
     assert "already holds a finished run; pass --overwrite" in _one_line_error(capsys)
     assert (out / "results.json").read_bytes() == before
-    assert _cli()([*TINY, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
+    assert load_cli("mnist").main([*TINY, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / "results.json").read_text())["seed"] == 1
 
 
 def test_a_live_run_locks_its_directory(tmp_path, no_data, capsys):
     with rundir.RunDir.open(tmp_path / "run"):
-        assert _cli()(["--out", str(tmp_path / "run")]) == 2
+        assert load_cli("mnist").main(["--out", str(tmp_path / "run")]) == 2
         assert "in use by another live run" in _one_line_error(capsys)
     with rundir.RunDir.open(tmp_path / "run"):  # released on close
         pass
@@ -170,13 +160,15 @@ def test_full_disk_leaves_no_results_and_no_temporaries(tmp_path, tiny_data, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", disk_full)
-    assert _cli()([*TINY, "--out", str(out)]) == 1
+    assert load_cli("mnist").main([*TINY, "--out", str(out)]) == 1
     leftovers = sorted(p.name for p in out.iterdir())
     assert "results.json" not in leftovers
     assert not [name for name in leftovers if name.endswith(files.TMP_SUFFIX)]
     assert "checkpoints" in leftovers  # the trained state survives ...
     monkeypatch.setattr(files.os, "fsync", real_fsync)
-    assert _cli()([*TINY, "--out", str(out), "--resume"]) == 0  # ... and is published
+    assert (
+        load_cli("mnist").main([*TINY, "--out", str(out), "--resume"]) == 0
+    )  # ... and is published
     assert report.load_params(out) is not None
 
 
@@ -186,20 +178,11 @@ DRIVER = textwrap.dedent(
     """
     import os, runpy, signal, sys
     import jax
-    import numpy as np
     jax.config.update("jax_compilation_cache_dir", {cache!r})
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from cgmq_jax import data, train
 
-    rng = np.random.default_rng(0)
-    prototypes = rng.integers(0, 256, size=(10, 28, 28, 1))
-
-    def split(n):
-        labels = rng.integers(0, 10, size=n).astype(np.int32)
-        noise = rng.integers(-40, 40, size=(n, 28, 28, 1))
-        return np.clip(prototypes[labels] + noise, 0, 255).astype(np.float32) / 256, labels
-
-    tiny = data.MnistData(split(384), split(128), split(128), "synthetic")
+    tiny = data.synthetic()  # the tests' tiny_mnist
     data.load_mnist = lambda *a, **k: tiny
     signal_at = int(os.environ.get("SIGNAL_AT_STEP", "0"))
     signum = getattr(signal, os.environ.get("SIGNAL", "SIGKILL"))
@@ -284,7 +267,10 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes_bit_identical(tmp_path, uninte
 
 def test_divergence_stops_the_run_without_a_certificate(tmp_path, tiny_data, capsys):
     out = tmp_path / "run"
-    assert _cli()([*TINY, "--quantizer_lr", "1e30", "--lr", "1e30", "--out", str(out)]) == 1
+    assert (
+        load_cli("mnist").main([*TINY, "--quantizer_lr", "1e30", "--lr", "1e30", "--out", str(out)])
+        == 1
+    )
     err = _one_line_error(capsys)
     assert "training diverged" in err and "nothing certified" in err
     assert not (out / "results.json").exists()

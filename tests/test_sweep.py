@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import pathlib
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import load_cli
 
 from cgmq_jax import cost, data, models, quantizer, sweep, train
 
@@ -18,10 +18,7 @@ LENET_MACS = 281640
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _standard_promotion():
-    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
-        yield
+pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
 
 
 def _at_bits(params, bits):
@@ -247,20 +244,13 @@ def test_run_grid_refuses_a_runs_csv_of_an_older_sweep(tiny_mnist, tmp_path):
 # ------------------------------------------------------------------ experiments/sweep.py
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("sweep_cli", ROOT / "experiments" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_writes_runs_summary_and_both_plots(tiny_mnist, tmp_path, monkeypatch, capsys):
     fake = FakeFit()
     monkeypatch.setattr(data, "load_mnist", lambda *args, **kwargs: tiny_mnist)
     monkeypatch.setattr(train, "fit", fake)
     out = tmp_path / "out"
     argv = ["--out", str(out), "--budgets", "2e6", "--lams", "1", "--seeds", "0"]
-    assert _load_cli().main(argv) == 0
+    assert load_cli("sweep").main(argv) == 0
     rows = sweep.read_rows(out / "runs.csv")
     assert [r["method"] for r in rows] == ["float", "fixed", "fixed", "fixed", "cgmq", "dq"]
     assert rows[0]["epochs"] == "4"  # quick preset: 2 float + 2 QAT epochs
@@ -316,7 +306,7 @@ def test_cli_rejects_bad_flags_before_loading_data(tmp_path, monkeypatch, capsys
         argv, message = argv(tmp_path)
     else:
         argv = ["--out", str(tmp_path / "out"), *argv]
-    assert _load_cli().main(argv) == 2
+    assert load_cli("sweep").main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert message in err
@@ -331,13 +321,13 @@ def test_cli_rejects_an_unwritable_out(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "load_mnist", refuse)
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
     out = tmp_path / "out"
-    assert _load_cli().main(["--out", str(out)]) == 2
+    assert load_cli("sweep").main(["--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --out {out}: cannot create or write the directory (Permission denied)\n"
 
 
 def test_cli_probe_leaves_no_file_behind(tmp_path):
-    cli = _load_cli()
+    cli = load_cli("sweep")
     args = cli.parse_args(["--out", str(tmp_path / "a" / "b")])
     assert cli.check_args(args) == tmp_path / "a" / "b"
     assert list((tmp_path / "a" / "b").iterdir()) == []
@@ -364,6 +354,6 @@ def test_cli_rejects_unusable_splits_before_training(
 
     monkeypatch.setattr(data, "load_mnist", lambda *args, **kwargs: dataset)
     monkeypatch.setattr(train, "fit", no_fit)
-    assert _load_cli().main(["--out", str(tmp_path / "out")]) == 2
+    assert load_cli("sweep").main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import load_cli
 
 from cgmq_jax import certify, cost, data, models, report, train
 
@@ -17,17 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LENET_MACS = 281640
 
 
-@pytest.fixture(autouse=True)
-def _standard_promotion():
-    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
-        yield
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("mnist_cli", ROOT / "experiments" / "mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
 
 
 def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
@@ -58,7 +48,9 @@ def test_repair_makes_an_over_budget_model_feasible():
 
 @pytest.mark.parametrize("budget", ["1e5", "5e5"])
 def test_infeasible_budget_exits_2_and_states_the_minimum(budget, capsys):
-    status = _load_cli().main(["--budget_bops", budget, "--data", "idx", "--data_dir", "/nope"])
+    status = load_cli("mnist").main(
+        ["--budget_bops", budget, "--data", "idx", "--data_dir", "/nope"]
+    )
     message = capsys.readouterr().err
     assert status == 2
     assert "infeasible" in message and f"{LENET_MACS * 2:,}" in message
@@ -67,13 +59,13 @@ def test_infeasible_budget_exits_2_and_states_the_minimum(budget, capsys):
 
 @pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf"])
 def test_bad_budgets_are_rejected(budget, capsys):
-    status = _load_cli().main(["--budget_bops", budget])
+    status = load_cli("mnist").main(["--budget_bops", budget])
     assert status == 2
     assert "positive finite" in capsys.readouterr().err
 
 
 def test_missing_data_is_a_one_line_error(tmp_path, capsys):
-    status = _load_cli().main(["--data", "idx", "--data_dir", str(tmp_path)])
+    status = load_cli("mnist").main(["--data", "idx", "--data_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert err.startswith("error:") and len(err.splitlines()) == 1
@@ -83,7 +75,7 @@ def test_cli_writes_results(tmp_path, tiny_mnist, monkeypatch):
     monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
     out = tmp_path / "run"
     argv = ["--budget_bops", "2e6", "--epochs", "1", "--pretrain_epochs", "0", "--out", str(out)]
-    assert _load_cli().main(argv) == 0
+    assert load_cli("mnist").main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["certificate"]["within_budget"] and results["bops"] <= 2e6
     assert results["flags"]["budget_bops"] == 2e6 and results["seed"] == 0
