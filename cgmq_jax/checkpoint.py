@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,21 @@ _STATE = "state"
 _META = "meta"
 
 
+def _quiet(args) -> None:
+    del args
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message names the directory and the cause."""
+
+
 class Checkpointer:
     """Save and restore ``(arrays, meta)`` pairs in ``directory``; only the latest is kept."""
 
     def __init__(self, directory: str | os.PathLike):
-        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+        # Orbax logs every save at INFO, and a failed write at ERROR before it raises (the
+        # error is reported as a CheckpointError).
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -41,15 +53,36 @@ class Checkpointer:
         )
 
     def save(self, index: int, arrays: Any, meta: dict) -> None:
-        """Save checkpoint number ``index`` (increasing) and wait until it is on disk."""
-        self._manager.save(
-            index,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        """Save checkpoint number ``index`` (increasing) and wait until it is on disk.
+
+        Raises:
+          CheckpointError: it could not be written (a full disk, say); its partial files
+            are removed and the previous checkpoint stays the latest.
+        """
+        # Orbax's writer threads print their own tracebacks when a write fails; the failure
+        # is reported once, below, as a CheckpointError. After a failure they stay quiet
+        # (their event loops are torn down as the run stops).
+        hook, threading.excepthook = threading.excepthook, _quiet
+        try:
+            self._manager.save(
+                index,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+            threading.excepthook = hook
+        except Exception as error:  # orbax and tensorstore raise several types
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its orphaned tasks
+            for partial in self.directory.glob(f"{index}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if "No space left on device" in reason:
+                reason = "No space left on device"
+            raise CheckpointError(
+                f"cannot write a checkpoint into {self.directory} ({reason[:200]})"
+            ) from None
 
     def latest_meta(self) -> dict | None:
         """The ``meta`` of the latest complete checkpoint, or None if there is none."""

@@ -147,6 +147,12 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
                 f"interrupted at {stopped.where} ({saved}); resume with: {_resume_command(argv)}",
                 130,
             )
+        except OSError as error:  # a checkpoint could not be written (a full disk, say)
+            return _error(
+                f"{error}; fix that, then run {_resume_command(argv)} (it continues from the "
+                "last complete checkpoint, if any)",
+                1,
+            )
         except train.TrainingDiverged as error:
             return _error(
                 f"{error} The last finite epoch stays checkpointed in {run.path}; "

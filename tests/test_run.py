@@ -296,3 +296,26 @@ def test_results_json_refuses_non_finite_numbers():
     with pytest.raises(ValueError, match="non-finite"):
         rundir.strict_json({"loss": float("nan")})
     assert np.isfinite(json.loads(rundir.strict_json({"x": 1.5}))["x"])
+
+
+def test_a_failed_checkpoint_write_is_one_error_and_leaves_no_partial(tmp_path, monkeypatch):
+    import threading
+
+    from cgmq_jax import checkpoint
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored afterwards
+    saver = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    saver.save(1, {"w": jnp.ones(3)}, {"position": "first"})
+
+    def disk_full(index, args, force):
+        (saver.directory / f"{index}.orbax-checkpoint-tmp-1").mkdir()
+        raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(saver._manager, "save", disk_full)
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"checkpoints \(No space left on device\)"
+    ):
+        saver.save(2, {"w": jnp.zeros(3)}, {"position": "second"})
+    assert sorted(p.name for p in saver.directory.iterdir()) == ["1"]
+    assert saver.latest_meta() == {"position": "first"}
+    saver.close()
