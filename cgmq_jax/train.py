@@ -293,8 +293,11 @@ def _qat_loss(setup: _Setup):
     if config.method == "dq":
 
         def loss_fn(params, images, labels):
-            penalty = dq_penalty(params, setup.specs, setup.budget, config.lam)
-            return _cross_entropy(model, params, images, labels) + penalty
+            # Traced in this order (cross-entropy, then the penalty) as in 0.1.0, so that the
+            # gradient sums, and the runs, stay bit for bit those of the last release.
+            return _cross_entropy(model, params, images, labels) + dq_penalty(
+                params, setup.specs, setup.budget, config.lam
+            )
 
     elif config.method == "fixed":  # the range follows the step: the loss sees the tie
 
