@@ -125,7 +125,7 @@ class RunDir:
         meta = self.checkpointer.latest_meta() if self.checkpoint_dir.exists() else None
         if meta is None:
             # Killed before its first checkpoint, or new: nothing to keep.
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            self._drop_checkpoints()
             return
         if not resume:
             raise RunDirError(

@@ -319,3 +319,11 @@ def test_a_failed_checkpoint_write_is_one_error_and_leaves_no_partial(tmp_path, 
     assert sorted(p.name for p in saver.directory.iterdir()) == ["1"]
     assert saver.latest_meta() == {"position": "first"}
     saver.close()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # what such a run leaves
+    with rundir.RunDir.open(tmp_path / "run") as run:  # not "unfinished": nothing to resume
+        run.checkpointer.save(1, {"w": jnp.ones(2)}, {"position": "QAT epoch 1, batch 0"})
+    with pytest.raises(rundir.RunDirError, match="checkpoint at QAT epoch 1, batch 0"):
+        rundir.RunDir.open(tmp_path / "run")
