@@ -465,18 +465,14 @@ def fit(
     if not setup.float_epochs and config.method != "float":
         progress = _Progress(phase="qat", epoch=setup.qat_epochs.start)
         state = _qat_state(setup, float_params, calibration)
-    meta = checkpointer.latest_meta() if (resume and checkpointer is not None) else None
-    if meta is not None:
-        progress = _Progress(**meta["progress"])
-        if progress.phase == "qat" and setup.float_epochs:  # ``state`` is the float one
-            state = jax.eval_shape(lambda p: _qat_state(setup, p, calibration), float_params)
-        like = jax.eval_shape(lambda s: _checkpoint_arrays(s, None), state)
-        arrays = checkpointer.restore_arrays(like)
-        state = state.replace(
-            params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"]
-        )
-        best_params = arrays["best_params"] if progress.best_epoch is not None else None
-        log(f"resumed from the checkpoint at {_epoch_name(setup, progress)}, batch {progress.step}")
+    if resume and checkpointer is not None:
+        restored = _restore(setup, checkpointer, state, float_params, calibration)
+        if restored is not None:
+            state, progress, best_params = restored
+            log(
+                f"resumed from the checkpoint at {_epoch_name(setup, progress)}, "
+                f"batch {progress.step}"
+            )
 
     def save(state, progress) -> bool:
         if checkpointer is None:
@@ -540,6 +536,27 @@ def fit(
     if config.method == "float":
         return _finish_float(setup, state.params, progress.history, dataset, seconds)
     return _finish_qat(setup, state.params, best_params, progress, dataset, seconds, log)
+
+
+def _restore(setup: _Setup, checkpointer, state, float_params, calibration):
+    """``(state, progress, best_params)`` from the latest checkpoint, or None if there is none.
+
+    ``state`` is the fresh state of the run's first phase; a QAT checkpoint of a run that
+    pretrains is restored into the QAT state's structure (built abstractly, no compute).
+    """
+    meta = checkpointer.latest_meta()
+    if meta is None:
+        return None
+    progress = _Progress(**meta["progress"])
+    if progress.phase == "qat" and setup.float_epochs:  # ``state`` is the float one
+        state = jax.eval_shape(lambda p: _qat_state(setup, p, calibration), float_params)
+    like = jax.eval_shape(lambda s: _checkpoint_arrays(s, None), state)
+    arrays = checkpointer.restore_arrays(like)
+    state = state.replace(
+        params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"]
+    )
+    best_params = arrays["best_params"] if progress.best_epoch is not None else None
+    return state, progress, best_params
 
 
 def _finish_qat(setup, last_params, best_params, progress, dataset, seconds, log) -> FitResult:
