@@ -5,8 +5,9 @@
 * a quantized layer is any Flax module with ``kernel``, ``input_quantizer`` and
   ``weight_quantizer`` parameters (e.g. :class:`cgmq_jax.nn.QuantDense`, ``QuantConv``);
 * ``MACs_l = prod(output.shape[1:]) * prod(kernel.shape[:-1])``, found once from the
-  model's shapes with ``jax.eval_shape`` (dense: out x in; convolution: output positions x
-  output channels x kh x kw x in / groups);
+  model's shapes with ``jax.eval_shape`` (dense: out x in; convolution of any rank, with
+  any strides, padding, dilation: output positions x output channels x prod(kernel
+  window) x in / groups, since the kernel is ``(*window, in / groups, out)``);
 * the network input is quantized by the first layer's input quantizer and counted;
   biases (accumulator precision), the unquantized logits, pooling and ReLU cost nothing.
 
@@ -43,12 +44,18 @@ class LayerSpec:
         return "/".join(self.path)
 
 
-def layer_specs(model: nn.Module, sample_input: jax.Array) -> tuple[LayerSpec, ...]:
+def layer_specs(model: nn.Module, sample_input: jax.Array, params=None) -> tuple[LayerSpec, ...]:
     """Find every quantized layer of ``model`` and its MACs per example, from shapes alone.
+
+    A layer's input signedness is its ``input_signed`` field, or, where that is ``None``
+    (decided by the data), the decision stored in its ``input_signed`` parameter leaf,
+    read from ``params``.
 
     Args:
       model: a Flax linen model (quantized, so that its layers have quantizer parameters).
       sample_input: an input batch (or a ``jax.ShapeDtypeStruct``) with a leading batch axis.
+      params: the quantized parameters (concrete values); needed only if a layer decides
+        its input signedness from the data.
 
     Returns:
       One :class:`LayerSpec` per quantized layer, in call order.
@@ -61,8 +68,11 @@ def layer_specs(model: nn.Module, sample_input: jax.Array) -> tuple[LayerSpec, .
         if context.method_name == "__call__" and module.has_variable("params", "input_quantizer"):
             kernel = module.get_variable("params", "kernel")
             macs = math.prod(out.shape[1:]) * math.prod(kernel.shape[:-1])
-            signed = bool(getattr(module, "input_signed", False))
-            found.append(LayerSpec(tuple(module.path), int(macs), signed))
+            path = tuple(module.path)
+            signed = getattr(module, "input_signed", False)
+            if signed is None:
+                signed = stored_input_signed(params, path)
+            found.append(LayerSpec(path, int(macs), bool(signed)))
         return out
 
     sample = jax.ShapeDtypeStruct(jnp.shape(sample_input), jnp.float32)
@@ -76,16 +86,30 @@ def layer_specs(model: nn.Module, sample_input: jax.Array) -> tuple[LayerSpec, .
     return tuple(found)
 
 
-def _layer_params(params, spec: LayerSpec):
+def _layer_params(params, path: tuple[str, ...]):
     node = params
-    for key in spec.path:
+    for key in path:
         node = node[key]
     return node
 
 
+def stored_input_signed(params, path: tuple[str, ...]) -> bool:
+    """The data's signedness decision of the layer at ``path``, from its ``input_signed`` leaf."""
+    name = "/".join(path)
+    if params is None:
+        raise ValueError(
+            f"layer {name!r} decides its input signedness from the data (input_signed=None): "
+            "pass its parameters, layer_specs(model, sample_input, params)"
+        )
+    layer = _layer_params(params, path)
+    if quantizer.INPUT_SIGNED not in layer:
+        raise ValueError(f"layer {name!r} has no {quantizer.INPUT_SIGNED!r} leaf in params")
+    return bool(np.asarray(layer[quantizer.INPUT_SIGNED]) > 0.5)
+
+
 def layer_bitwidths(params, spec: LayerSpec, *, exact: bool = False):
     """``(weight_bits, input_bits)`` of one layer: traced floats, or int32 when ``exact``."""
-    layer = _layer_params(params, spec)
+    layer = _layer_params(params, spec.path)
     fn = quantizer.exact_bitwidth if exact else quantizer.bitwidth
     weight_bits = fn(*quantizer.from_latents(layer["weight_quantizer"]), signed=spec.weight_signed)
     input_bits = fn(*quantizer.from_latents(layer["input_quantizer"]), signed=spec.input_signed)

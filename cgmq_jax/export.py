@@ -549,6 +549,32 @@ def _graph_for(model, layer_names: list[str]) -> list[dict]:
     return ops
 
 
+def _conv_facts(module, input_shape: Sequence[int]) -> dict:
+    """Strides, explicit padding and groups of a 2-D convolution the integer engine runs."""
+    import jax
+
+    from cgmq_jax import nn as qnn
+
+    geometry = qnn.conv_geometry(module)
+    name = "/".join(module.path)
+    if len(geometry["kernel_size"]) != 2 or len(input_shape) != 4:
+        raise ValueError(f"layer {name}: the integer engine runs 2-D convolutions only")
+    if geometry["pre_padding"] is not None or module.mask is not None:
+        raise ValueError(f"layer {name}: padding {module.padding!r} / masks are not exported")
+    if set(geometry["input_dilation"]) != {1} or set(geometry["kernel_dilation"]) != {1}:
+        raise ValueError(f"layer {name}: dilated convolutions are not exported")
+    padding = geometry["padding"]
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(
+            input_shape[1:3], geometry["kernel_size"], geometry["strides"], padding
+        )
+    return {
+        "strides": [int(s) for s in geometry["strides"]],
+        "padding": [[int(a), int(b)] for a, b in padding],
+        "groups": int(module.feature_group_count),
+    }
+
+
 def _trace_layers(model, input_shape: Sequence[int]) -> list[dict]:
     """Every quantized layer in call order, with its attributes and shapes (no FLOPs)."""
     import jax
@@ -570,21 +596,11 @@ def _trace_layers(model, input_shape: Sequence[int]) -> list[dict]:
                 "kind": "conv" if isinstance(module, qnn.QuantConv) else "dense",
                 "input_shape": list(args[0].shape[1:]),
                 "output_shape": list(out.shape[1:]),
-                "input_signed": bool(module.input_signed),
+                "input_signed": module.input_signed,  # None: decided by data, in params
                 "use_bias": bool(module.use_bias),
             }
             if entry["kind"] == "conv":
-                kernel = module.get_variable("params", "kernel")
-                padding = module.padding
-                if isinstance(padding, str):
-                    padding = jax.lax.padtype_to_pads(
-                        args[0].shape[1:3], kernel.shape[:2], tuple(module.strides), padding
-                    )
-                entry.update(
-                    strides=[int(s) for s in module.strides],
-                    padding=[[int(a), int(b)] for a, b in padding],
-                    groups=int(module.feature_group_count),
-                )
+                entry.update(_conv_facts(module, args[0].shape))
             found.append(entry)
         return out
 
@@ -739,6 +755,10 @@ def export(
         node = params
         for key in entry["path"]:
             node = node[key]
+        if entry["input_signed"] is None:
+            from cgmq_jax import cost
+
+            entry["input_signed"] = cost.stored_input_signed(params, entry["path"])
         e_w, n_w, b_w = _quantizer_facts(node["weight_quantizer"], signed=True)
         e_in, n_in, b_in = _quantizer_facts(node["input_quantizer"], signed=entry["input_signed"])
         kernel = np.asarray(node["kernel"], np.float32)
@@ -859,6 +879,7 @@ def export(
 def _jitted_forward():
     """``jit(model, params, x) -> (logits, {layer: input codes})``, built once (needs JAX)."""
     import jax
+    import jax.numpy as jnp
     from flax import linen
 
     from cgmq_jax import nn as qnn
@@ -874,9 +895,17 @@ def _jitted_forward():
             ):
                 theta = module.get_variable("params", "input_quantizer")
                 d, q_max = quantizer.from_latents(theta)
-                codes["/".join(module.path)] = quantizer.quantize(
-                    args[0], d, q_max, signed=module.input_signed
-                )[0]
+                signed = module.input_signed
+                if signed is None:  # decided by the data, stored with the parameters
+                    signed = module.get_variable("params", quantizer.INPUT_SIGNED) > 0.5
+                    code = jnp.where(
+                        signed,
+                        quantizer.quantize(args[0], d, q_max, signed=True)[0],
+                        quantizer.quantize(args[0], d, q_max, signed=False)[0],
+                    )
+                else:
+                    code = quantizer.quantize(args[0], d, q_max, signed=signed)[0]
+                codes["/".join(module.path)] = code
             return next_fun(*args, **kwargs)
 
         with linen.intercept_methods(record):

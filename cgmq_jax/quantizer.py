@@ -208,6 +208,9 @@ def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Arra
 # Storing logarithms keeps both positive and makes one learning rate mean the same relative
 # step for every quantizer (an image input has d = 2**-8, a weight range may be 12).
 QUANTIZER_SUFFIX = "_quantizer"
+# A layer whose input signedness is decided by its data stores the decision as a float32
+# scalar leaf under this name (1.0 signed, 0.0 unsigned); it is not a quantizer leaf.
+INPUT_SIGNED = "input_signed"
 # Sign of a cost-raising update of each latent: decreasing d, or increasing q_max, can add
 # bits; the opposite never can.
 COST_RAISING_SIGN = (-1.0, 1.0)
