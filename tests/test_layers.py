@@ -1,0 +1,227 @@
+"""Tests of cgmq_jax.nn's layers against flax.linen.Dense / Conv, and data-decided signedness.
+
+Each trap of a layer that does not behave like Flax's: positional ``features``, int kernel
+sizes and strides, every padding form, dilation, groups, 1-D and 3-D, dtypes. With
+``quantize=False`` a layer must compute exactly the Flax layer with the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cgmq_jax import cost, quantizer
+from cgmq_jax import nn as cnn
+
+# (Conv keyword arguments, input shape with batch, MACs per example counted by hand:
+#  output positions x output channels x prod(window) x input channels / groups). As in
+#  Flax, an int kernel_size is a 1-D window; the default padding is 'SAME'.
+CONVS = {
+    "kernel_size_int_1d": ({"features": 4, "kernel_size": 3}, (2, 10, 2), 10 * 4 * 3 * 2),
+    "stride_2_padding_1": (
+        {"features": 8, "kernel_size": (3, 3), "strides": 2, "padding": 1},
+        (2, 9, 9, 3),
+        5 * 5 * 8 * 9 * 3,
+    ),
+    "same_default": ({"features": 8, "kernel_size": (3, 3)}, (1, 7, 7, 2), 49 * 8 * 9 * 2),
+    "pairs_padding": (
+        {"features": 5, "kernel_size": (3, 2), "padding": ((1, 2), (0, 1))},
+        (1, 6, 6, 2),
+        7 * 6 * 5 * 6 * 2,
+    ),
+    "circular": (
+        {"features": 4, "kernel_size": (3, 3), "padding": "CIRCULAR"},
+        (1, 6, 6, 2),
+        36 * 4 * 9 * 2,
+    ),
+    "kernel_dilation_2": (
+        {"features": 4, "kernel_size": (3, 3), "kernel_dilation": 2, "padding": "VALID"},
+        (1, 9, 9, 2),
+        5 * 5 * 4 * 9 * 2,
+    ),
+    "input_dilation_2": (
+        {"features": 3, "kernel_size": (2, 2), "input_dilation": 2, "padding": 0},
+        (1, 5, 5, 2),
+        8 * 8 * 3 * 4 * 2,
+    ),
+    "causal_1d": (
+        {"features": 3, "kernel_size": 4, "padding": "CAUSAL"},
+        (2, 12, 2),
+        12 * 3 * 4 * 2,
+    ),
+    "conv_3d": (
+        {"features": 4, "kernel_size": (2, 3, 3), "padding": "VALID"},
+        (1, 5, 6, 6, 2),
+        4 * 4 * 4 * 4 * 18 * 2,
+    ),
+    "depthwise": (
+        {"features": 8, "kernel_size": (3, 3), "feature_group_count": 4, "padding": "VALID"},
+        (1, 6, 6, 4),
+        4 * 4 * 8 * 9 * 1,
+    ),
+}
+
+
+def _inputs(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _max_error(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+@pytest.mark.parametrize(
+    ("flax_cls", "ours"), [(nn.Dense, cnn.QuantDense), (nn.Conv, cnn.QuantConv)]
+)
+def test_fields_are_flax_fields_then_keyword_quantizer_options(flax_cls, ours):
+    flax_fields = [f for f in dataclasses.fields(flax_cls) if f.name not in ("parent", "name")]
+    our_fields = [f for f in dataclasses.fields(ours) if f.name not in ("parent", "name")]
+    n = len(flax_fields)
+    assert [(f.name, f.default) for f in our_fields[:n]] == [
+        (f.name, f.default) for f in flax_fields
+    ]
+    extra = our_fields[n:]
+    assert [f.name for f in extra] == ["quantize", "input_signed", "calibration_percentile"]
+    assert all(f.kw_only for f in extra)
+    assert [f.default for f in extra[:2]] == [True, None]
+
+
+def test_dense_features_is_the_first_field():
+    x = _inputs((2, 6))
+    params = cnn.QuantDense(10).init(jax.random.key(0), x)["params"]
+    assert params["kernel"].shape == (6, 10)
+    assert cnn.QuantDense(10).apply({"params": params}, x).shape == (2, 10)
+
+
+def test_conv_features_and_kernel_size_are_positional():
+    x = _inputs((1, 8, 8, 3))
+    params = cnn.QuantConv(8, (3, 3)).init(jax.random.key(0), x)["params"]
+    assert params["kernel"].shape == (3, 3, 3, 8)
+    assert cnn.QuantConv(8, (3, 3)).apply({"params": params}, x).shape == (1, 8, 8, 8)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_float_dense_is_flax_dense(use_bias):
+    x = _inputs((3, 7))
+    params = nn.Dense(5, use_bias=use_bias).init(jax.random.key(1), x)["params"]
+    params = jax.tree.map(lambda v: v + 0.1, params)  # a non-zero bias
+    expected = nn.Dense(5, use_bias=use_bias).apply({"params": params}, x)
+    ours = cnn.QuantDense(5, use_bias=use_bias, quantize=False)
+    np.testing.assert_array_equal(ours.apply({"params": params}, x), expected)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)["params"]) == jax.tree.map(
+        jnp.shape, params
+    )
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_matches_flax_and_counts_macs(name):
+    kwargs, shape, hand_macs = CONVS[name]
+    x = _inputs(shape)
+    reference = nn.Conv(**kwargs)
+    params = reference.init(jax.random.key(2), x)["params"]
+    params = dict(params, bias=params["bias"] + 0.1)
+    expected = reference.apply({"params": params}, x)
+    float_layer = cnn.QuantConv(**kwargs, quantize=False)
+    np.testing.assert_array_equal(float_layer.apply({"params": params}, x), expected)
+    # Quantized at 8 bits (initialised on x: signed input, decided by the data): close.
+    layer = cnn.QuantConv(**kwargs)
+    qparams = layer.init(jax.random.key(2), x)["params"]
+    np.testing.assert_array_equal(
+        qparams["kernel"], reference.init(jax.random.key(2), x)["params"]["kernel"]
+    )
+    assert float(qparams[quantizer.INPUT_SIGNED]) == 1.0
+    qparams = dict(qparams, bias=params["bias"])
+    y = layer.apply({"params": qparams}, x)
+    assert y.shape == expected.shape
+    assert _max_error(y, expected) <= 0.05 * float(np.max(np.abs(expected)))
+    specs = cost.layer_specs(layer, x, qparams)
+    assert [(s.macs, s.input_signed) for s in specs] == [(hand_macs, True)]
+
+
+def test_bfloat16_layers_match_flax():
+    x = _inputs((2, 6, 6, 3))
+    for reference, ours in (
+        (
+            nn.Conv(4, 3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+            cnn.QuantConv(4, 3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+        ),
+        (nn.Dense(5, dtype=jnp.bfloat16), cnn.QuantDense(5, dtype=jnp.bfloat16)),
+    ):
+        params = reference.init(jax.random.key(3), x)["params"]
+        expected = reference.apply({"params": params}, x)
+        got = ours.clone(quantize=False).apply({"params": params}, x)
+        assert got.dtype == expected.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+        qparams = ours.init(jax.random.key(3), x)["params"]
+        assert qparams["kernel"].dtype == params["kernel"].dtype
+        y = ours.apply({"params": qparams}, x)
+        assert y.dtype == jnp.bfloat16 and y.shape == expected.shape
+        float_y = reference.apply({"params": cnn.strip_quantizers(qparams)}, x)
+        assert _max_error(y, float_y) <= 0.05 * float(
+            np.max(np.abs(np.asarray(float_y, np.float32)))
+        )
+
+
+def test_default_input_quantizer_keeps_negative_inputs():
+    # The trap: an unsigned input quantizer clips the negative half to 0 (sum 2.28).
+    x = jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)[None]
+    layer = cnn.QuantDense(1, use_bias=False, kernel_init=nn.initializers.ones)
+    params = layer.init(jax.random.key(0), x)["params"]
+    assert float(params[quantizer.INPUT_SIGNED]) == 1.0
+    y = float(layer.apply({"params": params}, x)[0, 0])
+    assert abs(y) < 0.02, y
+    # The same decision on non-negative data is unsigned.
+    params = layer.init(jax.random.key(0), jnp.abs(x))["params"]
+    assert float(params[quantizer.INPUT_SIGNED]) == 0.0
+
+
+class _Net(nn.Module):
+    """dense 6 (decided) -> relu -> dense 3 (decided, or as ``head_signed``)."""
+
+    quantized: bool = True
+    head_signed: bool | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(cnn.QuantDense(6, quantize=self.quantized, name="body")(x))
+        x = x - 0.5 * (self.head_signed is False)  # negative inputs for an unsigned head
+        head = cnn.QuantDense(
+            3, quantize=self.quantized, input_signed=self.head_signed, name="head"
+        )
+        return head(x)
+
+
+def test_init_quantizers_decides_signedness_from_the_calibration_data():
+    x = _inputs((16, 5), seed=4)
+    model = _Net()
+    float_params = _Net(quantized=False).init(jax.random.key(0), x)["params"]
+    params = cnn.init_quantizers(model, float_params, x)
+    assert float(params["body"][quantizer.INPUT_SIGNED]) == 1.0  # normal inputs
+    assert float(params["head"][quantizer.INPUT_SIGNED]) == 0.0  # ReLU outputs
+    specs = cost.layer_specs(model, x, params)
+    assert [s.input_signed for s in specs] == [True, False]
+    rows = cost.layer_table(params, specs)
+    assert [(r["weight_bits"], r["input_bits"]) for r in rows] == [(8, 8), (8, 8)]
+    jitted = jax.jit(lambda p, b: cnn.init_quantizers(model, p, b))(float_params, x)
+    jax.tree.map(np.testing.assert_array_equal, jitted, params)
+    with pytest.raises(ValueError, match="'body' decides its input signedness"):
+        cost.layer_specs(model, x)
+    assert set(cnn.strip_quantizers(params)["body"]) == {"kernel", "bias"}
+
+
+def test_explicit_unsigned_with_negative_inputs_raises_naming_the_layer():
+    x = jnp.abs(_inputs((4, 5), seed=5))
+    model = _Net(head_signed=False)
+    message = r"layer 'head' has input_signed=False .* input_signed=None"
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), x)
+    float_params = _Net(quantized=False).init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=message):
+        cnn.init_quantizers(model, float_params, x)
+    with pytest.raises(Exception, match=message):  # under jit: when the compiled code runs
+        jax.block_until_ready(jax.jit(lambda b: model.init(jax.random.key(0), b))(x))
