@@ -104,7 +104,7 @@ def stored_input_signed(params, path: tuple[str, ...]) -> bool:
     layer = _layer_params(params, path)
     if quantizer.INPUT_SIGNED not in layer:
         raise ValueError(f"layer {name!r} has no {quantizer.INPUT_SIGNED!r} leaf in params")
-    return bool(np.asarray(layer[quantizer.INPUT_SIGNED]) > 0.5)
+    return bool(np.asarray(layer[quantizer.INPUT_SIGNED]) > 0)
 
 
 def layer_bitwidths(params, spec: LayerSpec, *, exact: bool = False):

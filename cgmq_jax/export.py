@@ -897,7 +897,9 @@ def _jitted_forward():
                 d, q_max = quantizer.from_latents(theta)
                 signed = module.input_signed
                 if signed is None:  # decided by the data, stored with the parameters
-                    signed = module.get_variable("params", quantizer.INPUT_SIGNED) > 0.5
+                    signed = quantizer.is_signed_leaf(
+                        module.get_variable("params", quantizer.INPUT_SIGNED)
+                    )
                     code = jnp.where(
                         signed,
                         quantizer.quantize(args[0], d, q_max, signed=True)[0],

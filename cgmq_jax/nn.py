@@ -12,7 +12,7 @@ Parameters of a quantized layer: ``kernel``, ``bias`` and two quantizer leaves,
 ``input_quantizer`` and ``weight_quantizer``, each ``[log2 d, log2 q_max]``
 (:func:`cgmq_jax.quantizer.latents`). :func:`cgmq_jax.quantizer.param_labels` separates
 them from the weights for ``optax.partition``. A layer whose input signedness is decided
-by the data (``input_signed=None``) also has the leaf ``input_signed`` (1.0 signed, 0.0
+by the data (``input_signed=None``) also has the leaf ``input_signed`` (+1.0 signed, -1.0
 unsigned): a data-dependent decision cannot be a static Python value under ``jax.jit``, so
 it travels with the parameters (checkpoints, export, :func:`cgmq_jax.cost.layer_specs`).
 Nothing differentiates it (it only selects), so optimizers leave it as it is.
@@ -77,16 +77,19 @@ def _unsigned_error(path: str) -> ValueError:
 
 def _check_unsigned(x: jax.Array, path: str) -> None:
     """Raise :func:`_unsigned_error` if ``x`` has a negative value (at run time under jit)."""
-    if not isinstance(x, jax.core.Tracer):
-        if bool(jnp.any(x < 0)):
+    negative = jnp.any(x < 0)
+    try:
+        if bool(negative):
             raise _unsigned_error(path)
         return
+    except jax.errors.ConcretizationTypeError:  # traced: check when the computation runs
+        pass
 
     def check(negative):
         if negative:
             raise _unsigned_error(path)
 
-    jax.debug.callback(check, jnp.any(x < 0))
+    jax.debug.callback(check, negative)
 
 
 def decided_signedness(x: jax.Array) -> jax.Array:
@@ -99,15 +102,15 @@ def _input_signedness(module, x: jax.Array):
 
     An explicit ``input_signed`` is static. With ``None`` the decision is made by the data
     the layer sees when its parameters are created (or calibrated) and stored in the
-    parameter leaf ``input_signed`` (1.0 signed, 0.0 unsigned), because a decision that
+    parameter leaf ``input_signed`` (+1.0 signed, -1.0 unsigned), because a decision that
     depends on data values cannot be a static Python value under ``jax.jit``.
     """
     if module.input_signed is not None:
         return bool(module.input_signed)
     stored = module.param(
-        quantizer.INPUT_SIGNED, lambda _: decided_signedness(x).astype(jnp.float32)
+        quantizer.INPUT_SIGNED, lambda _: quantizer.signedness_leaf(decided_signedness(x))
     )
-    return stored > 0.5
+    return quantizer.is_signed_leaf(stored)
 
 
 def _observe_inputs(module, x: jax.Array) -> None:
@@ -387,7 +390,7 @@ def init_quantizers(
             signed = observed[(*layer, "input_signed")]  # a bool, or the data's decision
             result[path] = _initial_quantizer(input_range, signed=signed, bits=input_bits)
         elif name == quantizer.INPUT_SIGNED:
-            result[path] = jnp.asarray(observed[(*layer, "input_signed")], jnp.float32)
+            result[path] = quantizer.signedness_leaf(observed[(*layer, "input_signed")])
         elif name == "weight_quantizer":
             kernel = weights_flat[(*layer, "kernel")]
             result[path] = _initial_quantizer(

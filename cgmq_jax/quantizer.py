@@ -209,11 +209,23 @@ def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Arra
 # step for every quantizer (an image input has d = 2**-8, a weight range may be 12).
 QUANTIZER_SUFFIX = "_quantizer"
 # A layer whose input signedness is decided by its data stores the decision as a float32
-# scalar leaf under this name (1.0 signed, 0.0 unsigned); it is not a quantizer leaf.
+# scalar leaf under this name (+1.0 signed, -1.0 unsigned, read by its sign); it is not a
+# quantizer leaf. Nothing differentiates it, and multiplicative weight decay never changes
+# a sign, so an optimizer that gets it with the weights cannot flip the decision.
 INPUT_SIGNED = "input_signed"
 # Sign of a cost-raising update of each latent: decreasing d, or increasing q_max, can add
 # bits; the opposite never can.
 COST_RAISING_SIGN = (-1.0, 1.0)
+
+
+def signedness_leaf(signed: ArrayLike) -> jax.Array:
+    """The stored :data:`INPUT_SIGNED` leaf of a decision: +1.0 signed, -1.0 unsigned."""
+    return jnp.where(jnp.asarray(signed, bool), 1.0, -1.0).astype(jnp.float32)
+
+
+def is_signed_leaf(leaf: ArrayLike) -> jax.Array:
+    """The decision stored in an :data:`INPUT_SIGNED` leaf (a traced boolean)."""
+    return jax.lax.stop_gradient(jnp.asarray(leaf, jnp.float32)) > 0
 
 
 def latents(d: ArrayLike, q_max: ArrayLike) -> jax.Array:

@@ -177,7 +177,7 @@ def test_default_input_quantizer_keeps_negative_inputs():
     assert abs(y) < 0.02, y
     # The same decision on non-negative data is unsigned.
     params = layer.init(jax.random.key(0), jnp.abs(x))["params"]
-    assert float(params[quantizer.INPUT_SIGNED]) == 0.0
+    assert float(params[quantizer.INPUT_SIGNED]) == -1.0
 
 
 class _Net(nn.Module):
@@ -202,7 +202,7 @@ def test_init_quantizers_decides_signedness_from_the_calibration_data():
     float_params = _Net(quantized=False).init(jax.random.key(0), x)["params"]
     params = cnn.init_quantizers(model, float_params, x)
     assert float(params["body"][quantizer.INPUT_SIGNED]) == 1.0  # normal inputs
-    assert float(params["head"][quantizer.INPUT_SIGNED]) == 0.0  # ReLU outputs
+    assert float(params["head"][quantizer.INPUT_SIGNED]) == -1.0  # ReLU outputs
     specs = cost.layer_specs(model, x, params)
     assert [s.input_signed for s in specs] == [True, False]
     rows = cost.layer_table(params, specs)
