@@ -33,7 +33,7 @@ def _set_bits(theta: jax.Array, bits: int, *, signed: bool) -> jax.Array:
     d, _ = quantizer.from_latents(theta)
     d_q = quantizer.power_of_two_step(d)
     top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-    return theta.at[1].set(jnp.log2(top * d_q))
+    return theta.at[..., 1].set(jnp.log2(top * d_q))
 
 
 def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget: float):
@@ -54,19 +54,37 @@ def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget: float):
         table = cost.layer_table(flax.traverse_util.unflatten_dict(flat), specs)
         if sum(row["bops"] for row in table) <= budget:
             return flax.traverse_util.unflatten_dict(flat), steps
-        best = None
-        for spec, row in zip(specs, table, strict=True):
-            for kind, bits, other, signed in (
-                ("weight", row["weight_bits"], row["input_bits"], spec.weight_signed),
-                ("input", row["input_bits"], row["weight_bits"], spec.input_signed),
-            ):
-                if bits > quantizer.min_bitwidth(signed=signed):
-                    saving = spec.macs * other
-                    if best is None or saving > best[0]:
-                        best = (saving, (*spec.path, f"{kind}_quantizer"), bits - 1, signed)
-        _, path, bits, signed = best
-        flat[path] = _set_bits(jnp.asarray(flat[path]), bits, signed=signed)
+        best = max(_decrements(specs, table), key=lambda candidate: candidate[0])
+        _, path, channel, bits, signed = best
+        leaf = jnp.asarray(flat[path])
+        if channel is None:
+            flat[path] = _set_bits(leaf, bits, signed=signed)
+        else:
+            flat[path] = leaf.at[channel].set(_set_bits(leaf[channel], bits, signed=signed))
         steps += 1
+
+
+def _decrements(specs, table):
+    """Every one-bit decrement of a learned quantizer above its floor, with its saving:
+    ``(saving, leaf path, channel or None, new bits, signed)``."""
+    for spec, row in zip(specs, table, strict=True):
+        if not spec.quantized:
+            continue
+        per_channel_macs = spec.macs // spec.channels
+        weight_bits = row["weight_bits"]
+        channels = weight_bits if isinstance(weight_bits, list) else [weight_bits]
+        floor = quantizer.min_bitwidth(signed=spec.weight_signed)
+        if spec.weight_bits is None:
+            for c, bits in enumerate(channels):
+                if bits > floor:
+                    channel = c if isinstance(weight_bits, list) else None
+                    path = (*spec.path, "weight_quantizer")
+                    yield (per_channel_macs * row["input_bits"], path, channel, bits - 1, True)
+        floor = quantizer.min_bitwidth(signed=spec.input_signed)
+        if spec.input_bits is None and row["input_bits"] > floor:
+            path = (*spec.path, "input_quantizer")
+            saving = per_channel_macs * sum(channels)
+            yield (saving, path, None, row["input_bits"] - 1, spec.input_signed)
 
 
 def cost_report(params, specs: tuple[cost.LayerSpec, ...], budget: float | None) -> dict:

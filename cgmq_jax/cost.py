@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,58 +33,137 @@ FLOAT_BITS = 32
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """The static facts of one quantized layer that its cost needs."""
+    """The static facts of one layer that its cost needs."""
 
     path: tuple[str, ...]  # the layer's place in the parameter tree
     macs: int  # multiply-accumulates per example
     input_signed: bool
     weight_signed: bool = True
+    input_bits: int | None = None  # pinned input bit-width (None: learned)
+    weight_bits: int | None = None  # pinned weight bit-width (None: learned)
+    quantized: bool = True  # False: a float layer, counted at FLOAT_BITS x FLOAT_BITS
+    channels: int = 1  # weight quantizers (output channels when per-channel, else 1)
 
     @property
     def name(self) -> str:
         return "/".join(self.path)
 
 
-def layer_specs(model: nn.Module, sample_input: jax.Array, params=None) -> tuple[LayerSpec, ...]:
-    """Find every quantized layer of ``model`` and its MACs per example, from shapes alone.
+# Layers that do MACs. A call of one of these that no quantizer intercepts is a float
+# layer (counted at 32 x 32 bits); a kind whose MACs we cannot count is an error.
+_COUNTED = (nn.Dense, nn.Conv)
+_UNCOUNTED = (nn.DenseGeneral, nn.Einsum, nn.ConvTranspose, nn.ConvLocal)
 
-    A layer's input signedness is its ``input_signed`` field, or, where that is ``None``
-    (decided by the data), the decision stored in its ``input_signed`` parameter leaf,
-    read from ``params``.
+
+def _abstract(value):
+    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        dtype = jnp.float32 if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype
+        return jax.ShapeDtypeStruct(jnp.shape(value), dtype)
+    return value
+
+
+def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
+    """Find every layer of ``model`` that does MACs, and its MACs per example, from shapes.
+
+    The model runs once under ``jax.eval_shape`` (its ``init``), so nothing is computed.
+    Quantized layers (:class:`cgmq_jax.nn.QuantDense` / ``QuantConv``, or ``nn.Dense`` /
+    ``nn.Conv`` quantized by :func:`cgmq_jax.rules.quantize_model`) report themselves;
+    any other ``nn.Dense`` / ``nn.Conv`` is a float layer and is counted at 32 x 32 bits
+    (never free); ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.ConvTranspose`` and
+    ``nn.ConvLocal`` are an error. A layer's input signedness is its ``input_signed``
+    option, or, where that is ``None`` (decided by the data), the decision stored in its
+    ``input_signed`` parameter leaf, read from ``params``.
 
     Args:
-      model: a Flax linen model (quantized, so that its layers have quantizer parameters).
-      sample_input: an input batch (or a ``jax.ShapeDtypeStruct``) with a leading batch axis.
-      params: the quantized parameters (concrete values); needed only if a layer decides
-        its input signedness from the data.
+      model: a Flax linen model, quantized (its layers have quantizer parameters).
+      *args: the model's inputs (arrays or ``jax.ShapeDtypeStruct``), each with a leading
+        batch axis.
+      params: the quantized parameters; needed only if a layer decides its input
+        signedness from the data.
+      **kwargs: further call arguments of the model (e.g. ``train=False``).
 
     Returns:
-      One :class:`LayerSpec` per quantized layer, in call order.
-    """
-    found: list[LayerSpec] = []
+      One :class:`LayerSpec` per layer, in call order.
 
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
+    Raises:
+      ValueError: no quantized layer, a layer whose MACs cannot be counted, or a layer
+        inside ``nn.scan`` / ``nn.vmap`` (its calls cannot be counted from one trace).
+    """
+    from cgmq_jax import nn as qnn
+
+    floats: list = []
+
+    def find_float_layers(next_fun, call_args, call_kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and module.has_variable("params", "input_quantizer"):
+        if context.method_name != "__call__" or not isinstance(module, _COUNTED + _UNCOUNTED):
+            return next_fun(*call_args, **call_kwargs)
+        before = len(records)
+        out = next_fun(*call_args, **call_kwargs)
+        if len(records) == before:  # no quantized forward ran: a float layer
+            name = "/".join(module.path)
+            if not isinstance(module, _COUNTED):
+                raise ValueError(
+                    f"layer {name!r} is a {type(module).__name__}, whose MACs cannot be "
+                    "counted; use nn.Dense / nn.Conv (or QuantDense / QuantConv) there"
+                )
             kernel = module.get_variable("params", "kernel")
-            macs = math.prod(out.shape[1:]) * math.prod(kernel.shape[:-1])
-            path = tuple(module.path)
-            signed = getattr(module, "input_signed", False)
-            if signed is None:
-                signed = stored_input_signed(params, path)
-            found.append(LayerSpec(path, int(macs), bool(signed)))
+            floats.append((len(records), tuple(module.path), tuple(kernel.shape), out.shape))
         return out
 
-    sample = jax.ShapeDtypeStruct(jnp.shape(sample_input), jnp.float32)
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), sample)
-    if not found:
+    abstract_args = [_abstract(a) for a in args]
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    with qnn.record_layers() as records, nn.intercept_methods(find_float_layers):
+        variables = jax.eval_shape(lambda *a: model.init(rngs, *a, **kwargs), *abstract_args)
+    shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("params", {})))
+    specs: list[tuple[int, LayerSpec]] = []
+    for index, record in enumerate(records):
+        _check_not_lifted(record.path, record.kernel_shape, shapes)
+        options = record.options
+        if not options.quantize:
+            floats.append((index, record.path, record.kernel_shape, record.output_shape))
+            continue
+        signed = options.input_signed
+        if signed is None:
+            signed = stored_input_signed(params, record.path)
+        channels = record.kernel_shape[-1] if options.per_channel else 1
+        spec = LayerSpec(
+            record.path,
+            _macs(record.output_shape, record.kernel_shape),
+            bool(signed),
+            input_bits=options.input_bits,
+            weight_bits=options.weight_bits,
+            channels=channels,
+        )
+        specs.append((index, spec))
+    if not specs:
         raise ValueError(
             f"{type(model).__name__} has no quantized layers (modules with 'input_quantizer' "
-            "and 'weight_quantizer' parameters); build it with quantized=True"
+            "and 'weight_quantizer' parameters); build it with quantized=True, or wrap it "
+            "with cgmq_jax.rules.quantize_model"
         )
-    return tuple(found)
+    for index, path, kernel_shape, output_shape in floats:
+        _check_not_lifted(path, kernel_shape, shapes)
+        spec = LayerSpec(path, _macs(output_shape, kernel_shape), False, quantized=False)
+        specs.append((index, spec))
+    specs.sort(key=lambda item: item[0])  # call order (a float layer before its successor)
+    return tuple(spec for _, spec in specs)
+
+
+def _macs(output_shape, kernel_shape) -> int:
+    """``prod(output per example) * prod(kernel.shape[:-1])`` (dense and any convolution)."""
+    return int(math.prod(output_shape[1:]) * math.prod(kernel_shape[:-1]))
+
+
+def _check_not_lifted(path, kernel_shape, shapes) -> None:
+    """A layer under ``nn.scan`` / ``nn.vmap`` sees a slice of its stacked kernel."""
+    stored = shapes.get((*path, "kernel"))
+    if stored is not None and tuple(stored.shape) != tuple(kernel_shape):
+        raise ValueError(
+            f"layer {'/'.join(path)!r} computes with a kernel of shape {tuple(kernel_shape)} "
+            f"but its parameter has shape {tuple(stored.shape)}: it runs inside a lifted "
+            "transform (nn.scan / nn.vmap), whose repeated calls layer_specs cannot count "
+            "from one trace; unroll the loop (a Python for loop over layers)"
+        )
 
 
 def _layer_params(params, path: tuple[str, ...]):
@@ -99,7 +179,7 @@ def stored_input_signed(params, path: tuple[str, ...]) -> bool:
     if params is None:
         raise ValueError(
             f"layer {name!r} decides its input signedness from the data (input_signed=None): "
-            "pass its parameters, layer_specs(model, sample_input, params)"
+            "pass its parameters, layer_specs(model, *inputs, params=params)"
         )
     layer = _layer_params(params, path)
     if quantizer.INPUT_SIGNED not in layer:
@@ -107,12 +187,30 @@ def stored_input_signed(params, path: tuple[str, ...]) -> bool:
     return bool(np.asarray(layer[quantizer.INPUT_SIGNED]) > 0)
 
 
-def layer_bitwidths(params, spec: LayerSpec, *, exact: bool = False):
-    """``(weight_bits, input_bits)`` of one layer: traced floats, or int32 when ``exact``."""
-    layer = _layer_params(params, spec.path)
+def _bits(theta, pinned: int | None, *, signed: bool, exact: bool):
+    if pinned is not None:  # a constant: no gradient, exactly the pin
+        shape = jnp.shape(theta)[:-1]
+        return jnp.full(shape, pinned, jnp.int32 if exact else jnp.float32)
     fn = quantizer.exact_bitwidth if exact else quantizer.bitwidth
-    weight_bits = fn(*quantizer.from_latents(layer["weight_quantizer"]), signed=spec.weight_signed)
-    input_bits = fn(*quantizer.from_latents(layer["input_quantizer"]), signed=spec.input_signed)
+    return fn(*quantizer.from_latents(theta), signed=signed)
+
+
+def layer_bitwidths(params, spec: LayerSpec, *, exact: bool = False):
+    """``(weight_bits, input_bits)`` of one layer: traced floats, or int32 when ``exact``.
+
+    ``weight_bits`` has one entry per output channel for a per-channel layer (else it is a
+    scalar); a float layer is ``FLOAT_BITS`` for both.
+    """
+    if not spec.quantized:
+        dtype = jnp.int32 if exact else jnp.float32
+        return jnp.asarray(FLOAT_BITS, dtype), jnp.asarray(FLOAT_BITS, dtype)
+    layer = _layer_params(params, spec.path)
+    weight_bits = _bits(
+        layer["weight_quantizer"], spec.weight_bits, signed=spec.weight_signed, exact=exact
+    )
+    input_bits = _bits(
+        layer["input_quantizer"], spec.input_bits, signed=spec.input_signed, exact=exact
+    )
     return weight_bits, input_bits
 
 
@@ -126,7 +224,8 @@ def bops(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
     total = jnp.float32(0.0)
     for spec in specs:
         weight_bits, input_bits = layer_bitwidths(params, spec)
-        total = total + spec.macs * weight_bits * input_bits
+        per_channel = spec.macs // spec.channels  # each channel's MACs at its own bits
+        total = total + per_channel * jnp.sum(weight_bits) * input_bits
     return total
 
 
@@ -136,20 +235,26 @@ def exact_bops(params, specs: tuple[LayerSpec, ...]) -> int:
 
 
 def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
-    """Per-layer rows: name, MACs, weight bits, input bits, BOPs (exact integers)."""
+    """Per-layer rows: name, MACs, weight bits, input bits, BOPs (exact integers).
+
+    A per-channel layer's ``weight_bits`` is a list, one int per output channel; a float
+    layer's row has ``"float": True`` and 32 bits for both.
+    """
     bits = jax.device_get([layer_bitwidths(params, spec, exact=True) for spec in specs])
     rows = []
     for spec, (weight_bits, input_bits) in zip(specs, bits, strict=True):
-        weight_bits, input_bits = int(np.asarray(weight_bits)), int(np.asarray(input_bits))
-        rows.append(
-            {
-                "layer": spec.name,
-                "macs": spec.macs,
-                "weight_bits": weight_bits,
-                "input_bits": input_bits,
-                "bops": spec.macs * weight_bits * input_bits,
-            }
-        )
+        weight_bits, input_bits = np.asarray(weight_bits), int(np.asarray(input_bits))
+        per_channel = [int(b) for b in weight_bits.reshape(-1)]
+        row = {
+            "layer": spec.name,
+            "macs": spec.macs,
+            "weight_bits": per_channel if weight_bits.ndim else per_channel[0],
+            "input_bits": input_bits,
+            "bops": spec.macs // spec.channels * sum(per_channel) * input_bits,
+        }
+        if not spec.quantized:
+            row["float"] = True
+        rows.append(row)
     return rows
 
 
@@ -177,10 +282,14 @@ def validate_budget(budget: float) -> None:
 
 
 def min_cost(specs: tuple[LayerSpec, ...]) -> int:
-    """The smallest achievable cost: every quantizer at its minimum bit-width."""
-    return sum(
-        spec.macs
-        * quantizer.min_bitwidth(signed=spec.weight_signed)
-        * quantizer.min_bitwidth(signed=spec.input_signed)
-        for spec in specs
-    )
+    """The smallest achievable cost: every learned quantizer at its minimum bit-width
+    (pinned quantizers at their pin, float layers at 32 x 32 bits)."""
+    total = 0
+    for spec in specs:
+        if not spec.quantized:
+            total += spec.macs * FLOAT_BITS * FLOAT_BITS
+            continue
+        weight = spec.weight_bits or quantizer.min_bitwidth(signed=spec.weight_signed)
+        inputs = spec.input_bits or quantizer.min_bitwidth(signed=spec.input_signed)
+        total += spec.macs * weight * inputs
+    return total

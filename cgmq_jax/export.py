@@ -583,30 +583,29 @@ def _trace_layers(model, input_shape: Sequence[int]) -> list[dict]:
 
     from cgmq_jax import nn as qnn
 
-    found = []
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, qnn.QuantConv | qnn.QuantDense):
-            if not module.quantize:
-                raise ValueError(f"layer {'/'.join(module.path)} is not quantized")
-            entry = {
-                "path": tuple(module.path),
-                "kind": "conv" if isinstance(module, qnn.QuantConv) else "dense",
-                "input_shape": list(args[0].shape[1:]),
-                "output_shape": list(out.shape[1:]),
-                "input_signed": module.input_signed,  # None: decided by data, in params
-                "use_bias": bool(module.use_bias),
-            }
-            if entry["kind"] == "conv":
-                entry.update(_conv_facts(module, args[0].shape))
-            found.append(entry)
-        return out
-
     sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    with linen.intercept_methods(record):
+    with qnn.record_layers() as records:
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x), sample)
+    found = []
+    for record in records:
+        name, options, module = "/".join(record.path), record.options, record.module
+        if not options.quantize:
+            raise ValueError(f"layer {name} is not quantized")
+        if options.per_channel or options.input_bits or options.weight_bits:
+            raise ValueError(
+                f"layer {name}: per-channel or pinned quantizers are not exported yet"
+            )
+        entry = {
+            "path": record.path,
+            "kind": "conv" if isinstance(module, linen.Conv) else "dense",
+            "input_shape": list(record.input_shape[1:]),
+            "output_shape": list(record.output_shape[1:]),
+            "input_signed": options.input_signed,  # None: decided by data, in params
+            "use_bias": bool(module.use_bias),
+        }
+        if entry["kind"] == "conv":
+            entry.update(_conv_facts(module, record.input_shape))
+        found.append(entry)
     if not found:
         raise ValueError(f"{type(model).__name__} has no quantized layers")
     return found

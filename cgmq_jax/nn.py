@@ -20,6 +20,7 @@ Nothing differentiates it (it only selects), so optimizers leave it as it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 
@@ -97,63 +98,257 @@ def decided_signedness(x: jax.Array) -> jax.Array:
     return jnp.any(x < 0)
 
 
-def _input_signedness(module, x: jax.Array):
-    """The signedness of ``module``'s input quantizer: a Python bool, or a traced one.
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """How one layer is quantized (the keyword-only fields of :class:`QuantDense`).
+
+    Attributes:
+      quantize: quantize the input and the kernel (``False``: a float layer, no quantizer
+        leaves).
+      input_signed: ``True`` / ``False`` for a signed / unsigned input quantizer; ``None``
+        decides from the data at initialisation and calibration: signed iff an input value
+        is negative (the decision is stored in the leaf ``input_signed``). ``False`` with
+        negative calibration inputs raises a ``ValueError`` naming the layer.
+      calibration_percentile: the percentile of ``|x|`` (signed) or ``max(x, 0)``
+        (unsigned) that sets the input quantizer's initial range.
+      per_channel: one weight quantizer (step and range) per output channel: the
+        ``weight_quantizer`` leaf has shape ``(features, 2)`` and the cost counts each
+        channel's MACs at its own bit-width.
+      input_bits: pin the input quantizer at this many bits (its step still learns, its
+        range follows the step; the cost counts it at exactly this); ``None`` learns it.
+      weight_bits: the same for the weight quantizer(s).
+    """
+
+    quantize: bool = True
+    input_signed: bool | None = None
+    calibration_percentile: float = DEFAULT_PERCENTILE
+    per_channel: bool = False
+    input_bits: int | None = None
+    weight_bits: int | None = None
+
+    def __post_init__(self):
+        for name, signed in (("input_bits", self.input_signed), ("weight_bits", True)):
+            bits = getattr(self, name)
+            if bits is None:
+                continue
+            floor = quantizer.min_bitwidth(signed=bool(signed))
+            if isinstance(bits, bool) or not isinstance(bits, int) or not floor <= bits <= 16:
+                raise ValueError(f"{name} must be an int in [{floor}, 16] or None, got {bits!r}")
+        if self.input_signed not in (None, True, False):
+            raise ValueError(f"input_signed must be True, False or None, got {self.input_signed!r}")
+
+
+def options_of(module) -> QuantOptions:
+    """The :class:`QuantOptions` of a :class:`QuantDense` / :class:`QuantConv`."""
+    return QuantOptions(
+        **{f.name: getattr(module, f.name) for f in dataclasses.fields(QuantOptions)}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """What one quantized-or-float layer call reports to :func:`record_layers`."""
+
+    path: tuple[str, ...]
+    options: QuantOptions
+    input_shape: tuple[int, ...]
+    kernel_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    module: nn.Module
+
+
+_RECORDERS: list[list[LayerRecord]] = []
+
+
+@contextlib.contextmanager
+def record_layers():
+    """Collect a :class:`LayerRecord` for every layer computed by :func:`dense_forward` /
+    :func:`conv_forward` while the context is open (used by :func:`cgmq_jax.cost.layer_specs`
+    under ``jax.eval_shape``)."""
+    found: list[LayerRecord] = []
+    _RECORDERS.append(found)
+    try:
+        yield found
+    finally:
+        _RECORDERS.remove(found)
+
+
+def _report(module, options, x, kernel, y) -> None:
+    for found in _RECORDERS:
+        found.append(
+            LayerRecord(
+                tuple(module.path),
+                options,
+                tuple(jnp.shape(x)),
+                tuple(jnp.shape(kernel)),
+                tuple(jnp.shape(y)),
+                module,
+            )
+        )
+
+
+def _input_signedness(module, options: QuantOptions, x: jax.Array):
+    """The signedness of the layer's input quantizer: a Python bool, or a traced one.
 
     An explicit ``input_signed`` is static. With ``None`` the decision is made by the data
     the layer sees when its parameters are created (or calibrated) and stored in the
     parameter leaf ``input_signed`` (+1.0 signed, -1.0 unsigned), because a decision that
     depends on data values cannot be a static Python value under ``jax.jit``.
     """
-    if module.input_signed is not None:
-        return bool(module.input_signed)
+    if options.input_signed is not None:
+        return bool(options.input_signed)
     stored = module.param(
         quantizer.INPUT_SIGNED, lambda _: quantizer.signedness_leaf(decided_signedness(x))
     )
     return quantizer.is_signed_leaf(stored)
 
 
-def _observe_inputs(module, x: jax.Array) -> None:
+def _weight_range(kernel: jax.Array, per_channel: bool) -> jax.Array:
+    """``max|W|``, per output channel (the last axis) when ``per_channel``."""
+    axes = tuple(range(kernel.ndim - 1)) if per_channel else None
+    return jnp.max(jnp.abs(jnp.asarray(kernel, jnp.float32)), axis=axes)
+
+
+def _observe_inputs(module, options: QuantOptions, x: jax.Array) -> None:
     """Checks and calibration facts of the layer's input, when parameters are being made."""
     observing = module.is_mutable_collection(CALIBRATION)
-    if module.input_signed is False and (observing or module.is_initializing()):
+    if options.input_signed is False and (observing or module.is_initializing()):
         _check_unsigned(x, "/".join(module.path))
     if observing:
-        signed = module.input_signed
+        signed = options.input_signed
         signed = decided_signedness(x) if signed is None else bool(signed)
-        observed = _input_range(x, signed=signed, percentile=module.calibration_percentile)
+        observed = _input_range(x, signed=signed, percentile=options.calibration_percentile)
         keep_last = lambda _, new: new  # noqa: E731
         module.sow(CALIBRATION, "input_range", observed, reduce_fn=keep_last)
         module.sow(CALIBRATION, "input_signed", signed, reduce_fn=keep_last)
 
 
-def _quantized_operands(module, inputs: jax.Array, kernel: jax.Array):
+def effective_quantizer(theta: jax.Array, bits: int | None, *, signed) -> jax.Array:
+    """The leaf the forward pass and the cost use: ``theta``, or pinned at ``bits``."""
+    return theta if bits is None else quantizer.pin_bits(theta, bits, signed=signed)
+
+
+def _quantized_operands(module, options: QuantOptions, inputs: jax.Array, kernel: jax.Array):
     """The layer's operands ``(Q(x), Q(kernel))``; ``(x, kernel)`` as given if not quantized.
 
     Observes the input first (checks, calibration facts); the quantizer leaves are made on
     first use, in float32, after the kernel (so that they do not shift its random init).
     """
     x = jnp.asarray(inputs, jnp.float32)
-    _observe_inputs(module, x)
-    if not module.quantize:
+    _observe_inputs(module, options, x)
+    if not options.quantize:
         return inputs, kernel
-    signed = _input_signedness(module, x)
+    signed = _input_signedness(module, options, x)
     kernel = jnp.asarray(kernel, jnp.float32)
     input_theta = module.param(
         "input_quantizer",
         lambda _: _initial_quantizer(
-            _input_range(x, signed=signed, percentile=module.calibration_percentile),
+            _input_range(x, signed=signed, percentile=options.calibration_percentile),
             signed=signed,
+            bits=options.input_bits or 8,
         ),
     )
     weight_theta = module.param(
         "weight_quantizer",
-        lambda _: _initial_quantizer(jnp.max(jnp.abs(kernel)), signed=True),
+        lambda _: _initial_quantizer(
+            _weight_range(kernel, options.per_channel), signed=True, bits=options.weight_bits or 8
+        ),
     )
+    input_theta = effective_quantizer(input_theta, options.input_bits, signed=signed)
+    weight_theta = effective_quantizer(weight_theta, options.weight_bits, signed=True)
     return (
         quantize_tensor(input_theta, x, signed=signed),
         quantize_tensor(weight_theta, kernel, signed=True),
     )
+
+
+def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) -> jax.Array:
+    """``flax.linen.Dense.__call__`` with the operands quantized as ``options`` say.
+
+    ``module`` is any bound ``nn.Dense`` (a :class:`QuantDense`, or a plain one intercepted
+    by :func:`cgmq_jax.rules.quantize_model`): its fields and its scope are used, so the
+    parameter names and initial values are those of ``flax.linen.Dense``.
+    """
+    kernel = module.param(
+        "kernel", module.kernel_init, (jnp.shape(inputs)[-1], module.features), module.param_dtype
+    )
+    x, kernel = _quantized_operands(module, options, inputs, kernel)
+    bias = (
+        module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+        if module.use_bias
+        else None
+    )
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    dot_general = (
+        module.dot_general_cls()
+        if module.dot_general_cls is not None
+        else module.dot_general or jax.lax.dot_general
+    )
+    y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    _report(module, options, inputs, kernel, y)
+    return y
+
+
+def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> jax.Array:
+    """``flax.linen.Conv.__call__`` with the operands quantized as ``options`` say.
+
+    As :func:`dense_forward`, for any bound ``nn.Conv``. The input is quantized before any
+    padding (padded zeros are the code 0).
+    """
+    geometry = conv_geometry(module)
+    kernel_size = geometry["kernel_size"]
+    # Flax's batch handling: any number of leading batch axes, or none.
+    batch_shape = inputs.shape[: inputs.ndim - (len(kernel_size) + 1)]
+    if len(batch_shape) != 1:
+        inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape) :]))
+    in_features = jnp.shape(inputs)[-1]
+    if in_features % module.feature_group_count:
+        raise ValueError(
+            f"{in_features} input channels are not divisible by "
+            f"feature_group_count={module.feature_group_count}"
+        )
+    kernel_shape = (*kernel_size, in_features // module.feature_group_count, module.features)
+    if module.mask is not None and module.mask.shape != kernel_shape:
+        raise ValueError(
+            "Mask needs to have the same shape as weights. "
+            f"Shapes are: {module.mask.shape}, {kernel_shape}"
+        )
+    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    if module.mask is not None:
+        kernel = kernel * module.mask
+    x, kernel = _quantized_operands(module, options, inputs, kernel)
+    bias = (
+        module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+        if module.use_bias
+        else None
+    )
+    if geometry["pre_padding"] is not None:
+        pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
+        x = jnp.pad(x, pads, mode=geometry["pad_mode"])
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    if module.conv_general_dilated_cls is not None:
+        conv = module.conv_general_dilated_cls()
+    else:
+        conv = module.conv_general_dilated or jax.lax.conv_general_dilated
+    y = conv(
+        x,
+        kernel,
+        geometry["strides"],
+        geometry["padding"],
+        lhs_dilation=geometry["input_dilation"],
+        rhs_dilation=geometry["kernel_dilation"],
+        dimension_numbers=_conv_dimension_numbers(x.shape),
+        feature_group_count=module.feature_group_count,
+        precision=module.precision,
+    )
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    _report(module, options, inputs, kernel, y)
+    if len(batch_shape) != 1:
+        y = jnp.reshape(y, (*batch_shape, *y.shape[1:]))
+    return y
 
 
 class QuantDense(nn.Dense):
@@ -165,14 +360,8 @@ class QuantDense(nn.Dense):
 
     Attributes:
       features: the number of output features.
-      quantize: quantize the input and the kernel (``False``: a float layer, no quantizer
-        leaves).
-      input_signed: ``True`` / ``False`` for a signed / unsigned input quantizer; ``None``
-        (default) decides from the data at initialisation and calibration: signed iff an
-        input value is negative (the decision is stored in the leaf ``input_signed``).
-        ``False`` with negative calibration inputs raises a ``ValueError``.
-      calibration_percentile: the percentile of ``|x|`` (signed) or ``max(x, 0)``
-        (unsigned) that sets the input quantizer's initial range.
+      quantize, input_signed, calibration_percentile, per_channel, input_bits,
+        weight_bits: the quantizer options, keyword-only (:class:`QuantOptions`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -190,28 +379,13 @@ class QuantDense(nn.Dense):
     quantize: bool = True
     input_signed: bool | None = None
     calibration_percentile: float = DEFAULT_PERCENTILE
+    per_channel: bool = False
+    input_bits: int | None = None
+    weight_bits: int | None = None
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
-        )
-        x, kernel = _quantized_operands(self, inputs, kernel)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        dot_general = (
-            self.dot_general_cls()
-            if self.dot_general_cls is not None
-            else self.dot_general or jax.lax.dot_general
-        )
-        y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return dense_forward(self, options_of(self), inputs)
 
 
 def _as_tuple(value: int | Sequence[int] | None, rank: int) -> tuple[int, ...]:
@@ -269,9 +443,7 @@ class QuantConv(nn.Conv):
     Attributes:
       features: the number of output channels.
       kernel_size: the window, an int (1-D) or one int per spatial axis.
-      quantize: as in :class:`QuantDense`.
-      input_signed: as in :class:`QuantDense`.
-      calibration_percentile: as in :class:`QuantDense`.
+      quantize, ...: the quantizer options, keyword-only (:class:`QuantOptions`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -287,60 +459,13 @@ class QuantConv(nn.Conv):
     quantize: bool = True
     input_signed: bool | None = None
     calibration_percentile: float = DEFAULT_PERCENTILE
+    per_channel: bool = False
+    input_bits: int | None = None
+    weight_bits: int | None = None
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        geometry = conv_geometry(self)
-        kernel_size = geometry["kernel_size"]
-        # Flax's batch handling: any number of leading batch axes, or none.
-        batch_shape = inputs.shape[: inputs.ndim - (len(kernel_size) + 1)]
-        if len(batch_shape) != 1:
-            inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape) :]))
-        in_features = jnp.shape(inputs)[-1]
-        if in_features % self.feature_group_count:
-            raise ValueError(
-                f"{in_features} input channels are not divisible by "
-                f"feature_group_count={self.feature_group_count}"
-            )
-        kernel_shape = (*kernel_size, in_features // self.feature_group_count, self.features)
-        if self.mask is not None and self.mask.shape != kernel_shape:
-            raise ValueError(
-                "Mask needs to have the same shape as weights. "
-                f"Shapes are: {self.mask.shape}, {kernel_shape}"
-            )
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        if self.mask is not None:
-            kernel = kernel * self.mask
-        x, kernel = _quantized_operands(self, inputs, kernel)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        if geometry["pre_padding"] is not None:
-            pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
-            x = jnp.pad(x, pads, mode=geometry["pad_mode"])
-        x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.conv_general_dilated_cls is not None:
-            conv = self.conv_general_dilated_cls()
-        else:
-            conv = self.conv_general_dilated or jax.lax.conv_general_dilated
-        y = conv(
-            x,
-            kernel,
-            geometry["strides"],
-            geometry["padding"],
-            lhs_dilation=geometry["input_dilation"],
-            rhs_dilation=geometry["kernel_dilation"],
-            dimension_numbers=_conv_dimension_numbers(x.shape),
-            feature_group_count=self.feature_group_count,
-            precision=self.precision,
-        )
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        if len(batch_shape) != 1:
-            y = jnp.reshape(y, (*batch_shape, *y.shape[1:]))
-        return y
+        return conv_forward(self, options_of(self), inputs)
 
 
 def _conv_dimension_numbers(input_shape: Sequence[int]) -> jax.lax.ConvDimensionNumbers:
@@ -352,34 +477,47 @@ def _conv_dimension_numbers(input_shape: Sequence[int]) -> jax.lax.ConvDimension
 
 
 def init_quantizers(
-    model: nn.Module, params, batch: jax.Array, *, input_bits: int = 8, weight_bits: int = 8
+    model: nn.Module,
+    params,
+    *args,
+    input_bits: int = 8,
+    weight_bits: int = 8,
+    **kwargs,
 ):
     """Quantized parameters from float ones: every quantizer at an exact bit-width.
 
-    Weight quantizers take their range from ``max|W|``; input quantizers from a high
-    percentile of the layer's inputs in the float network on ``batch``. A layer with
-    ``input_signed=None`` gets a signed input quantizer iff its inputs on ``batch`` have a
-    negative value (stored in its ``input_signed`` leaf); one with ``input_signed=False``
-    and negative inputs raises a ``ValueError`` naming it (inside ``jax.jit``, when the
-    compiled function runs).
+    Weight quantizers take their range from ``max|W|`` (per output channel where the layer
+    is ``per_channel``); input quantizers from a high percentile of the layer's inputs in
+    the float network on the calibration inputs. A layer with ``input_signed=None`` gets a
+    signed input quantizer iff its calibration inputs have a negative value (stored in its
+    ``input_signed`` leaf); one with ``input_signed=False`` and negative inputs raises a
+    ``ValueError`` naming it (inside ``jax.jit``, when the compiled function runs). A
+    quantizer pinned by the layer (``input_bits`` / ``weight_bits`` options) starts at its
+    pinned bit-width.
 
     Args:
-      model: a model with a ``quantized`` field (as in :mod:`cgmq_jax.models`).
+      model: a model with a ``quantized`` field (as in :mod:`cgmq_jax.models`, or made by
+        :func:`cgmq_jax.rules.quantize_model`).
       params: its float parameters (``model.clone(quantized=False)``'s tree); any quantizer
         leaves already present are replaced.
-      batch: a calibration batch of inputs.
-      input_bits: the initial bit-width of every input quantizer.
-      weight_bits: the initial bit-width of every weight quantizer.
+      *args: the calibration inputs (a batch), as the model takes them.
+      input_bits: the initial bit-width of every learned input quantizer.
+      weight_bits: the initial bit-width of every learned weight quantizer.
+      **kwargs: further call arguments of the model (e.g. ``train=False``).
 
     Returns:
       The parameter tree of ``model.clone(quantized=True)``.
     """
     float_model = model.clone(quantized=False)
     weights = strip_quantizers(params)
-    _, state = float_model.apply({"params": weights}, batch, mutable=[CALIBRATION])
+    _, state = float_model.apply({"params": weights}, *args, mutable=[CALIBRATION], **kwargs)
     observed = flax.traverse_util.flatten_dict(flax.core.unfreeze(state[CALIBRATION]))
     quantized = model.clone(quantized=True)
-    template = jax.eval_shape(lambda: quantized.init(jax.random.key(0), batch))["params"]
+    with record_layers() as records:
+        template = jax.eval_shape(lambda: quantized.init(jax.random.key(0), *args, **kwargs))[
+            "params"
+        ]
+    options = {record.path: record.options for record in records}
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(template))
     weights_flat = flax.traverse_util.flatten_dict(weights)
     result = {}
@@ -388,13 +526,16 @@ def init_quantizers(
         if name == "input_quantizer":
             input_range = observed[(*layer, "input_range")]
             signed = observed[(*layer, "input_signed")]  # a bool, or the data's decision
-            result[path] = _initial_quantizer(input_range, signed=signed, bits=input_bits)
+            bits = options[layer].input_bits or input_bits
+            result[path] = _initial_quantizer(input_range, signed=signed, bits=bits)
         elif name == quantizer.INPUT_SIGNED:
             result[path] = quantizer.signedness_leaf(observed[(*layer, "input_signed")])
         elif name == "weight_quantizer":
             kernel = weights_flat[(*layer, "kernel")]
             result[path] = _initial_quantizer(
-                jnp.max(jnp.abs(kernel)), signed=True, bits=weight_bits
+                _weight_range(kernel, options[layer].per_channel),
+                signed=True,
+                bits=options[layer].weight_bits or weight_bits,
             )
         else:
             result[path] = weights_flat[path]

@@ -106,6 +106,13 @@ def _fake_quant_fwd(x, d, q_max, signed):
     return x_q, (residuals, jnp.shape(d), jnp.shape(q_max))
 
 
+def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum ``t`` over the axes that broadcasting added or stretched to reach its shape."""
+    t = jnp.sum(t, axis=tuple(range(t.ndim - len(shape))))
+    stretched = tuple(i for i, size in enumerate(shape) if size == 1 and t.shape[i] != 1)
+    return jnp.reshape(jnp.sum(t, axis=stretched, keepdims=True), shape)
+
+
 def _fake_quant_bwd(signed, saved, g):
     (x, x_q, d_q, n, lo, q_max), d_shape, q_max_shape = saved
     below = x < lo * d_q
@@ -121,8 +128,8 @@ def _fake_quant_bwd(signed, saved, g):
         q_partial = jnp.where(above, 1.0, 0.0) - jnp.where(below, 1.0, 0.0)
     else:
         q_partial = jnp.where(above, 1.0, 0.0)
-    grad_d = jnp.reshape(jnp.sum(g * d_partial), d_shape)
-    grad_q_max = jnp.reshape(jnp.sum(g * q_partial), q_max_shape)
+    grad_d = _sum_to_shape(g * d_partial, d_shape)
+    grad_q_max = _sum_to_shape(g * q_partial, q_max_shape)
     return grad_x, grad_d, grad_q_max
 
 
@@ -204,7 +211,8 @@ def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Arra
     return d, q_max
 
 
-# A quantizer lives in a parameter tree as one leaf of shape (2,): [log2 d, log2 q_max].
+# A quantizer lives in a parameter tree as one leaf of shape (2,): [log2 d, log2 q_max]
+# (a per-channel weight quantizer: shape (channels, 2), one row per output channel).
 # Storing logarithms keeps both positive and makes one learning rate mean the same relative
 # step for every quantizer (an image input has d = 2**-8, a weight range may be 12).
 QUANTIZER_SUFFIX = "_quantizer"
@@ -231,7 +239,8 @@ def is_signed_leaf(leaf: ArrayLike) -> jax.Array:
 def latents(d: ArrayLike, q_max: ArrayLike) -> jax.Array:
     """The stored leaf ``[log2 d, log2 q_max]``."""
     return jnp.stack(
-        [jnp.log2(jnp.asarray(d, jnp.float32)), jnp.log2(jnp.asarray(q_max, jnp.float32))]
+        [jnp.log2(jnp.asarray(d, jnp.float32)), jnp.log2(jnp.asarray(q_max, jnp.float32))],
+        axis=-1,
     )
 
 
@@ -239,6 +248,23 @@ def from_latents(theta: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """``(d, q_max)`` from a stored leaf ``[log2 d, log2 q_max]``."""
     theta = jnp.asarray(theta, jnp.float32)
     return jnp.exp2(theta[..., 0]), jnp.exp2(theta[..., 1])
+
+
+def top_level(bits: int, *, signed) -> jax.Array:
+    """The largest level count ``n`` with ``bits`` bits (``signed`` may be traced)."""
+    return jnp.where(signed, 2 ** (bits - 1) - 1, 2**bits - 1).astype(jnp.float32)
+
+
+def pin_bits(theta: ArrayLike, bits: int, *, signed) -> jax.Array:
+    """The leaf pinned at ``bits`` bits: ``q_max = n * d_q`` with ``n`` that bit-width's top.
+
+    The step still learns, with the total (LSQ) derivative of a fixed-``n`` quantizer, as
+    in :func:`tie_range`; the gradient w.r.t. ``log2 q_max`` is zero, and so is that of the
+    bit-width: a pinned quantizer costs exactly ``bits`` and the constraint cannot move it.
+    """
+    theta = jnp.asarray(theta, jnp.float32)
+    d_q = power_of_two_step(jnp.exp2(theta[..., 0]))
+    return theta.at[..., 1].set(jnp.log2(top_level(bits, signed=signed) * d_q))
 
 
 def is_quantizer_path(path) -> bool:

@@ -86,9 +86,10 @@ def test_fields_are_flax_fields_then_keyword_quantizer_options(flax_cls, ours):
         (f.name, f.default) for f in flax_fields
     ]
     extra = our_fields[n:]
-    assert [f.name for f in extra] == ["quantize", "input_signed", "calibration_percentile"]
+    options = [(f.name, f.default) for f in dataclasses.fields(cnn.QuantOptions)]
+    assert [(f.name, f.default) for f in extra] == options
+    assert options[:2] == [("quantize", True), ("input_signed", None)]
     assert all(f.kw_only for f in extra)
-    assert [f.default for f in extra[:2]] == [True, None]
 
 
 def test_dense_features_is_the_first_field():
@@ -139,7 +140,7 @@ def test_conv_matches_flax_and_counts_macs(name):
     y = layer.apply({"params": qparams}, x)
     assert y.shape == expected.shape
     assert _max_error(y, expected) <= 0.05 * float(np.max(np.abs(expected)))
-    specs = cost.layer_specs(layer, x, qparams)
+    specs = cost.layer_specs(layer, x, params=qparams)
     assert [(s.macs, s.input_signed) for s in specs] == [(hand_macs, True)]
 
 
@@ -203,7 +204,7 @@ def test_init_quantizers_decides_signedness_from_the_calibration_data():
     params = cnn.init_quantizers(model, float_params, x)
     assert float(params["body"][quantizer.INPUT_SIGNED]) == 1.0  # normal inputs
     assert float(params["head"][quantizer.INPUT_SIGNED]) == -1.0  # ReLU outputs
-    specs = cost.layer_specs(model, x, params)
+    specs = cost.layer_specs(model, x, params=params)
     assert [s.input_signed for s in specs] == [True, False]
     rows = cost.layer_table(params, specs)
     assert [(r["weight_bits"], r["input_bits"]) for r in rows] == [(8, 8), (8, 8)]
