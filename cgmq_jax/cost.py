@@ -118,6 +118,12 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
     specs: list[tuple[int, LayerSpec]] = []
     for index, record in enumerate(records):
         _check_not_lifted(record.path, record.kernel_shape, shapes)
+        if record.batched:
+            raise ValueError(
+                f"layer {'/'.join(record.path)!r} runs inside nn.vmap / jax.vmap: its shapes "
+                "lack the mapped axis, so layer_specs cannot count its MACs; apply the "
+                "layer to the whole batch (it takes any number of leading axes) instead"
+            )
         options = record.options
         if not options.quantize:
             floats.append((index, record.path, record.kernel_shape, record.output_shape))

@@ -592,9 +592,7 @@ def _trace_layers(model, input_shape: Sequence[int]) -> list[dict]:
         if not options.quantize:
             raise ValueError(f"layer {name} is not quantized")
         if options.per_channel or options.input_bits or options.weight_bits:
-            raise ValueError(
-                f"layer {name}: per-channel or pinned quantizers are not exported yet"
-            )
+            raise ValueError(f"layer {name}: per-channel or pinned quantizers are not exported yet")
         entry = {
             "path": record.path,
             "kind": "conv" if isinstance(module, linen.Conv) else "dense",

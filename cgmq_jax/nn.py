@@ -51,9 +51,13 @@ def quantize_tensor(theta: jax.Array, x: jax.Array, *, signed) -> jax.Array:
     """Fake-quantize ``x`` with the leaf ``theta = [log2 d, log2 q_max]``.
 
     ``signed`` is a Python bool, or a traced boolean (a data-decided input signedness):
-    then both fake-quants are computed and the decided one is kept.
+    then both fake-quants are computed and the decided one is kept. A per-channel leaf
+    ``(C, 2)`` quantizes the last axis of ``x`` channel by channel.
     """
     d, q_max = quantizer.from_latents(theta)
+    if jnp.ndim(d):  # per channel: align with the last axis explicitly
+        shape = (1,) * (jnp.ndim(x) - 1) + (-1,)
+        d, q_max = jnp.reshape(d, shape), jnp.reshape(q_max, shape)
     if isinstance(signed, bool):
         return quantizer.fake_quant(x, d, q_max, signed=signed)
     return jnp.where(
@@ -155,6 +159,7 @@ class LayerRecord:
     kernel_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     module: nn.Module
+    batched: bool = False  # computed inside jax.vmap / nn.vmap: the shapes lack an axis
 
 
 _RECORDERS: list[list[LayerRecord]] = []
@@ -183,8 +188,14 @@ def _report(module, options, x, kernel, y) -> None:
                 tuple(jnp.shape(kernel)),
                 tuple(jnp.shape(y)),
                 module,
+                _is_batched(y),
             )
         )
+
+
+def _is_batched(x) -> bool:
+    """Whether ``x`` is traced by ``jax.vmap`` (so a per-example value, not the batch)."""
+    return any(cls.__name__ == "BatchTracer" for cls in type(x).__mro__)
 
 
 def _input_signedness(module, options: QuantOptions, x: jax.Array):
@@ -197,9 +208,10 @@ def _input_signedness(module, options: QuantOptions, x: jax.Array):
     """
     if options.input_signed is not None:
         return bool(options.input_signed)
-    stored = module.param(
-        quantizer.INPUT_SIGNED, lambda _: quantizer.signedness_leaf(decided_signedness(x))
-    )
+    # Under vmap (nn.vmap with shared parameters) a decision from per-example data would be
+    # batched: decide signed (never clips) and let init_quantizers decide from a batch.
+    decide = (lambda _: True) if _is_batched(x) else decided_signedness
+    stored = module.param(quantizer.INPUT_SIGNED, lambda _: quantizer.signedness_leaf(decide(x)))
     return quantizer.is_signed_leaf(stored)
 
 
@@ -210,8 +222,12 @@ def _weight_range(kernel: jax.Array, per_channel: bool) -> jax.Array:
 
 
 def _observe_inputs(module, options: QuantOptions, x: jax.Array) -> None:
-    """Checks and calibration facts of the layer's input, when parameters are being made."""
-    observing = module.is_mutable_collection(CALIBRATION)
+    """Checks and calibration facts of the layer's input, when parameters are being made.
+
+    The facts are sown into the ``calibration`` collection by :func:`init_quantizers`'s
+    float pass (``apply(..., mutable=["calibration"])``), not by ``init``.
+    """
+    observing = module.is_mutable_collection(CALIBRATION) and not module.is_initializing()
     if options.input_signed is False and (observing or module.is_initializing()):
         _check_unsigned(x, "/".join(module.path))
     if observing:
@@ -240,12 +256,16 @@ def _quantized_operands(module, options: QuantOptions, inputs: jax.Array, kernel
         return inputs, kernel
     signed = _input_signedness(module, options, x)
     kernel = jnp.asarray(kernel, jnp.float32)
+
+    def initial_input_range():
+        if _is_batched(x):  # per-example data under vmap: a unit range until calibrated
+            return jnp.float32(1.0)
+        return _input_range(x, signed=signed, percentile=options.calibration_percentile)
+
     input_theta = module.param(
         "input_quantizer",
         lambda _: _initial_quantizer(
-            _input_range(x, signed=signed, percentile=options.calibration_percentile),
-            signed=signed,
-            bits=options.input_bits or 8,
+            initial_input_range(), signed=signed, bits=options.input_bits or 8
         ),
     )
     weight_theta = module.param(

@@ -1,0 +1,161 @@
+"""``quantize_model``: CGMQ quantizers on an unmodified Flax linen model, by rules.
+
+In the manner of Qwix's ``quantize_model``: the model's code is not touched. Every call of
+a plain ``flax.linen.Dense`` or ``flax.linen.Conv`` inside it is intercepted
+(``nn.intercept_methods``) and computed by :func:`cgmq_jax.nn.dense_forward` /
+:func:`cgmq_jax.nn.conv_forward` in the layer's own scope, with the options of the first
+:class:`QuantRule` whose ``module_path`` matches the layer's path. So the parameter tree
+keeps the model's names (``nn.share_scope``: no wrapper level), the float checkpoint loads
+(its ``kernel`` and ``bias`` are the same leaves; :func:`cgmq_jax.nn.init_quantizers` adds
+the quantizer leaves), and the layers quantize input and kernel exactly as
+:class:`cgmq_jax.nn.QuantDense` / ``QuantConv`` do.
+
+A ``Dense`` / ``Conv`` that no rule matches, or one matched by a rule with
+``quantize=False``, stays a float layer: :func:`cgmq_jax.cost.layer_specs` counts it at
+32 x 32 bits (never free). ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.ConvTranspose`` and
+``nn.ConvLocal`` are not quantized, and ``layer_specs`` refuses them (their MACs are not
+counted). Multiplications written with ``jnp`` outside a layer (e.g. attention scores)
+are not seen at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import flax.linen as nn
+
+from cgmq_jax import nn as qnn
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRule(qnn.QuantOptions):
+    """How the layers whose path matches ``module_path`` are quantized.
+
+    Attributes:
+      module_path: a regular expression, matched in full against the layer's path joined
+        by ``/`` (e.g. ``"conv1"``, ``"encoder/.*"``, ``".*"``).
+      quantize, input_signed, calibration_percentile, per_channel, input_bits,
+        weight_bits: as in :class:`cgmq_jax.nn.QuantOptions`. For example
+        ``QuantRule(module_path="conv1", input_bits=8)`` pins the first layer's input at
+        8 bits (Bayesian Bits' and HAQ's convention), ``QuantRule(module_path="head",
+        quantize=False)`` keeps a layer in float (counted at 32 x 32 bits).
+    """
+
+    module_path: str = ".*"
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            re.compile(self.module_path)
+        except re.error as error:
+            raise ValueError(f"module_path {self.module_path!r} is not a regex: {error}") from None
+
+    @property
+    def options(self) -> qnn.QuantOptions:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(qnn.QuantOptions)}
+        return qnn.QuantOptions(**fields)
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.module_path, path) is not None
+
+
+def _intercepted(module) -> bool:
+    """A plain ``nn.Dense`` / ``nn.Conv`` (not a subclass with its own ``__call__``)."""
+    if isinstance(module, qnn.QuantDense | qnn.QuantConv):
+        return False  # already quantized by its own options
+    return (isinstance(module, nn.Dense) and type(module).__call__ is nn.Dense.__call__) or (
+        isinstance(module, nn.Conv) and type(module).__call__ is nn.Conv.__call__
+    )
+
+
+class QuantizedModel(nn.Module):
+    """An unmodified linen model whose ``Dense`` / ``Conv`` layers quantize by ``rules``.
+
+    Made by :func:`quantize_model`; a model with a ``quantized`` switch like those of
+    :mod:`cgmq_jax.models`, so :func:`cgmq_jax.nn.init_quantizers`,
+    :func:`cgmq_jax.cost.layer_specs` and :func:`cgmq_jax.train.fit`'s steps take it.
+    ``quantized=False`` is the original float model (same parameters, no quantizers).
+    """
+
+    model: nn.Module
+    rules: tuple[QuantRule, ...] = (QuantRule(),)
+    quantized: bool = True
+
+    def setup(self):
+        nn.share_scope(self, self.model)  # the model's parameter names, no extra level
+
+    def __call__(self, *args, **kwargs):
+        # A plain function, not a method: a module method would itself be intercepted.
+        interceptor = _interceptor(self.rules, self.quantized)
+        with nn.intercept_methods(interceptor):
+            return self.model(*args, **kwargs)
+
+
+def _interceptor(rules: tuple[QuantRule, ...], quantized: bool):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not _intercepted(module):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        rule = next((rule for rule in rules if rule.matches(path)), None)
+        if rule is None:
+            return next_fun(*args, **kwargs)
+        if kwargs or len(args) != 1:
+            raise TypeError(f"layer {path!r}: expected one input array")
+        options = rule.options
+        if not quantized:
+            options = dataclasses.replace(options, quantize=False)
+        forward = qnn.dense_forward if isinstance(module, nn.Dense) else qnn.conv_forward
+        return forward(module, options, args[0])
+
+    return intercept
+
+
+def quantize_model(
+    model: nn.Module, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),)
+) -> QuantizedModel:
+    """Quantize an unmodified linen model's ``Dense`` / ``Conv`` layers by rules.
+
+    Args:
+      model: any ``flax.linen.Module`` (unbound).
+      rules: :class:`QuantRule` s, the first match wins; the default quantizes every
+        ``Dense`` and ``Conv`` with learned bit-widths and data-decided input signedness.
+
+    Returns:
+      A :class:`QuantizedModel` (``quantized=True``); ``.clone(quantized=False)`` is the
+      float model, whose parameters are the original model's.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from cgmq_jax import cost, nn as qnn, rules
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         x = nn.relu(nn.Conv(4, (3, 3), name="conv1")(x))
+      ...         return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+      >>> x = jnp.ones((2, 8, 8, 1))
+      >>> float_params = Net().init(jax.random.key(0), x)["params"]
+      >>> pin_image = rules.QuantRule(module_path="conv1", input_bits=8, input_signed=False)
+      >>> model = rules.quantize_model(Net(), [pin_image, rules.QuantRule()])
+      >>> params = qnn.init_quantizers(model, float_params, x)
+      >>> sorted(params["conv1"])
+      ['bias', 'input_quantizer', 'kernel', 'weight_quantizer']
+      >>> specs = cost.layer_specs(model, x, params=params)
+      >>> [(s.name, s.macs, s.input_bits, s.input_signed) for s in specs]
+      [('conv1', 2304, 8, False), ('head', 2560, None, False)]
+      >>> cost.exact_bops(params, specs)  # (2304 + 2560) * 8 * 8
+      311296
+    """
+    if isinstance(rules, QuantRule):
+        rules = (rules,)
+    rules = tuple(rules)
+    for rule in rules:
+        if not isinstance(rule, QuantRule):
+            raise TypeError(f"rules must be QuantRule instances, got {type(rule).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model takes a flax.linen.Module, got {type(model).__name__}")
+    if model.scope is not None:
+        raise ValueError("quantize_model takes an unbound model (not one inside apply/bind)")
+    return QuantizedModel(model=model, rules=rules)
