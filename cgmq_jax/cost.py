@@ -34,14 +34,14 @@ FLOAT_BITS = 32
 class LayerSpec:
     """The static facts of one quantized layer that its cost needs."""
 
-    path: tuple[str, ...]  # the layer's place in the parameter tree
+    path: tuple[str | int, ...]  # the layer's place in the parameter tree (int: a list index)
     macs: int  # multiply-accumulates per example
     input_signed: bool
     weight_signed: bool = True
 
     @property
     def name(self) -> str:
-        return "/".join(self.path)
+        return "/".join(map(str, self.path))
 
 
 def layer_specs(model: nn.Module, sample_input: jax.Array, params=None) -> tuple[LayerSpec, ...]:
