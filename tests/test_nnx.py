@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_cli
 from flax import nnx
 
 from cgmq_jax import constrained_update, cost, data, quantizer
@@ -340,3 +341,12 @@ def test_nnx_model_trains_within_budget_with_nnx_optimizer(tiny_mnist):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, cnnx.InputSignedness), signedness)
     held = [path for path, _ in nnx.to_flat_state(nnx.state(optimizer.opt_state))]
     assert held and not any("input_signedness" in map(str, path) for path in held)
+
+
+@pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
+def test_the_readme_example_script_runs(tiny_mnist, monkeypatch, capsys):
+    monkeypatch.setattr(data, "synthetic", lambda: tiny_mnist)
+    argv = ["--synthetic", "--pretrain_epochs", "0", "--epochs", "1", "--budget_bops", "2e7"]
+    assert load_cli("nnx_example").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "certified within budget 20,000,000" in out and "conv1" in out
