@@ -20,6 +20,7 @@ _SUBMODULES = (
     "export",
     "models",
     "nn",
+    "nnx",
     "quantizer",
     "report",
     "rules",
@@ -43,6 +44,7 @@ _NAMES = {
     "bitwidth": "quantizer",
     "dequantize": "quantizer",
     "fake_quant": "quantizer",
+    "is_quantizer": "quantizer",
     "param_labels": "quantizer",
     "quantize": "quantizer",
 }

@@ -195,7 +195,7 @@ def constrained_update(
 
 
 def _default_is_quantizer(params):
-    return jax.tree.map(lambda label: label == "quantizer", quantizer.param_labels(params))
+    return quantizer.is_quantizer(params)
 
 
 def _keep_levels(update: jax.Array, theta: jax.Array) -> jax.Array:

@@ -35,7 +35,7 @@ FLOAT_BITS = 32
 class LayerSpec:
     """The static facts of one layer that its cost needs."""
 
-    path: tuple[str, ...]  # the layer's place in the parameter tree
+    path: tuple[str | int, ...]  # the layer's place in the parameter tree (int: a list index)
     macs: int  # multiply-accumulates per example
     input_signed: bool
     weight_signed: bool = True
@@ -46,7 +46,7 @@ class LayerSpec:
 
     @property
     def name(self) -> str:
-        return "/".join(self.path)
+        return "/".join(map(str, self.path))
 
 
 # Layers that do MACs. A call of one of these that no quantizer intercepts is a float

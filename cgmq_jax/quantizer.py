@@ -299,7 +299,39 @@ def tie_ranges(params):
 
 
 def param_labels(params):
-    """``"quantizer"`` or ``"weight"`` for every leaf: a label function for ``optax.partition``."""
-    return jax.tree_util.tree_map_with_path(
+    """``"quantizer"`` or ``"weight"`` for every leaf: a label function for ``optax.partition``.
+
+    Works on linen parameter dicts and on ``flax.nnx.State`` (pure, or holding
+    ``nnx.Variable`` s: a variable is labelled by its own name, and its label keeps the
+    variable's structure, so the labels tree matches the state's).
+    """
+    return _map_variables_with_path(
         lambda path, _: "quantizer" if is_quantizer_path(path) else "weight", params
     )
+
+
+def is_quantizer(params):
+    """Tree of bools, ``True`` at quantizer leaves: :func:`param_labels` ``== "quantizer"``.
+
+    The same structure as ``params`` (a linen parameter dict or a ``flax.nnx.State``); the
+    default ``is_quantizer`` of :func:`cgmq_jax.constraint.constrained_update`.
+    """
+    return jax.tree.map(lambda label: label == "quantizer", param_labels(params))
+
+
+def _map_variables_with_path(fn, tree):
+    """``tree_map_with_path(fn, tree)`` that sees an ``nnx.Variable`` as one leaf.
+
+    A variable's array sits one key below it (``.value``), so ``fn`` gets the path to the
+    variable itself; its result is put back inside a copy of the variable, keeping the
+    structure of ``tree``.
+    """
+    from flax import nnx  # here, not at the top: most users of this module never need it
+
+    def visit(path, leaf):
+        if isinstance(leaf, nnx.Variable):
+            return jax.tree.map(lambda value: fn(path, value), leaf)
+        return fn(path, leaf)
+
+    is_variable = lambda node: isinstance(node, nnx.Variable)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_variable)

@@ -1,0 +1,472 @@
+"""Quantized Flax NNX layers, their calibration and their cost: the NNX room of ``cgmq_jax``.
+
+:class:`QuantLinear` and :class:`QuantConv` subclass ``flax.nnx.Linear`` and
+``flax.nnx.Conv`` (same constructor, same ``kernel`` / ``bias``) and quantize their input
+and kernel with the functions the linen layers use (:mod:`cgmq_jax.nn`,
+:mod:`cgmq_jax.quantizer`). Their extra state:
+
+* ``input_quantizer`` and ``weight_quantizer``: :class:`Quantizer` variables, each
+  ``[log2 d, log2 q_max]``. ``Quantizer`` subclasses ``nnx.Param``, so the quantizers train
+  with the weights (``nnx.grad``, ``nnx.Optimizer(..., wrt=nnx.Param)``) and can still be
+  told apart by type (``nnx.All(nnx.Param, nnx.Not(Quantizer))`` is the weights alone).
+  Their names end in ``_quantizer``: :func:`cgmq_jax.quantizer.param_labels` labels them
+  in any ``nnx.State``, including the pure one ``nnx.Optimizer`` hands to optax.
+* ``input_signedness``: an :class:`InputSignedness` variable, +1 signed, -1 unsigned, 0
+  not calibrated. It is not a ``Param``: no gradient reaches it and no optimizer holds it.
+
+An NNX layer is built without data, so its input quantizer is set by :func:`calibrate`:
+the float forward pass on a batch, then every quantizer at exactly the given bit-width
+(and each data-decided signedness). A quantized forward pass before that raises. For float
+pretraining, ``model.set_attributes(quantize=False)`` (the layers then compute exactly
+``nnx.Linear`` / ``nnx.Conv``), then ``quantize=True`` and :func:`calibrate`.
+
+:func:`layer_specs` finds the quantized layers and their MACs from an abstract forward pass.
+Its :class:`cgmq_jax.cost.LayerSpec` paths index the model's ``nnx.State``, so
+:func:`cgmq_jax.cost.bops`, :func:`cgmq_jax.cost.exact_bops` and
+:func:`cgmq_jax.constraint.constrained_update` work on NNX models unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cgmq_jax import cost, quantizer
+from cgmq_jax import nn as linen_layers
+
+DEFAULT_PERCENTILE = linen_layers.DEFAULT_PERCENTILE
+NOT_CALIBRATED = 0.0  # the value of ``input_signedness`` before calibrate()
+# Flax NNX layers that multiply-accumulate: left unquantized, their cost would go uncounted.
+_MAC_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
+
+
+class Quantizer(nnx.Param):
+    """A quantizer's latents ``[log2 d, log2 q_max]``: a trainable ``Param`` of its own type."""
+
+
+class InputSignedness(nnx.Variable):
+    """A layer's input signedness as calibrated: +1.0 signed, -1.0 unsigned, 0.0 not yet.
+
+    Not a ``Param``: ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)`` leave it alone.
+    """
+
+
+@dataclasses.dataclass
+class _Observation:
+    """What calibration needs from the calls of a layer (concrete arrays: eager)."""
+
+    input_range: jax.Array
+    signed: bool | jax.Array  # the explicit setting, or the data's decision
+    negative: jax.Array  # whether any input value was negative
+
+    def merge(self, other: _Observation) -> _Observation:
+        """Two calls of one layer: signed if either is, the larger range.
+
+        A call decided unsigned had no negative input, so its range is also its signed one.
+        """
+        return _Observation(
+            input_range=jnp.maximum(self.input_range, other.input_range),
+            signed=self.signed | other.signed,
+            negative=self.negative | other.negative,
+        )
+
+
+@dataclasses.dataclass
+class _Recorder:
+    """Collects the calls of quantized layers during one forward pass."""
+
+    calibrating: bool  # observe inputs and compute in float
+    calls: list[tuple[Any, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    observed: dict[int, tuple[Any, _Observation]] = dataclasses.field(default_factory=dict)
+
+
+_RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar(
+    "cgmq_nnx_recorder", default=None
+)
+
+
+@contextlib.contextmanager
+def _recording(*, calibrating: bool) -> Iterator[_Recorder]:
+    recorder = _Recorder(calibrating)
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def _not_calibrated_error(layer) -> ValueError:
+    return ValueError(
+        f"{type(layer).__name__}(in_features={layer.in_features}, "
+        f"out_features={layer.out_features}) has no calibrated input quantizer: call "
+        "cgmq_jax.nnx.calibrate(model, batch) before the quantized forward pass (or compute "
+        "in float: model.set_attributes(quantize=False))"
+    )
+
+
+def _check_calibrated(layer, stored: jax.Array) -> None:
+    """Raise :func:`_not_calibrated_error` now, or when a traced computation runs."""
+    missing = stored == NOT_CALIBRATED
+    try:
+        if bool(missing):
+            raise _not_calibrated_error(layer)
+        return
+    except jax.errors.ConcretizationTypeError:
+        pass
+    message = str(_not_calibrated_error(layer))  # made now: the callback keeps no module
+
+    def check(missing):
+        if missing:
+            raise ValueError(message)
+
+    jax.debug.callback(check, missing)
+
+
+class _QuantizedLayer:
+    """What :class:`QuantLinear` and :class:`QuantConv` share (put before the Flax class)."""
+
+    def _add_quantizers(self, *, quantize, input_signed, calibration_percentile) -> None:
+        self.quantize = quantize
+        self.input_signed = input_signed
+        self.calibration_percentile = calibration_percentile
+        self.weight_quantizer = Quantizer(self._weight_quantizer_at(8))
+        # A placeholder: calibrate() sets the range from data (the forward refuses until then).
+        self.input_quantizer = Quantizer(linen_layers._initial_quantizer(1.0, signed=True))
+        self.input_signedness = InputSignedness(jnp.float32(NOT_CALIBRATED))
+
+    def _kernel(self) -> jax.Array:
+        return self.kernel[...]
+
+    def _weight_quantizer_at(self, bits: int) -> jax.Array:
+        kernel = jnp.asarray(self._kernel(), jnp.float32)
+        return linen_layers._initial_quantizer(jnp.max(jnp.abs(kernel)), signed=True, bits=bits)
+
+    def _input_signed(self):
+        """A Python bool (explicit ``input_signed``) or a traced one (decided by the data)."""
+        stored = self.input_signedness[...]
+        _check_calibrated(self, stored)
+        if self.input_signed is not None:
+            return bool(self.input_signed)
+        return quantizer.is_signed_leaf(stored)
+
+    def _quantized_operands(self, inputs: jax.Array, kernel: jax.Array):
+        signed = self._input_signed()
+        x = jnp.asarray(inputs, jnp.float32)
+        kernel = jnp.asarray(kernel, jnp.float32)
+        return (
+            linen_layers.quantize_tensor(self.input_quantizer[...], x, signed=signed),
+            linen_layers.quantize_tensor(self.weight_quantizer[...], kernel, signed=True),
+        )
+
+    def _observe(self, inputs: jax.Array) -> _Observation:
+        x = jnp.asarray(inputs, jnp.float32)
+        signed = self.input_signed
+        signed = linen_layers.decided_signedness(x) if signed is None else bool(signed)
+        return _Observation(
+            input_range=linen_layers._input_range(
+                x, signed=signed, percentile=self.calibration_percentile
+            ),
+            signed=signed,
+            negative=jnp.any(x < 0),
+        )
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        recorder = _RECORDER.get()
+        calibrating = recorder is not None and recorder.calibrating
+        if calibrating:
+            observation = self._observe(inputs)
+            if id(self) in recorder.observed:
+                observation = recorder.observed[id(self)][1].merge(observation)
+            recorder.observed[id(self)] = (self, observation)
+        if self.quantize and not calibrating:
+            y = self._quantized_call(inputs, out_sharding)
+        else:
+            y = super().__call__(inputs, out_sharding)  # Flax's own float layer
+        if recorder is not None:
+            recorder.calls.append((self, tuple(y.shape)))
+        return y
+
+
+def _product_kwargs(layer, out_sharding) -> dict:
+    """Flax's optional keyword arguments of ``dot_general`` / ``conv_general_dilated``."""
+    kwargs = {"out_sharding": out_sharding}
+    if layer.preferred_element_type is not None:
+        kwargs["preferred_element_type"] = layer.preferred_element_type
+    return kwargs
+
+
+class QuantLinear(_QuantizedLayer, nnx.Linear):
+    """``y = Q(x) @ Q(W) + b``: :class:`flax.nnx.Linear` with quantizers.
+
+    Takes ``flax.nnx.Linear``'s arguments (``in_features, out_features, *, use_bias, dtype,
+    param_dtype, ..., rngs``) and, keyword-only, the quantizer options. With
+    ``quantize=False`` it computes exactly ``flax.nnx.Linear``.
+
+    Args:
+      in_features: the number of input features.
+      out_features: the number of output features.
+      quantize: quantize the input and the kernel; settable later with
+        ``model.set_attributes(quantize=...)``. The quantizer variables exist either way.
+      input_signed: ``True`` / ``False`` for a signed / unsigned input quantizer; ``None``
+        (default): decided by :func:`calibrate`'s data, signed iff an input is negative.
+        ``False`` with negative calibration inputs makes :func:`calibrate` raise.
+      calibration_percentile: the percentile of ``|x|`` (signed) or ``max(x, 0)``
+        (unsigned) that sets the input quantizer's range at calibration.
+      **kwargs: ``flax.nnx.Linear``'s keyword arguments (``rngs`` required).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from cgmq_jax.nnx import QuantLinear, calibrate
+      >>> layer = QuantLinear(8, 10, rngs=nnx.Rngs(0))
+      >>> x = jnp.linspace(-1.0, 1.0, 8)[None]
+      >>> calibrate(layer, x)
+      >>> layer(x).shape, layer.kernel.shape, float(layer.input_signedness[...])
+      ((1, 10), (8, 10), 1.0)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        quantize: bool = True,
+        input_signed: bool | None = None,
+        calibration_percentile: float = DEFAULT_PERCENTILE,
+        **kwargs,
+    ):
+        super().__init__(in_features, out_features, **kwargs)
+        self._add_quantizers(
+            quantize=quantize,
+            input_signed=input_signed,
+            calibration_percentile=calibration_percentile,
+        )
+
+    def _quantized_call(self, inputs: jax.Array, out_sharding) -> jax.Array:
+        x, kernel = self._quantized_operands(inputs, self._kernel())
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = self.dot_general(
+            x,
+            kernel,
+            (((x.ndim - 1,), (0,)), ((), ())),
+            precision=self.precision,
+            **_product_kwargs(self, out_sharding),
+        )
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+class QuantConv(_QuantizedLayer, nnx.Conv):
+    """``y = conv(Q(x), Q(W)) + b``: :class:`flax.nnx.Conv` with quantizers.
+
+    Takes ``flax.nnx.Conv``'s arguments (``in_features, out_features, kernel_size,
+    strides=1, *, padding, input_dilation, kernel_dilation, feature_group_count, use_bias,
+    mask, dtype, param_dtype, ..., rngs``; any number of spatial axes, channels last, every
+    padding form Flax accepts) and, keyword-only, the quantizer options of
+    :class:`QuantLinear`. With ``quantize=False`` it computes exactly ``flax.nnx.Conv``. The
+    input is quantized before any padding (padded zeros are the code 0); a ``mask`` is
+    applied to the kernel before it is quantized.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from cgmq_jax.nnx import QuantConv, calibrate
+      >>> layer = QuantConv(1, 8, (3, 3), strides=2, padding=1, rngs=nnx.Rngs(0))
+      >>> x = jnp.ones((2, 28, 28, 1))
+      >>> calibrate(layer, x, input_bits=4)
+      >>> layer(x).shape, float(layer.input_signedness[...])
+      ((2, 14, 14, 8), -1.0)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...] | None = 1,
+        *,
+        quantize: bool = True,
+        input_signed: bool | None = None,
+        calibration_percentile: float = DEFAULT_PERCENTILE,
+        **kwargs,
+    ):
+        super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
+        self._add_quantizers(
+            quantize=quantize,
+            input_signed=input_signed,
+            calibration_percentile=calibration_percentile,
+        )
+
+    def _kernel(self) -> jax.Array:
+        kernel = self.kernel[...]
+        return kernel if self.mask is None else kernel * self.mask
+
+    def _quantized_call(self, inputs: jax.Array, out_sharding) -> jax.Array:
+        geometry = linen_layers.conv_geometry(self)  # Flax's rules: nnx.Conv has the fields
+        # Flax's batch handling: any number of leading batch axes, or none.
+        batch_shape = inputs.shape[: inputs.ndim - (len(geometry["kernel_size"]) + 1)]
+        if len(batch_shape) != 1:
+            inputs = jnp.reshape(inputs, (-1, *inputs.shape[len(batch_shape) :]))
+        if self.mask is not None and self.mask.shape != self.kernel_shape:
+            raise ValueError(
+                "Mask needs to have the same shape as weights. "
+                f"Shapes are: {self.mask.shape}, {self.kernel_shape}"
+            )
+        x, kernel = self._quantized_operands(inputs, self._kernel())
+        bias = self.bias[...] if self.bias is not None else None
+        if geometry["pre_padding"] is not None:
+            pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
+            x = jnp.pad(x, pads, mode=geometry["pad_mode"])
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = self.conv_general_dilated(
+            x,
+            kernel,
+            geometry["strides"],
+            geometry["padding"],
+            lhs_dilation=geometry["input_dilation"],
+            rhs_dilation=geometry["kernel_dilation"],
+            dimension_numbers=linen_layers._conv_dimension_numbers(x.shape),
+            feature_group_count=self.feature_group_count,
+            precision=self.precision,
+            **_product_kwargs(self, out_sharding),
+        )
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        if len(batch_shape) != 1:
+            y = jnp.reshape(y, (*batch_shape, *y.shape[1:]))
+        return y
+
+
+QUANTIZED_LAYERS = (QuantLinear, QuantConv)
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def calibrate(model: nnx.Module, *args, input_bits: int = 8, weight_bits: int = 8, **kwargs):
+    """Set every quantizer of ``model`` at an exact bit-width from a batch (in place).
+
+    Runs ``model(*args, **kwargs)`` eagerly in float (whatever each layer's ``quantize``),
+    then, for each quantized layer that ran: its input quantizer takes its range from a high
+    percentile of the layer's inputs (``calibration_percentile``), at ``input_bits``; its
+    weight quantizer from ``max|W|``, at ``weight_bits``; a layer with ``input_signed=None``
+    becomes signed iff its inputs have a negative value. A layer called several times is
+    calibrated for all its calls: signed if any call's inputs are, the largest range. Nothing
+    changes if a layer with ``input_signed=False`` sees a negative input: that raises a
+    ``ValueError`` naming it.
+
+    Args:
+      model: an NNX module holding :class:`QuantLinear` / :class:`QuantConv` layers.
+      *args: the model's call arguments: a calibration batch (and any other inputs).
+      input_bits: the bit-width of every input quantizer.
+      weight_bits: the bit-width of every weight quantizer.
+      **kwargs: the model's keyword call arguments (e.g. ``train=False``).
+    """
+    with _recording(calibrating=True) as recorder:
+        model(*args, **kwargs)
+    if not recorder.observed:
+        raise ValueError(
+            f"{type(model).__name__} called no QuantLinear / QuantConv layer: nothing to calibrate"
+        )
+    paths = {id(module): path for path, module in nnx.iter_modules(model)}
+    for layer, observation in recorder.observed.values():
+        if layer.input_signed is False and bool(observation.negative):
+            raise linen_layers._unsigned_error(_name(paths[id(layer)]))
+    for layer, observation in recorder.observed.values():
+        layer.input_quantizer[...] = linen_layers._initial_quantizer(
+            observation.input_range, signed=observation.signed, bits=input_bits
+        )
+        layer.input_signedness[...] = quantizer.signedness_leaf(observation.signed)
+        layer.weight_quantizer[...] = layer._weight_quantizer_at(weight_bits)
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+
+
+def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...]:
+    """Find every quantized layer of ``model`` and its MACs per example, from shapes alone.
+
+    Runs ``model(*args, **kwargs)`` abstractly (``jax.eval_shape`` over ``nnx.split``: no
+    compute, the model is not modified). Array arguments (or ``jax.ShapeDtypeStruct``) are
+    traced; anything else (``train=False``) is passed as it is. MACs are counted as by
+    :func:`cgmq_jax.cost.layer_specs`: ``prod(output.shape[1:]) * prod(kernel.shape[:-1])``.
+    A layer's input signedness is its ``input_signed``, or, where that is ``None``, the
+    decision :func:`calibrate` stored.
+
+    Raises a ``ValueError`` for what would be silently free: a plain Flax layer that
+    multiply-accumulates (``nnx.Linear``, ``nnx.Conv``, ...), a quantized layer that runs
+    with ``quantize=False``, or one whose signedness is not calibrated yet.
+
+    Returns:
+      One :class:`cgmq_jax.cost.LayerSpec` per call of a quantized layer, in call order;
+      its ``path`` indexes ``nnx.state(model)`` (and its pure and ``nnx.Param`` states).
+    """
+    plain = [
+        _name(path)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, _MAC_LAYERS) and not isinstance(module, QUANTIZED_LAYERS)
+    ]
+    if plain:
+        raise ValueError(
+            f"layers {plain} are plain Flax layers that multiply-accumulate: their cost would "
+            "not be counted; build them as cgmq_jax.nnx.QuantLinear / QuantConv"
+        )
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced_at = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+    calls: list[tuple[tuple, bool, int]] = []  # (path, quantize, MACs) of each call
+
+    def forward(state, traced):
+        given = list(leaves)
+        for i, value in zip(traced_at, traced, strict=True):
+            given[i] = value
+        call_args, call_kwargs = jax.tree.unflatten(treedef, given)
+        copy = nnx.merge(graphdef, state)
+        paths = {id(module): path for path, module in nnx.iter_modules(copy)}
+        with _recording(calibrating=False) as recorder:
+            copy(*call_args, **call_kwargs)
+        for layer, output_shape in recorder.calls:
+            macs = math.prod(output_shape[1:]) * math.prod(layer.kernel.shape[:-1])
+            calls.append((paths[id(layer)], layer.quantize, int(macs)))
+
+    shapes = [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), leaves[i].dtype) for i in traced_at]
+    jax.eval_shape(forward, state, shapes)
+    if not calls:
+        raise ValueError(f"{type(model).__name__} called no QuantLinear / QuantConv layer")
+    float_layers = sorted({_name(path) for path, quantize, _ in calls if not quantize})
+    if float_layers:
+        raise ValueError(
+            f"layers {float_layers} run with quantize=False, so they would not be counted: "
+            "model.set_attributes(quantize=True) before layer_specs"
+        )
+    modules = dict(nnx.iter_modules(model))
+    return tuple(
+        cost.LayerSpec(path, macs, _calibrated_signedness(modules[path], path))
+        for path, _, macs in calls
+    )
+
+
+def _calibrated_signedness(layer, path: tuple) -> bool:
+    if layer.input_signed is not None:
+        return bool(layer.input_signed)
+    stored = float(np.asarray(layer.input_signedness[...]))
+    if stored == NOT_CALIBRATED:
+        raise ValueError(
+            f"layer {_name(path)!r} decides its input signedness from data "
+            "(input_signed=None) and is not calibrated: cgmq_jax.nnx.calibrate(model, batch) "
+            "before layer_specs"
+        )
+    return stored > 0
