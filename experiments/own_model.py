@@ -76,22 +76,27 @@ def main(argv=None) -> int:
     mnist = data.synthetic() if args.synthetic else data.load_mnist(verbose=False)
     start = time.perf_counter()
 
-    # 1. Float pretraining of the unmodified model.
+    # 1. Quantizers by rules: the image input is unsigned; everything else decided by data.
     net = Net()
+    model = cgmq_jax.quantize_model(
+        net, [cgmq_jax.QuantRule(module_path="stem", input_signed=False), cgmq_jax.QuantRule()]
+    )
     sample = jnp.asarray(mnist.train[0][:256])
     float_params = net.init(jax.random.key(args.seed), sample)["params"]
+    try:  # a budget below the minimum cost is refused before any training
+        params = cgmq_jax.init_quantizers(model, float_params, sample)
+        certify.check_budget(args.budget_bops, cost.layer_specs(model, sample, params=params))
+    except certify.InfeasibleBudgetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # 2. Float pretraining of the unmodified model, then quantizers at 8 bits from it.
     float_params, _ = train(
         net, float_params, optax.adam(1e-3), mnist.train,
         epochs=args.float_epochs, batch_size=128, seed=args.seed,
     )  # fmt: skip
-
-    # 2. Quantizers by rules: the image input is unsigned; everything else decided by data.
-    model = cgmq_jax.quantize_model(
-        net, [cgmq_jax.QuantRule(module_path="stem", input_signed=False), cgmq_jax.QuantRule()]
-    )
-    params = cgmq_jax.init_quantizers(model, float_params, sample)  # 8 bits everywhere
+    params = cgmq_jax.init_quantizers(model, float_params, sample)
     specs = cost.layer_specs(model, sample, params=params)
-    certify.check_budget(args.budget_bops, specs)  # states the minimum if infeasible
 
     # 3. CGMQ: weights with Adam, quantizers with their own rate, the constraint last.
     cost_fn = functools.partial(cost.bops, specs=specs)

@@ -260,3 +260,14 @@ def test_per_channel_weight_quantizers_have_gradients_and_per_channel_cost():
     repaired, steps = certify.greedy_repair(params, specs, 5 * (2 + 2 + 2) * 8 + 40)
     assert steps > 0
     assert certify.certify(repaired, specs, 5 * (2 + 2 + 2) * 8 + 40)["within_budget"]
+
+
+def test_own_model_example_runs_and_certifies(tiny_mnist, standard_promotion_fixture, capsys):
+    from conftest import load_cli
+
+    argv = ["--synthetic", "--float_epochs", "1", "--epochs", "1", "--budget_bops", "1e6"]
+    assert load_cli("own_model").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "<= budget 1,000,000" in out and "stem" in out
+    assert load_cli("own_model").main([*argv[:-1], "1e4"]) == 2
+    assert "minimum achievable cost of this network" in capsys.readouterr().err
