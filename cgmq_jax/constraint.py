@@ -93,7 +93,8 @@ def constrained_update(
     """Keep a quantized network's cost within ``budget``, CGGD-style, with no penalty weight.
 
     Put it last in a chain, after the optimizer (it rewrites the *updates* it is given):
-    ``optax.chain(optax.adam(1e-3), constrained_update(cost_fn, budget))``.
+    ``optax.chain(optax.adam(1e-3), constrained_update(cost_fn, budget))``, or let
+    :func:`cgmq_optimizer` build the recommended chain.
 
     Weight updates always pass through untouched. For the quantizer updates
     (leaves ``[log2 d, log2 q_max]``; *cost-raising* components decrease ``d`` or increase
@@ -360,3 +361,63 @@ def fixed_bitwidths(
         return new_updates, state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def partitioned_adam(
+    learning_rate: optax.ScalarOrSchedule, quantizer_learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+    """Adam for the weights and its own Adam for the quantizer latents (log2 units).
+
+    ``optax.partition`` by :func:`cgmq_jax.quantizer.param_labels`: each optimizer sees
+    and keeps state for its own leaves only.
+    """
+    return optax.partition(
+        {"weight": optax.adam(learning_rate), "quantizer": optax.adam(quantizer_learning_rate)},
+        quantizer.param_labels,
+    )
+
+
+def cgmq_optimizer(
+    cost_fn: Callable[[optax.Params], jax.Array],
+    budget: float | jax.typing.ArrayLike,
+    *,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    quantizer_learning_rate: optax.ScalarOrSchedule = 1e-2,
+    rescale: float = DEFAULT_RESCALE,
+) -> optax.GradientTransformationExtraArgs:
+    """The recommended CGMQ chain, the one :func:`cgmq_jax.train.fit` trains with.
+
+    ``optax.chain(partitioned_adam(learning_rate, quantizer_learning_rate),
+    constrained_update(cost_fn, budget, rescale=rescale))``: Adam for the weights, a
+    separate Adam for the quantizer latents, then the budget constraint, last. ``fit``
+    passes a cosine-decayed ``learning_rate`` (over all QAT steps) and a constant
+    ``quantizer_learning_rate``. To clip gradients, chain a clip before it:
+    ``optax.chain(optax.clip_by_global_norm(1.0), cgmq_optimizer(...))``.
+
+    Args:
+      cost_fn: ``params -> BOPs``, as for :func:`constrained_update`.
+      budget: the maximum BOPs per example.
+      learning_rate: the weights' Adam learning rate (or schedule).
+      quantizer_learning_rate: the quantizer latents' Adam learning rate (or schedule),
+        in log2 units.
+      rescale: CGGD's ``R`` (> 1).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+
+    Examples:
+      >>> import functools, jax, optax
+      >>> from cgmq_jax import cgmq_optimizer, cost, models
+      >>> model = models.MLP()
+      >>> x = jax.numpy.ones((1, 28, 28, 1))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> specs = cost.layer_specs(model, x)
+      >>> tx = cgmq_optimizer(functools.partial(cost.bops, specs=specs), 4e6)
+      >>> state = tx.init(params)
+      >>> type(state[-1]).__name__
+      'ConstrainedUpdateState'
+    """
+    return optax.chain(
+        partitioned_adam(learning_rate, quantizer_learning_rate),
+        constrained_update(cost_fn, budget, rescale=rescale),
+    )

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cgmq_jax
-from cgmq_jax import certify, constraint, cost, quantizer
+from cgmq_jax import certify, constraint, cost, quantizer, train
 
 BUDGET = 1e6
 CHUNK = 200  # steps per jitted scan
@@ -500,6 +500,45 @@ def test_steps_to_feasible_do_not_depend_on_the_learning_rate():
         assert first <= TINY_REMOVABLE_BITS
         assert all(b < a for a, b in itertools.pairwise(costs[: first + 1]))  # a bit a step
         assert max(costs[first:]) <= 20_000
+
+
+# --- the recommended chain ----------------------------------------------------------------------
+
+
+def test_cgmq_optimizer_is_the_hand_built_chain(mlp):
+    cost_fn = functools.partial(cost.bops, specs=mlp["specs"])
+    schedule = optax.cosine_decay_schedule(1e-3, 10)
+    helper = cgmq_jax.cgmq_optimizer(
+        cost_fn, BUDGET, learning_rate=schedule, quantizer_learning_rate=1e-2
+    )
+    by_hand = optax.chain(
+        optax.partition(
+            {"weight": optax.adam(schedule), "quantizer": optax.adam(1e-2)}, cgmq_jax.param_labels
+        ),
+        cgmq_jax.constrained_update(cost_fn, BUDGET, rescale=constraint.DEFAULT_RESCALE),
+    )
+    params, state, history = _run_chain(mlp, helper)
+    hand_params, hand_state, hand_history = _run_chain(mlp, by_hand)
+    chex.assert_trees_all_equal(history, hand_history)
+    chex.assert_trees_all_equal(params, hand_params)
+    chex.assert_trees_all_equal_structs(state, hand_state)
+    chex.assert_trees_all_equal(state, hand_state)
+
+
+def test_fit_trains_with_the_recommended_chain(lenet, calibration_batch, tiny_mnist):
+    config = train.TrainConfig(budget_bops=2e6, epochs=2, pretrain_epochs=0, batch_size=64)
+    setup = train._make_setup(config, tiny_mnist, pretrained=True)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
+        state = train._qat_state(setup, lenet["float_params"], calibration_batch)
+        steps = len(setup.qat_epochs) * setup.steps_per_epoch
+        helper = cgmq_jax.cgmq_optimizer(
+            functools.partial(cost.bops, specs=setup.specs),
+            2e6,
+            learning_rate=optax.cosine_decay_schedule(config.lr, steps),
+        )
+        expected = helper.init(state.params)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(expected)
+    chex.assert_trees_all_equal(state.opt_state, expected)
 
 
 # --- arguments -------------------------------------------------------------------------------
