@@ -19,8 +19,8 @@ from cgmq_jax import certify, quantizer
 from cgmq_jax import cost as cost_module
 
 DEFAULT_RESCALE = 1.5
-# Smallest norm of the constraint's quantizer step while infeasible, in log2 units: with no
-# loss signal at all (zero updates) the constraint still moves, by 1.5 * 0.01 per step.
+# Smallest CGGD scale s while infeasible, in log2 units (the step is at least rescale * s,
+# and at least the length that loses a bit, whichever is longer).
 DEFAULT_MIN_SCALE = 1e-2
 _STEP_ONLY = jnp.array([1.0, 0.0], jnp.float32)  # weights of [log2 d, log2 q_max] in g
 # How far past a rounding boundary of log2 d the bit-losing step lands, in log2 units: far
@@ -116,8 +116,9 @@ def constrained_update(
         bit (:func:`cgmq_jax.quantizer.step_rise_to_lose_a_bit`, plus ``2**-10``). So
         every infeasible step lowers the exact cost, and a network reaches its budget in
         at most as many steps as it has bits above their minimum (65 for LeNet-5 at 8
-        bits), whatever the learning rate: with ``s`` alone, a quantizer learning rate
-        of 1e-4 took about 1,000 steps where 1e-2 took 224.
+        bits), whatever the learning rate. (With ``s`` alone, LeNet-5 from 8 bits to
+        2e6 BOPs took 957 steps at a quantizer learning rate of 1e-4, 231 at 1e-2; now
+        33 and 31.)
 
     Finally each quantizer's ``q_max`` is kept at least at its rounded step ``d_q``, so
     ``n >= 1`` holds without dragging ``d`` down (this never adds a bit).
