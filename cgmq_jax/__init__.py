@@ -29,6 +29,7 @@ _SUBMODULES = (
 )
 _NAMES = {
     "ConstrainedUpdateState": "constraint",
+    "cgmq_optimizer": "constraint",
     "constrained_update": "constraint",
     "bops": "cost",
     "exact_bops": "cost",

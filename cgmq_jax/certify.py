@@ -19,7 +19,14 @@ class InfeasibleBudgetError(ValueError):
 def check_budget(budget: float, specs: tuple[cost.LayerSpec, ...]) -> None:
     """Raise a clear error for a budget that is not a positive finite number, or infeasible."""
     cost.validate_budget(budget)
-    minimum = cost.min_cost(specs)
+    require_feasible(budget, cost.min_cost(specs))
+
+
+def require_feasible(budget: float, minimum: int) -> None:
+    """Raise :class:`InfeasibleBudgetError`, stating both numbers, if ``budget < minimum``.
+
+    ``minimum`` is the network's cost with every quantizer at its minimum bit-width.
+    """
     if budget < minimum:
         raise InfeasibleBudgetError(
             f"budget {budget:,.0f} BOPs is infeasible: the minimum achievable cost of this "

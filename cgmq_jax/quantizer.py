@@ -335,3 +335,49 @@ def _map_variables_with_path(fn, tree):
 
     is_variable = lambda node: isinstance(node, nnx.Variable)  # noqa: E731
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_variable)
+
+
+def at_min_bitwidth(theta: ArrayLike) -> jax.Array:
+    """The leaf at its minimum bit-width, same step: ``q_max = d_q``, so ``n = 1``.
+
+    A leaf ``[log2 d, log2 q_max]`` of shape ``(2,)``, or ``(..., 2)`` (one row per channel).
+    The bit-width is then :func:`min_bitwidth` whatever the step, so a network's cost at
+    these leaves is its minimum cost.
+    """
+    theta = jnp.asarray(theta, jnp.float32)
+    d_q = jax.lax.stop_gradient(power_of_two_step(jnp.exp2(theta[..., 0])))
+    return theta.at[..., 1].set(jnp.log2(d_q))
+
+
+def at_min_bitwidths(params):
+    """:func:`at_min_bitwidth` applied to every quantizer leaf of a parameter tree."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: at_min_bitwidth(leaf) if is_quantizer_path(path) else leaf, params
+    )
+
+
+def step_rise_to_lose_a_bit(theta: ArrayLike) -> jax.Array:
+    """How far ``log2 d`` must rise, ``q_max`` held, before the bit-width loses a bit.
+
+    The bit-width changes only where ``d_q = 2 ** round(log2 d)`` does, at half-integers of
+    ``log2 d``. Past the next one ``d_q`` doubles and ``n`` about halves, which loses a bit
+    unless ``n`` rounds up (3 -> 2, 7 -> 4); past the one after, ``n`` falls to a quarter,
+    which always does. The distance is to that boundary (the value there still rounds
+    halves to even, so the bit is lost only *past* it); ``inf`` at the minimum bit-width
+    (``n == 1``) or where the step cannot grow (:data:`LOG2_D_MAX`). Elementwise over
+    leaves of shape ``(..., 2)``.
+    """
+    theta = jnp.asarray(theta, jnp.float32)
+    d, q_max = from_latents(theta)
+    # d_q is a power of two: frexp gives its exponent exactly (log2 need not).
+    _, exponent = jnp.frexp(jax.lax.stop_gradient(power_of_two_step(d)))
+    exponent = exponent.astype(jnp.float32) - 1.0
+    # The sign does not matter here: a signed bit-width is the unsigned one plus 1.
+    bits = exact_bitwidth(d, q_max, signed=False)
+    distance = jnp.full(jnp.shape(exponent), jnp.inf, jnp.float32)
+    for doublings in (2.0, 1.0):  # the nearer boundary wins where it loses a bit
+        grown = exponent + doublings
+        fewer = exact_bitwidth(_exact_power_of_two(grown), q_max, signed=False) < bits
+        fewer &= grown <= LOG2_D_MAX
+        distance = jnp.where(fewer, grown - 0.5 - theta[..., 0], distance)
+    return distance

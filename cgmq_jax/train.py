@@ -7,7 +7,8 @@ checkpoint, repairs if none was feasible, certifies, and reports the test accura
 
 Methods (``TrainConfig.method``):
 
-* ``cgmq``: ``optax.chain(partition(adam), constrained_update(cost, budget))``;
+* ``cgmq``: :func:`cgmq_jax.constraint.cgmq_optimizer`, that is
+  ``optax.chain(partition(adam), constrained_update(cost, budget))``;
 * ``dq``: DQ's penalty, loss ``+ lam * max(0, C / budget - 1) ** 2``, no constrained update;
 * ``fixed``: uniform ``bits_w`` / ``bits_a`` with learned power-of-two steps (no budget);
 * ``float``: the unquantized network.
@@ -169,13 +170,6 @@ def make_accuracy(model, batch_size: int = 1000):
     return accuracy
 
 
-def _quantizer_optimizer(config: TrainConfig, steps: int) -> optax.GradientTransformation:
-    weights = optax.adam(optax.cosine_decay_schedule(config.lr, max(steps, 1)))
-    return optax.partition(
-        {"weight": weights, "quantizer": optax.adam(config.quantizer_lr)}, quantizer.param_labels
-    )
-
-
 def check_config(
     config: TrainConfig, input_shape: tuple[int, ...] = (28, 28, 1)
 ) -> tuple[cost.LayerSpec, ...]:
@@ -276,15 +270,20 @@ def _qat_state(setup: _Setup, float_params, calibration: jax.Array) -> train_sta
     else:
         bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
     params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
-    optimizer = _quantizer_optimizer(config, len(setup.qat_epochs) * setup.steps_per_epoch)
+    steps = len(setup.qat_epochs) * setup.steps_per_epoch
+    learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
     if config.method == "cgmq":
-        cost_fn = functools.partial(cost.bops, specs=setup.specs)
-        constrained = constraint.constrained_update(cost_fn, setup.budget, rescale=config.rescale)
-        tx = optax.chain(optimizer, constrained)
-    elif config.method == "fixed":
-        tx = optax.chain(optimizer, constraint.fixed_bitwidths())
-    else:  # dq
-        tx = optimizer
+        tx = constraint.cgmq_optimizer(
+            functools.partial(cost.bops, specs=setup.specs),
+            setup.budget,
+            learning_rate=learning_rate,
+            quantizer_learning_rate=config.quantizer_lr,
+            rescale=config.rescale,
+        )
+    else:
+        tx = constraint.partitioned_adam(learning_rate, config.quantizer_lr)
+        if config.method == "fixed":
+            tx = optax.chain(tx, constraint.fixed_bitwidths())
     return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
 
 
