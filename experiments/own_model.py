@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import cgmq_jax
-from cgmq_jax import certify, cost, data, quantizer
+from cgmq_jax import certify, cost, data
 
 
 class Net(nn.Module):
@@ -98,15 +98,11 @@ def main(argv=None) -> int:
     params = cgmq_jax.init_quantizers(model, float_params, sample)
     specs = cost.layer_specs(model, sample, params=params)
 
-    # 3. CGMQ: weights with Adam, quantizers with their own rate, the constraint last.
+    # 3. CGMQ: the recommended chain, optax.chain(optax.partition(Adam for the weights,
+    # Adam for the quantizers), constrained_update(cost_fn, budget)); compose your own the
+    # same way (constrained_update last).
     cost_fn = functools.partial(cost.bops, specs=specs)
-    tx = optax.chain(
-        optax.partition(
-            {"weight": optax.adam(1e-3), "quantizer": optax.adam(1e-2)},
-            quantizer.param_labels,
-        ),
-        cgmq_jax.constrained_update(cost_fn, args.budget_bops),
-    )
+    tx = cgmq_jax.cgmq_optimizer(cost_fn, args.budget_bops)
     params, state = train(
         model, params, tx, mnist.train, epochs=args.epochs, batch_size=128, seed=args.seed
     )
