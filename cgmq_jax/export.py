@@ -746,8 +746,9 @@ def export(
         raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
     if graph is None and type(model).__name__ not in GRAPH_MODELS:
         raise ValueError(
-            f"cannot export {type(model).__name__}: the integer export knows the op graphs of "
-            f"{' and '.join(GRAPH_MODELS)} only (conv, dense, relu, max-pool, flatten)"
+            f"cannot export {type(model).__name__}: no op graph known for it; the integer "
+            f"export knows those of {' and '.join(GRAPH_MODELS)} only (pass graph=[...] for "
+            "a model of conv, dense, relu, max-pool and flatten ops)"
         )
     traced = _trace_layers(model, input_shape)
     names = ["/".join(entry["path"]) for entry in traced]
