@@ -291,6 +291,29 @@ def test_qat_starts_from_the_folded_weights(tiny_mnist, standard_promotion_fixtu
     assert {(row["weight_bits"], row["input_bits"]) for row in rows} == {(8, 8)}
 
 
+def test_dscnn_qat_checkpoint_restores_through_the_folding(
+    tiny_mnist, tmp_path, standard_promotion_fixture
+):
+    # A QAT checkpoint of a run that pretrains is restored into the structure of the QAT
+    # state, which is built abstractly from the float variables: through the folding.
+    config = TrainConfig(model="dscnn", budget_bops=5e6, epochs=1, pretrain_epochs=1)
+    setup = train._make_setup(config, tiny_mnist, pretrained=False)
+    calibration = jnp.asarray(tiny_mnist.train[0][:16])
+    variables = _bn_variables(setup.float_model, calibration)
+    qat = train._qat_state(setup, variables, calibration)
+    progress = train._Progress(phase="qat", epoch=1, best_epoch=None)
+    saver = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    saver.save(1, train._checkpoint_arrays(qat, None), {"progress": dataclasses.asdict(progress)})
+    float_state = train._float_state(setup, variables)
+    assert "batch_stats" in train._checkpoint_arrays(float_state, None)
+    assert "batch_stats" not in train._checkpoint_arrays(qat, None)
+    state, restored, _ = train._restore(setup, saver, float_state, variables, calibration)
+    saver.close()
+    assert restored == progress
+    chex.assert_trees_all_equal(state.params, qat.params)
+    chex.assert_trees_all_equal(state.opt_state, qat.opt_state)
+
+
 def test_every_model_passes_the_checks_before_data(sample_input):
     for name in models.MODELS:
         specs = train.check_config(TrainConfig(model=name, budget_bops=1e9))
