@@ -2,7 +2,8 @@
 
 A checkpoint has two items: ``state``, a pytree of arrays (the train state's params, the
 optimizer state, including :class:`cgmq_jax.constraint.ConstrainedUpdateState`, the step
-counter, and the best feasible params so far), saved with ``orbax.checkpoint``'s
+counter, the best feasible params so far, and in the float phase of a model with
+BatchNorm its ``batch_stats``), saved with ``orbax.checkpoint``'s
 ``StandardSave``; and ``meta``, JSON (phase, epoch, position in the epoch, history, the
 losses of a partial epoch). Orbax writes each checkpoint into a temporary directory and
 renames it when complete, so a checkpoint interrupted by a kill is never restored.

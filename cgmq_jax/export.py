@@ -531,6 +531,10 @@ def pixels_from_unit_float(images: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- writing (JAX)
 
 
+#: The models whose op graph the export knows (by class name; not their subclasses).
+GRAPH_MODELS = ("LeNet5", "MLP")
+
+
 def _graph_for(model, layer_names: list[str]) -> list[dict]:
     name = type(model).__name__
     pool = {"op": "maxpool", "window": [2, 2], "strides": [2, 2], "padding": "VALID"}
@@ -737,6 +741,12 @@ def export(
     """
     if bias_scheme not in BIAS_SCHEMES:
         raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
+    if graph is None and type(model).__name__ not in GRAPH_MODELS:
+        raise ValueError(
+            f"cannot export {type(model).__name__}: no op graph known for it; the integer "
+            f"export knows those of {' and '.join(GRAPH_MODELS)} only (pass graph=[...] for "
+            "a model of conv, dense, relu, max-pool and flatten ops)"
+        )
     traced = _trace_layers(model, input_shape)
     names = ["/".join(entry["path"]) for entry in traced]
     ops = graph if graph is not None else _graph_for(model, names)

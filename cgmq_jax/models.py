@@ -1,7 +1,22 @@
-"""The models of the experiments: LeNet-5 and an MLP, float or quantized by one switch."""
+"""The models of the experiments, float or quantized by one switch, and BatchNorm folding.
+
+* :class:`LeNet5`, the classic LeNet-5 (281,640 MACs), and :class:`LeNet5BB`, Bayesian
+  Bits' wider LeNet-5 (4,267,008 MACs);
+* :class:`MLP`, 784-300-100-10 (266,200 MACs);
+* :class:`DSCNN`, a small depthwise-separable CNN with BatchNorm and residual adds
+  (1,201,728 MACs).
+
+Every model has a ``quantized`` field: ``False`` is the float network that is pretrained,
+``True`` the network that quantization-aware training trains under the budget. A model
+with BatchNorm (``DSCNN``) has it only in its float network; :func:`fold_batchnorm` folds
+each BatchNorm into the layer before it, so the quantized network has no BatchNorm and its
+quantized weights are the folded ones. :func:`folded` is the float network with BatchNorm
+folded away (the model that :func:`cgmq_jax.nn.init_quantizers` calibrates).
+"""
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,18 +36,35 @@ class LeNet5(nn.Module):
 
     num_classes: int = 10
     quantized: bool = True
+    channels: tuple[int, int] = (6, 16)  # of conv1, conv2
+    hidden: tuple[int, ...] = (120, 84)  # dense layers before the logits
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         options = {"quantize": self.quantized, "input_signed": False}
-        x = QuantConv(6, (5, 5), padding="VALID", name="conv1", **options)(x)
+        first, second = self.channels
+        x = QuantConv(first, (5, 5), padding="VALID", name="conv1", **options)(x)
         x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = QuantConv(16, (5, 5), padding="VALID", name="conv2", **options)(x)
+        x = QuantConv(second, (5, 5), padding="VALID", name="conv2", **options)(x)
         x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
-        x = nn.relu(QuantDense(120, name="fc1", **options)(x))
-        x = nn.relu(QuantDense(84, name="fc2", **options)(x))
-        return QuantDense(self.num_classes, name="fc3", **options)(x)
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **options)(x))
+        name = f"fc{len(self.hidden) + 1}"
+        return QuantDense(self.num_classes, name=name, **options)(x)
+
+
+class LeNet5BB(LeNet5):
+    """Bayesian Bits' LeNet-5 (van Baalen et al., 2020) for 28x28x1 inputs.
+
+    conv 32@5x5 -> max-pool 2 -> conv 64@5x5 -> max-pool 2 -> dense 512 -> dense 10, ReLU,
+    with PyTorch's default ``padding=0`` of their ``nn.Conv2d`` (``'VALID'``), as
+    :class:`LeNet5`; unsigned inputs as there. 4,267,008 MACs per example: conv1 460,800,
+    conv2 3,276,800, fc1 524,288, fc2 5,120.
+    """
+
+    channels: tuple[int, int] = (32, 64)
+    hidden: tuple[int, ...] = (512,)
 
 
 class MLP(nn.Module):
@@ -53,11 +85,179 @@ class MLP(nn.Module):
         return QuantDense(self.num_classes, name=name, **options)(x)
 
 
-MODELS = {"lenet5": LeNet5, "mlp": MLP}
+class DSCNN(nn.Module):
+    """A small depthwise-separable CNN for 28x28x1 inputs (MobileNet / MLPerf-Tiny DS-CNN).
+
+    ======  =====================================  ===========  =========
+    layer   operation                              output       MACs
+    ======  =====================================  ===========  =========
+    stem    conv 32@3x3, stride 2, SAME            14x14x32        56,448
+    dw1     depthwise 3x3, SAME                    14x14x32        56,448
+    pw1     pointwise 1x1, 64                      14x14x64       401,408
+    dw2     depthwise 3x3, stride 2, SAME          7x7x64          28,224
+    pw2     pointwise 1x1, 64                      7x7x64         200,704
+    dw3     depthwise 3x3, SAME                    7x7x64          28,224
+    pw3     pointwise 1x1, 64, + residual          7x7x64         200,704
+    dw4     depthwise 3x3, SAME                    7x7x64          28,224
+    pw4     pointwise 1x1, 64, + residual          7x7x64         200,704
+    fc      global average pool, dense 10          10                 640
+    total                                                       1,201,728
+    ======  =====================================  ===========  =========
+
+    Every convolution is followed by BatchNorm, then ReLU; blocks 3 and 4 add their input
+    after the pointwise BatchNorm and apply ReLU to the sum (ResNet's order). Every layer's
+    input is therefore non-negative (pixels, ReLU outputs, their average), so every input
+    quantizer is unsigned, explicitly.
+
+    BatchNorm is part of the float network only: with ``quantized=True``, or with
+    ``batch_norm=False``, the convolutions have a bias and no BatchNorm follows them
+    (:func:`fold_batchnorm` maps the float network's variables to those parameters). Call
+    with ``train=True`` (and ``mutable=["batch_stats"]``) to train the float network on
+    batch statistics; the default uses the running averages.
+    """
+
+    num_classes: int = 10
+    quantized: bool = True
+    batch_norm: bool = True  # BatchNorm in the float network (folded when quantized)
+    stem_channels: int = 32
+    channels: int = 64
+    momentum: float = 0.9  # of the running averages: short pretraining needs them fast
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return self.batch_norm and not self.quantized
+
+    def _conv_bn(self, x, features, kernel_size, *, name, train, strides=1, groups=1):
+        """A convolution and its BatchNorm (none when quantized: folded into its bias)."""
+        x = QuantConv(
+            features,
+            kernel_size,
+            strides=strides,
+            padding="SAME",
+            feature_group_count=groups,
+            use_bias=not self.has_batch_norm,
+            quantize=self.quantized,
+            input_signed=False,
+            name=name,
+        )(x)
+        if self.has_batch_norm:
+            x = nn.BatchNorm(
+                use_running_average=not train, momentum=self.momentum, name=f"{name}_bn"
+            )(x)
+        return x
+
+    def _separable(self, x, features, *, block, train, strides=1):
+        """Depthwise 3x3 -> BatchNorm -> ReLU -> pointwise 1x1 -> BatchNorm (no ReLU)."""
+        channels = x.shape[-1]
+        x = self._conv_bn(
+            x, channels, (3, 3), strides=strides, groups=channels, name=f"dw{block}", train=train
+        )
+        return self._conv_bn(nn.relu(x), features, (1, 1), name=f"pw{block}", train=train)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = self._conv_bn(x, self.stem_channels, (3, 3), strides=2, name="stem", train=train)
+        x = nn.relu(x)
+        x = nn.relu(self._separable(x, self.channels, block=1, train=train))
+        x = nn.relu(self._separable(x, self.channels, block=2, strides=2, train=train))
+        for block in (3, 4):
+            x = nn.relu(x + self._separable(x, self.channels, block=block, train=train))
+        x = jnp.mean(x, axis=(1, 2))
+        options = {"quantize": self.quantized, "input_signed": False}
+        return QuantDense(self.num_classes, name="fc", **options)(x)
+
+
+MODELS = {"lenet5": LeNet5, "lenet5_bb": LeNet5BB, "mlp": MLP, "dscnn": DSCNN}
 
 
 def get_model(name: str, *, quantized: bool = True) -> nn.Module:
-    """A model by name (``lenet5`` or ``mlp``)."""
+    """A model by name (one of :data:`MODELS`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](quantized=quantized)
+
+
+def folded(model: nn.Module) -> nn.Module:
+    """``model`` with its BatchNorm folded away: the same model with ``batch_norm=False``
+    (whose float network is the one :func:`fold_batchnorm`'s parameters belong to), or
+    ``model`` itself if it has no BatchNorm."""
+    return model.clone(batch_norm=False) if hasattr(model, "batch_norm") else model
+
+
+def _batchnorm_inputs(model: nn.Module, sample_input) -> dict:
+    """``{BatchNorm path: (path of the conv / dense layer it normalises, epsilon)}``.
+
+    Traced from shapes: a BatchNorm is folded into the layer whose output it receives
+    (the very array, not a copy); any other BatchNorm cannot be folded.
+    """
+    producers, kept, found = {}, [], {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__":
+            return out
+        if isinstance(module, nn.BatchNorm):
+            name = "/".join(module.path)
+            source = producers.get(id(args[0]) if args else None)
+            if source is None:
+                raise ValueError(
+                    f"BatchNorm {name!r} does not directly follow a Conv or Dense layer; "
+                    "only such a BatchNorm can be folded"
+                )
+            if module.axis not in (-1, args[0].ndim - 1) or module.axis_name is not None:
+                raise ValueError(f"BatchNorm {name!r}: only a feature-axis (-1) BatchNorm folds")
+            found[tuple(module.path)] = (source, module.epsilon)
+        elif isinstance(module, nn.Conv | nn.Dense):
+            producers[id(out)] = tuple(module.path)
+            kept.append(out)  # alive, so that no other array reuses its id
+        return out
+
+    sample = jax.ShapeDtypeStruct(jnp.shape(sample_input), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), sample)
+    return found
+
+
+def fold_batchnorm(model: nn.Module, variables, sample_input) -> dict:
+    """The float network's variables with every BatchNorm folded into the layer before it.
+
+    For a BatchNorm with scale ``gamma``, offset ``beta``, running mean and variance
+    ``mean``, ``var`` after a layer with kernel ``W`` and bias ``b`` (0 if none), per
+    output channel::
+
+        s = gamma / sqrt(var + eps)
+        W' = W * s        b' = beta + (b - mean) * s
+
+    so the folded layer computes what the layer and its BatchNorm compute in evaluation
+    mode (running averages). A pure function.
+
+    Args:
+      model: the float network with BatchNorm (e.g. ``DSCNN(quantized=False)``).
+      variables: its variables, ``{"params": ..., "batch_stats": ...}``.
+      sample_input: an input batch (or a ``jax.ShapeDtypeStruct``): the shapes to trace
+        which layer each BatchNorm follows.
+
+    Returns:
+      The parameters of :func:`folded` ``(model)``: the BatchNorm entries removed, each
+      folded layer with its new ``kernel`` and ``bias`` (quantizer leaves, if any, kept).
+
+    Raises:
+      ValueError: a BatchNorm that does not directly follow a Conv or Dense layer.
+    """
+    params = flax.core.unfreeze(variables["params"])
+    stats = flax.core.unfreeze(variables.get("batch_stats", {}))
+    pairs = _batchnorm_inputs(model, sample_input)
+    flat = flax.traverse_util.flatten_dict(params)
+    flat_stats = flax.traverse_util.flatten_dict(stats)
+    for norm, (layer, epsilon) in pairs.items():
+        kernel = flat[(*layer, "kernel")]
+        features = kernel.shape[-1]
+        gamma = flat.pop((*norm, "scale"), jnp.ones(features, kernel.dtype))
+        beta = flat.pop((*norm, "bias"), jnp.zeros(features, kernel.dtype))
+        mean, var = flat_stats[(*norm, "mean")], flat_stats[(*norm, "var")]
+        scale = gamma * jax.lax.rsqrt(var + epsilon)
+        bias = flat.get((*layer, "bias"), jnp.zeros(features, kernel.dtype))
+        flat[(*layer, "kernel")] = kernel * jnp.reshape(scale, (1,) * (kernel.ndim - 1) + (-1,))
+        flat[(*layer, "bias")] = beta + (bias - mean) * scale
+    return flax.traverse_util.unflatten_dict(flat)

@@ -1,9 +1,11 @@
 """The training protocol (CGMQ.md sections 4-5) as one library call: :func:`fit`.
 
-``fit`` checks feasibility, pretrains the float network, initialises every quantizer at
-8 bits, runs quantization-aware training inside one jitted train step, evaluates the
-validation accuracy and the exact cost after each epoch, keeps the best feasible
-checkpoint, repairs if none was feasible, certifies, and reports the test accuracy.
+``fit`` checks feasibility, pretrains the float network (BatchNorm, if the model has it,
+on batch statistics, with running averages for evaluation), folds its BatchNorm into the
+layers before it, initialises every quantizer at 8 bits, runs quantization-aware training
+inside one jitted train step, evaluates the validation accuracy and the exact cost after
+each epoch, keeps the best feasible checkpoint, repairs if none was feasible, certifies,
+and reports the test accuracy.
 
 Methods (``TrainConfig.method``):
 
@@ -140,12 +142,42 @@ def dq_penalty(params, specs, budget: float, lam: float) -> jax.Array:
     return lam * jnp.square(jnp.maximum(cost.bops(params, specs) / budget - 1.0, 0.0))
 
 
+class BatchNormTrainState(train_state.TrainState):
+    """A ``TrainState`` with the BatchNorm statistics of a float network (Flax's ImageNet
+    example's): ``batch_stats`` are updated by each step, not by the optimizer."""
+
+    batch_stats: Any = None
+
+
+def _float_variables(state) -> dict:
+    """The float network's variables: ``params``, with ``batch_stats`` if it has BatchNorm."""
+    if isinstance(state, BatchNormTrainState):
+        return {"params": state.params, "batch_stats": state.batch_stats}
+    return {"params": state.params}
+
+
 def make_train_step(model, loss_fn=None):
-    """A jitted step ``(state, images, labels) -> (state, loss)`` for a ``TrainState``."""
+    """A jitted step ``(state, images, labels) -> (state, loss)`` for a ``TrainState``.
+
+    For a :class:`BatchNormTrainState` (and no ``loss_fn``) the model is called with
+    ``train=True``: BatchNorm normalises with the batch's statistics and the step stores
+    the updated running averages in ``state.batch_stats``.
+    """
     loss_fn = loss_fn or functools.partial(_cross_entropy, model)
+
+    def batch_norm_loss(params, batch_stats, images, labels):
+        variables = {"params": params, "batch_stats": batch_stats}
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates["batch_stats"]
 
     @jax.jit
     def train_step(state, images, labels):
+        if isinstance(state, BatchNormTrainState):
+            (loss, batch_stats), grads = jax.value_and_grad(batch_norm_loss, has_aux=True)(
+                state.params, state.batch_stats, images, labels
+            )
+            return state.apply_gradients(grads=grads).replace(batch_stats=batch_stats), loss
         loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels)
         return state.apply_gradients(grads=grads), loss
 
@@ -153,18 +185,25 @@ def make_train_step(model, loss_fn=None):
 
 
 def make_accuracy(model, batch_size: int = 1000):
-    """``(params, images, labels) -> accuracy`` over a whole split, jitted per batch."""
+    """``(params, images, labels) -> accuracy`` over a whole split, jitted per batch.
+
+    For a float network with BatchNorm pass its variables, ``{"params": ...,
+    "batch_stats": ...}``, as ``batch_stats=``: it is evaluated with the running averages.
+    """
 
     @jax.jit
-    def correct(params, images, labels):
-        logits = model.apply({"params": params}, images)
+    def correct(variables, images, labels):
+        logits = model.apply(variables, images)
         return jnp.sum(jnp.argmax(logits, -1) == labels)
 
-    def accuracy(params, images, labels) -> float:
+    def accuracy(params, images, labels, *, batch_stats=None) -> float:
+        variables = {"params": params}
+        if batch_stats is not None:
+            variables["batch_stats"] = batch_stats
         total = 0
         for start in range(0, len(labels), batch_size):
             stop = start + batch_size
-            total += int(correct(params, images[start:stop], labels[start:stop]))
+            total += int(correct(variables, images[start:stop], labels[start:stop]))
         return total / len(labels)
 
     return accuracy
@@ -252,9 +291,29 @@ def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: boo
     )
 
 
-def _float_state(setup: _Setup, params) -> train_state.TrainState:
+def _float_state(setup: _Setup, variables: dict) -> train_state.TrainState:
+    """Adam on the float network; a :class:`BatchNormTrainState` if it has BatchNorm."""
     tx = optax.adam(setup.config.lr)
-    return train_state.TrainState.create(apply_fn=setup.float_model.apply, params=params, tx=tx)
+    apply_fn, params = setup.float_model.apply, variables["params"]
+    if "batch_stats" in variables:
+        return BatchNormTrainState.create(
+            apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables["batch_stats"]
+        )
+    return train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
+
+
+def _float_variables_of(setup: _Setup, float_params, sample: jax.Array) -> dict:
+    """``fit``'s ``float_params`` as variables: the params tree, or (a float network with
+    BatchNorm) its variables ``{"params", "batch_stats"}``, which it must then be."""
+    shapes = jax.eval_shape(setup.float_model.init, jax.random.key(0), sample)
+    if "batch_stats" not in shapes:
+        return {"params": float_params}
+    if not (isinstance(float_params, dict) and set(float_params) >= {"params", "batch_stats"}):
+        raise ValueError(
+            f"{setup.config.model} has BatchNorm: float_params must be its float variables "
+            '{"params": ..., "batch_stats": ...} (a float run\'s FitResult.params)'
+        )
+    return {"params": float_params["params"], "batch_stats": float_params["batch_stats"]}
 
 
 def _calibration_batch(setup: _Setup, images: np.ndarray) -> jax.Array:
@@ -262,14 +321,22 @@ def _calibration_batch(setup: _Setup, images: np.ndarray) -> jax.Array:
     return jnp.asarray(images[rng.permutation(len(images))[: setup.config.calibration_size]])
 
 
-def _qat_state(setup: _Setup, float_params, calibration: jax.Array) -> train_state.TrainState:
-    """Quantizers at ``init_bits`` (fixed: ``bits_w`` / ``bits_a``), the method's optimizer."""
+def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_state.TrainState:
+    """Quantizers at ``init_bits`` (fixed: ``bits_w`` / ``bits_a``), the method's optimizer.
+
+    ``variables`` are the float network's; BatchNorm, if any, is folded into the layers
+    before it first (:func:`cgmq_jax.models.fold_batchnorm`), so the quantizers are
+    calibrated on, and quantize, the folded weights.
+    """
     config = setup.config
     if config.method == "fixed":
         bits = {"input_bits": config.bits_a, "weight_bits": config.bits_w}
     else:
         bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
-    params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
+    float_params = variables["params"]
+    if "batch_stats" in variables:
+        float_params = models.fold_batchnorm(setup.float_model, variables, calibration[:1])
+    params = nn.init_quantizers(models.folded(setup.model), float_params, calibration, **bits)
     steps = len(setup.qat_epochs) * setup.steps_per_epoch
     learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
     if config.method == "cgmq":
@@ -309,12 +376,15 @@ def _qat_loss(setup: _Setup):
 
 
 def _checkpoint_arrays(state, best_params) -> dict:
-    return {
+    arrays = {
         "params": state.params,
         "opt_state": state.opt_state,
         "step": jnp.asarray(state.step, jnp.int32),
         "best_params": best_params if best_params is not None else state.params,
     }
+    if isinstance(state, BatchNormTrainState):  # the float phase of a model with BatchNorm
+        arrays["batch_stats"] = state.batch_stats
+    return arrays
 
 
 def _epoch_name(setup: _Setup, progress: _Progress) -> str:
@@ -378,7 +448,7 @@ def _check_finite(setup: _Setup, progress: _Progress, losses: list[float], param
 
 
 def _evaluate_float(setup, state, progress, loss, split, accuracy_fn, log) -> dict:
-    accuracy = accuracy_fn(state.params, *split)
+    accuracy = accuracy_fn(state.params, *split, batch_stats=getattr(state, "batch_stats", None))
     log(f"float epoch {progress.epoch + 1}: loss {loss:.4f}  val acc {100 * accuracy:.2f}%")
     return {"epoch": progress.epoch + 1, "phase": "float", "loss": loss, "val_accuracy": accuracy}
 
@@ -435,8 +505,10 @@ def fit(
       config: the run's settings.
       dataset: train / validation / test splits (:func:`cgmq_jax.data.load_mnist`).
       log: where the per-epoch lines go.
-      float_params: a pretrained float checkpoint (e.g. :func:`pretrain`'s); pretraining
-        is skipped when given.
+      float_params: a pretrained float checkpoint (e.g. the ``params`` of a ``float``
+        run's result); pretraining is skipped when given. For a model with BatchNorm it is
+        the float network's variables ``{"params": ..., "batch_stats": ...}`` (what a float
+        run of it returns), folded before QAT.
       checkpointer: a :class:`cgmq_jax.checkpoint.Checkpointer`, or None for no checkpoints.
       resume: continue from ``checkpointer``'s latest checkpoint (from the start if none).
       checkpoint_meta: extra JSON stored in every checkpoint (e.g. the CLI's flags).
@@ -456,16 +528,19 @@ def fit(
     train, validation = dataset.train, dataset.validation
     sample = jnp.asarray(train[0][:2])
     if float_params is None:
-        float_params = jax.jit(setup.float_model.init)(key, sample)["params"]
+        variables = jax.jit(setup.float_model.init)(key, sample)
+        variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    else:
+        variables = _float_variables_of(setup, float_params, sample)
     calibration = _calibration_batch(setup, train[0])
 
     progress = _Progress(epoch=setup.float_epochs.start if setup.float_epochs else 0)
-    state, best_params = _float_state(setup, float_params), None
+    state, best_params = _float_state(setup, variables), None
     if not setup.float_epochs and config.method != "float":
         progress = _Progress(phase="qat", epoch=setup.qat_epochs.start)
-        state = _qat_state(setup, float_params, calibration)
+        state = _qat_state(setup, variables, calibration)
     if resume and checkpointer is not None:
-        restored = _restore(setup, checkpointer, state, float_params, calibration)
+        restored = _restore(setup, checkpointer, state, variables, calibration)
         if restored is not None:
             state, progress, best_params = restored
             log(
@@ -530,30 +605,34 @@ def fit(
             save(state, progress)
         if phase == "float" and config.method != "float":
             progress = dataclasses.replace(progress, phase="qat", epoch=setup.qat_epochs.start)
-            state = _qat_state(setup, state.params, calibration)
+            state = _qat_state(setup, _float_variables(state), calibration)
     seconds = progress.seconds + time.perf_counter() - started
     if config.method == "float":
-        return _finish_float(setup, state.params, progress.history, dataset, seconds)
+        return _finish_float(setup, _float_variables(state), progress.history, dataset, seconds)
     return _finish_qat(setup, state.params, best_params, progress, dataset, seconds, log)
 
 
-def _restore(setup: _Setup, checkpointer, state, float_params, calibration):
+def _restore(setup: _Setup, checkpointer, state, variables, calibration):
     """``(state, progress, best_params)`` from the latest checkpoint, or None if there is none.
 
-    ``state`` is the fresh state of the run's first phase; a QAT checkpoint of a run that
-    pretrains is restored into the QAT state's structure (built abstractly, no compute).
+    ``state`` is the fresh state of the run's first phase (``variables`` the float
+    network's); a QAT checkpoint of a run that pretrains is restored into the QAT state's
+    structure (built abstractly, no compute). A float checkpoint of a model with BatchNorm
+    holds its ``batch_stats`` too.
     """
     meta = checkpointer.latest_meta()
     if meta is None:
         return None
     progress = _Progress(**meta["progress"])
     if progress.phase == "qat" and setup.float_epochs:  # ``state`` is the float one
-        state = jax.eval_shape(lambda p: _qat_state(setup, p, calibration), float_params)
+        state = jax.eval_shape(lambda v: _qat_state(setup, v, calibration), variables)
     like = jax.eval_shape(lambda s: _checkpoint_arrays(s, None), state)
     arrays = checkpointer.restore_arrays(like)
     state = state.replace(
         params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"]
     )
+    if "batch_stats" in arrays:
+        state = state.replace(batch_stats=arrays["batch_stats"])
     best_params = arrays["best_params"] if progress.best_epoch is not None else None
     return state, progress, best_params
 
@@ -597,15 +676,19 @@ def _constraint_state(opt_state):
     return None
 
 
-def _finish_float(setup, params, history, dataset, seconds) -> FitResult:
-    params = jax.device_get(params)
+def _finish_float(setup, variables, history, dataset, seconds) -> FitResult:
+    """A float run: its params, or (a model with BatchNorm) its variables, as ``params``."""
+    variables = jax.device_get(variables)
+    params = variables if "batch_stats" in variables else variables["params"]
     certificate = certify.cost_report(None, setup.specs, setup.config.budget_bops)
     certificate.update(selected_epoch=setup.config.epochs, repaired_bits=0)
     return FitResult(
         config=setup.config,
         params=params,
         history=history,
-        test_accuracy=make_accuracy(setup.float_model)(params, *dataset.test),
+        test_accuracy=make_accuracy(setup.float_model)(
+            variables["params"], *dataset.test, batch_stats=variables.get("batch_stats")
+        ),
         certificate=certificate,
         wall_seconds=seconds,
         data_source=dataset.source,

@@ -1,4 +1,4 @@
-"""Train a quantized LeNet-5 (or MLP) on MNIST under a BOP budget and certify it.
+"""Train a quantized model (LeNet-5 by default) on MNIST under a BOP budget and certify it.
 
     python experiments/mnist.py --budget_bops 2e6
 
@@ -22,6 +22,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from cgmq_jax.models import MODELS
     from cgmq_jax.train import METHODS, TrainConfig
 
     defaults = TrainConfig()
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=defaults.budget_bops,
         help="max bit-operations per example, e.g. 2e6 (default %(default)g)",
     )
-    p.add_argument("--model", choices=("lenet5", "mlp"), default=defaults.model)
+    p.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
     p.add_argument("--method", choices=METHODS, default=defaults.method)
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="QAT epochs")
     p.add_argument(

@@ -529,7 +529,7 @@ def test_fit_trains_with_the_recommended_chain(lenet, calibration_batch, tiny_mn
     config = train.TrainConfig(budget_bops=2e6, epochs=2, pretrain_epochs=0, batch_size=64)
     setup = train._make_setup(config, tiny_mnist, pretrained=True)
     with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
-        state = train._qat_state(setup, lenet["float_params"], calibration_batch)
+        state = train._qat_state(setup, {"params": lenet["float_params"]}, calibration_batch)
         steps = len(setup.qat_epochs) * setup.steps_per_epoch
         helper = cgmq_jax.cgmq_optimizer(
             functools.partial(cost.bops, specs=setup.specs),
