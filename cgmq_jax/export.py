@@ -50,9 +50,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
+import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,8 +215,21 @@ def _as_bytes(array: np.ndarray) -> bytes:
 
 
 def _fail(path: os.PathLike | str, problem: str) -> ExportError:
-    return ExportError(f"{path}: {problem}")
+    message = f"{path}: {problem}"
+    return ExportError(message.replace("\r", "\\r").replace("\n", "\\n"))
 
+
+#: The dtypes an array of the file may have (little-endian signed integers).
+_ARRAY_DTYPES = ("|i1", "<i2", "<i4", "<i8")
+#: The largest ``header.json`` member accepted, in bytes (a real header is a few KiB).
+MAX_HEADER_BYTES = 1 << 22
+#: The largest ``.npy`` preamble (magic, version, header dict, padding) accepted, in bytes.
+_NPY_PREAMBLE_MAX = 4096
+#: The most elements one array of the file may declare (2**31: 2-16 GiB; a model is tiny).
+MAX_ARRAY_ELEMENTS = 1 << 31
+#: The largest exponent magnitude and bias shift (``accumulator - bias`` exponent) accepted.
+MAX_EXPONENT = 1024
+MAX_BIAS_SHIFT = 62
 
 _LAYER_FIELDS = (
     "name",
@@ -238,49 +253,388 @@ _LAYER_FIELDS = (
     "macs",
 )
 _CONV_FIELDS = ("strides", "padding", "groups")
+_DILATION_FIELDS = ("dilation", "kernel_dilation", "input_dilation", "rhs_dilation", "lhs_dilation")
 _HEADER_FIELDS = ("format", "version", "input", "ops", "layers", "output", "arrays")
 
 
-def _check_structure(path: Path, header: dict, stored: dict) -> dict[str, np.ndarray]:
-    """Layer fields, op references, and every listed array (dtype, shape, SHA-256)."""
-    for i, layer in enumerate(header["layers"]):
-        needed = _LAYER_FIELDS + (_CONV_FIELDS if layer.get("kind") == "conv" else ())
-        missing = [key for key in needed if key not in layer]
-        if missing:
-            raise _fail(path, f"header layer {i} is missing {', '.join(missing)}")
-        if layer["bias_exponent"] > layer["accumulator_exponent"]:
-            raise _fail(path, f"header layer {i}: bias_exponent above accumulator_exponent")
-    for op in header["ops"]:
-        if op.get("op") in _LAYER_OPS and not 0 <= op.get("layer", -1) < len(header["layers"]):
-            raise _fail(path, f"op {op} names no layer of the header")
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer (not a bool, not a float with an integer value)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+class _Checker:
+    """Type and range checks of header values; each failure is one line naming the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, problem: str) -> ExportError:
+        return _fail(self.path, problem)
+
+    def int(self, where: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+        if not _is_int(value):
+            raise self.fail(f"{where} must be an integer, got {value!r}")
+        value = int(value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise self.fail(f"{where} = {value} is outside {bounds}")
+        return value
+
+    def exponent(self, where: str, value: Any) -> int:
+        return self.int(where, value, -MAX_EXPONENT, MAX_EXPONENT)
+
+    def ints(self, where: str, value: Any, length: int | None = None, lo: int = 1) -> list[int]:
+        if not isinstance(value, list) or (length is not None and len(value) != length):
+            size = "a list" if length is None else f"a list of {length}"
+            raise self.fail(f"{where} must be {size} integers, got {value!r}")
+        if not value:
+            raise self.fail(f"{where} is empty")
+        return [self.int(f"{where}[{i}]", v, lo) for i, v in enumerate(value)]
+
+    def bool(self, where: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(f"{where} must be true or false, got {value!r}")
+        return value
+
+    def str(self, where: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.fail(f"{where} must be a string, got {value!r}")
+        return value
+
+    def dict(self, where: str, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(f"{where} must be a JSON object, got {type(value).__name__}")
+        return value
+
+    def list(self, where: str, value: Any) -> list:
+        if not isinstance(value, list):
+            raise self.fail(f"{where} must be a JSON list, got {type(value).__name__}")
+        return value
+
+
+def _parse_npy(check: _Checker, name: str, raw: bytes) -> tuple[np.dtype, list[int], int]:
+    """``(dtype, shape, data offset)`` of a ``.npy`` member's bytes (no pickles, C order)."""
+    buffer = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, KeyError, IndexError, OverflowError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise check.fail(f"member {name!r} is not a valid .npy array: {problem}") from None
+    if fortran or dtype.hasobject:
+        raise check.fail(f"member {name!r}: Fortran-order or object arrays are not accepted")
+    return dtype, [int(n) for n in shape], buffer.tell()
+
+
+def _read_member(
+    check: _Checker, archive: zipfile.ZipFile, name: str, dtype: str, shape: list[int] | None
+) -> np.ndarray:
+    """One ``.npy`` member, its size checked against its declaration before it is read.
+
+    ``shape=None`` (the header) only bounds the size by :data:`MAX_HEADER_BYTES`. The read
+    is bounded by the checked size too, so a member whose zip header understates its size
+    cannot inflate past it.
+    """
+    info = archive.getinfo(name)
+    itemsize = np.dtype(dtype).itemsize
+    if shape is None:
+        low, high = 0, MAX_HEADER_BYTES + _NPY_PREAMBLE_MAX
+    else:
+        nbytes = math.prod(shape) * itemsize
+        low, high = nbytes + 10, nbytes + _NPY_PREAMBLE_MAX
+    if not low <= info.file_size <= high:
+        raise check.fail(
+            f"member {name!r} claims {info.file_size:,} bytes, its declaration allows "
+            f"{low:,} to {high:,} (refused before decompressing)"
+        )
+    with archive.open(info) as stream:
+        raw = stream.read(info.file_size + 1)
+    if len(raw) != info.file_size:
+        raise check.fail(f"member {name!r} holds {len(raw):,} bytes, not {info.file_size:,}")
+    found, found_shape, offset = _parse_npy(check, name, raw)
+    if found.str != dtype or (shape is not None and found_shape != shape):
+        raise check.fail(
+            f"array {name[:-4]!r} is {found.str}{found_shape}, header says {dtype}{shape}"
+        )
+    count = math.prod(found_shape)
+    if len(raw) - offset != count * itemsize:
+        raise check.fail(f"member {name!r}: {len(raw) - offset:,} data bytes for {found_shape}")
+    return np.frombuffer(raw, found, count=count, offset=offset).reshape(found_shape).copy()
+
+
+def _read_archive(check: _Checker, archive: zipfile.ZipFile) -> tuple[dict, dict]:
+    """``(header, arrays)``: the header verified, then only the listed arrays, size-checked."""
+    names = archive.namelist()
+    if len(set(names)) != len(names):
+        raise check.fail("duplicate archive members")
+    for key in (HEADER_KEY, HEADER_SHA_KEY):
+        if key + ".npy" not in names:
+            raise check.fail(f"missing entry {key!r}; not a {FORMAT} file")
+    header_bytes = _read_member(check, archive, HEADER_KEY + ".npy", "|u1", None)
+    if header_bytes.ndim != 1:
+        raise check.fail(f"{HEADER_KEY} is not a 1-D byte array")
+    header_bytes = header_bytes.tobytes()
+    expected = _read_member(check, archive, HEADER_SHA_KEY + ".npy", "|u1", [64]).tobytes()
+    if _sha256(header_bytes) != expected.decode("ascii", "replace"):
+        raise check.fail("header checksum mismatch (header.json corrupted)")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise check.fail(f"header.json is not valid JSON: {error}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise check.fail(f"wrong format {found!r}, expected {FORMAT!r}")
+    if header.get("version") != VERSION or not _is_int(header.get("version")):
+        raise check.fail(
+            f"unsupported {FORMAT} version {header.get('version')!r} (reader: {VERSION})"
+        )
+    missing = [key for key in _HEADER_FIELDS if key not in header]
+    if missing:
+        raise check.fail(f"header is missing {', '.join(missing)}")
+    table = header["arrays"]
+    if not isinstance(table, dict):
+        raise check.fail(f"malformed header: arrays must be a table, got {type(table).__name__}")
+    listed = {HEADER_KEY + ".npy", HEADER_SHA_KEY + ".npy"}
+    for key, meta in table.items():
+        where = f"arrays[{key!r}]"
+        check.dict(where, meta)
+        for field in ("dtype", "shape", "sha256"):
+            if field not in meta:
+                raise check.fail(f"malformed header: {where} has no {field}")
+        if meta["dtype"] not in _ARRAY_DTYPES:
+            raise check.fail(f"{where}.dtype {meta['dtype']!r} is not one of {_ARRAY_DTYPES}")
+        shape = check.list(f"{where}.shape", meta["shape"])
+        for i, n in enumerate(shape):
+            check.int(f"{where}.shape[{i}]", n, 0, MAX_ARRAY_ELEMENTS)
+        if math.prod(shape) > MAX_ARRAY_ELEMENTS:
+            raise check.fail(f"{where}.shape {shape} has over {MAX_ARRAY_ELEMENTS:,} elements")
+        check.str(f"{where}.sha256", meta["sha256"])
+        if key + ".npy" in listed:
+            raise check.fail(f"array {key!r} is listed twice")
+        listed.add(key + ".npy")
+    unlisted = [name for name in names if name not in listed]
+    if unlisted:
+        raise check.fail(f"unlisted archive member {unlisted[0]!r} (not read)")
     arrays: dict[str, np.ndarray] = {}
     payload = hashlib.sha256()
-    for key, meta in header["arrays"].items():
-        if key not in stored:
-            raise _fail(path, f"missing array {key!r}")
-        array = stored[key]
-        if array.dtype.str != meta["dtype"] or list(array.shape) != meta["shape"]:
-            raise _fail(
-                path,
-                f"array {key!r} is {array.dtype.str}{list(array.shape)}, header says "
-                f"{meta['dtype']}{meta['shape']}",
-            )
+    for key, meta in table.items():
+        if key + ".npy" not in names:
+            raise check.fail(f"missing array {key!r}")
+        array = _read_member(check, archive, key + ".npy", meta["dtype"], meta["shape"])
         raw = _as_bytes(array)
         if _sha256(raw) != meta["sha256"]:
-            raise _fail(path, f"checksum mismatch in array {key!r} (payload corrupted)")
+            raise check.fail(f"checksum mismatch in array {key!r} (payload corrupted)")
         payload.update(raw)
         arrays[key] = array
     if payload.hexdigest() != header.get("payload_sha256"):
-        raise _fail(path, "payload checksum mismatch")
-    return arrays
+        raise check.fail("payload checksum mismatch")
+    return header, arrays
+
+
+def _conv_geometry(check: _Checker, where: str, layer: dict, shape: list[int], kernel: list[int]):
+    """``(output shape, MACs)`` of a conv layer from its input shape and declared geometry."""
+    if len(shape) != 3:
+        raise check.fail(f"{where}: a conv needs an HWC input, the graph gives {shape}")
+    if len(kernel) != 4:
+        raise check.fail(f"{where}.kernel_shape {kernel} is not HWIO")
+    h, w, c = shape
+    kh, kw, cin_g, cout = kernel
+    sh, sw = check.ints(f"{where}.strides", layer["strides"], 2)
+    padding = check.list(f"{where}.padding", layer["padding"])
+    if len(padding) != 2:
+        raise check.fail(f"{where}.padding must be [[top, bottom], [left, right]]")
+    (pt, pb), (pl, pr) = (
+        check.ints(f"{where}.padding[{i}]", p, 2, lo=0) for i, p in enumerate(padding)
+    )
+    groups = check.int(f"{where}.groups", layer["groups"], 1)
+    for field in _DILATION_FIELDS:
+        if field in layer and check.ints(f"{where}.{field}", layer[field], 2) != [1, 1]:
+            raise check.fail(f"{where}.{field} {layer[field]}: dilated convolutions are not run")
+    if cin_g * groups != c or cout % groups:
+        raise check.fail(
+            f"{where}.kernel_shape {kernel} with groups {groups} does not fit input channels {c}"
+        )
+    if h + pt + pb < kh or w + pl + pr < kw:
+        raise check.fail(f"{where}: kernel {kh}x{kw} is larger than the padded input {shape}")
+    oh = _conv_output_size(h, kh, sh, (pt, pb))
+    ow = _conv_output_size(w, kw, sw, (pl, pr))
+    return [oh, ow, cout], oh * ow * cout * kh * kw * cin_g
+
+
+def _validate(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> list[dict]:
+    """Follow the graph from the input shape; every layer's shapes, MACs, bits and arrays.
+
+    Returns the per-layer rows of :func:`count_bops` (MACs and bit-widths recomputed from the
+    validated shapes and levels; the header's ``macs`` and ``*_bits`` must equal them).
+    """
+    check = _Checker(path)
+    layers = check.list("layers", header["layers"])
+    ops = check.list("ops", header["ops"])
+    entry = check.dict("input", header["input"])
+    if "shape" not in entry or "exponent" not in entry:
+        raise check.fail("input needs shape and exponent")
+    shape = check.ints("input.shape", entry["shape"])
+    if len(shape) not in (1, 3):
+        raise check.fail(f"input.shape {shape} is neither features nor HWC")
+    check.exponent("input.exponent", entry["exponent"])
+    keys: set[str] = set()
+    for i, layer in enumerate(layers):
+        check.dict(f"layer {i}", layer)
+        kind = layer.get("kind")
+        needed = _LAYER_FIELDS + (_CONV_FIELDS if kind == "conv" else ())
+        missing = [key for key in needed if key not in layer]
+        if missing:
+            raise check.fail(f"header layer {i} is missing {', '.join(missing)}")
+        if kind not in _LAYER_OPS:
+            raise check.fail(f"header layer {i}: unknown kind {kind!r}")
+        check.str(f"layer {i} name", layer["name"])
+        for field in ("weight_key", "bias_key"):
+            key = check.str(f"layer {i} {field}", layer[field])
+            if key not in arrays or key in keys:
+                raise check.fail(f"layer {i} {field} {key!r} names no array, or a used one")
+            keys.add(key)
+    if keys != set(arrays):
+        raise check.fail(f"arrays {sorted(set(arrays) - keys)} belong to no layer")
+    rows: dict[int, dict] = {}
+    for j, op in enumerate(ops):
+        check.dict(f"op {j}", op)
+        kind = op.get("op")
+        if kind in _LAYER_OPS:
+            index = check.int(f"op {j} layer", op.get("layer"), 0, len(layers) - 1)
+            if index in rows or index != len(rows):
+                raise check.fail(f"op {j} visits layer {index}; layers go once each, in order")
+            layer = layers[index]
+            where = f"layer {index} ({layer['name']})"
+            if layer["kind"] != kind:
+                raise check.fail(f"op {j} runs {where}, a {layer['kind']}, as {kind}")
+            claimed = layer["input_shape"]
+            if claimed != shape:
+                raise check.fail(
+                    f"{where}.input_shape {claimed!r} does not follow from the graph, which "
+                    f"gives {shape}"
+                )
+            kernel = check.ints(f"{where}.kernel_shape", layer["kernel_shape"])
+            weight, bias = arrays[layer["weight_key"]], arrays[layer["bias_key"]]
+            if list(weight.shape) != kernel:
+                raise check.fail(
+                    f"{where}: weight array shape {list(weight.shape)} != kernel_shape"
+                )
+            if kind == "conv":
+                out, macs = _conv_geometry(check, where, layer, shape, kernel)
+            else:
+                if len(shape) != 1 or len(kernel) != 2 or kernel[0] != shape[0]:
+                    raise check.fail(
+                        f"{where}.kernel_shape {kernel} does not fit the dense input {shape}"
+                    )
+                out, macs = [kernel[1]], kernel[0] * kernel[1]
+            if list(bias.shape) != [out[-1]]:
+                raise check.fail(f"{where}: bias array shape {list(bias.shape)} != [{out[-1]}]")
+            if layer["output_shape"] != out:
+                raise check.fail(
+                    f"{where}.output_shape {layer['output_shape']!r} disagrees with its shapes, "
+                    f"which give {out}"
+                )
+            if not _is_int(layer["macs"]) or layer["macs"] != macs:
+                raise check.fail(
+                    f"{where}.macs {layer['macs']!r} disagrees with its shapes, which give {macs}"
+                )
+            rows[index] = _layer_row(check, where, layer, macs, weight)
+            shape = out
+        elif kind == "maxpool":
+            if len(shape) != 3:
+                raise check.fail(f"op {j} maxpool needs an HWC input, the graph gives {shape}")
+            wh, ww = check.ints(f"op {j} window", op.get("window"), 2)
+            sh, sw = check.ints(f"op {j} strides", op.get("strides"), 2)
+            if op.get("padding", "VALID") != "VALID":
+                raise check.fail(f"op {j} maxpool padding {op.get('padding')!r} is not VALID")
+            if wh > shape[0] or ww > shape[1]:
+                raise check.fail(f"op {j} maxpool window {[wh, ww]} exceeds its input {shape}")
+            shape = [(shape[0] - wh) // sh + 1, (shape[1] - ww) // sw + 1, shape[2]]
+        elif kind == "flatten":
+            shape = [math.prod(shape)]
+        elif kind != "relu":
+            raise check.fail(f"op {j}: unknown op {kind!r}")
+    if len(rows) != len(layers):
+        raise check.fail(f"the ops visit {len(rows)} of {len(layers)} layers")
+    if not ops or ops[-1].get("op") not in _LAYER_OPS:
+        raise check.fail("the op graph must end with a layer (the logits)")
+    output = check.dict("output", header["output"])
+    last = ops[-1]["layer"]
+    if output.get("layer") != last or not _is_int(output.get("layer")):
+        raise check.fail(f"output.layer {output.get('layer')!r} is not the last layer {last}")
+    if output.get("exponent") != layers[last]["bias_exponent"]:
+        raise check.fail(f"output.exponent {output.get('exponent')!r} != last bias_exponent")
+    return [rows[i] for i in range(len(layers))]
+
+
+def _layer_row(check: _Checker, where: str, layer: dict, macs: int, weight: np.ndarray) -> dict:
+    """Levels, bits, exponents of one layer checked; its ``count_bops`` row."""
+    n_w = check.int(f"{where}.weight_levels", layer["weight_levels"], 1, 1 << 62)
+    n_in = check.int(f"{where}.input_levels", layer["input_levels"], 1, 1 << 62)
+    signed = check.bool(f"{where}.input_signed", layer["input_signed"])
+    if layer.get("weight_signed", True) is not True:
+        raise check.fail(f"{where}.weight_signed must be true")
+    e_w = check.exponent(f"{where}.weight_exponent", layer["weight_exponent"])
+    e_in = check.exponent(f"{where}.input_exponent", layer["input_exponent"])
+    e_acc = check.exponent(f"{where}.accumulator_exponent", layer["accumulator_exponent"])
+    e_b = check.exponent(f"{where}.bias_exponent", layer["bias_exponent"])
+    if e_acc != e_w + e_in:
+        raise check.fail(f"{where}.accumulator_exponent {e_acc} != weight + input exponent")
+    if not 0 <= e_acc - e_b <= MAX_BIAS_SHIFT:
+        raise check.fail(
+            f"{where}: bias_exponent {e_b} above accumulator_exponent {e_acc} or more than "
+            f"{MAX_BIAS_SHIFT} below it"
+        )
+    weight_bits = bits_for_levels(n_w, signed=True)
+    input_bits = bits_for_levels(n_in, signed=signed)
+    if (weight_bits, input_bits) != (layer["weight_bits"], layer["input_bits"]):
+        raise check.fail(f"{where}: stated bit-widths disagree with the levels")
+    if weight.size and int(np.abs(weight.astype(np.int64)).max()) > n_w:
+        raise check.fail(f"{where}: weight codes exceed +-{n_w}")
+    return {
+        "layer": layer["name"],
+        "kind": layer["kind"],
+        "macs": macs,
+        "weight_bits": weight_bits,
+        "input_bits": input_bits,
+        "bops": macs * weight_bits * input_bits,
+    }
+
+
+#: What a damaged zip can raise inside :mod:`zipfile` (all become one-line ExportErrors).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+    struct.error,
+    OverflowError,
+    MemoryError,
+)
 
 
 def load(path: str | os.PathLike) -> IntegerModel:
-    """Read and verify an exported file.
+    """Read and verify an exported file; nothing it says is trusted before it is checked.
 
-    Checks: a readable zip/npz (no pickles), ``format`` and ``version``, the header's
-    SHA-256, every required header field, every array listed (dtype, shape, SHA-256), and
-    the payload SHA-256.
+    Checks, in order: a readable zip; the ``header.json`` member's size, then its SHA-256,
+    ``format``, ``version`` and fields; the archive holds only the header and the arrays it
+    lists, each member's size (from the zip directory) equal to what its declared dtype and
+    shape imply before any byte of it is decompressed; each array's dtype, shape and
+    SHA-256, and the payload SHA-256; then the graph: shapes are followed from
+    ``input.shape`` through every op, each layer's ``input_shape`` must be the shape the
+    graph brings it, its ``output_shape`` and ``macs`` those its kernel, strides, padding
+    and groups give, its kernel and bias arrays shaped to match, every exponent an integer,
+    its bit-widths those of its levels and its weight codes within them.
 
     Raises:
       ExportError: with a one-line message naming the file and the problem.
@@ -288,38 +642,22 @@ def load(path: str | os.PathLike) -> IntegerModel:
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such file")
+    check = _Checker(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            stored = {key: np.asarray(npz[key]) for key in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+        with zipfile.ZipFile(path) as archive:
+            header, arrays = _read_archive(check, archive)
+    except ExportError:
+        raise
+    except _ZIP_ERRORS as error:
         problem = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise _fail(
             path, f"not a readable .npz archive (truncated or corrupted?): {problem}"
         ) from None
-    for key in (HEADER_KEY, HEADER_SHA_KEY):
-        if key not in stored:
-            raise _fail(path, f"missing entry {key!r}; not a {FORMAT} file")
-    header_bytes = stored.pop(HEADER_KEY).astype(np.uint8).tobytes()
-    expected = stored.pop(HEADER_SHA_KEY).astype(np.uint8).tobytes().decode("ascii", "replace")
-    if _sha256(header_bytes) != expected:
-        raise _fail(path, "header checksum mismatch (header.json corrupted)")
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _fail(path, f"header.json is not valid JSON: {error}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else None
-        raise _fail(path, f"wrong format {found!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION:
-        raise _fail(
-            path, f"unsupported {FORMAT} version {header.get('version')!r} (reader: {VERSION})"
-        )
-    missing = [key for key in _HEADER_FIELDS if key not in header]
-    if missing:
-        raise _fail(path, f"header is missing {', '.join(missing)}")
-    try:
-        arrays = _check_structure(path, header, stored)
-    except (TypeError, AttributeError, KeyError, IndexError) as error:
+        _validate(path, header, arrays)
+    except ExportError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as error:
         raise _fail(path, f"malformed header ({type(error).__name__}: {error})") from None
     return IntegerModel(path=path, header=header, arrays=arrays)
 
@@ -351,47 +689,12 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
     """
     model = path if isinstance(path, IntegerModel) else load(path)
     fail = lambda problem: _fail(model.path, problem)  # noqa: E731
-    rows = []
-    for i, layer in enumerate(model.layers):
-        kernel = model.weight(i)
-        if list(kernel.shape) != layer["kernel_shape"]:
-            raise fail(f"layer {layer['name']}: weight shape {kernel.shape} != kernel_shape")
-        if layer["kind"] == "conv":
-            h, w, c = layer["input_shape"]
-            kh, kw, cin_g, cout = kernel.shape
-            if cin_g * layer["groups"] != c:
-                raise fail(f"layer {layer['name']}: kernel input channels do not match input")
-            oh = _conv_output_size(h, kh, layer["strides"][0], layer["padding"][0])
-            ow = _conv_output_size(w, kw, layer["strides"][1], layer["padding"][1])
-            macs = oh * ow * cout * kh * kw * cin_g
-            out_shape = [oh, ow, cout]
-        elif layer["kind"] == "dense":
-            (fan_in,) = layer["input_shape"]
-            k_in, k_out = kernel.shape
-            if k_in != fan_in:
-                raise fail(f"layer {layer['name']}: kernel rows {k_in} != input size {fan_in}")
-            macs = k_in * k_out
-            out_shape = [k_out]
-        else:
-            raise fail(f"layer {layer['name']}: unknown kind {layer['kind']!r}")
-        if out_shape != layer["output_shape"] or macs != layer["macs"]:
-            raise fail(f"layer {layer['name']}: stated output shape or MACs disagree with shapes")
-        weight_bits = bits_for_levels(layer["weight_levels"], signed=True)
-        input_bits = bits_for_levels(layer["input_levels"], signed=layer["input_signed"])
-        if (weight_bits, input_bits) != (layer["weight_bits"], layer["input_bits"]):
-            raise fail(f"layer {layer['name']}: stated bit-widths disagree with the levels")
-        if kernel.size and int(np.abs(kernel.astype(np.int64)).max()) > layer["weight_levels"]:
-            raise fail(f"layer {layer['name']}: weight codes exceed +-{layer['weight_levels']}")
-        rows.append(
-            {
-                "layer": layer["name"],
-                "kind": layer["kind"],
-                "macs": macs,
-                "weight_bits": weight_bits,
-                "input_bits": input_bits,
-                "bops": macs * weight_bits * input_bits,
-            }
-        )
+    try:
+        rows = _validate(model.path, model.header, model.arrays)
+    except ExportError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as error:
+        raise fail(f"malformed header ({type(error).__name__}: {error})") from None
     total = sum(row["bops"] for row in rows)
     if model.header.get("bops", total) != total:
         raise fail(f"header states {model.header['bops']} BOPs, its layers give {total}")
