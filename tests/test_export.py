@@ -522,3 +522,180 @@ def test_export_refuses_a_step_that_is_not_a_power_of_two(tmp_path, monkeypatch)
     monkeypatch.setattr(quantizer, "power_of_two_step", lambda d: jnp.float32(0.3))
     with pytest.raises(ValueError, match="not a power of two"):
         ex.export(params, model, tmp_path / "m.npz", input_shape=(10,), graph=DENSE_GRAPH)
+
+
+# --------------------------------------------------------------------------- a file that cannot lie
+
+
+def _resign(header, *, total_bops=None):
+    """The header with its BOP total and certificate made consistent with its layer claims."""
+    total = sum(L["macs"] * L["weight_bits"] * L["input_bits"] for L in header["layers"])
+    header["bops"] = total if total_bops is None else total_bops
+    header["macs"] = sum(L["macs"] for L in header["layers"])
+    if "certificate" in header:
+        header["certificate"]["bops"] = header["bops"]
+        header["certificate"].pop("layers", None)
+    return header
+
+
+@pytest.fixture
+def conv_file(tmp_path):
+    """TinyConv on 8x8x1 with a certificate: conv 1,296 MACs, fc 108 MACs."""
+    model = TinyConv()
+    params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
+    params = _random_biases(_with_bits(params, "fc", 4, 5, input_signed=False), seed=3)
+    certificate = {"bops": 9936, "budget_bops": 10_000}
+    return ex.export(
+        params,
+        model,
+        tmp_path / "conv.npz",
+        input_shape=(8, 8, 1),
+        graph=CONV_GRAPH,
+        certificate=certificate,
+    )
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "experiments" / "export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_forged_input_shape_is_refused(conv_file, tmp_path, capsys):
+    """Issue 10's forgery: conv1 claims a 4x4 input (not 8x8), MACs, BOPs and certificate
+    made to agree with that claim and every checksum recomputed. The graph gives 8x8."""
+    assert ex.count_bops(conv_file)["bops"] == 9936
+    header = _header(conv_file)
+    conv = header["layers"][0]
+    conv["input_shape"], conv["output_shape"] = [4, 4, 1], [2, 2, 4]
+    conv["macs"] = 2 * 2 * 4 * 3 * 3 * 1  # 144, a ninth of the real 1,296
+    bad = _rewrite(conv_file, tmp_path / "forged.npz", header=_resign(header))
+    assert _header(bad)["certificate"]["bops"] == 144 * 6 + 2160  # a forged "pass"
+    message = _expect_error(bad, "layer 0 (conv).input_shape", "[4, 4, 1]", "gives [8, 8, 1]")
+    with pytest.raises(ex.ExportError, match="input_shape"):
+        ex.load(bad)
+    assert _cli().main([str(bad), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}"
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda h: h["layers"][0].update(output_shape=[3, 3, 4]), "output_shape [3, 3, 4]"),
+        (lambda h: h["layers"][0].update(macs=100), "(conv).macs 100 disagrees"),
+        (lambda h: h["layers"][0].update(kernel_shape=[1, 1, 1, 4]), "!= kernel_shape"),
+        (lambda h: h["layers"][0].update(strides=[2, 2]), "output_shape [6, 6, 4]"),
+        (lambda h: h["layers"][0].update(padding=[[1, 1], [1, 1]]), "output_shape"),
+        (lambda h: h["layers"][0].update(groups=2), "groups 2"),
+        (lambda h: h["layers"][0].update(dilation=[2, 2]), "dilated"),
+        (lambda h: h["layers"][1].update(input_shape=[9], macs=27), "(fc).input_shape [9]"),
+        (lambda h: h["ops"][2].update(window=[3, 3]), "(fc).input_shape [36]"),
+        (lambda h: h["ops"].pop(3), "(fc).input_shape [36] does not follow"),
+        (lambda h: h["input"].update(shape=[10, 10, 1]), "gives [10, 10, 1]"),
+        (lambda h: h["ops"].append({"op": "relu"}), "must end with a layer"),
+        (lambda h: h["ops"].insert(0, {"op": "softmax"}), "unknown op 'softmax'"),
+        (lambda h: h["layers"][1].update(weight_key="L0.weight"), "names no array"),
+    ],
+)
+def test_inconsistent_shapes_are_refused(conv_file, tmp_path, edit, fragment):
+    header = _header(conv_file)
+    edit(header)
+    bad = _rewrite(conv_file, tmp_path / "bad.npz", header=_resign(header))
+    message = _expect_error(bad, fragment)
+    with pytest.raises(ex.ExportError):
+        ex.load(bad)
+    assert message.startswith(str(bad))
+
+
+@pytest.mark.parametrize("value", [0.5, -8.5, -8.0, "3", None, True, [1]])
+@pytest.mark.parametrize(
+    "field", ["weight_exponent", "input_exponent", "bias_exponent", "accumulator_exponent"]
+)
+def test_exponents_must_be_integers(small_file, tmp_path, field, value):
+    header = _header(small_file)
+    header["layers"][0][field] = value
+    bad = _rewrite(small_file, tmp_path / "x.npz", header=header)
+    _expect_error(bad, f"layer 0 (fc1).{field} must be an integer, got {value!r}")
+
+
+@pytest.mark.parametrize("value", [0.5, -8.5, "-8"])
+def test_input_and_output_exponents_must_be_integers(small_file, tmp_path, value):
+    header = _header(small_file)
+    header["input"]["exponent"] = value
+    _expect_error(_rewrite(small_file, tmp_path / "i.npz", header=header), "input.exponent")
+    header = _header(small_file)
+    header["output"]["exponent"] = value
+    _expect_error(_rewrite(small_file, tmp_path / "o.npz", header=header), "output.exponent")
+
+
+def _zip_with(source, out, extra_name, *, inflated=1 << 30):
+    """``source`` with ``extra_name`` added or replaced: a deflated member of zeros."""
+    with zipfile.ZipFile(source) as archive:
+        members = [(i, archive.read(i)) for i in archive.infolist() if i.filename != extra_name]
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for info, data in members:
+            archive.writestr(info, data)  # as they were (stored)
+        chunk = bytes(1 << 20)
+        with archive.open(extra_name, "w", force_zip64=True) as stream:  # streamed
+            for _ in range(inflated >> 20):
+                stream.write(chunk)
+    with zipfile.ZipFile(out) as archive:
+        info = archive.getinfo(extra_name)
+        assert info.file_size == inflated and info.compress_size < inflated // 200
+    return out
+
+
+@pytest.mark.parametrize(
+    ("member", "fragment"),
+    [
+        ("bomb.npy", "unlisted archive member 'bomb.npy'"),
+        ("L0.weight.npy", "claims 1,073,741,824 bytes"),
+        ("header.json.npy", "claims 1,073,741,824 bytes"),
+    ],
+)
+def test_zip_bomb_is_refused_without_inflating(small_file, tmp_path, member, fragment):
+    """A small file whose member inflates to 1 GiB: refused from the zip directory alone."""
+    import time
+    import tracemalloc
+
+    bomb = _zip_with(small_file, tmp_path / "bomb.npz", member)
+    assert bomb.stat().st_size < 8 << 20  # a few MB that inflate to 1 GiB
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        _expect_error(bomb, fragment)
+    finally:
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert elapsed < 2.0 and peak < 16 << 20, (elapsed, peak)
+
+
+def test_every_single_byte_flip_is_refused_or_harmless(small_file, tmp_path):
+    """Flip each byte of a real export (two patterns): ``load`` either returns the same
+    model (a flip in zip metadata it does not use) or raises ExportError, nothing else."""
+    data = small_file.read_bytes()
+    good = ex.load(small_file)
+    bad = tmp_path / "flip.npz"
+    outcomes = {"same": 0, "refused": 0}
+    for pattern in (0xFF, 0x01):
+        for offset in range(0, len(data), 1 if pattern == 0xFF else 3):
+            flipped = bytearray(data)
+            flipped[offset] ^= pattern
+            bad.write_bytes(bytes(flipped))
+            try:
+                model = ex.load(bad)
+            except ex.ExportError as error:
+                message = str(error)
+                assert "\n" not in message and message.startswith(str(bad)), (offset, message)
+                outcomes["refused"] += 1
+                continue
+            assert model.header == good.header, offset
+            assert model.arrays.keys() == good.arrays.keys(), offset
+            for key, array in good.arrays.items():
+                assert model.arrays[key].dtype == array.dtype, (offset, key)
+                np.testing.assert_array_equal(model.arrays[key], array, err_msg=str(offset))
+            outcomes["same"] += 1
+    assert outcomes["refused"] > outcomes["same"] > 0, outcomes
