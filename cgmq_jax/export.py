@@ -512,7 +512,7 @@ def _validate(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> list[d
             where = f"layer {index} ({layer['name']})"
             if layer["kind"] != kind:
                 raise check.fail(f"op {j} runs {where}, a {layer['kind']}, as {kind}")
-            claimed = layer["input_shape"]
+            claimed = check.ints(f"{where}.input_shape", layer["input_shape"])
             if claimed != shape:
                 raise check.fail(
                     f"{where}.input_shape {claimed!r} does not follow from the graph, which "
@@ -534,7 +534,7 @@ def _validate(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> list[d
                 out, macs = [kernel[1]], kernel[0] * kernel[1]
             if list(bias.shape) != [out[-1]]:
                 raise check.fail(f"{where}: bias array shape {list(bias.shape)} != [{out[-1]}]")
-            if layer["output_shape"] != out:
+            if check.ints(f"{where}.output_shape", layer["output_shape"]) != out:
                 raise check.fail(
                     f"{where}.output_shape {layer['output_shape']!r} disagrees with its shapes, "
                     f"which give {out}"
@@ -592,7 +592,8 @@ def _layer_row(check: _Checker, where: str, layer: dict, macs: int, weight: np.n
         )
     weight_bits = bits_for_levels(n_w, signed=True)
     input_bits = bits_for_levels(n_in, signed=signed)
-    if (weight_bits, input_bits) != (layer["weight_bits"], layer["input_bits"]):
+    stated = (layer["weight_bits"], layer["input_bits"])
+    if not all(map(_is_int, stated)) or (weight_bits, input_bits) != stated:
         raise check.fail(f"{where}: stated bit-widths disagree with the levels")
     if weight.size and int(np.abs(weight.astype(np.int64)).max()) > n_w:
         raise check.fail(f"{where}: weight codes exceed +-{n_w}")

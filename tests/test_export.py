@@ -699,3 +699,22 @@ def test_every_single_byte_flip_is_refused_or_harmless(small_file, tmp_path):
                 np.testing.assert_array_equal(model.arrays[key], array, err_msg=str(offset))
             outcomes["same"] += 1
     assert outcomes["refused"] > outcomes["same"] > 0, outcomes
+
+
+def test_cli_exits_2_on_flipped_bytes(small_file, tmp_path, capsys):
+    """A deterministic sample of flips through the CLI: exit 0 (harmless) or 2, one line."""
+    cli = _cli()
+    data = small_file.read_bytes()
+    bad = tmp_path / "flip.npz"
+    codes = []
+    for offset in np.random.default_rng(10).choice(len(data), 60, replace=False):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+        code = cli.main([str(bad)])
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 2), (offset, code)
+        if code == 2:
+            assert err.startswith(f"error: {bad}: ") and "\n" not in err, (offset, err)
+        codes.append(code)
+    assert 2 in codes
