@@ -80,10 +80,10 @@ class LayerRow:
     table print. ``weight_bits`` is a tuple (one per output channel) when per-channel."""
 
     layer: str
-    kind: str
     macs: int
     weight_bits: int | tuple[int, ...]
     input_bits: int
+    kind: str = ""  # "conv" / "dense" where known
     weights: int = 0  # kernel elements
     biases: int = 0  # bias elements
     bias_bits: int = 0
@@ -111,9 +111,10 @@ class LayerRow:
 
     def as_dict(self) -> dict:
         bits = self.weight_bits
+        kind = {"kind": self.kind} if self.kind else {}
         return {
             "layer": self.layer,
-            "kind": self.kind,
+            **kind,
             "macs": self.macs,
             "weight_bits": list(bits) if isinstance(bits, tuple) else bits,
             "input_bits": self.input_bits,
