@@ -161,6 +161,7 @@ class LayerRecord:
     output_shape: tuple[int, ...]
     module: nn.Module
     batched: bool = False  # computed inside jax.vmap / nn.vmap: the shapes lack an axis
+    quantized_input: jax.Array | None = None  # Q(x) as computed (the export compares codes)
 
 
 _RECORDERS: list[list[LayerRecord]] = []
@@ -195,7 +196,7 @@ def _mark(x: jax.Array, end: str) -> jax.Array:
     return checkpoint_name(x, f"cgmq:{end}:{len(_MARKING[-1])}")
 
 
-def _report(module, options, x, kernel, y) -> None:
+def _report(module, options, x, kernel, y, quantized_input=None) -> None:
     for found in _RECORDERS:
         found.append(
             LayerRecord(
@@ -206,6 +207,7 @@ def _report(module, options, x, kernel, y) -> None:
                 tuple(jnp.shape(y)),
                 module,
                 _is_batched(y),
+                quantized_input if options.quantize else None,
             )
         )
 
@@ -311,6 +313,7 @@ def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) ->
         "kernel", module.kernel_init, (jnp.shape(inputs)[-1], module.features), module.param_dtype
     )
     x, kernel = _quantized_operands(module, options, inputs, kernel)
+    quantized_input = x
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
         if module.use_bias
@@ -326,7 +329,7 @@ def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) ->
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     y = _mark(y, "out")
-    _report(module, options, inputs, kernel, y)
+    _report(module, options, inputs, kernel, y, quantized_input)
     return y
 
 
@@ -359,6 +362,7 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
     if module.mask is not None:
         kernel = kernel * module.mask
     x, kernel = _quantized_operands(module, options, inputs, kernel)
+    quantized_input = x
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
         if module.use_bias
@@ -389,7 +393,7 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
     if len(batch_shape) != 1:
         y = jnp.reshape(y, (*batch_shape, *y.shape[1:]))
     y = _mark(y, "out")
-    _report(module, options, inputs, kernel, computed)
+    _report(module, options, inputs, kernel, computed, quantized_input)
     return y
 
 

@@ -386,49 +386,22 @@ def export(
 
 @functools.cache
 def _jitted_forward():
-    """``jit(model, params, x) -> (logits, {layer: input codes})``, built once (needs JAX)."""
+    """``jit(model, params, x) -> (logits, {layer: Q(x)})``, built once (needs JAX).
+
+    ``Q(x)`` is each quantized layer's input as its quantizer computed it (a multiple of
+    its power-of-two step), reported by the layer itself (:func:`cgmq_jax.nn.record_layers`).
+    """
     import jax
-    import jax.numpy as jnp
-    from flax import linen
 
     from cgmq_jax import nn as qnn
-    from cgmq_jax import quantizer
 
     def forward(model, params, x):
-        codes = {}
-
-        def record(next_fun, args, kwargs, context):
-            module = context.module
-            if (
-                context.method_name == "__call__"
-                and isinstance(module, linen.Dense | linen.Conv)
-                and module.has_variable("params", "input_quantizer")
-            ):
-                quantized = isinstance(module, qnn.QuantDense | qnn.QuantConv)
-                options = qnn.options_of(module) if quantized else None
-                signed = None if options is None else options.input_signed
-                if signed is None:  # decided by the data, stored with the parameters
-                    signed = quantizer.is_signed_leaf(
-                        module.get_variable("params", quantizer.INPUT_SIGNED)
-                    )
-                theta = module.get_variable("params", "input_quantizer")
-                bits = None if options is None else options.input_bits
-                x = jnp.asarray(args[0], jnp.float32)
-
-                def codes_for(s):
-                    d, q_max = quantizer.from_latents(qnn.effective_quantizer(theta, bits, signed=s))
-                    return quantizer.quantize(x, d, q_max, signed=s)[0]
-
-                if isinstance(signed, bool):
-                    code = codes_for(signed)
-                else:
-                    code = jnp.where(signed, codes_for(True), codes_for(False))
-                codes["/".join(module.path)] = code
-            return next_fun(*args, **kwargs)
-
-        with linen.intercept_methods(record):
+        with qnn.record_layers() as records:
             logits = model.apply({"params": params}, x)
-        return logits, codes
+        quantized = {
+            "/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None
+        }
+        return logits, quantized
 
     return jax.jit(forward, static_argnums=0)
 
@@ -469,6 +442,7 @@ def compare_with_model(
     if not np.array_equal(integers, scaled):
         raise ValueError(f"inputs are not exact multiples of 2**{exponent}")
     integers = integers.astype(np.int64)
+    names = {layer["name"]: i for i, layer in enumerate(exported.layers)}
     int_pred, jax_pred, mismatches, max_logit = [], [], {}, 0.0
     for start in range(0, len(images), batch_size):
         stop = start + batch_size
@@ -482,7 +456,9 @@ def compare_with_model(
         scaled_logits = int_logits.astype(np.float64) * 2.0**out_exp / divisor
         max_logit = max(max_logit, float(np.max(np.abs(scaled_logits - logits), initial=0.0)))
         for name, ours in int_codes.items():
-            theirs = np.asarray(codes[name], np.int64).reshape(ours.shape)
+            step = 2.0 ** exported.layers[names[name]]["input_exponent"]
+            theirs = np.asarray(codes[name], np.float64).reshape(ours.shape) / step
+            theirs = np.round(theirs).astype(np.int64)  # exact: Q(x) is a multiple of step
             row = mismatches.setdefault(name, [0, 0, 0])
             row[0] += int(np.sum(theirs != ours))
             row[1] += int(ours.size)
