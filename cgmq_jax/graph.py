@@ -410,4 +410,21 @@ def ops(graph: Graph) -> tuple[list[Op], int]:
     outputs = [v for v in jaxpr.outvars if not isinstance(v, Literal)]
     if len(jaxpr.outvars) != 1 or not outputs or outputs[0] not in env:
         raise UnsupportedOp("the model must return one array computed from its input")
-    return walker.ops, env[outputs[0]]
+    return _live(walker.ops, env[outputs[0]])
+
+
+def _live(ops: list[Op], output: int) -> tuple[list[Op], int]:
+    """Only the ops the output depends on (renumbered, in order), and the output's number."""
+    needed, stack = set(), [output]
+    while stack:
+        tensor = stack.pop()
+        if tensor and tensor not in needed:
+            needed.add(tensor)
+            stack.extend(ops[tensor - 1].inputs)
+    number = {0: 0}
+    kept = []
+    for j, op in enumerate(ops):
+        if j + 1 in needed:
+            kept.append(dataclasses.replace(op, inputs=tuple(number[i] for i in op.inputs)))
+            number[j + 1] = len(kept)
+    return kept, number[output]

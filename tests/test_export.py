@@ -821,19 +821,12 @@ def test_input_and_output_exponents_must_be_integers(small_file, tmp_path, value
     _expect_error(_rewrite(small_file, tmp_path / "o.npz", header=header), "output exponent")
 
 
-_OUTPUT_TYPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="library bug: format.validate compares output.exponent / output.divisor with "
-    "`!=`, so a JSON float or bool equal to the right integer (-19.0, 1.0, true) is accepted",
-)
-
-
 @pytest.mark.parametrize(
     ("field", "make"),
     [
-        pytest.param("exponent", float, marks=_OUTPUT_TYPE_BUG),
-        pytest.param("divisor", float, marks=_OUTPUT_TYPE_BUG),
-        pytest.param("divisor", bool, marks=_OUTPUT_TYPE_BUG),
+        ("exponent", float),
+        ("divisor", float),
+        ("divisor", bool),
     ],
 )
 def test_output_exponent_and_divisor_must_be_json_integers(small_file, tmp_path, field, make):

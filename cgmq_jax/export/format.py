@@ -666,8 +666,11 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
         raise check.fail(f"the ops visit {len(rows)} of {len(layers)} layers")
     output = check.dict("output", header["output"])
     index = check.int("output.tensor", output.get("tensor"), 1, len(tensors) - 1)
+    if index != len(tensors) - 1:
+        raise check.fail(f"output.tensor {index} is not the last op's ({len(tensors) - 1})")
     logits = tensors[index]
-    if output.get("exponent") != logits.exponent or output.get("divisor") != logits.divisor:
+    stated = (output.get("exponent"), output.get("divisor"))
+    if not all(map(_is_int, stated)) or stated != (logits.exponent, logits.divisor):
         raise check.fail(
             f"output exponent / divisor {output.get('exponent')!r} / {output.get('divisor')!r} "
             f"disagree with the graph's {logits.exponent} / {logits.divisor}"
