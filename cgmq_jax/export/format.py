@@ -619,6 +619,11 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             if layer["kind"] != kind:
                 raise check.fail(f"op {j} runs layer {index}, a {layer['kind']}, as {kind}")
             out, row, (e_b, *_) = _layer(check, index, layer, x.shape, arrays)
+            if abs(x.exponent - layer["input_exponent"]) > MAX_BIAS_SHIFT:
+                raise check.fail(
+                    f"op {j}: requantizing from exponent {x.exponent} to "
+                    f"{layer['input_exponent']} shifts by more than {MAX_BIAS_SHIFT} bits"
+                )
             rows.append(row)
             result = Tensor(out, e_b)
         elif kind == "relu":
