@@ -234,6 +234,14 @@ class _Walker:
         self.graph = graph
         self.ops: list[Op] = []
         self.layer_inputs: dict[int, int] = {}
+        self.constants: dict = {}  # sub-jaxpr variables bound to scalar literals
+
+    def constant(self, var) -> float | None:
+        """The scalar value of a literal operand (or a variable bound to one), else ``None``."""
+        value = _literal(var)
+        if value is None and not isinstance(var, Literal):
+            value = self.constants.get(var)
+        return value
 
     def fail(self, eqn, why: str):
         prim = eqn.primitive.name
@@ -257,6 +265,10 @@ class _Walker:
                 self.layer_output(eqn, env)
             elif active:  # (no active input: it computes from parameters and constants only)
                 self.eqn(eqn, active, env)
+            elif eqn.primitive.name in _ALIASES and len(eqn.invars) == 1:
+                value = self.constant(eqn.invars[0])
+                if value is not None:
+                    self.constants[eqn.outvars[0]] = value
 
     def layer_output(self, eqn, env: dict) -> None:
         index = int(eqn.params["name"].rsplit(":", 1)[1])
@@ -293,6 +305,8 @@ class _Walker:
             for outer, var in zip(ins[len(ins) - len(sub.invars):], sub.invars):
                 if not isinstance(outer, Literal) and outer in env:
                     inner[var] = env[outer]
+                elif self.constant(outer) is not None:
+                    self.constants[var] = self.constant(outer)
             self.walk(sub, inner)
             for outer, var in zip(outs, sub.outvars):
                 if not isinstance(var, Literal) and var in inner:
@@ -307,7 +321,7 @@ class _Walker:
             return
         if prim in ("max", "min"):
             one_activation()
-            other = _literal(ins[1 - active[0]])
+            other = self.constant(ins[1 - active[0]])
             if other is None:
                 self.fail(eqn, "its other operand is not a constant scalar")
             if prim == "max" and other == 0.0:
@@ -320,7 +334,7 @@ class _Walker:
         if prim == "clamp":
             if active != [1]:
                 self.fail(eqn, "its bounds are not constants")
-            lo, hi = _literal(ins[0]), _literal(ins[2])
+            lo, hi = self.constant(ins[0]), self.constant(ins[2])
             if lo is None or hi is None:
                 self.fail(eqn, "its bounds are not constant scalars")
             env[outs[0]] = self.emit("clip", [x], path,
@@ -351,7 +365,7 @@ class _Walker:
         if prim == "div":
             if active != [0]:
                 self.fail(eqn, "it divides by an activation")
-            by = _literal(ins[1])
+            by = self.constant(ins[1])
             if by is None or by < 1 or by != int(by):
                 self.fail(eqn, f"it divides by {by!r}, not by a constant positive integer")
             env[outs[0]] = self.emit("div", [x], path, {"by": int(by)})

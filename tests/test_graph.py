@@ -357,35 +357,17 @@ CASES = {
         JnpClip(),
         (8,),
         {"fc1": (3, 4), "fc2": (4, 3)},
-        ["dense", "clip", "dense"],
+        ["dense", "relu", "clip", "dense"],  # max(x, 0) then min(., 4)
         {},
-        {1: {"min": [0, 0], "max": [1, 2]}},
+        {2: {"min": None, "max": [1, 2]}},
     ),
-}
-BUGS = {
-    # jnp.clip is a jit-wrapped function: the bounds reach its max / min as variables of the
-    # sub-jaxpr (they are literals only outside it), so graph.ops sees no constant.
-    "jnp_clip": "library bug: graph.ops refuses jnp.clip(x, 0, 4) (\"cannot export op 'max' "
-    '... its other operand is not a constant scalar"): the walker does not carry literal '
-    "operands of a jit call into the sub-jaxpr",
 }
 
 
 # --------------------------------------------------------------------------- export == model
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(strict=True, raises=graph.UnsupportedOp, reason=BUGS[name]),
-        )
-        if name in BUGS
-        else name
-        for name in CASES
-    ],
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_export_reproduces_the_model(tmp_path, name):
     """Identical input codes in every layer, all predictions, BOPs equal to the cost's; the
     file's ops, geometry, bit-widths and signedness are the model's."""
