@@ -674,8 +674,11 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
     if index != len(tensors) - 1:
         raise check.fail(f"output.tensor {index} is not the last op's ({len(tensors) - 1})")
     logits = tensors[index]
-    stated = (output.get("exponent"), output.get("divisor"))
-    if not all(map(_is_int, stated)) or stated != (logits.exponent, logits.divisor):
+    stated = (
+        check.int("output.exponent", output.get("exponent")),
+        check.int("output.divisor", output.get("divisor")),
+    )
+    if stated != (logits.exponent, logits.divisor):
         raise check.fail(
             f"output exponent / divisor {output.get('exponent')!r} / {output.get('divisor')!r} "
             f"disagree with the graph's {logits.exponent} / {logits.divisor}"
