@@ -438,7 +438,8 @@ def _exponents(check: _Checker, where: str, value: Any, channels: int | None) ->
 
 
 def _layer(check: _Checker, index: int, layer: dict, shape: tuple[int, ...], arrays) -> tuple:
-    """``(output shape, LayerRow)`` of layer ``index`` on an input of ``shape``, all checked."""
+    """``(output shape, LayerRow, bias exponent)`` of layer ``index`` on an input of
+    ``shape``, every field checked."""
     where = f"layer {index} ({layer['name']})"
     kind = layer["kind"]
     claimed = check.ints(f"{where}.input_shape", layer["input_shape"])
@@ -518,9 +519,9 @@ def _layer(check: _Checker, index: int, layer: dict, shape: tuple[int, ...], arr
         stated_w != weight_bits or layer["input_bits"] != input_bits
     ):
         raise check.fail(f"{where}: stated bit-widths disagree with the levels")
-    if weight.size:
+    if weight.size:  # per output channel (the last axis), against its own levels
         reach = np.abs(weight.astype(np.int64)).reshape(-1, kernel[-1]).max(axis=0)
-        if np.any(reach > np.asarray(n_w if per_channel else n_w * kernel[-1])):
+        if np.any(reach > np.asarray(n_w)):
             raise check.fail(f"{where}: weight codes exceed their levels")
     bias_bits = check.int(f"{where}.bias_bits", layer["bias_bits"], 1, 64)
     if bias.size and signed_bits(int(np.abs(bias.astype(np.int64)).max())) > bias_bits:
@@ -536,7 +537,7 @@ def _layer(check: _Checker, index: int, layer: dict, shape: tuple[int, ...], arr
         bias_bits=bias_bits,
         input_elements=math.prod(shape),
     )
-    return tuple(out), row, (e_b, n_w, n_in, fan_in, e_acc)
+    return tuple(out), row, e_b
 
 
 def _clip_bound(check: _Checker, where: str, value: Any, tensor: Tensor) -> None:
@@ -618,7 +619,7 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             layer = layers[index]
             if layer["kind"] != kind:
                 raise check.fail(f"op {j} runs layer {index}, a {layer['kind']}, as {kind}")
-            out, row, (e_b, *_) = _layer(check, index, layer, x.shape, arrays)
+            out, row, e_b = _layer(check, index, layer, x.shape, arrays)
             if abs(x.exponent - layer["input_exponent"]) > MAX_BIAS_SHIFT:
                 raise check.fail(
                     f"op {j}: requantizing from exponent {x.exponent} to "

@@ -27,6 +27,7 @@ from cgmq_jax.export.format import (
     LAYER_OPS,
     PIXEL_EXPONENT,
     IntegerModel,
+    LayerRow,
     bits_for_levels,
     int_dtype_for_bits,
     load,
@@ -348,7 +349,13 @@ def export(
             exponents.append(min(exponents[i] for i in op.inputs))
             divisors.append(divisors[op.inputs[0]] * op.attrs.get("by", 1))
     rows = [
-        (L["macs"], L["weight_bits"], L["input_bits"]) for L in layers
+        LayerRow(
+            layer=L["name"],
+            macs=L["macs"],
+            weight_bits=tuple(w) if isinstance(w := L["weight_bits"], list) else w,
+            input_bits=L["input_bits"],
+        )
+        for L in layers
     ]
     header: dict[str, Any] = {
         "model": type(model).__name__,
@@ -367,11 +374,8 @@ def export(
             "meaning": "int values; logits = values * 2**exponent / divisor; prediction = argmax",
         },
         "bias_scheme": bias_scheme,
-        "macs": sum(macs for macs, _, _ in rows),
-        "bops": sum(
-            macs // len(w) * sum(w) * b if isinstance(w, list) else macs * w * b
-            for macs, w, b in rows
-        ),
+        "macs": sum(row.macs for row in rows),
+        "bops": sum(row.bops for row in rows),
     }
     if certificate is not None:
         header["certificate"] = {
