@@ -148,15 +148,26 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
     mutable = [name for name in variables if name != "params"]
 
     def apply(variables, *inputs):
-        out = model.apply(variables, *inputs, rngs={"dropout": rngs["dropout"]},
-                          mutable=mutable, **kwargs)
+        out = model.apply(
+            variables, *inputs, rngs={"dropout": rngs["dropout"]}, mutable=mutable, **kwargs
+        )
         return out[0] if mutable else out
 
     with qnn.record_layers(mark=True) as records, nn.intercept_methods(find_float_layers):
         jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
     layers = [
-        (i, Layer(r.path, r.options, r.input_shape, r.kernel_shape, r.output_shape, r.module,
-                  r.batched))
+        (
+            i,
+            Layer(
+                r.path,
+                r.options,
+                r.input_shape,
+                r.kernel_shape,
+                r.output_shape,
+                r.module,
+                r.batched,
+            ),
+        )
         for i, r in enumerate(records)
     ]
     ordered = sorted(layers + floats, key=lambda item: item[0])  # a float layer first
@@ -184,8 +195,18 @@ class Op:
 
 
 _ALIASES = ("convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier")
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
-          "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
+_CALLS = (
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "custom_lin",
+)
 
 
 def _module_path(eqn) -> str:
@@ -258,8 +279,7 @@ class _Walker:
     def walk(self, jaxpr, env: dict) -> None:
         for eqn in jaxpr.eqns:
             active = [
-                i for i, v in enumerate(eqn.invars)
-                if not isinstance(v, Literal) and v in env
+                i for i, v in enumerate(eqn.invars) if not isinstance(v, Literal) and v in env
             ]
             if _is_mark(eqn, "out"):  # computed from the layer's codes, not an activation
                 self.layer_output(eqn, env)
@@ -276,7 +296,9 @@ class _Walker:
             self.fail(eqn, "a layer output without its input")
         layer = self._layer_index(index)
         env[eqn.outvars[0]] = self.emit(
-            self.graph.layers[layer].kind, [self.layer_inputs[index]], _module_path(eqn),
+            self.graph.layers[layer].kind,
+            [self.layer_inputs[index]],
+            _module_path(eqn),
             layer=layer,
         )
 
@@ -302,13 +324,13 @@ class _Walker:
             if sub is None:
                 self.fail(eqn, "its body is not visible")
             inner = {}
-            for outer, var in zip(ins[len(ins) - len(sub.invars):], sub.invars):
+            for outer, var in zip(ins[len(ins) - len(sub.invars) :], sub.invars, strict=True):
                 if not isinstance(outer, Literal) and outer in env:
                     inner[var] = env[outer]
                 elif self.constant(outer) is not None:
                     self.constants[var] = self.constant(outer)
             self.walk(sub, inner)
-            for outer, var in zip(outs, sub.outvars):
+            for outer, var in zip(outs, sub.outvars, strict=True):
                 if not isinstance(var, Literal) and var in inner:
                     env[outer] = inner[var]
             return
@@ -328,7 +350,9 @@ class _Walker:
                 env[outs[0]] = self.emit("relu", [x], path)
             else:
                 bound = _dyadic(other, path)
-                attrs = {"min": bound, "max": None} if prim == "max" else {"min": None, "max": bound}
+                attrs = (
+                    {"min": bound, "max": None} if prim == "max" else {"min": None, "max": bound}
+                )
                 env[outs[0]] = self.emit("clip", [x], path, attrs)
             return
         if prim == "clamp":
@@ -337,16 +361,19 @@ class _Walker:
             lo, hi = self.constant(ins[0]), self.constant(ins[2])
             if lo is None or hi is None:
                 self.fail(eqn, "its bounds are not constant scalars")
-            env[outs[0]] = self.emit("clip", [x], path,
-                                     {"min": _dyadic(lo, path), "max": _dyadic(hi, path)})
+            env[outs[0]] = self.emit(
+                "clip", [x], path, {"min": _dyadic(lo, path), "max": _dyadic(hi, path)}
+            )
             return
         if prim in ("reduce_window_max", "reduce_window_sum"):
             p = eqn.params
             if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
                 self.fail(eqn, "dilated pooling windows are not supported")
-            if p["window_dimensions"][0] != 1 or p["window_strides"][0] != 1 or tuple(
-                p["padding"][0]
-            ) != (0, 0):
+            if (
+                p["window_dimensions"][0] != 1
+                or p["window_strides"][0] != 1
+                or tuple(p["padding"][0]) != (0, 0)
+            ):
                 self.fail(eqn, "it pools over the batch axis")
             attrs = {
                 "window": [int(w) for w in p["window_dimensions"][1:]],
@@ -372,8 +399,11 @@ class _Walker:
             return
         if prim == "add":
             if len(active) != 2:
-                self.fail(eqn, "it adds a constant or a parameter to an activation (an "
-                          "unfolded BatchNorm, or a bias outside a quantized layer?)")
+                self.fail(
+                    eqn,
+                    "it adds a constant or a parameter to an activation (an "
+                    "unfolded BatchNorm, or a bias outside a quantized layer?)",
+                )
             if tuple(ins[0].aval.shape) != tuple(ins[1].aval.shape):
                 self.fail(eqn, "its operands have different shapes (broadcasting)")
             env[outs[0]] = self.emit("add", [x, env[ins[active[1]]]], path)
@@ -410,7 +440,9 @@ def ops(graph: Graph) -> tuple[list[Op], int]:
     """
     jaxpr = graph.jaxpr.jaxpr
     if len(graph.input_shapes) != 1:
-        raise UnsupportedOp(f"the integer export takes one input, the model has {len(graph.input_shapes)}")
+        raise UnsupportedOp(
+            f"the integer export takes one input, the model has {len(graph.input_shapes)}"
+        )
     for layer in graph.layers:
         if not layer.quantized:
             raise UnsupportedOp(

@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 if shutil.which("cc") is None:
-    pytest.skip("no C compiler (cc) on the PATH: the C emitter's output cannot be compiled",
-                allow_module_level=True)
+    pytest.skip(
+        "no C compiler (cc) on the PATH: the C emitter's output cannot be compiled",
+        allow_module_level=True,
+    )
 
 from cgmq_jax.export import c as emit  # noqa: E402
 from cgmq_jax.export import engine, format  # noqa: E402
@@ -48,10 +50,26 @@ class Builder:
         self.shapes.append(tuple(out_shape))
         return len(self.ops)  # the new tensor
 
-    def layer(self, kind, x, kernel_shape, *, in_exponent, in_levels, signed=False,
-              w_levels=3, w_exponent=-3, bias_shift=1, bias_max=50, bias_bits=None,
-              strides=None, padding=None, groups=1, kernel_dilation=None,
-              input_dilation=None) -> int:
+    def layer(
+        self,
+        kind,
+        x,
+        kernel_shape,
+        *,
+        in_exponent,
+        in_levels,
+        signed=False,
+        w_levels=3,
+        w_exponent=-3,
+        bias_shift=1,
+        bias_max=50,
+        bias_bits=None,
+        strides=None,
+        padding=None,
+        groups=1,
+        kernel_dilation=None,
+        input_dilation=None,
+    ) -> int:
         index = len(self.layers)
         shape = self.shapes[x]
         cout = kernel_shape[-1]
@@ -72,28 +90,50 @@ class Builder:
             kernel_dilation = kernel_dilation or [1] * rank
             input_dilation = input_dilation or [1] * rank
             spatial = []
-            for n, k, s, (lo, hi), a, b in zip(shape[:-1], kernel_shape[:-2], strides, padding,
-                                               input_dilation, kernel_dilation, strict=True):
+            for n, k, s, (lo, hi), a, b in zip(
+                shape[:-1],
+                kernel_shape[:-2],
+                strides,
+                padding,
+                input_dilation,
+                kernel_dilation,
+                strict=True,
+            ):
                 padded = (n - 1) * a + 1 + lo + hi
                 spatial.append((padded - ((k - 1) * b + 1)) // s + 1)
             out = (*spatial, cout)
-            geometry = dict(strides=strides, padding=padding, groups=groups,
-                            kernel_dilation=kernel_dilation, input_dilation=input_dilation)
+            geometry = dict(
+                strides=strides,
+                padding=padding,
+                groups=groups,
+                kernel_dilation=kernel_dilation,
+                input_dilation=input_dilation,
+            )
         else:
             out = (*shape[:-1], cout)
             geometry = {}
         record = dict(
-            name=f"{kind}{index}", kind=kind, per_channel=per_channel,
-            input_shape=list(shape), output_shape=list(out), kernel_shape=list(kernel_shape),
-            weight_key=f"L{index}.weight", bias_key=f"L{index}.bias",
+            name=f"{kind}{index}",
+            kind=kind,
+            per_channel=per_channel,
+            input_shape=list(shape),
+            output_shape=list(out),
+            kernel_shape=list(kernel_shape),
+            weight_key=f"L{index}.weight",
+            bias_key=f"L{index}.bias",
             weight_bits=w_bits if per_channel else w_bits[0],
             weight_exponent=w_exps if per_channel else w_exps[0],
             weight_levels=levels if per_channel else levels[0],
             input_bits=format.bits_for_levels(in_levels, signed=signed),
-            input_exponent=in_exponent, input_levels=in_levels, input_signed=signed,
+            input_exponent=in_exponent,
+            input_levels=in_levels,
+            input_signed=signed,
             accumulator_exponent=acc if per_channel else acc[0],
-            bias_exponent=min(acc) - bias_shift, output_bits=48, bias_bits=bias_bits,
-            macs=math.prod(out) * math.prod(kernel_shape[:-1]), **geometry,
+            bias_exponent=min(acc) - bias_shift,
+            output_bits=48,
+            bias_bits=bias_bits,
+            macs=math.prod(out) * math.prod(kernel_shape[:-1]),
+            **geometry,
         )
         self.layers.append(record)
         self.arrays[record["weight_key"]] = kernel.astype(format.int_dtype_for_bits(max(w_bits)))
@@ -118,8 +158,13 @@ class Builder:
                 divisor = divisors[ins[0]] * op.get("by", 1)
             exponents.append(exponent)
             divisors.append(divisor)
-        header = dict(model="synthetic", input=self.input, ops=ops, layers=layers,
-                      output=dict(tensor=t, exponent=exponents[t], divisor=divisors[t]))
+        header = dict(
+            model="synthetic",
+            input=self.input,
+            ops=ops,
+            layers=layers,
+            output=dict(tensor=t, exponent=exponents[t], divisor=divisors[t]),
+        )
         format.save(path, header, arrays)
         return format.load(path)
 
@@ -131,16 +176,44 @@ def conv2d_model(path, output=None):
     """Conv stride 2 + padding; depthwise per-channel conv with kernel dilation; relu6 clip;
     max-pool with padding and a window over channels; reshape; dense."""
     b = Builder([9, 9, 3], seed=1)
-    t = b.layer("conv", 0, [3, 3, 3, 6], in_exponent=-4, in_levels=15, strides=[2, 2],
-                padding=[[1, 1], [1, 1]], w_levels=3, w_exponent=-1, bias_shift=2, bias_max=200)
+    t = b.layer(
+        "conv",
+        0,
+        [3, 3, 3, 6],
+        in_exponent=-4,
+        in_levels=15,
+        strides=[2, 2],
+        padding=[[1, 1], [1, 1]],
+        w_levels=3,
+        w_exponent=-1,
+        bias_shift=2,
+        bias_max=200,
+    )
     t = b.op("relu", [t], b.shapes[t])
-    t = b.layer("conv", t, [3, 3, 1, 6], in_exponent=-3, in_levels=31, signed=True, groups=6,
-                kernel_dilation=[2, 2], padding=[[2, 2], [2, 2]],
-                w_levels=[1, 3, 7, 15, 2, 5], w_exponent=[0, -1, -1, -2, 0, -1], bias_shift=1,
-                bias_max=1000)
+    t = b.layer(
+        "conv",
+        t,
+        [3, 3, 1, 6],
+        in_exponent=-3,
+        in_levels=31,
+        signed=True,
+        groups=6,
+        kernel_dilation=[2, 2],
+        padding=[[2, 2], [2, 2]],
+        w_levels=[1, 3, 7, 15, 2, 5],
+        w_exponent=[0, -1, -1, -2, 0, -1],
+        bias_shift=1,
+        bias_max=1000,
+    )
     t = b.op("clip", [t], b.shapes[t], min=[0, 0], max=[3, 1])  # ReLU6
-    t = b.op("maxpool", [t], [3, 3, 3], window=[2, 2, 2], strides=[2, 2, 2],
-             padding=[[0, 1], [0, 1], [0, 0]])
+    t = b.op(
+        "maxpool",
+        [t],
+        [3, 3, 3],
+        window=[2, 2, 2],
+        strides=[2, 2, 2],
+        padding=[[0, 1], [0, 1], [0, 0]],
+    )
     t = b.op("reshape", [t], [27], shape=[27])
     b.layer("dense", t, [27, 10], in_exponent=-2, in_levels=31, w_levels=7, bias_max=300)
     return b.save(path, output)
@@ -151,12 +224,35 @@ def conv1d_model(path, output=None):
     div) into a grouped conv (divisor 3, input shifted left), global average (sum + div)
     into a dense layer (divisor 6, shifted right)."""
     b = Builder([12, 2], seed=2)
-    t = b.layer("conv", 0, [3, 2, 4], in_exponent=-5, in_levels=31, signed=True,
-                input_dilation=[2], padding=[[1, 2]], w_levels=3, w_exponent=-2, bias_max=20)
+    t = b.layer(
+        "conv",
+        0,
+        [3, 2, 4],
+        in_exponent=-5,
+        in_levels=31,
+        signed=True,
+        input_dilation=[2],
+        padding=[[1, 2]],
+        w_levels=3,
+        w_exponent=-2,
+        bias_max=20,
+    )
     t = b.op("sumpool", [t], [12, 4], window=[3, 1], strides=[2, 1], padding=[[1, 1], [0, 0]])
     t = b.op("div", [t], [12, 4], by=3)
-    t = b.layer("conv", t, [2, 2, 4], in_exponent=-5, in_levels=63, signed=True, strides=[2],
-                groups=2, w_levels=7, w_exponent=-3, bias_shift=2, bias_max=500)
+    t = b.layer(
+        "conv",
+        t,
+        [2, 2, 4],
+        in_exponent=-5,
+        in_levels=63,
+        signed=True,
+        strides=[2],
+        groups=2,
+        w_levels=7,
+        w_exponent=-3,
+        bias_shift=2,
+        bias_max=500,
+    )
     t = b.op("relu", [t], b.shapes[t])
     t = b.op("sum", [t], [4], axes=[0])
     t = b.op("div", [t], [4], by=6)
@@ -169,21 +265,57 @@ def residual_model(path, output=None):
     shifted left and saturating), reshape, sum over axes + div into a dense layer (same
     exponent, divisor 36)."""
     b = Builder([6, 6, 2], seed=3)
-    t1 = b.layer("conv", 0, [3, 3, 2, 4], in_exponent=-8, in_levels=255,
-                 padding=[[1, 1], [1, 1]], w_levels=3, w_exponent=-3, bias_max=400)
-    t2 = b.layer("conv", t1, [1, 1, 4, 4], in_exponent=-6, in_levels=15, signed=True,
-                 w_levels=3, w_exponent=-2, bias_shift=6, bias_max=300)
+    t1 = b.layer(
+        "conv",
+        0,
+        [3, 3, 2, 4],
+        in_exponent=-8,
+        in_levels=255,
+        padding=[[1, 1], [1, 1]],
+        w_levels=3,
+        w_exponent=-3,
+        bias_max=400,
+    )
+    t2 = b.layer(
+        "conv",
+        t1,
+        [1, 1, 4, 4],
+        in_exponent=-6,
+        in_levels=15,
+        signed=True,
+        w_levels=3,
+        w_exponent=-2,
+        bias_shift=6,
+        bias_max=300,
+    )
     t = b.op("add", [t1, t2], b.shapes[t1])
     t = b.op("relu", [t], b.shapes[t])
     t = b.op("concat", [t1, t], [6, 6, 8], axis=2)
-    t = b.layer("dense", t, [8, 3], in_exponent=-16, in_levels=511, signed=True, w_levels=5,
-                w_exponent=-2, bias_max=1000)
+    t = b.layer(
+        "dense",
+        t,
+        [8, 3],
+        in_exponent=-16,
+        in_levels=511,
+        signed=True,
+        w_levels=5,
+        w_exponent=-2,
+        bias_max=1000,
+    )
     t = b.op("reshape", [t], [36, 3], shape=[36, 3])
     t = b.op("sum", [t], [3], axes=[0])
     t = b.op("div", [t], [3], by=36)
     exponent = b.layers[-1]["bias_exponent"]
-    b.layer("dense", t, [3, 5], in_exponent=exponent, in_levels=16383, signed=True, w_levels=3,
-            bias_max=100)
+    b.layer(
+        "dense",
+        t,
+        [3, 5],
+        in_exponent=exponent,
+        in_levels=16383,
+        signed=True,
+        w_levels=3,
+        bias_max=100,
+    )
     return b.save(path, output)
 
 
@@ -194,15 +326,43 @@ def wide_model(path, output=None):
     b = Builder([4, 6], seed=4)
     s = b.op("sumpool", [0], [4, 2], window=[2, 3], strides=[1, 3], padding=[[0, 1], [1, 1]])
     s = b.op("div", [s], [4, 2], by=3)
-    a = b.layer("dense", s, [2, 3], in_exponent=-10, in_levels=2000, signed=True,
-                w_levels=1000, w_exponent=-10, bias_max=1 << 30, bias_bits=32)
-    c = b.layer("dense", s, [2, 3], in_exponent=-5, in_levels=31,
-                w_levels=[1 << 20, 5, 1 << 40], w_exponent=[-20, -3, -40], bias_shift=0,
-                bias_max=1 << 45)
+    a = b.layer(
+        "dense",
+        s,
+        [2, 3],
+        in_exponent=-10,
+        in_levels=2000,
+        signed=True,
+        w_levels=1000,
+        w_exponent=-10,
+        bias_max=1 << 30,
+        bias_bits=32,
+    )
+    c = b.layer(
+        "dense",
+        s,
+        [2, 3],
+        in_exponent=-5,
+        in_levels=31,
+        w_levels=[1 << 20, 5, 1 << 40],
+        w_exponent=[-20, -3, -40],
+        bias_shift=0,
+        bias_max=1 << 45,
+    )
     d = b.layer("dense", s, [2, 2], in_exponent=-8, in_levels=300, w_levels=2, bias_bits=64)
     e = b.layer("dense", 0, [6, 2], in_exponent=-11, in_levels=1500, signed=True, w_levels=2)
-    f = b.layer("dense", 0, [6, 2], in_exponent=-6, in_levels=1, w_levels=1 << 60,
-                w_exponent=-39, bias_shift=0, bias_max=1 << 40, bias_bits=61)
+    f = b.layer(
+        "dense",
+        0,
+        [6, 2],
+        in_exponent=-6,
+        in_levels=1,
+        w_levels=1 << 60,
+        w_exponent=-39,
+        bias_shift=0,
+        bias_max=1 << 40,
+        bias_bits=61,
+    )
     b.op("relu", [a], b.shapes[a])  # a dead op: its result is never used
     b.op("concat", [a, c, d, e, f], [4, 12], axis=1)
     return b.save(path, output)
@@ -212,11 +372,27 @@ def conv3d_model(path, output=None):
     """3-D conv with strides, asymmetric padding, kernel and input dilation; a max-pool over
     all four axes with padding; reshape; dense."""
     b = Builder([3, 4, 4, 2], seed=5)
-    t = b.layer("conv", 0, [2, 2, 3, 2, 3], in_exponent=-3, in_levels=15, strides=[1, 2, 1],
-                padding=[[1, 0], [0, 1], [1, 1]], kernel_dilation=[1, 1, 2],
-                input_dilation=[2, 1, 1], w_levels=3, bias_max=30)
-    t = b.op("maxpool", [t], [3, 2, 2, 1], window=[2, 1, 2, 3], strides=[2, 1, 1, 3],
-             padding=[[1, 0], [0, 0], [0, 1], [0, 0]])
+    t = b.layer(
+        "conv",
+        0,
+        [2, 2, 3, 2, 3],
+        in_exponent=-3,
+        in_levels=15,
+        strides=[1, 2, 1],
+        padding=[[1, 0], [0, 1], [1, 1]],
+        kernel_dilation=[1, 1, 2],
+        input_dilation=[2, 1, 1],
+        w_levels=3,
+        bias_max=30,
+    )
+    t = b.op(
+        "maxpool",
+        [t],
+        [3, 2, 2, 1],
+        window=[2, 1, 2, 3],
+        strides=[2, 1, 1, 3],
+        padding=[[1, 0], [0, 0], [0, 1], [0, 0]],
+    )
     t = b.op("reshape", [t], [12], shape=[12])
     b.layer("dense", t, [12, 4], in_exponent=-4, in_levels=15, signed=True, w_levels=3)
     return b.save(path, output)
@@ -226,22 +402,39 @@ def lenet_model(path, output=None):
     """A LeNet-5-sized MNIST model (the largest here): conv 6@5x5, pool, conv 16@5x5, pool,
     dense 120, 84, 10."""
     b = Builder([28, 28, 1], seed=6)
-    t = b.layer("conv", 0, [5, 5, 1, 6], in_exponent=-4, in_levels=15, padding=[[2, 2], [2, 2]],
-                w_levels=7, w_exponent=-4, bias_max=100)
+    t = b.layer(
+        "conv",
+        0,
+        [5, 5, 1, 6],
+        in_exponent=-4,
+        in_levels=15,
+        padding=[[2, 2], [2, 2]],
+        w_levels=7,
+        w_exponent=-4,
+        bias_max=100,
+    )
     t = b.op("relu", [t], b.shapes[t])
-    t = b.op("maxpool", [t], [14, 14, 6], window=[2, 2, 1], strides=[2, 2, 1],
-             padding=[[0, 0]] * 3)
-    t = b.layer("conv", t, [5, 5, 6, 16], in_exponent=-3, in_levels=7, w_levels=3,
-                w_exponent=-3, bias_max=100)
+    t = b.op("maxpool", [t], [14, 14, 6], window=[2, 2, 1], strides=[2, 2, 1], padding=[[0, 0]] * 3)
+    t = b.layer(
+        "conv",
+        t,
+        [5, 5, 6, 16],
+        in_exponent=-3,
+        in_levels=7,
+        w_levels=3,
+        w_exponent=-3,
+        bias_max=100,
+    )
     t = b.op("relu", [t], b.shapes[t])
-    t = b.op("maxpool", [t], [5, 5, 16], window=[2, 2, 1], strides=[2, 2, 1],
-             padding=[[0, 0]] * 3)
+    t = b.op("maxpool", [t], [5, 5, 16], window=[2, 2, 1], strides=[2, 2, 1], padding=[[0, 0]] * 3)
     t = b.op("reshape", [t], [400], shape=[400])
-    t = b.layer("dense", t, [400, 120], in_exponent=-2, in_levels=7, w_levels=3,
-                w_exponent=-4, bias_max=100)
+    t = b.layer(
+        "dense", t, [400, 120], in_exponent=-2, in_levels=7, w_levels=3, w_exponent=-4, bias_max=100
+    )
     t = b.op("relu", [t], b.shapes[t])
-    t = b.layer("dense", t, [120, 84], in_exponent=-2, in_levels=7, w_levels=3,
-                w_exponent=-4, bias_max=100)
+    t = b.layer(
+        "dense", t, [120, 84], in_exponent=-2, in_levels=7, w_levels=3, w_exponent=-4, bias_max=100
+    )
     t = b.op("relu", [t], b.shapes[t])
     b.layer("dense", t, [84, 10], in_exponent=-2, in_levels=7, w_levels=3, bias_max=100)
     return b.save(path, output)

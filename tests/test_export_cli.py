@@ -21,7 +21,16 @@ from conftest import load_cli
 
 from cgmq_jax import data
 
-TINY = ["--epochs", "2", "--pretrain_epochs", "3", "--batch_size", "32", "--lr", "3e-3"]  # learns: ~87%
+TINY = [
+    "--epochs",
+    "2",
+    "--pretrain_epochs",
+    "3",
+    "--batch_size",
+    "32",
+    "--lr",
+    "3e-3",
+]  # learns: ~87%
 
 pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
 

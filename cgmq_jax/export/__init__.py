@@ -43,6 +43,36 @@ from cgmq_jax.export.format import (
     signed_bits,
 )
 
+__all__ = [
+    "DEFAULT_FILE",
+    "FORMAT",
+    "PIXEL_EXPONENT",
+    "VERSION",
+    "ExportError",
+    "IntegerModel",
+    "LayerRow",
+    "bits_for_levels",
+    "count_bops",
+    "divide_round_half_even",
+    "input_codes_from_float",
+    "int_dtype_for_bits",
+    "load",
+    "pixels_from_unit_float",
+    "predict",
+    "requantize",
+    "round_shift",
+    "run_integer",
+    "save",
+    "signed_bits",
+    "BIAS_SCHEMES",
+    "LOGIT_BIAS_BITS",
+    "compare_with_model",
+    "emit_c",
+    "export",
+    "export_run",
+    "round_to_odd",
+]
+
 _LAZY = {
     "BIAS_SCHEMES": "writer",
     "LOGIT_BIAS_BITS": "writer",

@@ -214,8 +214,12 @@ class _Emitter:
             chunks.append(_bits(self.model.bias(index), row.bias_bits))
             offset += cout * row.bias_bits
             self.packing.append(
-                dict(widths=widths, offsets=offsets, bias_offset=bias_offset,
-                     fan_in=per_channel.shape[1])
+                dict(
+                    widths=widths,
+                    offsets=offsets,
+                    bias_offset=bias_offset,
+                    fan_in=per_channel.shape[1],
+                )
             )
         self.weight_bits = offset
         if offset >= 1 << 32:
@@ -311,9 +315,11 @@ class _Emitter:
             ins = op["inputs"]
             shape = self.facts[t].shape
             divisor = self.facts[t].divisor
-            code(f"/* op {j}: {kind} of tensor{'s' if len(ins) > 1 else ''} "
-                 f"{', '.join(map(str, ins))} -> tensor {t} {list(shape)} at "
-                 f"2^{self.facts[t].exponent}{'' if divisor == 1 else f' / {divisor}'} */")
+            code(
+                f"/* op {j}: {kind} of tensor{'s' if len(ins) > 1 else ''} "
+                f"{', '.join(map(str, ins))} -> tensor {t} {list(shape)} at "
+                f"2^{self.facts[t].exponent}{'' if divisor == 1 else f' / {divisor}'} */"
+            )
             if kind in ("div", "reshape"):
                 getattr(self, f"_op_{kind}")(code, j, op, t)
             else:
@@ -411,8 +417,10 @@ class _Emitter:
             codes_slot, own = self._alloc(n_in * _CTYPES[code_ctype][2], code_ctype), True
         codes = f"{self.p}_buf{codes_slot}.{_CTYPES[code_ctype][1]}"
         name = _comment(layer["name"])
-        code(f"/* layer {index} ({name}): requantize to {layer['input_bits']}-bit "
-             f"{'signed' if signed else 'unsigned'} codes at 2^{layer['input_exponent']} */")
+        code(
+            f"/* layer {index} ({name}): requantize to {layer['input_bits']}-bit "
+            f"{'signed' if signed else 'unsigned'} codes at 2^{layer['input_exponent']} */"
+        )
         code.open(f"for (int32_t n = 0; n < {n_in}; n++)")
         code(f"int64_t v = {self._read(x, 'n')};")
         self._requantize(code, layer, x)
@@ -487,8 +495,10 @@ class _Emitter:
         groups = int(layer["groups"])
         strides, pads = layer["strides"], [p[0] for p in layer["padding"]]
         rhs, lhs = layer["kernel_dilation"], layer["input_dilation"]
-        code(f"/* conv window {list(window)}, strides {strides}, padding {layer['padding']}, "
-             f"kernel dilation {rhs}, input dilation {lhs}, groups {groups} */")
+        code(
+            f"/* conv window {list(window)}, strides {strides}, padding {layer['padding']}, "
+            f"kernel dilation {rhs}, input dilation {lhs}, groups {groups} */"
+        )
         outs = [f"o{a}" for a in range(rank)]
         for a in range(rank):
             code.open(f"for (int32_t o{a} = 0; o{a} < {out_shape[a]}; o{a}++)")
@@ -521,8 +531,9 @@ class _Emitter:
         code(f"const int32_t xb = {_mul(_index(xs, x_shape[:-1]), x_shape[-1])}{group_base};")
         code(f"const uint32_t kb = wb + (uint32_t)({_mul(_index(ks, window), cin_g)}) * {width};")
         weight = f"{self.p}_code(kb + (uint32_t)ci * {width}, {width})"
-        code(f"for (int32_t ci = 0; ci < {cin_g}; ci++) "
-             f"acc += (int64_t){codes}[xb + ci] * {weight};")
+        code(
+            f"for (int32_t ci = 0; ci < {cin_g}; ci++) acc += (int64_t){codes}[xb + ci] * {weight};"
+        )
         code.close(rank)
         out_index = f"{_mul(_index(outs, out_shape[:-1]), cout)} + co"
         code(self._write(t, out_index, f"acc{shift_expr} + {bias}"))
@@ -530,8 +541,9 @@ class _Emitter:
 
     # -- elementwise
 
-    def _unary(self, code: _Code, j: int, op: dict, t: int, lo: int, hi: int,
-               body: list[str]) -> None:
+    def _unary(
+        self, code: _Code, j: int, op: dict, t: int, lo: int, hi: int, body: list[str]
+    ) -> None:
         x = op["inputs"][0]
         ctype = self._set_range(t, lo, hi)
         if not self._elementwise_inplace(j, t, [x], ctype):
@@ -582,10 +594,14 @@ class _Emitter:
         ctype = self._set_range(t, alo * ma + blo * mb, ahi * ma + bhi * mb)
         if not self._elementwise_inplace(j, t, [a, b], ctype):
             self._new_storage(t, ctype)
-        terms = [self._read(a, "i") + (f" * {_lit(ma)}" if ma > 1 else ""),
-                 self._read(b, "i") + (f" * {_lit(mb)}" if mb > 1 else "")]
-        code(f"for (int32_t i = 0; i < {math.prod(self.facts[t].shape)}; i++) "
-             + self._write(t, "i", " + ".join(terms)))
+        terms = [
+            self._read(a, "i") + (f" * {_lit(ma)}" if ma > 1 else ""),
+            self._read(b, "i") + (f" * {_lit(mb)}" if mb > 1 else ""),
+        ]
+        code(
+            f"for (int32_t i = 0; i < {math.prod(self.facts[t].shape)}; i++) "
+            + self._write(t, "i", " + ".join(terms))
+        )
 
     def _op_concat(self, code: _Code, j: int, op: dict, t: int) -> None:
         axis = int(op["axis"])
@@ -601,8 +617,10 @@ class _Emitter:
         for i, m in zip(op["inputs"], muls, strict=True):
             inner = math.prod(self.facts[i].shape[axis:])
             value = self._read(i, f"a * {inner} + b") + (f" * {_lit(m)}" if m > 1 else "")
-            code(f"for (int32_t a = 0; a < {outer}; a++) for (int32_t b = 0; b < {inner}; b++) "
-                 + self._write(t, f"a * {row} + {offset} + b", value))
+            code(
+                f"for (int32_t a = 0; a < {outer}; a++) for (int32_t b = 0; b < {inner}; b++) "
+                + self._write(t, f"a * {row} + {offset} + b", value)
+            )
             offset += inner
 
     # -- pools and sums
@@ -767,8 +785,9 @@ int main(int argc, char **argv)
 """
 
 
-def emit_c(model: IntegerModel | str | os.PathLike, out_dir: str | os.PathLike, *,
-           prefix: str = "cgmq") -> CProgram:
+def emit_c(
+    model: IntegerModel | str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str = "cgmq"
+) -> CProgram:
     """Write ``model.h``, ``model.c`` and ``main.c`` for ``model`` into ``out_dir``.
 
     Args:
@@ -807,14 +826,16 @@ def emit_c(model: IntegerModel | str | os.PathLike, out_dir: str | os.PathLike, 
     for i, row in enumerate(facts.rows):
         bits = row.weight_bits
         bits = f"{min(bits)}..{max(bits)}/channel" if isinstance(bits, tuple) else str(bits)
-        rows.append(f"{i:<6d} {_comment(row.layer)[:20]:<20s} {row.kind:<6s} {row.macs:<13d} "
-                    f"{bits[:16]:<16s} {row.input_bits}")
+        rows.append(
+            f"{i:<6d} {_comment(row.layer)[:20]:<20s} {row.kind:<6s} {row.macs:<13d} "
+            f"{bits[:16]:<16s} {row.input_bits}"
+        )
     table = "\n".join(f" *   {r}" for r in rows)
     guard = f"{P}_MODEL_H"
     sha = _comment(header.get("payload_sha256", "?"))
     h = f"""\
 /* Generated by cgmq_jax.export.c from {_comment(model.path)}
- * (model {_comment(header.get('model', '?'))}, payload SHA-256 {sha}).
+ * (model {_comment(header.get("model", "?"))}, payload SHA-256 {sha}).
  *
  * Integer-only inference (docs/export.md, "Integer semantics (format version 2)"), bit-identical
  * to cgmq_jax.export.engine.run_integer.
@@ -852,17 +873,25 @@ int {p}_predict(const uint8_t *input);
 """
 
     # ---- model.c
-    c = [f"/* Generated by cgmq_jax.export.c from {_comment(model.path.name)}: see model.h. */",
-         "#include <stdint.h>", "#include <string.h>", "", '#include "model.h"', ""]
+    c = [
+        f"/* Generated by cgmq_jax.export.c from {_comment(model.path.name)}: see model.h. */",
+        "#include <stdint.h>",
+        "#include <string.h>",
+        "",
+        '#include "model.h"',
+        "",
+    ]
     for warning in em.warnings:
         c.append(f"/* WARNING: {_comment(warning)} */")
     if weight_bytes:
-        c.append(f"/* All weights and biases, {weight_bits} bits: per layer, the kernel channel by "
-                 "channel (each output channel's fan-in in kernel order), then the bias. */")
+        c.append(
+            f"/* All weights and biases, {weight_bits} bits: per layer, the kernel channel by "
+            "channel (each output channel's fan-in in kernel order), then the bias. */"
+        )
         c.append(f"static const uint8_t {p}_weights[{P}_WEIGHT_BYTES] = {{")
         data = em.packed
         for start in range(0, len(data), 16):
-            c.append("    " + ", ".join(f"0x{v:02x}" for v in data[start:start + 16]) + ",")
+            c.append("    " + ", ".join(f"0x{v:02x}" for v in data[start : start + 16]) + ",")
         c.append("};")
         c.append("")
     c.extend(em.tables)
@@ -923,8 +952,9 @@ int {p}_predict(const uint8_t *input);
     )
 
 
-def compile_and_run(program: CProgram, inputs: np.ndarray, *, cc: str | None = None,
-                    predict: bool = False) -> np.ndarray:
+def compile_and_run(
+    program: CProgram, inputs: np.ndarray, *, cc: str | None = None, predict: bool = False
+) -> np.ndarray:
     """Compile ``model.c main.c`` (``cc -std=c99 -O2 -Wall -Wextra -Werror``) and run it.
 
     Args:
@@ -960,8 +990,11 @@ def compile_and_run(program: CProgram, inputs: np.ndarray, *, cc: str | None = N
     built = subprocess.run(command, capture_output=True, text=True, cwd=program.out_dir)
     if built.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{built.stderr}")
-    run = subprocess.run([str(binary), str(n), *(["predict"] if predict else [])],
-                         input=x.astype(np.uint8).tobytes(), capture_output=True)
+    run = subprocess.run(
+        [str(binary), str(n), *(["predict"] if predict else [])],
+        input=x.astype(np.uint8).tobytes(),
+        capture_output=True,
+    )
     if run.returncode:
         stderr = run.stderr.decode(errors="replace")
         raise RuntimeError(f"{binary} exited with {run.returncode}: {stderr}")

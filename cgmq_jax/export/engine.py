@@ -72,9 +72,10 @@ def requantize(
     signed: bool,
     divisor: int = 1,
 ) -> np.ndarray:
-    """Integer tensor ``t * 2**exponent / divisor`` -> codes of a quantizer (step ``2**to_exponent``).
+    """Integers ``t`` at ``2**exponent / divisor`` -> codes of the quantizer of step ``2**e_to``.
 
-    ``clip(round_half_even(t * 2**(exponent - to_exponent) / divisor), lo, levels)``,
+    ``clip(round_half_even(t * 2**(exponent - e_to) / divisor), lo, levels)`` (``e_to`` is
+    ``to_exponent``),
     exactly the fake-quant ``clip(round(x / d_q), lo, n)`` of the tensor's real value.
     """
     values = np.asarray(values, np.int64)
@@ -102,7 +103,11 @@ def _dilate(x: np.ndarray, dilation: Sequence[int]) -> np.ndarray:
     """Insert ``d - 1`` zeros between the elements of each spatial axis (input dilation)."""
     if all(d == 1 for d in dilation):
         return x
-    shape = [x.shape[0], *((n - 1) * d + 1 for n, d in zip(x.shape[1:-1], dilation)), x.shape[-1]]
+    shape = [
+        x.shape[0],
+        *((n - 1) * d + 1 for n, d in zip(x.shape[1:-1], dilation, strict=True)),
+        x.shape[-1],
+    ]
     out = np.zeros(shape, x.dtype)
     out[(slice(None), *(slice(None, None, d) for d in dilation), slice(None))] = x
     return out
@@ -125,7 +130,7 @@ def conv(codes: np.ndarray, kernel: np.ndarray, layer: dict, bound: int) -> np.n
     for offset in itertools.product(*(range(k) for k in window)):
         index = tuple(
             slice(o * d, o * d + (m - 1) * s + 1, s)
-            for o, d, m, s in zip(offset, rhs, out_shape, strides)
+            for o, d, m, s in zip(offset, rhs, out_shape, strides, strict=True)
         )
         patch = x[(slice(None), *index)]  # (N, *out, G, cin_g)
         for g in range(groups):
@@ -243,10 +248,13 @@ def run_integer(
             out = x if kind == "div" else x.reshape(x.shape[0], *op["shape"])
         elif kind in ("add", "concat"):
             aligned = [
-                v << np.int64(exponents[i] - out_exponent) for v, i in zip(ins, op["inputs"])
+                v << np.int64(exponents[i] - out_exponent)
+                for v, i in zip(ins, op["inputs"], strict=True)
             ]
-            out = aligned[0] + aligned[1] if kind == "add" else np.concatenate(
-                aligned, axis=op["axis"] + 1
+            out = (
+                aligned[0] + aligned[1]
+                if kind == "add"
+                else np.concatenate(aligned, axis=op["axis"] + 1)
             )
         else:
             raise _fail(model.path, f"unknown op {kind!r}")

@@ -18,7 +18,6 @@ import math
 import os
 import struct
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +123,7 @@ class LayerRow:
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """A tensor of the graph: shape (no batch axis), exponent and divisor (value ``t * 2**e / k``)."""
+    """A tensor of the graph: shape (no batch axis), exponent, divisor: ``t * 2**e / k``."""
 
     shape: tuple[int, ...]
     exponent: int
@@ -409,8 +408,17 @@ def _read_archive(check: _Checker, archive: zipfile.ZipFile) -> tuple[dict, dict
     return header, arrays
 
 
-def _window_out(check: _Checker, where: str, size: int, window: int, stride: int, pad, *,
-                input_dilation: int = 1, window_dilation: int = 1) -> int:
+def _window_out(
+    check: _Checker,
+    where: str,
+    size: int,
+    window: int,
+    stride: int,
+    pad,
+    *,
+    input_dilation: int = 1,
+    window_dilation: int = 1,
+) -> int:
     """Output length of a (possibly dilated, padded) window sliding over one axis."""
     dilated = (size - 1) * input_dilation + 1
     span = (window - 1) * window_dilation + 1
@@ -469,13 +477,17 @@ def _layer(check: _Checker, index: int, layer: dict, shape: tuple[int, ...], arr
             )
         spatial = [
             _window_out(check, where, n, k, s, p, input_dilation=a, window_dilation=b)
-            for n, k, s, p, a, b in zip(shape[:-1], kernel[:-2], strides, padding, lhs, rhs)
+            for n, k, s, p, a, b in zip(
+                shape[:-1], kernel[:-2], strides, padding, lhs, rhs, strict=True
+            )
         ]
         out = (*spatial, cout)
         fan_in = math.prod(kernel[:-1])
     else:
         if len(kernel) != 2 or kernel[0] != shape[-1]:
-            raise check.fail(f"{where}.kernel_shape {kernel} does not fit the dense input {list(shape)}")
+            raise check.fail(
+                f"{where}.kernel_shape {kernel} does not fit the dense input {list(shape)}"
+            )
         out, fan_in = (*shape[:-1], kernel[1]), kernel[0]
     macs = math.prod(out) * fan_in
     if list(bias.shape) != [out[-1]]:
@@ -486,18 +498,25 @@ def _layer(check: _Checker, index: int, layer: dict, shape: tuple[int, ...], arr
             f"which give {list(out)}"
         )
     if not _is_int(layer["macs"]) or layer["macs"] != macs:
-        raise check.fail(f"{where}.macs {layer['macs']!r} disagrees with its shapes, which give {macs}")
+        raise check.fail(
+            f"{where}.macs {layer['macs']!r} disagrees with its shapes, which give {macs}"
+        )
     per_channel = check.bool(f"{where}.per_channel", layer["per_channel"])
     channels = out[-1] if per_channel else None
     n_w = [
         check.int(f"{where}.weight_levels", n, 1, 1 << 62)
-        for n in (layer["weight_levels"] if per_channel and isinstance(layer["weight_levels"], list)
-                  else [layer["weight_levels"]])
+        for n in (
+            layer["weight_levels"]
+            if per_channel and isinstance(layer["weight_levels"], list)
+            else [layer["weight_levels"]]
+        )
     ]
     if len(n_w) != (channels or 1):
         raise check.fail(f"{where}.weight_levels must list {channels} per-channel values")
     e_w = _exponents(check, f"{where}.weight_exponent", layer["weight_exponent"], channels)
-    e_acc = _exponents(check, f"{where}.accumulator_exponent", layer["accumulator_exponent"], channels)
+    e_acc = _exponents(
+        check, f"{where}.accumulator_exponent", layer["accumulator_exponent"], channels
+    )
     n_in = check.int(f"{where}.input_levels", layer["input_levels"], 1, 1 << 62)
     signed = check.bool(f"{where}.input_signed", layer["input_signed"])
     if layer.get("weight_signed", True) is not True:
@@ -547,7 +566,9 @@ def _clip_bound(check: _Checker, where: str, value: Any, tensor: Tensor) -> None
     check.exponent(f"{where}[1]", x)
     scaled = m * tensor.divisor
     if x < tensor.exponent and scaled % (1 << (tensor.exponent - x)):
-        raise check.fail(f"{where} {value} is not an integer at the tensor's scale 2**{tensor.exponent}")
+        raise check.fail(
+            f"{where} {value} is not an integer at the tensor's scale 2**{tensor.exponent}"
+        )
 
 
 def _pool(check: _Checker, where: str, op: dict, shape: tuple[int, ...], *, needs_real: bool):
@@ -556,7 +577,7 @@ def _pool(check: _Checker, where: str, op: dict, shape: tuple[int, ...], *, need
     strides = check.ints(f"{where}.strides", op.get("strides"), rank)
     padding = _pairs(check, f"{where}.padding", op.get("padding"), rank)
     out = []
-    for n, w, s, (lo, hi) in zip(shape, window, strides, padding):
+    for n, w, s, (lo, hi) in zip(shape, window, strides, padding, strict=True):
         size = _window_out(check, where, n, w, s, (lo, hi))
         if needs_real and (lo >= w or (size - 1) * s - lo >= n):
             raise check.fail(f"{where}: a window covers padding only")
@@ -634,8 +655,11 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             _clip_bound(check, f"{where}.max", op.get("max"), x)
             result = x
         elif kind in ("maxpool", "sumpool"):
-            result = Tensor(_pool(check, where, op, x.shape, needs_real=kind == "maxpool"),
-                            x.exponent, x.divisor)
+            result = Tensor(
+                _pool(check, where, op, x.shape, needs_real=kind == "maxpool"),
+                x.exponent,
+                x.divisor,
+            )
         elif kind == "sum":
             axes = check.ints(f"{where}.axes", op.get("axes"), lo=0)
             if len(set(axes)) != len(axes) or max(axes) >= len(x.shape):
@@ -644,7 +668,9 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             result = Tensor(kept, x.exponent, x.divisor)
         elif kind == "div":
             by = check.int(f"{where}.by", op.get("by"), 1, 1 << 24)
-            result = Tensor(x.shape, x.exponent, check.int(f"{where} divisor", x.divisor * by, 1, 1 << 31))
+            result = Tensor(
+                x.shape, x.exponent, check.int(f"{where} divisor", x.divisor * by, 1, 1 << 31)
+            )
         elif kind in ("add", "concat"):
             if len({t.divisor for t in ins}) != 1:
                 raise check.fail(f"{where}: its inputs have different divisors")
@@ -659,7 +685,9 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
                 axis = check.int(f"{where}.axis", op.get("axis"), 0, len(x.shape) - 1)
                 rest = {t.shape[:axis] + t.shape[axis + 1 :] for t in ins}
                 if len(rest) != 1 or any(len(t.shape) != len(x.shape) for t in ins):
-                    raise check.fail(f"{where}: shapes {[list(t.shape) for t in ins]} do not concatenate")
+                    raise check.fail(
+                        f"{where}: shapes {[list(t.shape) for t in ins]} do not concatenate"
+                    )
                 out = x.shape[:axis] + (sum(t.shape[axis] for t in ins),) + x.shape[axis + 1 :]
             result = Tensor(out, exponent, x.divisor)
         else:  # reshape
@@ -702,8 +730,6 @@ _ZIP_ERRORS = (
     OverflowError,
     MemoryError,
 )
-
-
 
 
 def load(path: str | os.PathLike) -> IntegerModel:
@@ -768,7 +794,9 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
     rows = [row.as_dict() for row in model.facts.rows]
     total = sum(row["bops"] for row in rows)
     if model.header.get("bops", total) != total:
-        raise _fail(model.path, f"header states {model.header['bops']} BOPs, its layers give {total}")
+        raise _fail(
+            model.path, f"header states {model.header['bops']} BOPs, its layers give {total}"
+        )
     certificate = model.header.get("certificate") or {}
     certified = certificate.get("bops")
     budget = certificate.get("budget_bops")
@@ -798,11 +826,17 @@ def save(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray]) -
     arrays through :func:`validate` first, so a header that contradicts itself is never
     written.
     """
-    le = {key: np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<")))
-          for key, value in arrays.items()}
+    le = {
+        key: np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<")))
+        for key, value in arrays.items()
+    }
     header = {"format": FORMAT, "version": VERSION, **header}
     header["arrays"] = {
-        key: {"dtype": value.dtype.str, "shape": list(value.shape), "sha256": _sha256(_as_bytes(value))}
+        key: {
+            "dtype": value.dtype.str,
+            "shape": list(value.shape),
+            "sha256": _sha256(_as_bytes(value)),
+        }
         for key, value in le.items()
     }
     header["payload_sha256"] = _sha256(b"".join(_as_bytes(value) for value in le.values()))

@@ -109,8 +109,8 @@ def _conv_geometry(layer) -> dict:
             )
         padding = [list(p) for p in geometry["pre_padding"]]
     elif isinstance(padding, str):
-        dilated_in = [(n - 1) * d + 1 for n, d in zip(spatial, lhs)]
-        dilated_k = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs)]
+        dilated_in = [(n - 1) * d + 1 for n, d in zip(spatial, lhs, strict=True)]
+        dilated_k = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs, strict=True)]
         padding = jax.lax.padtype_to_pads(dilated_in, dilated_k, geometry["strides"], padding)
     return {
         "strides": [int(s) for s in geometry["strides"]],
@@ -133,8 +133,12 @@ def _layer_facts(params, layer) -> _LayerFacts:
     if signed is None:
         signed = cost.stored_input_signed(params, layer.path)
     signed = bool(signed)
-    input_theta = qnn.effective_quantizer(node["input_quantizer"], options.input_bits, signed=signed)
-    weight_theta = qnn.effective_quantizer(node["weight_quantizer"], options.weight_bits, signed=True)
+    input_theta = qnn.effective_quantizer(
+        node["input_quantizer"], options.input_bits, signed=signed
+    )
+    weight_theta = qnn.effective_quantizer(
+        node["weight_quantizer"], options.weight_bits, signed=True
+    )
     weight_theta = np.asarray(weight_theta, np.float32).reshape(-1, 2)
     where = f"layer {layer.name!r}"
     kernel = np.asarray(node["kernel"], np.float32)
@@ -211,9 +215,13 @@ def _layer_record(index: int, f: _LayerFacts, e_bias: int, scheme: str, arrays: 
     bias_max = int(np.max(np.abs(bias_codes), initial=0))
     bias_bits = signed_bits(bias_max)
     fan_in = math.prod(f.kernel.shape[:-1])
-    out_bound = max(
-        (fan_in * int(n) * f.inputs.levels << (e - e_bias)) for n, e in zip(n_w, e_acc)
-    ) + bias_max
+    out_bound = (
+        max(
+            (fan_in * int(n) * f.inputs.levels << (e - e_bias))
+            for n, e in zip(n_w, e_acc, strict=True)
+        )
+        + bias_max
+    )
     weight_key, bias_key = f"L{index}.weight", f"L{index}.bias"
     arrays[weight_key] = weight
     arrays[bias_key] = bias_codes.astype(int_dtype_for_bits(bias_bits))
