@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgmq_jax import quantizer
+from cgmq_jax.export.format import LayerRow
 
 FLOAT_BITS = 32
 
@@ -49,30 +50,18 @@ class LayerSpec:
         return "/".join(map(str, self.path))
 
 
-# Layers that do MACs. A call of one of these that no quantizer intercepts is a float
-# layer (counted at 32 x 32 bits); a kind whose MACs we cannot count is an error.
-_COUNTED = (nn.Dense, nn.Conv)
-_UNCOUNTED = (nn.DenseGeneral, nn.Einsum, nn.ConvTranspose, nn.ConvLocal)
-
-
-def _abstract(value):
-    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
-        dtype = jnp.float32 if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype
-        return jax.ShapeDtypeStruct(jnp.shape(value), dtype)
-    return value
-
-
 def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
     """Find every layer of ``model`` that does MACs, and its MACs per example, from shapes.
 
-    The model runs once under ``jax.eval_shape`` (its ``init``), so nothing is computed.
-    Quantized layers (:class:`cgmq_jax.nn.QuantDense` / ``QuantConv``, or ``nn.Dense`` /
-    ``nn.Conv`` quantized by :func:`cgmq_jax.rules.quantize_model`) report themselves;
-    any other ``nn.Dense`` / ``nn.Conv`` is a float layer and is counted at 32 x 32 bits
-    (never free); ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.ConvTranspose`` and
-    ``nn.ConvLocal`` are an error. A layer's input signedness is its ``input_signed``
-    option, or, where that is ``None`` (decided by the data), the decision stored in its
-    ``input_signed`` parameter leaf, read from ``params``.
+    The layers come from :func:`cgmq_jax.graph.trace` (one abstract trace of the model, the
+    same one the export reads), so nothing is computed. Quantized layers
+    (:class:`cgmq_jax.nn.QuantDense` / ``QuantConv``, or ``nn.Dense`` / ``nn.Conv``
+    quantized by :func:`cgmq_jax.rules.quantize_model`) report themselves; any other
+    ``nn.Dense`` / ``nn.Conv`` is a float layer and is counted at 32 x 32 bits (never free);
+    ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.ConvTranspose`` and ``nn.ConvLocal`` are an
+    error. A layer's input signedness is its ``input_signed`` option, or, where that is
+    ``None`` (decided by the data), the decision stored in its ``input_signed`` parameter
+    leaf, read from ``params``.
 
     Args:
       model: a Flax linen model, quantized (its layers have quantizer parameters).
@@ -89,75 +78,43 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
       ValueError: no quantized layer, a layer whose MACs cannot be counted, or a layer
         inside ``nn.scan`` / ``nn.vmap`` (its calls cannot be counted from one trace).
     """
-    from cgmq_jax import nn as qnn
+    from cgmq_jax import graph
 
-    floats: list = []
-
-    def find_float_layers(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, _COUNTED + _UNCOUNTED):
-            return next_fun(*call_args, **call_kwargs)
-        before = len(records)
-        out = next_fun(*call_args, **call_kwargs)
-        if len(records) == before:  # no quantized forward ran: a float layer
-            name = "/".join(module.path)
-            if not isinstance(module, _COUNTED):
-                raise ValueError(
-                    f"layer {name!r} is a {type(module).__name__}, whose MACs cannot be "
-                    "counted; use nn.Dense / nn.Conv (or QuantDense / QuantConv) there"
-                )
-            kernel = module.get_variable("params", "kernel")
-            floats.append((len(records), tuple(module.path), tuple(kernel.shape), out.shape))
-        return out
-
-    abstract_args = [_abstract(a) for a in args]
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    with qnn.record_layers() as records, nn.intercept_methods(find_float_layers):
-        variables = jax.eval_shape(lambda *a: model.init(rngs, *a, **kwargs), *abstract_args)
-    shapes = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("params", {})))
-    specs: list[tuple[int, LayerSpec]] = []
-    for index, record in enumerate(records):
-        _check_not_lifted(record.path, record.kernel_shape, shapes)
-        if record.batched:
+    traced = graph.trace(model, *args, **kwargs)  # abstract parameters: shapes only
+    shapes = flax.traverse_util.flatten_dict(traced.variables.get("params", {}))
+    specs = []
+    for layer in traced.layers:
+        _check_not_lifted(layer.path, layer.kernel_shape, shapes)
+        if layer.batched:
             raise ValueError(
-                f"layer {'/'.join(record.path)!r} runs inside nn.vmap / jax.vmap: its shapes "
+                f"layer {layer.name!r} runs inside nn.vmap / jax.vmap: its shapes "
                 "lack the mapped axis, so layer_specs cannot count its MACs; apply the "
                 "layer to the whole batch (it takes any number of leading axes) instead"
             )
-        options = record.options
-        if not options.quantize:
-            floats.append((index, record.path, record.kernel_shape, record.output_shape))
+        if not layer.quantized:
+            specs.append(LayerSpec(layer.path, layer.macs, False, quantized=False))
             continue
+        options = layer.options
         signed = options.input_signed
         if signed is None:
-            signed = stored_input_signed(params, record.path)
-        channels = record.kernel_shape[-1] if options.per_channel else 1
-        spec = LayerSpec(
-            record.path,
-            _macs(record.output_shape, record.kernel_shape),
-            bool(signed),
-            input_bits=options.input_bits,
-            weight_bits=options.weight_bits,
-            channels=channels,
+            signed = stored_input_signed(params, layer.path)
+        specs.append(
+            LayerSpec(
+                layer.path,
+                layer.macs,
+                bool(signed),
+                input_bits=options.input_bits,
+                weight_bits=options.weight_bits,
+                channels=layer.kernel_shape[-1] if options.per_channel else 1,
+            )
         )
-        specs.append((index, spec))
-    if not specs:
+    if not any(spec.quantized for spec in specs):
         raise ValueError(
             f"{type(model).__name__} has no quantized layers (modules with 'input_quantizer' "
             "and 'weight_quantizer' parameters); build it with quantized=True, or wrap it "
             "with cgmq_jax.rules.quantize_model"
         )
-    for index, path, kernel_shape, output_shape in floats:
-        _check_not_lifted(path, kernel_shape, shapes)
-        spec = LayerSpec(path, _macs(output_shape, kernel_shape), False, quantized=False)
-        specs.append((index, spec))
-    specs.sort(key=lambda item: item[0])  # call order (a float layer before its successor)
-    return tuple(spec for _, spec in specs)
-
-
-def _macs(output_shape, kernel_shape) -> int:
-    """``prod(output per example) * prod(kernel.shape[:-1])`` (dense and any convolution)."""
-    return int(math.prod(output_shape[1:]) * math.prod(kernel_shape[:-1]))
+    return tuple(specs)
 
 
 def _check_not_lifted(path, kernel_shape, shapes) -> None:
@@ -249,15 +206,14 @@ def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
     bits = jax.device_get([layer_bitwidths(params, spec, exact=True) for spec in specs])
     rows = []
     for spec, (weight_bits, input_bits) in zip(specs, bits, strict=True):
-        weight_bits, input_bits = np.asarray(weight_bits), int(np.asarray(input_bits))
-        per_channel = [int(b) for b in weight_bits.reshape(-1)]
-        row = {
-            "layer": spec.name,
-            "macs": spec.macs,
-            "weight_bits": per_channel if weight_bits.ndim else per_channel[0],
-            "input_bits": input_bits,
-            "bops": spec.macs // spec.channels * sum(per_channel) * input_bits,
-        }
+        weight_bits = np.asarray(weight_bits)
+        per_channel = tuple(int(b) for b in weight_bits.reshape(-1))
+        row = LayerRow(
+            layer=spec.name,
+            macs=spec.macs,
+            weight_bits=per_channel if weight_bits.ndim else per_channel[0],
+            input_bits=int(np.asarray(input_bits)),
+        ).as_dict()
         if not spec.quantized:
             row["float"] = True
         rows.append(row)

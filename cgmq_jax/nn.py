@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
+from jax.ad_checkpoint import checkpoint_name
 
 from cgmq_jax import quantizer
 
@@ -160,25 +161,42 @@ class LayerRecord:
     output_shape: tuple[int, ...]
     module: nn.Module
     batched: bool = False  # computed inside jax.vmap / nn.vmap: the shapes lack an axis
+    quantized_input: jax.Array | None = None  # Q(x) as computed (the export compares codes)
 
 
 _RECORDERS: list[list[LayerRecord]] = []
+_MARKING: list[list[LayerRecord]] = []
 
 
 @contextlib.contextmanager
-def record_layers():
+def record_layers(*, mark: bool = False):
     """Collect a :class:`LayerRecord` for every layer computed by :func:`dense_forward` /
-    :func:`conv_forward` while the context is open (used by :func:`cgmq_jax.cost.layer_specs`
-    under ``jax.eval_shape``)."""
+    :func:`conv_forward` while the context is open (used by :func:`cgmq_jax.graph.trace`).
+
+    With ``mark``, each layer also marks its input and output with the identities
+    ``checkpoint_name(x, "cgmq:in:<i>")`` / ``"cgmq:out:<i>"`` (``i`` its record's index),
+    so that the layer can be found in a jaxpr traced while the context is open.
+    """
     found: list[LayerRecord] = []
     _RECORDERS.append(found)
+    if mark:
+        _MARKING.append(found)
     try:
         yield found
     finally:
         _RECORDERS.remove(found)
+        if mark:
+            _MARKING.remove(found)
 
 
-def _report(module, options, x, kernel, y) -> None:
+def _mark(x: jax.Array, end: str) -> jax.Array:
+    """``x``, named for :func:`cgmq_jax.graph.trace` when a marking record is open."""
+    if not _MARKING:
+        return x
+    return checkpoint_name(x, f"cgmq:{end}:{len(_MARKING[-1])}")
+
+
+def _report(module, options, x, kernel, y, quantized_input=None) -> None:
     for found in _RECORDERS:
         found.append(
             LayerRecord(
@@ -189,6 +207,7 @@ def _report(module, options, x, kernel, y) -> None:
                 tuple(jnp.shape(y)),
                 module,
                 _is_batched(y),
+                quantized_input if options.quantize else None,
             )
         )
 
@@ -289,10 +308,12 @@ def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) ->
     by :func:`cgmq_jax.rules.quantize_model`): its fields and its scope are used, so the
     parameter names and initial values are those of ``flax.linen.Dense``.
     """
+    inputs = _mark(inputs, "in")
     kernel = module.param(
         "kernel", module.kernel_init, (jnp.shape(inputs)[-1], module.features), module.param_dtype
     )
     x, kernel = _quantized_operands(module, options, inputs, kernel)
+    quantized_input = x
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
         if module.use_bias
@@ -307,7 +328,8 @@ def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) ->
     y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    _report(module, options, inputs, kernel, y)
+    y = _mark(y, "out")
+    _report(module, options, inputs, kernel, y, quantized_input)
     return y
 
 
@@ -317,6 +339,7 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
     As :func:`dense_forward`, for any bound ``nn.Conv``. The input is quantized before any
     padding (padded zeros are the code 0).
     """
+    inputs = _mark(inputs, "in")
     geometry = conv_geometry(module)
     kernel_size = geometry["kernel_size"]
     # Flax's batch handling: any number of leading batch axes, or none.
@@ -339,6 +362,7 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
     if module.mask is not None:
         kernel = kernel * module.mask
     x, kernel = _quantized_operands(module, options, inputs, kernel)
+    quantized_input = x
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
         if module.use_bias
@@ -365,9 +389,11 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
     )
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    _report(module, options, inputs, kernel, y)
+    computed = y  # the record's shapes have the one batch axis the convolution used
     if len(batch_shape) != 1:
         y = jnp.reshape(y, (*batch_shape, *y.shape[1:]))
+    y = _mark(y, "out")
+    _report(module, options, inputs, kernel, computed, quantized_input)
     return y
 
 

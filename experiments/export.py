@@ -1,14 +1,19 @@
 """Export a trained run as an integer model file (cgmq-int-npz) and prove it is that model.
 
-    python experiments/export.py RESULTS_DIR [--out FILE] [--check]
-    python experiments/export.py FILE.npz --check        # check an existing file
+    python experiments/export.py RESULTS_DIR [--out FILE] [--check] [--c OUT_DIR]
+    python experiments/export.py FILE.npz --check [--c OUT_DIR]   # an existing file
 
 Export writes ``RESULTS_DIR/model_int.npz`` (or ``--out``) from ``results.json`` and
-``params.msgpack``. ``--check`` then verifies the file (format, checksums), recounts its
-BOPs from the file alone and compares them with the trainer's certificate and budget, runs
-the integer-only inference on the 10,000 MNIST test images, and (given a run directory)
-compares its predictions and every layer's integer input codes with the JAX fake-quant
-model. The check's numbers go to ``FILE.check.json``.
+``params.msgpack``. ``--check`` then verifies the file (format, checksums, graph), recounts
+its BOPs from the file alone and compares them with the trainer's certificate and budget,
+ties the file to the run (the SHA-256 of the params it was exported from must be the one
+``results.json`` records), runs the integer-only inference on the 10,000 MNIST test images
+(its accuracy may be at most 0.1 point below the accuracy recorded at training), and
+(given a run directory) compares its predictions and every layer's integer input codes
+with the JAX fake-quant model. ``--c OUT_DIR`` writes the network as self-contained C99
+(``model.c``, ``model.h``, a test harness ``main.c``); with ``--check`` it is compiled with
+``cc`` and its logits on the test images must be bit-identical to the integer engine's.
+The check's numbers go to ``FILE.check.json``.
 
 Exit status: 0 on success, 1 when a check fails, 2 on bad input (no run, unreadable or
 corrupted file, bad flag).
@@ -23,6 +28,8 @@ from pathlib import Path
 
 #: Minimum fraction of test predictions on which the file must agree with the JAX model.
 MIN_AGREEMENT = 0.999
+#: How far (a fraction) the integer-only test accuracy may fall below the recorded one.
+MAX_ACCURACY_DROP = 0.001
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="odd",
         help="how the float bias becomes an integer (docs/export.md; default %(default)s)",
     )
+    p.add_argument("--c", default=None, metavar="OUT_DIR", help="also write the network as C99")
     p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
     p.add_argument("--data_dir", default=None, help="tfds data dir, or the IDX directory")
     return p.parse_args(argv)
@@ -87,10 +95,11 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
         "test_examples": len(labels),
         "data_source": dataset.source,
     }
+    results = _provenance(path, model, run_dir, summary)
     if run_dir is not None:
-        from cgmq_jax import models, report, rundir
+        from cgmq_jax import models, report
 
-        results, _ = rundir.load_run(run_dir)
+        ok = ok and summary["params_match_run"]
         params = report.load_params(run_dir)
         network = models.get_model(results["config"]["model"], quantized=True)
         compared = ex.compare_with_model(model, params, network, images)
@@ -115,10 +124,89 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
         print(f"JAX fake-quant test accuracy {100 * summary['jax_test_accuracy']:.2f}%")
     else:
         int_pred = ex.predict(model, pixels)
-    summary["int_test_accuracy"] = float((int_pred == labels).mean())
+    accuracy = float((int_pred == labels).mean())
+    summary["int_test_accuracy"] = accuracy
+    recorded = summary.get("recorded_test_accuracy")
+    print(f"integer-only test accuracy {100 * accuracy:.2f}%", end="")
+    if recorded is None:
+        print("; no accuracy recorded at training to compare with: FAILED")
+        ok = False
+    else:
+        floor_ok = accuracy >= recorded - MAX_ACCURACY_DROP - 1e-12
+        print(
+            f", recorded at training {100 * recorded:.2f}%: "
+            f"{'within' if floor_ok else 'MORE than'} {100 * MAX_ACCURACY_DROP:.1f} point below"
+        )
+        ok = ok and floor_ok
+    if run_dir is None and summary.get("params_match_run") is False:
+        ok = False
+    if args.c is not None:
+        ok = _check_c(model, pixels, args.c, summary) and ok
     summary["ok"] = ok
-    print(f"integer-only test accuracy {100 * summary['int_test_accuracy']:.2f}%")
     return summary, ok
+
+
+def _provenance(path: Path, model, run_dir: Path | None, summary: dict) -> dict | None:
+    """Tie the file to its run: the params SHA-256 it records vs the run's ``results.json``.
+
+    The run is ``run_dir``, or, for a file alone, the directory holding it when that holds
+    a ``results.json``. Returns the run's results (``None`` without a run).
+    """
+    from cgmq_jax import rundir
+
+    metadata = model.header.get("metadata") or {}
+    summary["recorded_test_accuracy"] = metadata.get("test_accuracy")
+    summary["params_sha256"] = metadata.get("params_sha256")
+    source = run_dir if run_dir is not None else path.parent
+    if not (source / "results.json").is_file():
+        summary["params_match_run"] = None
+        print("no run directory beside the file: the params SHA-256 is not checked")
+        return None
+    results, _ = rundir.load_run(source)  # verifies params.msgpack against results.json
+    matches = metadata.get("params_sha256") == results.get("params_sha256")
+    summary["params_match_run"] = matches
+    summary["recorded_test_accuracy"] = results.get("test_accuracy")
+    print(
+        f"params SHA-256 in the file {'MATCHES' if matches else 'does NOT match'} "
+        f"{source / 'results.json'}"
+    )
+    return results
+
+
+def _check_c(model, pixels, out_dir: str, summary: dict) -> bool:
+    """Compile the C export and compare its logits with the integer engine's (all images)."""
+    import shutil
+
+    import numpy as np
+
+    from cgmq_jax import export as ex
+
+    program = ex.emit_c(model, out_dir)
+    summary["c"] = {
+        "dir": str(out_dir),
+        "model_c_bytes": program.source.stat().st_size,
+        "weight_bytes": program.weight_bytes,
+        "weight_bits": program.weight_bits,
+        "activation_bits": program.activation_bits,
+    }
+    if shutil.which("cc") is None:
+        print("no C compiler (cc) on this machine: the C code was written, not compiled")
+        summary["c"]["identical"] = None
+        return True
+    from cgmq_jax.export import c as emitter
+
+    logits = emitter.compile_and_run(program, pixels)
+    reference = np.concatenate(
+        [ex.run_integer(model, pixels[i : i + 1000])[0] for i in range(0, len(pixels), 1000)]
+    )
+    identical = bool(np.array_equal(logits, reference))
+    summary["c"]["identical"] = identical
+    print(
+        f"C ({program.source}, {summary['c']['model_c_bytes']:,} bytes, weights "
+        f"{program.weight_bytes:,} bytes): logits on {len(pixels):,} images "
+        f"{'IDENTICAL to' if identical else 'DIFFERENT from'} the integer engine's"
+    )
+    return identical
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{source}: not a run directory or an existing .npz file")
         if not args.check:
             print(_bops_text(ex.count_bops(path)))
+            if args.c is not None:
+                program = ex.emit_c(path, args.c)
+                print(f"wrote {program.source}, {program.header}, {program.harness}")
             return 0
         summary, ok = check(path, run_dir, args)
     except (ValueError, data.DataError) as error:  # ExportError is a ValueError

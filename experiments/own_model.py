@@ -6,6 +6,9 @@ float checkpoint into a quantized one, ``constrained_update`` (last in an optax 
 keeps the exact cost within the budget, and ``greedy_repair`` + ``certify`` give the
 certificate. Run: ``python experiments/own_model.py --budget_bops 1e6`` (real MNIST from
 the local cache, ``make data``; ``--synthetic`` for a smoke run without it).
+``--export FILE`` also writes the integer model file (``cgmq_jax.export.export``: any
+model of quantized layers, ReLU, pooling, adds, concatenation and reshapes exports); check
+it and write C with ``python experiments/export.py FILE --check --c OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", action="store_true", help="tiny random data (smoke)")
+    parser.add_argument("--export", default=None, metavar="FILE", help="write the integer file")
     args = parser.parse_args(argv)
     mnist = data.synthetic() if args.synthetic else data.load_mnist(verbose=False)
     start = time.perf_counter()
@@ -117,13 +121,29 @@ def main(argv=None) -> int:
             f"{row['layer']:<6} {row['macs']:>7,} {row['weight_bits']:>6} "
             f"{row['input_bits']:>7} {row['bops']:>9,}"
         )
+    test_accuracy = accuracy(model, params, *mnist.test)
     print(
         f"float test accuracy {accuracy(net, float_params, *mnist.test):.2%}; "
-        f"quantized {accuracy(model, params, *mnist.test):.2%} at {report['bops']:,} BOPs "
+        f"quantized {test_accuracy:.2%} at {report['bops']:,} BOPs "
         f"<= budget {args.budget_bops:,.0f} ({report['relative_bops_percent']:.2f}% of 32-bit); "
         f"{int(state[-1].infeasible_steps)} infeasible steps, {repaired_bits} bits repaired, "
         f"{seconds:.0f} s"
     )
+    if args.export is not None:
+        from cgmq_jax import export
+
+        path = export.export(
+            params,
+            model,
+            args.export,
+            certificate=report,
+            metadata={"test_accuracy": float(test_accuracy), "seed": args.seed},
+        )
+        compared = export.compare_with_model(path, params, model, mnist.test[0])
+        print(
+            f"wrote {path}: the integer engine agrees with the model on {compared['agree']:,} "
+            f"of {compared['examples']:,} test predictions"
+        )
     return 0
 
 

@@ -8,8 +8,11 @@ compared with the real Flax layers (``QuantConv`` / ``QuantDense``, i.e. the tra
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
+import math
+import re
 import subprocess
 import sys
 import zipfile
@@ -26,11 +29,13 @@ from cgmq_jax import export as ex
 from cgmq_jax.nn import QuantConv, QuantDense
 
 REPO = Path(__file__).resolve().parent.parent
-EXPORT_PY = REPO / "cgmq_jax" / "export.py"
 
 
 class TinyConv(nn.Module):
-    """conv 4@3x3 -> relu -> max-pool 2 -> flatten -> dense 3, on 8x8xC inputs."""
+    """conv 4@3x3 -> relu -> max-pool 2 -> flatten -> dense 3, on 8x8xC inputs.
+
+    Its traced graph: conv, relu, maxpool (window ``[2, 2, 1]``), reshape, dense.
+    """
 
     input_signed: bool = False
     strides: tuple[int, int] = (1, 1)
@@ -51,15 +56,6 @@ class TinyConv(nn.Module):
         return QuantDense(features=3, name="fc")(x)
 
 
-CONV_GRAPH = [
-    {"op": "conv", "layer": "conv"},
-    {"op": "relu"},
-    {"op": "maxpool", "window": [2, 2], "strides": [2, 2], "padding": "VALID"},
-    {"op": "flatten"},
-    {"op": "dense", "layer": "fc"},
-]
-
-
 class TinyDense(nn.Module):
     """dense 6 -> relu -> dense 4, on flat inputs."""
 
@@ -69,9 +65,6 @@ class TinyDense(nn.Module):
     def __call__(self, x):
         x = nn.relu(QuantDense(features=6, input_signed=self.input_signed, name="fc1")(x))
         return QuantDense(features=4, name="fc2")(x)
-
-
-DENSE_GRAPH = [{"op": "dense", "layer": "fc1"}, {"op": "relu"}, {"op": "dense", "layer": "fc2"}]
 
 
 def _with_bits(params, layer, weight_bits, input_bits, *, input_signed, input_range=1.0):
@@ -156,7 +149,7 @@ def test_round_trip_every_integer(tmp_path):
     params = _with_bits(_init(model, (8, 8, 1)), "conv", 5, 3, input_signed=False)
     params = _with_bits(params, "fc", 3, 4, input_signed=False, input_range=2.0)
     params = _random_biases(params, seed=2)
-    path = ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1), graph=CONV_GRAPH)
+    path = ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
     loaded = ex.load(path)
     for i, name in enumerate(["conv", "fc"]):
         node, layer = params[name], loaded.layers[i]
@@ -178,10 +171,30 @@ def test_round_trip_every_integer(tmp_path):
         assert layer["bias_bits"] == ex.signed_bits(int(np.abs(loaded.bias(i)).max()))
     assert [layer["weight_bits"] for layer in loaded.layers] == [5, 3]
     assert [layer["input_bits"] for layer in loaded.layers] == [3, 4]
+    assert [layer["per_channel"] for layer in loaded.layers] == [False, False]
+    conv = loaded.layers[0]
+    assert (conv["strides"], conv["padding"], conv["groups"]) == ([1, 1], [[0, 0], [0, 0]], 1)
+    assert (conv["kernel_dilation"], conv["input_dilation"]) == ([1, 1], [1, 1])
+    # The traced graph (format version 2): tensor 0 the input, op j's output tensor j + 1.
+    assert [(op["op"], op["inputs"], op.get("layer")) for op in loaded.ops] == [
+        ("conv", [0], 0), ("relu", [1], None), ("maxpool", [2], None),
+        ("reshape", [3], None), ("dense", [4], 1),
+    ]  # fmt: skip
+    assert [op["module"] for op in loaded.ops][::4] == ["conv", "fc"]
+    pool = loaded.ops[2]
+    assert (pool["window"], pool["strides"]) == ([2, 2, 1], [2, 2, 1])
+    assert pool["padding"] == [[0, 0], [0, 0], [0, 0]] and loaded.ops[3]["shape"] == [36]
+    assert [t.shape for t in loaded.facts.tensors] == [
+        (8, 8, 1), (6, 6, 4), (6, 6, 4), (3, 3, 4), (36,), (3,)
+    ]  # fmt: skip
+    output = loaded.header["output"]
+    assert output["tensor"] == 5 and output["divisor"] == 1
+    assert output["exponent"] == loaded.layers[1]["bias_exponent"]
+    assert [row.macs for row in loaded.facts.rows] == [1296, 108]
     # Numpy alone reads the same integers back.
     with np.load(path, allow_pickle=False) as raw:
         header = json.loads(raw["header.json"].tobytes().decode("utf-8"))
-        assert header["format"] == ex.FORMAT and header["version"] == ex.VERSION
+        assert header["format"] == ex.FORMAT and header["version"] == ex.VERSION == 2
         for key in header["arrays"]:
             np.testing.assert_array_equal(raw[key], loaded.arrays[key])
 
@@ -214,10 +227,10 @@ def test_integer_inference_equals_fake_quant(
     than ``2**bias_exponent``) plus float32 rounding of the JAX logits.
     """
     if kind == "conv":
-        model, graph, shape = TinyConv(input_signed=signed), CONV_GRAPH, (8, 8, 2)
+        model, shape = TinyConv(input_signed=signed), (8, 8, 2)
         first, second = "conv", "fc"
     else:
-        model, graph, shape = TinyDense(input_signed=signed), DENSE_GRAPH, (10,)
+        model, shape = TinyDense(input_signed=signed), (10,)
         first, second = "fc1", "fc2"
     seed = weight_bits * 100 + input_bits * 10 + signed
     params = _with_bits(_init(model, shape), first, weight_bits, input_bits, input_signed=signed)
@@ -225,9 +238,7 @@ def test_integer_inference_equals_fake_quant(
         params, second, max(2, 9 - weight_bits), 9 - input_bits, input_signed=False, input_range=2.0
     )
     params = _random_biases(params, seed)
-    path = ex.export(
-        params, model, tmp_path / "m.npz", input_shape=shape, input_exponent=exponent, graph=graph
-    )
+    path = ex.export(params, model, tmp_path / "m.npz", input_shape=shape, input_exponent=exponent)
     images, ints = _random_inputs((64, *shape), exponent, signed=signed, seed=seed)
     result = ex.compare_with_model(path, params, model, images)
     for name, (mismatching, total, _) in result["code_mismatches"].items():
@@ -266,7 +277,6 @@ def test_accumulator_scale_bias(tmp_path, snap):
         model,
         tmp_path / "m.npz",
         input_shape=shape,
-        graph=[{"op": "dense", "layer": "fc"}],
         bias_scheme="accumulator",
     )
     loaded = ex.load(path)
@@ -304,15 +314,18 @@ def test_lenet5_integer_equals_fake_quant_and_trainer_cost(tmp_path, lenet, set_
 
 
 def test_mlp_graph(tmp_path, mlp, set_bits):
-    """The MLP's op list (flatten first, no ReLU after the logits) and its BOPs."""
+    """The MLP's op list (a reshape first, no ReLU after the logits) and its BOPs."""
     specs = mlp["specs"]
     params = _random_biases(set_bits(mlp["params8"], specs, 3, 2), seed=6, scale=0.1)
     certificate = {"bops": cost.exact_bops(params, specs), "budget_bops": 2e6}
     path = ex.export(params, mlp["model"], tmp_path / "mlp.npz", certificate=certificate)
     loaded = ex.load(path)
     assert [op["op"] for op in loaded.header["ops"]] == [
-        "flatten", "dense", "relu", "dense", "relu", "dense"
+        "reshape", "dense", "relu", "dense", "relu", "dense"
     ]  # fmt: skip
+    assert loaded.ops[0]["shape"] == [784]
+    assert [op.get("layer") for op in loaded.ops if op["op"] == "dense"] == [0, 1, 2]
+    assert loaded.header["output"]["tensor"] == 6
     counted = ex.count_bops(loaded)
     assert counted["matches_certificate"] and counted["macs"] == 266_200
     images, _ = _random_inputs((32, 28, 28, 1), -8, signed=False, seed=6)
@@ -345,7 +358,6 @@ def test_count_bops_hand_computed(tmp_path):
             model,
             tmp_path / f"{padding}.npz",
             input_shape=(8, 8, 1),
-            graph=CONV_GRAPH,
             certificate=certificate,
         )
         counted = ex.count_bops(path)
@@ -355,36 +367,58 @@ def test_count_bops_hand_computed(tmp_path):
 
 
 def test_count_bops_runs_with_jax_blocked(tmp_path):
-    """The reader, counter and integer inference need numpy only: load the file by path."""
+    """The reader, counter and integer engine need numpy only: ``cgmq_jax.export`` and its
+    ``format`` and ``engine`` modules import, count and infer with JAX, Flax and Optax
+    blocked (``sys.modules[name] = None`` makes any import of them raise ImportError)."""
     model = TinyConv()
     params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
     params = _random_biases(_with_bits(params, "fc", 4, 4, input_signed=False), seed=5)
-    path = ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1), graph=CONV_GRAPH)
+    path = ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
     _, ints = _random_inputs((16, 8, 8, 1), -8, signed=False, seed=5)
     np.save(tmp_path / "inputs.npy", ints)
     script = f"""
-import importlib.util, json, sys
+import json, sys
 for name in ("jax", "jaxlib", "flax", "optax"):
     sys.modules[name] = None  # any import of them now raises ImportError
-spec = importlib.util.spec_from_file_location("cgmq_export", {str(EXPORT_PY)!r})
-module = sys.modules["cgmq_export"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
 import numpy as np
-counted = module.count_bops({str(path)!r})
-logits, exponent = module.run_integer({str(path)!r}, np.load({str(tmp_path / "inputs.npy")!r}))
-loaded = [
+import cgmq_jax.export as ex
+import cgmq_jax.export.engine as engine
+import cgmq_jax.export.format as fmt
+try:
+    import jax
+except ImportError:
+    blocked = True
+else:
+    blocked = False
+path, inputs = {str(path)!r}, np.load({str(tmp_path / "inputs.npy")!r})
+counted = fmt.count_bops(path)
+assert ex.count_bops(path) == counted
+model = fmt.load(path)
+logits, exponent = engine.run_integer(model, inputs)
+assert np.array_equal(ex.run_integer(path, inputs)[0], logits)
+loaded = sorted(
     m for m, v in sys.modules.items()
     if v is not None and m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "cgmq_jax")
-]
-print(json.dumps({{"counted": counted, "logits": logits.tolist(), "loaded": loaded}}))
+)
+print(json.dumps({{"counted": counted, "logits": logits.tolist(), "exponent": exponent,
+                  "loaded": loaded, "blocked": blocked}}))
 """
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
+    assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
+    assert got["blocked"]
     assert got["counted"] == ex.count_bops(path)
-    assert got["logits"] == ex.run_integer(path, ints)[0].tolist()
-    assert got["loaded"] == []  # neither JAX, Flax nor the training package was imported
+    logits, exponent = ex.run_integer(path, ints)
+    assert got["logits"] == logits.tolist() and got["exponent"] == exponent
+    # Neither JAX, Flax, Optax nor the training side of the package was imported.
+    assert got["loaded"] == ["cgmq_jax", "cgmq_jax.export", "cgmq_jax.export.engine",
+                             "cgmq_jax.export.format"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- clear errors
@@ -395,7 +429,7 @@ def small_file(tmp_path):
     model = TinyDense()
     params = _with_bits(_init(model, (10,)), "fc1", 4, 3, input_signed=False)
     params = _random_biases(_with_bits(params, "fc2", 3, 2, input_signed=False), seed=4)
-    return ex.export(params, model, tmp_path / "m.npz", input_shape=(10,), graph=DENSE_GRAPH)
+    return ex.export(params, model, tmp_path / "m.npz", input_shape=(10,))
 
 
 def _rewrite(path, out, *, header=None, drop=(), replace=None, keep_header_sha=False):
@@ -405,7 +439,7 @@ def _rewrite(path, out, *, header=None, drop=(), replace=None, keep_header_sha=F
         raw = json.dumps(header).encode()
         entries["header.json"] = np.frombuffer(raw, np.uint8)
         if not keep_header_sha:
-            digest = ex._sha256(raw).encode()
+            digest = hashlib.sha256(raw).hexdigest().encode()
             entries["header.sha256"] = np.frombuffer(digest, np.uint8)
     entries.update(replace or {})
     np.savez(out, **entries)
@@ -468,13 +502,28 @@ def test_changed_header_is_detected(small_file, tmp_path):
     ("field", "value", "fragment"),
     [
         ("format", "onnx", "wrong format 'onnx'"),
-        ("version", 99, "unsupported cgmq-int-npz version"),
+        ("version", 99, "unsupported cgmq-int-npz version 99"),
+        ("version", 2.0, "unsupported cgmq-int-npz version 2.0"),
+        ("version", "2", "unsupported cgmq-int-npz version '2'"),
     ],
 )
 def test_wrong_format_or_version(small_file, tmp_path, field, value, fragment):
     header = _header(small_file)
     header[field] = value
     _expect_error(_rewrite(small_file, tmp_path / "x.npz", header=header), fragment)
+
+
+def test_version_1_file_is_refused_with_a_re_export_hint(small_file, tmp_path, capsys):
+    """A format-version-1 file (a flat op list) is not read: the message says to re-export."""
+    header = _header(small_file)
+    header["version"] = 1
+    for op in header["ops"]:  # version 1's op list: no tensor inputs
+        op.pop("inputs")
+    header["output"] = {"layer": 1, "exponent": header["output"]["exponent"]}
+    bad = _rewrite(small_file, tmp_path / "v1.npz", header=header)
+    message = _expect_error(bad, "unsupported cgmq-int-npz version 1", "re-export")
+    assert _cli().main([str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
 def test_missing_keys(small_file, tmp_path):
@@ -504,15 +553,58 @@ def test_cli_reports_a_corrupted_file_and_exits_2(small_file, tmp_path, capsys):
     assert cli.main([str(small_file)]) == 0  # no --check: integrity and the BOP table only
 
 
-def test_export_refuses_a_graph_that_does_not_fit(tmp_path):
-    model = TinyConv()
-    params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
-    params = _with_bits(params, "fc", 3, 2, input_signed=False)
-    wrong = [op for op in CONV_GRAPH if op["op"] != "maxpool"]
-    with pytest.raises(ValueError, match="op graph reaches fc"):
-        ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1), graph=wrong)
-    with pytest.raises(ValueError, match="no op graph known"):
-        ex.export(params, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
+class _Squash(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(x)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _Squash(name="act")(x)
+
+
+class TanhBetween(nn.Module):
+    """dense 6 -> tanh (in module ``block/act``) -> dense 4: tanh has no integer op."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = _Block(name="block")(QuantDense(features=6, name="fc1")(x))
+        return QuantDense(features=4, name="fc2")(x)
+
+
+class PlainDenseLast(nn.Module):
+    """dense 6 (quantized) -> relu -> a plain, unquantized ``nn.Dense`` 4."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(QuantDense(features=6, name="fc1")(x))
+        return nn.Dense(features=4, name="fc2")(x)
+
+
+def test_export_refuses_an_unsupported_op(tmp_path):
+    """The graph is traced: an op the integer engine cannot run (``jnp.tanh`` on an
+    activation between two quantized layers) is a ValueError naming the primitive and the
+    module path, and nothing is written."""
+    model = TanhBetween()
+    params = _with_bits(_init(model, (10,)), "fc1", 4, 3, input_signed=False)
+    params = _with_bits(params, "fc2", 3, 2, input_signed=True)
+    with pytest.raises(ValueError) as info:
+        ex.export(params, model, tmp_path / "m.npz", input_shape=(10,))
+    message = str(info.value)
+    assert "'tanh'" in message and "'block/act'" in message, message
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_export_refuses_a_plain_dense_layer(tmp_path):
+    """A float ``nn.Dense`` (no quantizers) between the input and the logits: refused,
+    naming the layer."""
+    model = PlainDenseLast()
+    params = _with_bits(_init(model, (10,)), "fc1", 4, 3, input_signed=False)
+    with pytest.raises(ValueError, match="layer 'fc2' is not quantized"):
+        ex.export(params, model, tmp_path / "m.npz", input_shape=(10,))
+    assert not (tmp_path / "m.npz").exists()
 
 
 def test_export_refuses_a_step_that_is_not_a_power_of_two(tmp_path, monkeypatch):
@@ -521,7 +613,7 @@ def test_export_refuses_a_step_that_is_not_a_power_of_two(tmp_path, monkeypatch)
     params = _with_bits(params, "fc2", 3, 2, input_signed=False)
     monkeypatch.setattr(quantizer, "power_of_two_step", lambda d: jnp.float32(0.3))
     with pytest.raises(ValueError, match="not a power of two"):
-        ex.export(params, model, tmp_path / "m.npz", input_shape=(10,), graph=DENSE_GRAPH)
+        ex.export(params, model, tmp_path / "m.npz", input_shape=(10,))
 
 
 # --------------------------------------------------------------------------- a file that cannot lie
@@ -540,7 +632,10 @@ def _resign(header, *, total_bops=None):
 
 @pytest.fixture
 def conv_file(tmp_path):
-    """TinyConv on 8x8x1 with a certificate: conv 1,296 MACs, fc 108 MACs."""
+    """TinyConv on 8x8x1 with a certificate: conv 1,296 MACs, fc 108 MACs.
+
+    Its ops: conv (tensor 1), relu (2), maxpool (3), reshape to [36] (4), dense (5).
+    """
     model = TinyConv()
     params = _with_bits(_init(model, (8, 8, 1)), "conv", 3, 2, input_signed=False)
     params = _random_biases(_with_bits(params, "fc", 4, 5, input_signed=False), seed=3)
@@ -550,9 +645,16 @@ def conv_file(tmp_path):
         model,
         tmp_path / "conv.npz",
         input_shape=(8, 8, 1),
-        graph=CONV_GRAPH,
         certificate=certificate,
     )
+
+
+@pytest.fixture
+def lenet_file(tmp_path, lenet, set_bits):
+    """LeNet-5 on 28x28x1 at 3-bit weights and 2-bit inputs, with its certificate."""
+    params = _random_biases(set_bits(lenet["params8"], lenet["specs"], 3, 2), seed=8, scale=0.1)
+    certificate = {"bops": cost.exact_bops(params, lenet["specs"]), "budget_bops": 2e6}
+    return ex.export(params, lenet["model"], tmp_path / "lenet.npz", certificate=certificate)
 
 
 def _cli():
@@ -562,17 +664,46 @@ def _cli():
     return cli
 
 
-def test_forged_input_shape_is_refused(conv_file, tmp_path, capsys):
-    """Issue 10's forgery: conv1 claims a 4x4 input (not 8x8), MACs, BOPs and certificate
-    made to agree with that claim and every checksum recomputed. The graph gives 8x8."""
-    assert ex.count_bops(conv_file)["bops"] == 9936
-    header = _header(conv_file)
+def _forge_first_layer_input(header, spatial):
+    """Layer 0 (a conv) claims a ``spatial`` input: its output shape and MACs recomputed
+    from its own kernel, strides and padding, so that the layer record agrees with itself."""
     conv = header["layers"][0]
-    conv["input_shape"], conv["output_shape"] = [4, 4, 1], [2, 2, 4]
-    conv["macs"] = 2 * 2 * 4 * 3 * 3 * 1  # 144, a ninth of the real 1,296
-    bad = _rewrite(conv_file, tmp_path / "forged.npz", header=_resign(header))
-    assert _header(bad)["certificate"]["bops"] == 144 * 6 + 2160  # a forged "pass"
-    message = _expect_error(bad, "layer 0 (conv).input_shape", "[4, 4, 1]", "gives [8, 8, 1]")
+    window, (cin, cout) = conv["kernel_shape"][:-2], conv["kernel_shape"][-2:]
+    out = [
+        (n + lo + hi - k) // s + 1
+        for n, k, s, (lo, hi) in zip(spatial, window, conv["strides"], conv["padding"], strict=True)
+    ]
+    conv["input_shape"], conv["output_shape"] = [*spatial, cin], [*out, cout]
+    conv["macs"] = math.prod(out) * cout * math.prod(window) * cin
+    return conv["macs"]
+
+
+@pytest.mark.parametrize(
+    ("source", "spatial", "real", "macs"),
+    [
+        ("conv_file", [4, 4], [8, 8], 144),  # a ninth of the real 1,296
+        ("lenet_file", [14, 14], [28, 28], 15_000),  # conv1: 10x10x6 x 5x5x1, not 86,400
+    ],
+)
+def test_forged_input_shape_is_refused(request, tmp_path, capsys, source, spatial, real, macs):
+    """Issue 10's forgery: the first conv claims a smaller input (4x4 instead of 8x8, or
+    LeNet-5's conv1 14x14 instead of 28x28), its output shape, MACs, the BOP total and the
+    certificate made to agree with that claim and every checksum recomputed. The graph,
+    followed from ``input.shape``, gives the real shape."""
+    path = request.getfixturevalue(source)
+    honest = ex.count_bops(path)
+    assert honest["matches_certificate"]
+    header = _header(path)
+    assert _forge_first_layer_input(header, spatial) == macs
+    bad = _rewrite(path, tmp_path / "forged.npz", header=_resign(header))
+    forged = _header(bad)["certificate"]["bops"]
+    assert forged < honest["bops"]  # a forged, smaller count
+    name = header["layers"][0]["name"]
+    message = _expect_error(
+        bad,
+        f"layer 0 ({name}).input_shape {[*spatial, 1]} does not follow from the graph, "
+        f"which gives {[*real, 1]}",
+    )
     with pytest.raises(ex.ExportError, match="input_shape"):
         ex.load(bad)
     assert _cli().main([str(bad), "--check"]) == 2
@@ -580,23 +711,82 @@ def test_forged_input_shape_is_refused(conv_file, tmp_path, capsys):
     assert err == f"error: {message}"
 
 
+def test_forged_input_all_the_way_down(conv_file, tmp_path):
+    """The forgery carried on: ``input.shape`` too, then each op and claim it runs into,
+    until the integer arrays themselves (their shapes are checksummed) refuse it."""
+    header = _header(conv_file)
+    header["input"]["shape"] = [4, 4, 1]
+    _forge_first_layer_input(header, [4, 4])  # conv -> [2, 2, 4]; pool -> [1, 1, 4]
+    steps = [
+        (lambda h: None, "op 3 (reshape): cannot reshape [1, 1, 4] to [36]"),
+        (lambda h: h["ops"][3].update(shape=[4]), "(fc).input_shape [36] does not follow"),
+        (lambda h: h["layers"][1].update(input_shape=[4]), "kernel_shape [36, 3] does not fit"),
+        (lambda h: h["layers"][1].update(kernel_shape=[4, 3]), "weight array shape [36, 3]"),
+    ]
+    for i, (edit, fragment) in enumerate(steps):
+        edit(header)
+        _expect_error(_rewrite(conv_file, tmp_path / f"f{i}.npz", header=_resign(header)), fragment)
+
+
+def _skip_the_reshape(h):
+    h["ops"].pop(3)
+    h["ops"][3]["inputs"] = [3]
+
+
+def _drop_the_logits_layer(h):
+    h["ops"].pop(4)
+    h["output"].update(tensor=4, exponent=h["layers"][0]["bias_exponent"])
+
+
 @pytest.mark.parametrize(
     ("edit", "fragment"),
     [
+        # layer records that disagree with themselves or with their arrays
         (lambda h: h["layers"][0].update(output_shape=[3, 3, 4]), "output_shape [3, 3, 4]"),
         (lambda h: h["layers"][0].update(macs=100), "(conv).macs 100 disagrees"),
         (lambda h: h["layers"][0].update(kernel_shape=[1, 1, 1, 4]), "!= kernel_shape"),
         (lambda h: h["layers"][0].update(strides=[2, 2]), "output_shape [6, 6, 4]"),
+        (lambda h: h["layers"][0].update(strides=[2]), "strides must be a list of 2"),
         (lambda h: h["layers"][0].update(padding=[[1, 1], [1, 1]]), "output_shape"),
+        (lambda h: h["layers"][0].update(padding=[[0, 0]]), "padding must hold 2 [low, high]"),
         (lambda h: h["layers"][0].update(groups=2), "groups 2"),
-        (lambda h: h["layers"][0].update(dilation=[2, 2]), "dilated"),
+        (lambda h: h["layers"][0].update(kernel_dilation=[2, 2]), "which give [4, 4, 4]"),
+        (lambda h: h["layers"][0].update(input_dilation=[2, 2]), "which give [13, 13, 4]"),
+        (lambda h: h["layers"][0].update(per_channel=True), "must list 4 per-channel values"),
+        (lambda h: h["layers"][1].update(kind="conv"), "layer 1 is missing strides, padding"),
         (lambda h: h["layers"][1].update(input_shape=[9], macs=27), "(fc).input_shape [9]"),
-        (lambda h: h["ops"][2].update(window=[3, 3]), "(fc).input_shape [36]"),
-        (lambda h: h["ops"].pop(3), "(fc).input_shape [36] does not follow"),
-        (lambda h: h["input"].update(shape=[10, 10, 1]), "gives [10, 10, 1]"),
-        (lambda h: h["ops"].append({"op": "relu"}), "must end with a layer"),
-        (lambda h: h["ops"].insert(0, {"op": "softmax"}), "unknown op 'softmax'"),
         (lambda h: h["layers"][1].update(weight_key="L0.weight"), "names no array"),
+        # ops whose shapes do not lead to the layers' claims
+        (lambda h: h["ops"][2].update(window=[3, 3, 1]), "cannot reshape [2, 2, 4] to [36]"),
+        (
+            lambda h: (h["ops"][2].update(window=[3, 3, 1]), h["ops"][3].update(shape=[16])),
+            "(fc).input_shape [36] does not follow from the graph, which gives [16]",
+        ),
+        (lambda h: h["ops"][2].update(window=[2, 2]), "window must be a list of 3 integers"),
+        (lambda h: h["ops"][2].update(padding="VALID"), "padding must be a JSON list"),
+        (
+            lambda h: h["ops"][2].update(padding=[[0, 0], [0, 0], [2, 2]]),
+            "op 2 (maxpool): a window covers padding only",
+        ),
+        (lambda h: h["ops"][3].update(shape=[35]), "cannot reshape [3, 3, 4] to [35]"),
+        (lambda h: h["ops"][3].update(op="flatten"), "unknown op 'flatten'"),  # version 1's
+        (lambda h: h["ops"].pop(3), "op 3 (dense).inputs[0] = 4 is outside [0, 3]"),
+        (
+            _skip_the_reshape,
+            "(fc).input_shape [36] does not follow from the graph, which gives [3, 3, 4]",
+        ),
+        (lambda h: h["input"].update(shape=[10, 10, 1]), "gives [10, 10, 1]"),
+        (lambda h: h["ops"].insert(0, {"op": "softmax", "inputs": [0]}), "unknown op 'softmax'"),
+        # the graph's wiring
+        (lambda h: h["ops"][0].update(inputs=[1]), "op 0 (conv).inputs[0] = 1 is outside [0, 0]"),
+        (lambda h: h["ops"][1].update(inputs=[1, 1]), "op 1 (relu) takes 1 inputs, got 2"),
+        (lambda h: h["ops"][1].pop("inputs"), "op 1 (relu).inputs must be a JSON list"),
+        (lambda h: h["ops"][4].update(layer=0), "op 4 visits layer 0"),
+        (lambda h: h["ops"][0].update(op="dense"), "op 0 runs layer 0, a conv, as dense"),
+        (_drop_the_logits_layer, "the ops visit 1 of 2 layers"),
+        (lambda h: h["output"].update(tensor=9), "output.tensor = 9 is outside [1, 5]"),
+        (lambda h: h["output"].update(tensor=4), "is not the last op's"),
+        (lambda h: h["output"].update(divisor=2), "disagree with the graph's"),
     ],
 )
 def test_inconsistent_shapes_are_refused(conv_file, tmp_path, edit, fragment):
@@ -620,14 +810,31 @@ def test_exponents_must_be_integers(small_file, tmp_path, field, value):
     _expect_error(bad, f"layer 0 (fc1).{field} must be an integer, got {value!r}")
 
 
-@pytest.mark.parametrize("value", [0.5, -8.5, "-8"])
+@pytest.mark.parametrize("value", [0.5, -8.5, -8.0, "-8", None, True])
 def test_input_and_output_exponents_must_be_integers(small_file, tmp_path, value):
     header = _header(small_file)
     header["input"]["exponent"] = value
-    _expect_error(_rewrite(small_file, tmp_path / "i.npz", header=header), "input.exponent")
+    bad = _rewrite(small_file, tmp_path / "i.npz", header=header)
+    _expect_error(bad, f"input.exponent must be an integer, got {value!r}")
     header = _header(small_file)
     header["output"]["exponent"] = value
-    _expect_error(_rewrite(small_file, tmp_path / "o.npz", header=header), "output.exponent")
+    bad = _rewrite(small_file, tmp_path / "o.npz", header=header)
+    _expect_error(bad, f"output.exponent must be an integer, got {value!r}")
+
+
+@pytest.mark.parametrize(
+    ("field", "make"),
+    [
+        ("exponent", float),
+        ("divisor", float),
+        ("divisor", bool),
+    ],
+)
+def test_output_exponent_and_divisor_must_be_json_integers(small_file, tmp_path, field, make):
+    """The right value with the wrong JSON type (``-19.0`` for ``-19``, ``true`` for ``1``)."""
+    header = _header(small_file)
+    header["output"][field] = make(header["output"][field])
+    _expect_error(_rewrite(small_file, tmp_path / "o.npz", header=header), f"output.{field}")
 
 
 def _zip_with(source, out, extra_name, *, inflated=1 << 30):
@@ -673,31 +880,59 @@ def test_zip_bomb_is_refused_without_inflating(small_file, tmp_path, member, fra
     assert elapsed < 2.0 and peak < 16 << 20, (elapsed, peak)
 
 
+def _flip_offsets(data, text):
+    """``(offset, pattern, inside the header text)`` of the flips of the fuzz below.
+
+    Every byte outside the ``header.json`` text and the ``.npy`` preambles' space padding
+    (zip local headers, directory and end records, ``.npy`` magic and dicts, the integer
+    arrays, the header checksum) is flipped once, with ``0xFF``, ``0x01`` or ``0x80`` in
+    turn. The header text (most of a version-2 file, guarded as one block by the zip CRC
+    and its SHA-256) is sampled every 29th byte, the padding every 7th.
+    """
+    first = data.index(text)
+    text_bytes = range(first, first + len(text))
+    padding = set()
+    for match in re.finditer(rb" {8,}\n", data):
+        padding.update(range(*match.span()))
+    for offset in range(len(data)):
+        inside = offset in text_bytes
+        if inside and (offset - first) % 29:
+            continue
+        if offset in padding and offset % 7:
+            continue
+        yield offset, (0xFF, 0x01, 0x80)[offset % 3], inside
+
+
 def test_every_single_byte_flip_is_refused_or_harmless(small_file, tmp_path):
-    """Flip each byte of a real export (two patterns): ``load`` either returns the same
-    model (a flip in zip metadata it does not use) or raises ExportError, nothing else."""
+    """Flip the bytes of a real export (``_flip_offsets``: about 1,500 loads, a few
+    seconds): ``load`` either returns the same model (a flip in zip metadata it does not
+    use) or raises a one-line ExportError, nothing else; a flipped header byte is always
+    refused."""
     data = small_file.read_bytes()
     good = ex.load(small_file)
+    with np.load(small_file, allow_pickle=False) as npz:
+        text = npz["header.json"].tobytes()
     bad = tmp_path / "flip.npz"
     outcomes = {"same": 0, "refused": 0}
-    for pattern in (0xFF, 0x01):
-        for offset in range(0, len(data), 1 if pattern == 0xFF else 3):
-            flipped = bytearray(data)
-            flipped[offset] ^= pattern
-            bad.write_bytes(bytes(flipped))
-            try:
-                model = ex.load(bad)
-            except ex.ExportError as error:
-                message = str(error)
-                assert "\n" not in message and message.startswith(str(bad)), (offset, message)
-                outcomes["refused"] += 1
-                continue
-            assert model.header == good.header, offset
-            assert model.arrays.keys() == good.arrays.keys(), offset
-            for key, array in good.arrays.items():
-                assert model.arrays[key].dtype == array.dtype, (offset, key)
-                np.testing.assert_array_equal(model.arrays[key], array, err_msg=str(offset))
-            outcomes["same"] += 1
+    for offset, pattern, inside in _flip_offsets(data, text):
+        flipped = bytearray(data)
+        flipped[offset] ^= pattern
+        bad.write_bytes(bytes(flipped))
+        try:
+            model = ex.load(bad)
+        except ex.ExportError as error:
+            message = str(error)
+            assert "\n" not in message and message.startswith(str(bad)), (offset, message)
+            outcomes["refused"] += 1
+            continue
+        assert not inside, (offset, "a flipped header byte was accepted")
+        assert model.header == good.header, offset
+        assert model.facts == good.facts, offset
+        assert model.arrays.keys() == good.arrays.keys(), offset
+        for key, array in good.arrays.items():
+            assert model.arrays[key].dtype == array.dtype, (offset, key)
+            np.testing.assert_array_equal(model.arrays[key], array, err_msg=str(offset))
+        outcomes["same"] += 1
     assert outcomes["refused"] > outcomes["same"] > 0, outcomes
 
 

@@ -324,13 +324,25 @@ def test_every_model_passes_the_checks_before_data(sample_input):
     assert args.model == "dscnn"
 
 
-@pytest.mark.parametrize("model", [models.LeNet5BB(), models.DSCNN()], ids=["lenet5_bb", "dscnn"])
-def test_export_refuses_models_without_a_known_graph(model, tmp_path):
-    with pytest.raises(ValueError, match="cannot export") as error:
-        export.export(None, model, tmp_path / "model.npz")
-    assert len(str(error.value).splitlines()) == 1
-    assert type(model).__name__ in str(error.value)
-    assert not (tmp_path / "model.npz").exists()
+@pytest.mark.parametrize("name", ["lenet5_bb", "dscnn"])
+def test_every_library_model_exports_exactly(name, tmp_path, tiny_mnist, set_bits):
+    """The integer file of Bayesian Bits' LeNet-5 and of the DS-CNN (depthwise, residual
+    adds, global average) reproduces the fake-quant model: every layer's input codes, every
+    prediction, and the trainer's exact BOPs."""
+    model = models.folded(models.get_model(name))
+    images = jnp.asarray(tiny_mnist.test[0][:32])
+    float_model = models.folded(models.get_model(name, quantized=False))
+    float_params = float_model.init(jax.random.key(0), images)["params"]
+    params = cnn.init_quantizers(model, float_params, images)
+    specs = cost.layer_specs(model, images[:1])
+    params = set_bits(params, specs, 4, 3)
+    path = export.export(params, model, tmp_path / "model.npz")
+    assert export.count_bops(path)["bops"] == cost.exact_bops(params, specs)
+    compared = export.compare_with_model(path, params, model, np.asarray(images))
+    assert compared["agree"] == len(images)
+    assert {layer: bad for layer, (bad, _, _) in compared["code_mismatches"].items()} == {
+        spec.name: 0 for spec in specs
+    }
 
 
 def test_dscnn_tiny_fit_is_certified_within_budget(tiny_mnist, standard_promotion_fixture):

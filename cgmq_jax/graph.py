@@ -1,0 +1,476 @@
+"""One trace of a Flax model: its layers for the cost, its op graph for the export.
+
+:func:`trace` runs ``model.apply`` once under ``jax.make_jaxpr`` (nothing is computed) with
+every quantized layer reporting itself (:func:`cgmq_jax.nn.record_layers`) and marking its
+input and output in the jaxpr (``checkpoint_name`` identities named ``cgmq:in:<i>`` /
+``cgmq:out:<i>``). The result, a :class:`Graph`, holds
+
+* ``layers``: every layer that does MACs, in call order (quantized ones from the records,
+  plain ``nn.Dense`` / ``nn.Conv`` ones as float layers), with their shapes; the cost
+  (:func:`cgmq_jax.cost.layer_specs`) is built from these, so the cost and the export count
+  the same layers with the same MACs (:func:`macs`);
+* ``jaxpr``: the computation, which :func:`ops` reads into the export's graph of integer
+  ops (``docs/export.md``): between the layer marks it recognises ReLU / clip, max and
+  sum pooling, sums and divisions (averages), residual adds, concatenation and reshapes,
+  from the primitives themselves, never from class names. Anything else that touches an
+  activation is an :class:`UnsupportedOp` naming the primitive and the module path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal
+
+from cgmq_jax import nn as qnn
+
+# Layers that do MACs. A call of one of these that no quantizer intercepts is a float
+# layer (counted at 32 x 32 bits); a kind whose MACs we cannot count is an error.
+_COUNTED = (nn.Dense, nn.Conv)
+_UNCOUNTED = (nn.DenseGeneral, nn.Einsum, nn.ConvTranspose, nn.ConvLocal)
+#: The batch size of the trace (2, so that the batch axis cannot be confused with a 1).
+TRACE_BATCH = 2
+
+
+class UnsupportedOp(ValueError):
+    """A computation on an activation that the integer export cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer that does MACs, as the trace saw it (shapes include the batch axis)."""
+
+    path: tuple[str, ...]
+    options: qnn.QuantOptions | None  # None: a plain float nn.Dense / nn.Conv
+    input_shape: tuple[int, ...]
+    kernel_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    module: Any
+    batched: bool = False
+
+    @property
+    def name(self) -> str:
+        return "/".join(map(str, self.path))
+
+    @property
+    def quantized(self) -> bool:
+        return self.options is not None and self.options.quantize
+
+    @property
+    def kind(self) -> str:
+        return "conv" if isinstance(self.module, nn.Conv) else "dense"
+
+    @property
+    def macs(self) -> int:
+        return macs(self.output_shape, self.kernel_shape)
+
+
+def macs(output_shape, kernel_shape) -> int:
+    """``prod(output per example) * prod(kernel.shape[:-1])``: dense on any number of axes
+    and any convolution (its kernel is ``(*window, in / groups, out)``)."""
+    return int(math.prod(output_shape[1:]) * math.prod(kernel_shape[:-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """What :func:`trace` captured."""
+
+    layers: tuple[Layer, ...]
+    jaxpr: Any  # a ClosedJaxpr of (variables, *inputs) -> outputs
+    variables: Any  # the (abstract) variables the trace used
+    num_variable_leaves: int
+    input_shapes: tuple[tuple[int, ...], ...]
+
+
+def _abstract(value):
+    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        dtype = jnp.float32 if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype
+        return jax.ShapeDtypeStruct(jnp.shape(value), dtype)
+    return value
+
+
+def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
+    """Trace ``model.apply`` once: its layers (in call order) and its jaxpr.
+
+    Args:
+      model: a Flax linen model.
+      *args: its inputs (arrays or ``jax.ShapeDtypeStruct``), each with a leading batch axis.
+      params: its parameters (abstract ones from ``model.init`` under ``jax.eval_shape``
+        when ``None``).
+      **kwargs: further call arguments (e.g. ``train=False``).
+
+    Raises:
+      ValueError: a layer whose MACs cannot be counted (``nn.DenseGeneral``, ``nn.Einsum``,
+        ``nn.ConvTranspose``, ``nn.ConvLocal``).
+    """
+    abstract_args = [_abstract(a) for a in args]
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    if params is None:
+        variables = jax.eval_shape(lambda *a: model.init(rngs, *a, **kwargs), *abstract_args)
+    else:
+        variables = {"params": params}
+    variables = jax.tree.map(_abstract, flax.core.unfreeze(variables))
+    floats: list[tuple[int, Layer]] = []
+
+    def find_float_layers(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, _COUNTED + _UNCOUNTED):
+            return next_fun(*call_args, **call_kwargs)
+        before = len(records)
+        out = next_fun(*call_args, **call_kwargs)
+        if len(records) == before:  # no quantized forward ran: a float layer
+            name = "/".join(module.path)
+            if not isinstance(module, _COUNTED):
+                raise ValueError(
+                    f"layer {name!r} is a {type(module).__name__}, whose MACs cannot be "
+                    "counted; use nn.Dense / nn.Conv (or QuantDense / QuantConv) there"
+                )
+            kernel = module.get_variable("params", "kernel")
+            layer = Layer(
+                tuple(module.path),
+                None,
+                tuple(jnp.shape(call_args[0])),
+                tuple(kernel.shape),
+                tuple(out.shape),
+                module,
+                qnn._is_batched(out),
+            )
+            floats.append((len(records), layer))
+        return out
+
+    mutable = [name for name in variables if name != "params"]
+
+    def apply(variables, *inputs):
+        out = model.apply(
+            variables, *inputs, rngs={"dropout": rngs["dropout"]}, mutable=mutable, **kwargs
+        )
+        return out[0] if mutable else out
+
+    with qnn.record_layers(mark=True) as records, nn.intercept_methods(find_float_layers):
+        jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
+    layers = [
+        (
+            i,
+            Layer(
+                r.path,
+                r.options,
+                r.input_shape,
+                r.kernel_shape,
+                r.output_shape,
+                r.module,
+                r.batched,
+            ),
+        )
+        for i, r in enumerate(records)
+    ]
+    ordered = sorted(layers + floats, key=lambda item: item[0])  # a float layer first
+    return Graph(
+        layers=tuple(layer for _, layer in ordered),
+        jaxpr=jaxpr,
+        variables=variables,
+        num_variable_leaves=len(jax.tree.leaves(variables)),
+        input_shapes=tuple(tuple(a.shape) for a in abstract_args),
+    )
+
+
+# --------------------------------------------------------------------------- op graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op of the export's graph: tensor ``i + 1`` is op ``i``'s output, 0 the input."""
+
+    op: str
+    inputs: tuple[int, ...]
+    attrs: dict
+    path: str  # the module path the op was traced in (for messages)
+    layer: int | None = None  # index into Graph.layers (quantized layers only)
+
+
+_ALIASES = ("convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier")
+_CALLS = (
+    "jit",
+    "pjit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "custom_lin",
+)
+
+
+def _module_path(eqn) -> str:
+    parts = str(eqn.source_info.name_stack).split("/")
+    kept = [p for p in parts[1:] if p and "." not in p and not p.startswith(("jvp(", "vmap("))]
+    return "/".join(kept) or "<top level>"
+
+
+def _literal(var) -> float | None:
+    """The scalar value of a literal operand, else ``None``."""
+    if isinstance(var, Literal):
+        value = np.asarray(var.val)
+        if value.size == 1:
+            return float(value.reshape(()))
+    return None
+
+
+def _is_mark(eqn, end: str) -> bool:
+    name = eqn.params.get("name") if eqn.primitive.name == "name" else None
+    return isinstance(name, str) and name.startswith(f"cgmq:{end}:")
+
+
+def _sub_jaxpr(eqn):
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in eqn.params:
+            sub = eqn.params[key]
+            return sub.jaxpr if hasattr(sub, "jaxpr") else sub
+    return None
+
+
+def _dyadic(value: float, path: str) -> list[int]:
+    """``[m, e]`` with ``m * 2**e == value`` exactly (a float32 bound of a clip)."""
+    mantissa, exponent = math.frexp(value)
+    m, e = int(mantissa * (1 << 53)), exponent - 53
+    while m and m % 2 == 0:
+        m, e = m // 2, e + 1
+    if m * 2.0**e != value:
+        raise UnsupportedOp(f"{path}: clip bound {value!r} is not a finite number")
+    return [m, 0 if m == 0 else e]
+
+
+class _Walker:
+    """Reads a jaxpr into :class:`Op`\\ s, following the activations from the inputs."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.ops: list[Op] = []
+        self.layer_inputs: dict[int, int] = {}
+        self.constants: dict = {}  # sub-jaxpr variables bound to scalar literals
+
+    def constant(self, var) -> float | None:
+        """The scalar value of a literal operand (or a variable bound to one), else ``None``."""
+        value = _literal(var)
+        if value is None and not isinstance(var, Literal):
+            value = self.constants.get(var)
+        return value
+
+    def fail(self, eqn, why: str):
+        prim = eqn.primitive.name
+        raise UnsupportedOp(
+            f"cannot export op {prim!r} in module {_module_path(eqn)!r}: {why}; the integer "
+            "export runs quantized Dense / Conv layers, ReLU / ReLU6 / clip, max and average "
+            "pooling, means, residual adds, concatenation and reshapes"
+        )
+
+    def emit(self, kind: str, inputs, path: str, attrs=None, layer=None) -> int:
+        self.ops.append(Op(kind, tuple(inputs), dict(attrs or {}), path, layer))
+        return len(self.ops)
+
+    def walk(self, jaxpr, env: dict) -> None:
+        for eqn in jaxpr.eqns:
+            active = [
+                i for i, v in enumerate(eqn.invars) if not isinstance(v, Literal) and v in env
+            ]
+            if _is_mark(eqn, "out"):  # computed from the layer's codes, not an activation
+                self.layer_output(eqn, env)
+            elif active:  # (no active input: it computes from parameters and constants only)
+                self.eqn(eqn, active, env)
+            elif eqn.primitive.name in _ALIASES and len(eqn.invars) == 1:
+                value = self.constant(eqn.invars[0])
+                if value is not None:
+                    self.constants[eqn.outvars[0]] = value
+
+    def layer_output(self, eqn, env: dict) -> None:
+        index = int(eqn.params["name"].rsplit(":", 1)[1])
+        if index not in self.layer_inputs:
+            self.fail(eqn, "a layer output without its input")
+        layer = self._layer_index(index)
+        env[eqn.outvars[0]] = self.emit(
+            self.graph.layers[layer].kind,
+            [self.layer_inputs[index]],
+            _module_path(eqn),
+            layer=layer,
+        )
+
+    def eqn(self, eqn, active: list[int], env: dict) -> None:
+        prim, path = eqn.primitive.name, _module_path(eqn)
+        ins, outs = eqn.invars, eqn.outvars
+        x = env[ins[active[0]]]
+        shape = tuple(outs[0].aval.shape) if outs else ()
+
+        def one_activation():
+            if len(active) != 1:
+                self.fail(eqn, "it combines two activations")
+
+        if prim == "name":
+            name = eqn.params["name"]
+            if _is_mark(eqn, "in"):
+                self.layer_inputs[int(name.rsplit(":", 1)[1])] = x
+            else:
+                env[outs[0]] = x
+            return
+        if prim in _CALLS:
+            sub = _sub_jaxpr(eqn)
+            if sub is None:
+                self.fail(eqn, "its body is not visible")
+            inner = {}
+            for outer, var in zip(ins[len(ins) - len(sub.invars) :], sub.invars, strict=True):
+                if not isinstance(outer, Literal) and outer in env:
+                    inner[var] = env[outer]
+                elif self.constant(outer) is not None:
+                    self.constants[var] = self.constant(outer)
+            self.walk(sub, inner)
+            for outer, var in zip(outs, sub.outvars, strict=True):
+                if not isinstance(var, Literal) and var in inner:
+                    env[outer] = inner[var]
+            return
+        if prim in _ALIASES:
+            if prim == "convert_element_type" and not jnp.issubdtype(
+                eqn.params["new_dtype"], jnp.floating
+            ):
+                self.fail(eqn, "it converts an activation to an integer type")
+            env[outs[0]] = x
+            return
+        if prim in ("max", "min"):
+            one_activation()
+            other = self.constant(ins[1 - active[0]])
+            if other is None:
+                self.fail(eqn, "its other operand is not a constant scalar")
+            if prim == "max" and other == 0.0:
+                env[outs[0]] = self.emit("relu", [x], path)
+            else:
+                bound = _dyadic(other, path)
+                attrs = (
+                    {"min": bound, "max": None} if prim == "max" else {"min": None, "max": bound}
+                )
+                env[outs[0]] = self.emit("clip", [x], path, attrs)
+            return
+        if prim == "clamp":
+            if active != [1]:
+                self.fail(eqn, "its bounds are not constants")
+            lo, hi = self.constant(ins[0]), self.constant(ins[2])
+            if lo is None or hi is None:
+                self.fail(eqn, "its bounds are not constant scalars")
+            env[outs[0]] = self.emit(
+                "clip", [x], path, {"min": _dyadic(lo, path), "max": _dyadic(hi, path)}
+            )
+            return
+        if prim in ("reduce_window_max", "reduce_window_sum"):
+            p = eqn.params
+            if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
+                self.fail(eqn, "dilated pooling windows are not supported")
+            if (
+                p["window_dimensions"][0] != 1
+                or p["window_strides"][0] != 1
+                or tuple(p["padding"][0]) != (0, 0)
+            ):
+                self.fail(eqn, "it pools over the batch axis")
+            attrs = {
+                "window": [int(w) for w in p["window_dimensions"][1:]],
+                "strides": [int(s) for s in p["window_strides"][1:]],
+                "padding": [[int(a), int(b)] for a, b in p["padding"][1:]],
+            }
+            kind = "maxpool" if prim == "reduce_window_max" else "sumpool"
+            env[outs[0]] = self.emit(kind, [x], path, attrs)
+            return
+        if prim == "reduce_sum":
+            axes = [int(a) for a in eqn.params["axes"]]
+            if 0 in axes:
+                self.fail(eqn, "it sums over the batch axis")
+            env[outs[0]] = self.emit("sum", [x], path, {"axes": sorted(a - 1 for a in axes)})
+            return
+        if prim == "div":
+            if active != [0]:
+                self.fail(eqn, "it divides by an activation")
+            by = self.constant(ins[1])
+            if by is None or by < 1 or by != int(by):
+                self.fail(eqn, f"it divides by {by!r}, not by a constant positive integer")
+            env[outs[0]] = self.emit("div", [x], path, {"by": int(by)})
+            return
+        if prim == "add":
+            if len(active) != 2:
+                self.fail(
+                    eqn,
+                    "it adds a constant or a parameter to an activation (an "
+                    "unfolded BatchNorm, or a bias outside a quantized layer?)",
+                )
+            if tuple(ins[0].aval.shape) != tuple(ins[1].aval.shape):
+                self.fail(eqn, "its operands have different shapes (broadcasting)")
+            env[outs[0]] = self.emit("add", [x, env[ins[active[1]]]], path)
+            return
+        if prim == "concatenate":
+            if len(active) != len(ins):
+                self.fail(eqn, "it concatenates an activation with a constant")
+            axis = int(eqn.params["dimension"])
+            if axis == 0:
+                self.fail(eqn, "it concatenates along the batch axis")
+            env[outs[0]] = self.emit("concat", [env[v] for v in ins], path, {"axis": axis - 1})
+            return
+        if prim in ("reshape", "squeeze", "expand_dims", "broadcast_in_dim"):
+            one_activation()
+            before = tuple(ins[active[0]].aval.shape)
+            if not shape or shape[0] != before[0] or math.prod(shape) != math.prod(before):
+                self.fail(eqn, f"it changes the batch axis or the size ({before} -> {shape})")
+            env[outs[0]] = self.emit("reshape", [x], path, {"shape": [int(n) for n in shape[1:]]})
+            return
+        self.fail(eqn, "this primitive is not one the integer engine runs")
+
+    def _layer_index(self, record_index: int) -> int:
+        """Index into ``graph.layers`` (which interleaves float layers) of record ``i``."""
+        quantized = [i for i, layer in enumerate(self.graph.layers) if layer.options is not None]
+        return quantized[record_index]
+
+
+def ops(graph: Graph) -> tuple[list[Op], int]:
+    """The export's op graph of a traced model: ``(ops, output tensor)``.
+
+    Raises:
+      UnsupportedOp: an op on an activation the integer engine does not run, a layer that is
+        not quantized, a model with several inputs or outputs.
+    """
+    jaxpr = graph.jaxpr.jaxpr
+    if len(graph.input_shapes) != 1:
+        raise UnsupportedOp(
+            f"the integer export takes one input, the model has {len(graph.input_shapes)}"
+        )
+    for layer in graph.layers:
+        if not layer.quantized:
+            raise UnsupportedOp(
+                f"layer {layer.name!r} is not quantized: the integer export needs every "
+                "Dense / Conv quantized (QuantDense / QuantConv, or quantize_model)"
+            )
+    walker = _Walker(graph)
+    x = jaxpr.invars[graph.num_variable_leaves]
+    env = {x: 0}
+    walker.walk(jaxpr, env)
+    outputs = [v for v in jaxpr.outvars if not isinstance(v, Literal)]
+    if len(jaxpr.outvars) != 1 or not outputs or outputs[0] not in env:
+        raise UnsupportedOp("the model must return one array computed from its input")
+    return _live(walker.ops, env[outputs[0]])
+
+
+def _live(ops: list[Op], output: int) -> tuple[list[Op], int]:
+    """Only the ops the output depends on (renumbered, in order), and the output's number."""
+    needed, stack = set(), [output]
+    while stack:
+        tensor = stack.pop()
+        if tensor and tensor not in needed:
+            needed.add(tensor)
+            stack.extend(ops[tensor - 1].inputs)
+    number = {0: 0}
+    kept = []
+    for j, op in enumerate(ops):
+        if j + 1 in needed:
+            kept.append(dataclasses.replace(op, inputs=tuple(number[i] for i in op.inputs)))
+            number[j + 1] = len(kept)
+    return kept, number[output]
