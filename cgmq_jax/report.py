@@ -42,6 +42,21 @@ def layer_table_text(layers: list[dict], budget: float | None) -> str:
     return "\n".join(lines)
 
 
+def _amount(name: str, value: float) -> str:
+    if name == "bops":
+        return f"{value:,.0f} BOPs"
+    return f"{value:,.0f} bits ({value / 8192:,.3f} KiB)"
+
+
+def limits_text(certificate: dict) -> str:
+    """One line per limit of a certificate: its exact cost, limit, minimum and verdict."""
+    return "\n".join(
+        f"{name}: {_amount(name, v['cost'])}, limit {_amount(name, v['limit'])}: "
+        f"{'within' if v['within'] else 'OVER'} (minimum {_amount(name, v['minimum'])})"
+        for name, v in (certificate.get("limits") or {}).items()
+    )
+
+
 def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
     return {
         "flags": flags if flags is not None else dataclasses.asdict(result.config),
