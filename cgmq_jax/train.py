@@ -78,7 +78,9 @@ class TrainConfig:
     quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
     rescale: float = constraint.DEFAULT_RESCALE
     init_bits: int = 8
-    lam: float = 1.0  # dq only
+    lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
+    lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)
+    lam_activation: float | None = None  # dq only: the activation term's (default: lam)
     bits_w: int = 4  # fixed only
     bits_a: int = 4  # fixed only
     calibration_size: int = 2048
@@ -127,8 +129,12 @@ class TrainConfig:
                 f"--rescale (CGGD's R) must be a finite number > 1, got {self.rescale!r}; "
                 f"the default is {constraint.DEFAULT_RESCALE}"
             )
-        if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"--lam must be a finite number >= 0, got {self.lam!r}")
+        for name in ("lam", "lam_weight", "lam_activation"):
+            value = getattr(self, name)
+            if name != "lam" and value is None:
+                continue
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
 
     @property
     def limits(self) -> dict:
@@ -260,6 +266,14 @@ def check_config(
     if config.method in ("cgmq", "dq"):
         certify.check_budget(_budget_of(config), specs)
     return specs
+
+
+def _lams(config: TrainConfig, budget):
+    """DQ's penalty weight: ``lam`` for one BOP budget, else one per limit."""
+    if not isinstance(budget, dict):
+        return config.lam
+    own = {"weight_memory_bits": config.lam_weight, "activation_bits": config.lam_activation}
+    return {name: config.lam if own.get(name) is None else own[name] for name in budget}
 
 
 def _budget_of(config: TrainConfig):
@@ -412,7 +426,7 @@ def _qat_loss(setup: _Setup):
             # Traced in this order (cross-entropy, then the penalty) as in 0.1.0, so that the
             # gradient sums, and the runs, stay bit for bit those of the last release.
             return _cross_entropy(model, params, images, labels) + dq_penalty(
-                params, setup.specs, setup.budget, config.lam
+                params, setup.specs, setup.budget, _lams(config, setup.budget)
             )
 
     elif config.method == "fixed":  # the range follows the step: the loss sees the tie

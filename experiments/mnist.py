@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
     p.add_argument("--lam", type=float, default=defaults.lam, help="dq penalty weight")
+    p.add_argument("--lam_weight", type=float, default=None, help="dq: weight-memory term")
+    p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")
     p.add_argument("--bits_w", type=int, default=defaults.bits_w, help="fixed: weight bits")
     p.add_argument("--bits_a", type=int, default=defaults.bits_a, help="fixed: input bits")
     p.add_argument("--seed", type=int, default=defaults.seed)
