@@ -324,8 +324,10 @@ def constrained_update(
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
         )
-        old_steps = (
-            [state.infeasible_steps] if names is None else list(state.infeasible_steps.values())
+        old_steps = (  # by name: a dict through jax.jit comes back with its keys sorted
+            [state.infeasible_steps]
+            if names is None
+            else [state.infeasible_steps[name] for name in names]
         )
         new_state = ConstrainedUpdateState(
             cost=pack([c.astype(jnp.float32) for c in costs]),

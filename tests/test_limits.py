@@ -314,17 +314,15 @@ def test_several_constraints_reach_every_limit(key, constrained_runs, lenet):
         assert 0 < int(steps) < STEPS, name
 
 
-# Bug: update_fn reads the old counts as ``list(state.infeasible_steps.values())``, but a dict
-# that went through jax.jit comes back with its keys sorted, while the new counts are packed
-# in the constraints' order: unless the names are given sorted, counts move between names.
-_COUNT_BUG = "infeasible_steps: old counts read in sorted-key order, added in constraint order"
+# A dict that goes through jax.jit comes back with its keys sorted: the counts must be read
+# by name, not in order (names given unsorted, "three", caught that bug).
 
 
 @pytest.mark.parametrize(
     "key",
     [
         "two",  # names given in sorted order: the counts stay put
-        pytest.param("three", marks=pytest.mark.xfail(strict=True, reason=_COUNT_BUG)),
+        "three",  # names not in sorted order
     ],
 )
 def test_infeasible_steps_count_each_limit_under_jit(key, constrained_runs, lenet):
