@@ -5,6 +5,8 @@ Everything here is exact: bit-widths are integers and costs are Python integers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -16,23 +18,69 @@ class InfeasibleBudgetError(ValueError):
     """The budget is below the smallest cost the network can have."""
 
 
-def check_budget(budget: float, specs: tuple[cost.LayerSpec, ...]) -> None:
-    """Raise a clear error for a budget that is not a positive finite number, or infeasible."""
-    cost.validate_budget(budget)
-    require_feasible(budget, cost.min_cost(specs))
+#: Per cost (:data:`cgmq_jax.cost.COSTS`): its CLI flag, the flag's unit, and bits per unit.
+LIMIT_FLAGS = {
+    "bops": ("--budget_bops", "BOPs", 1),
+    "weight_memory_bits": ("--budget_weight_kib", "KiB", 8192),
+    "activation_bits": ("--budget_activation_kib", "KiB", 8192),
+}
 
 
-def require_feasible(budget: float, minimum: int) -> None:
+def limits_of(budget) -> dict:
+    """``{cost name: limit}`` from a BOP budget (a number) or a mapping of limits.
+
+    Limits are in BOPs and in bits (memory); every name must be one of
+    :data:`cgmq_jax.cost.COSTS`, every limit a positive finite number.
+    """
+    limits = dict(budget) if isinstance(budget, dict) else {"bops": budget}
+    if not limits:
+        raise ValueError("give at least one limit (BOPs, weight memory or activation memory)")
+    for name, limit in limits.items():
+        if name not in cost.COSTS:
+            raise ValueError(f"unknown limit {name!r}; the limits are {', '.join(cost.COSTS)}")
+        cost.validate_budget(limit)
+    return limits
+
+
+def check_budget(budget, specs: tuple[cost.LayerSpec, ...], *, activation_reduce="max") -> None:
+    """Raise a clear error for a limit that is not a positive finite number, or infeasible.
+
+    ``budget``: the BOP budget, or ``{cost name: limit}`` (:func:`limits_of`). Each limit is
+    checked against its own minimum (all quantizers at their minimum bit-widths, which
+    minimises every cost at once).
+    """
+    limits = limits_of(budget)
+    minimum = cost.min_costs(specs, activation_reduce=activation_reduce)
+    for name, limit in limits.items():
+        require_feasible(limit, minimum[name], name=name)
+
+
+def require_feasible(budget: float, minimum: int, *, name: str | None = None) -> None:
     """Raise :class:`InfeasibleBudgetError`, stating both numbers, if ``budget < minimum``.
 
-    ``minimum`` is the network's cost with every quantizer at its minimum bit-width.
+    ``minimum`` is the network's cost with every quantizer at its minimum bit-width;
+    ``name`` the cost (:data:`LIMIT_FLAGS`; default BOPs).
     """
-    if budget < minimum:
+    if budget >= minimum:
+        return
+    if name in (None, "bops"):
         raise InfeasibleBudgetError(
             f"budget {budget:,.0f} BOPs is infeasible: the minimum achievable cost of this "
             f"network (every quantizer at its minimum bit-width) is {minimum:,} BOPs; "
             f"use --budget_bops {minimum:.4g} or more"
         )
+    if name in LIMIT_FLAGS:
+        flag, unit, per_unit = LIMIT_FLAGS[name]
+        least = -(-minimum * 1000 // per_unit) / 1000  # rounded up to 1/1000 of a unit
+        raise InfeasibleBudgetError(
+            f"{name} limit {budget:,.0f} bits is infeasible: the minimum achievable "
+            f"{name} of this network (every quantizer at its minimum bit-width) is "
+            f"{minimum:,} bits ({minimum / per_unit:,.3f} {unit}); use {flag} {least:g} or more"
+        )
+    raise InfeasibleBudgetError(
+        f"constraint {name!r}: budget {budget:,.6g} is infeasible: its minimum (every "
+        f"quantizer at its minimum bit-width) is {minimum:,.6g}"
+    )
 
 
 def _set_bits(theta: jax.Array, bits: int, *, signed: bool) -> jax.Array:
@@ -43,38 +91,83 @@ def _set_bits(theta: jax.Array, bits: int, *, signed: bool) -> jax.Array:
     return theta.at[..., 1].set(jnp.log2(top * d_q))
 
 
-def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget: float):
-    """Lower bits one at a time, where each bit saves most, until the exact cost fits.
+def _violation(costs: dict, limits: dict) -> float:
+    """The normalised total violation ``sum_j max(0, C_j - B_j) / B_j``."""
+    return sum(max(0, costs[name] - limit) / limit for name, limit in limits.items())
 
-    Each step lowers by one bit the quantizer whose decrement saves the most BOPs, by
-    setting its ``q_max`` to the largest value with one bit fewer at the same step. It
-    ends in at most (sum of bits above the floors) steps because the minimum-bit network is
-    feasible (checked by :func:`check_budget`).
+
+def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_reduce="max"):
+    """Lower bits one at a time, where each bit helps most, until every limit holds.
+
+    ``budget``: the BOP budget, or ``{cost name: limit}`` (:func:`limits_of`). Each step
+    lowers by one bit the quantizer (or channel) whose decrement most reduces the normalised
+    total violation ``sum_j max(0, C_j - B_j) / B_j`` (CGMQ.md section 8); ties go to the
+    decrement that saves most of the violated costs in their sum form (so that lowering one
+    of two equally large activations counts). It sets the quantizer's ``q_max`` to the
+    largest value with one bit fewer at the same step. It ends in at most (sum of bits
+    above the floors) steps because the minimum-bit network meets every limit (checked by
+    :func:`check_budget`).
 
     Returns:
       ``(params, steps)``: the repaired parameters and the number of bits removed.
     """
-    check_budget(budget, specs)
+    limits = limits_of(budget)
+    check_budget(limits, specs, activation_reduce=activation_reduce)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     steps = 0
     while True:
         table = cost.layer_table(flax.traverse_util.unflatten_dict(flat), specs)
-        if sum(row["bops"] for row in table) <= budget:
+        costs = _costs_of(table, activation_reduce)
+        if _violation(costs, limits) == 0:
             return flax.traverse_util.unflatten_dict(flat), steps
-        best = max(_decrements(specs, table), key=lambda candidate: candidate[0])
-        _, path, channel, bits, signed = best
-        leaf = jnp.asarray(flat[path])
-        if channel is None:
-            flat[path] = _set_bits(leaf, bits, signed=signed)
+        violated = [name for name, limit in limits.items() if costs[name] > limit]
+
+        def score(candidate, table=table, violated=violated):
+            after = _costs_of(candidate.table_after(table), activation_reduce)
+            direct = sum(candidate.savings[name] / limits[name] for name in violated)
+            return (-_violation(after, limits), direct)
+
+        best = max(_decrements(specs, table), key=score)
+        leaf = jnp.asarray(flat[best.path])
+        if best.channel is None:
+            flat[best.path] = _set_bits(leaf, best.bits, signed=best.signed)
         else:
-            flat[path] = leaf.at[channel].set(_set_bits(leaf[channel], bits, signed=signed))
+            flat[best.path] = leaf.at[best.channel].set(
+                _set_bits(leaf[best.channel], best.bits, signed=best.signed)
+            )
         steps += 1
 
 
+def _costs_of(table: list[dict], activation_reduce: str) -> dict:
+    sizes = [row["activation_bits"] for row in table]
+    return {
+        "bops": sum(row["bops"] for row in table),
+        "weight_memory_bits": sum(row["weight_memory_bits"] for row in table),
+        "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decrement:
+    """One bit less for one quantizer (or one channel of a per-channel one)."""
+
+    index: int  # the layer's row in the table
+    path: tuple
+    channel: int | None
+    bits: int  # the new bit-width
+    signed: bool
+    savings: dict  # per cost, in its sum form: what the bit saves
+
+    def table_after(self, table: list[dict]) -> list[dict]:
+        row = dict(table[self.index])
+        for name in ("bops", "weight_memory_bits", "activation_bits"):
+            row[name] = row[name] - self.savings[name]
+        return [*table[: self.index], row, *table[self.index + 1 :]]
+
+
 def _decrements(specs, table):
-    """Every one-bit decrement of a learned quantizer above its floor, with its saving:
-    ``(saving, leaf path, channel or None, new bits, signed)``."""
-    for spec, row in zip(specs, table, strict=True):
+    """Every one-bit decrement of a learned quantizer above its floor, with its savings."""
+    for index, (spec, row) in enumerate(zip(specs, table, strict=True)):
         if not spec.quantized:
             continue
         per_channel_macs = spec.macs // spec.channels
@@ -84,20 +177,45 @@ def _decrements(specs, table):
         if spec.weight_bits is None:
             for c, bits in enumerate(channels):
                 if bits > floor:
-                    channel = c if isinstance(weight_bits, list) else None
-                    path = (*spec.path, "weight_quantizer")
-                    yield (per_channel_macs * row["input_bits"], path, channel, bits - 1, True)
+                    yield _Decrement(
+                        index,
+                        (*spec.path, "weight_quantizer"),
+                        c if isinstance(weight_bits, list) else None,
+                        bits - 1,
+                        True,
+                        {
+                            "bops": per_channel_macs * row["input_bits"],
+                            "weight_memory_bits": spec.weights // spec.channels,
+                            "activation_bits": 0,
+                        },
+                    )
         floor = quantizer.min_bitwidth(signed=spec.input_signed)
         if spec.input_bits is None and row["input_bits"] > floor:
-            path = (*spec.path, "input_quantizer")
-            saving = per_channel_macs * sum(channels)
-            yield (saving, path, None, row["input_bits"] - 1, spec.input_signed)
+            yield _Decrement(
+                index,
+                (*spec.path, "input_quantizer"),
+                None,
+                row["input_bits"] - 1,
+                spec.input_signed,
+                {
+                    "bops": per_channel_macs * sum(channels),
+                    "weight_memory_bits": 0,
+                    "activation_bits": spec.input_elements,
+                },
+            )
 
 
-def cost_report(params, specs: tuple[cost.LayerSpec, ...], budget: float | None) -> dict:
-    """Exact cost, per-layer bits and MACs, and whether ``C <= budget``.
+def cost_report(
+    params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_reduce="max"
+) -> dict:
+    """Exact costs, per-layer bits and MACs, and every limit's verdict.
 
+    ``budget``: the BOP budget, ``{cost name: limit}`` (:func:`limits_of`), or ``None``.
     ``params=None`` reports the float network (32-bit weights and inputs).
+
+    Returns ``budget_bops`` / ``bops`` / ``within_budget`` (every limit holds) as before,
+    ``weight_memory_bits`` and ``activation_bits`` (exact, bits per example), and
+    ``limits``: ``{name: {"limit", "cost", "minimum", "within"}}`` for each limit given.
     """
     if params is None:
         table = [
@@ -107,19 +225,36 @@ def cost_report(params, specs: tuple[cost.LayerSpec, ...], budget: float | None)
                 "weight_bits": cost.FLOAT_BITS,
                 "input_bits": cost.FLOAT_BITS,
                 "bops": spec.macs * cost.FLOAT_BITS**2,
+                "weight_memory_bits": (spec.weights + spec.biases) * cost.FLOAT_BITS,
+                "activation_bits": spec.input_elements * cost.FLOAT_BITS,
             }
             for spec in specs
         ]
     else:
         table = cost.layer_table(params, specs)
-    total = sum(row["bops"] for row in table)
+    limits = {} if budget is None else limits_of(budget)
+    costs = _costs_of(table, activation_reduce)
+    minimum = cost.min_costs(specs, activation_reduce=activation_reduce)
+    verdicts = {
+        name: {
+            "limit": limit,
+            "cost": costs[name],
+            "minimum": minimum[name],
+            "within": costs[name] <= limit,
+        }
+        for name, limit in limits.items()
+    }
     return {
-        "budget_bops": budget,
-        "bops": total,
-        "within_budget": budget is not None and total <= budget,
-        "relative_bops_percent": cost.relative_bops(total, specs),
+        "budget_bops": limits.get("bops"),
+        "bops": costs["bops"],
+        "within_budget": bool(limits) and all(v["within"] for v in verdicts.values()),
+        "weight_memory_bits": costs["weight_memory_bits"],
+        "activation_bits": costs["activation_bits"],
+        "activation_reduce": activation_reduce,
+        "limits": verdicts,
+        "relative_bops_percent": cost.relative_bops(costs["bops"], specs),
         "float_bops": cost.float_bops(specs),
-        "min_cost_bops": cost.min_cost(specs),
+        "min_cost_bops": minimum["bops"],
         "layers": table,
     }
 
@@ -128,13 +263,15 @@ class CertificateRefused(AssertionError):
     """A model that must not be certified: over budget, non-finite, or below the minimum."""
 
 
-def certify(params, specs: tuple[cost.LayerSpec, ...], budget: float) -> dict:
-    """The certificate of a model: :func:`cost_report`, asserting ``C <= budget``.
+def certify(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_reduce="max") -> dict:
+    """The certificate of a model: :func:`cost_report`, asserting every limit holds.
+
+    ``budget``: the BOP budget, or ``{cost name: limit}`` (:func:`limits_of`).
 
     Raises:
       CertificateRefused: (an ``AssertionError``) if any parameter or quantizer latent is
         not finite, if the exact cost is below the network's minimum cost (the latents are
-        broken), or if it exceeds the budget (never for a repaired model).
+        broken), or if any limit is exceeded (never for a repaired model).
     """
     bad = [
         "/".join(str(getattr(k, "key", k)) for k in path)
@@ -143,14 +280,22 @@ def certify(params, specs: tuple[cost.LayerSpec, ...], budget: float) -> dict:
     ]
     if bad:
         raise CertificateRefused(f"certificate refused: non-finite parameters in {', '.join(bad)}")
-    report = cost_report(params, specs, budget)
+    report = cost_report(params, specs, budget, activation_reduce=activation_reduce)
     if report["bops"] < report["min_cost_bops"]:
         raise CertificateRefused(
             f"certificate refused: exact cost {report['bops']:,} is below the network's "
             f"minimum {report['min_cost_bops']:,}; the quantizer latents are broken"
         )
-    if not report["within_budget"]:
-        raise CertificateRefused(
-            f"certificate refused: exact cost {report['bops']:,} > budget {budget:,.0f}"
-        )
+    over = [
+        f"{name} {v['cost']:,} > {v['limit']:,.0f}"
+        for name, v in report["limits"].items()
+        if not v["within"]
+    ]
+    if over:
+        if list(report["limits"]) == ["bops"]:
+            raise CertificateRefused(
+                f"certificate refused: exact cost {report['bops']:,} > budget "
+                f"{report['budget_bops']:,.0f}"
+            )
+        raise CertificateRefused(f"certificate refused: over a limit: {'; '.join(over)}")
     return report

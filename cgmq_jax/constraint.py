@@ -7,7 +7,7 @@ quantizer parameters, made exact for the integer BOP cost (CGMQ.md section 3).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -82,9 +82,42 @@ def _check_hyperparameter(value, name: str, is_valid, message: str) -> None:
         raise ValueError(message.format(value=value))
 
 
+def _constraints(cost_fn, budget) -> tuple[list[str] | None, list[tuple[Callable, Any]]]:
+    """``(names, [(cost_fn, budget), ...])``; ``names`` is None for one plain constraint."""
+    if callable(cost_fn):
+        if budget is None:
+            raise TypeError("constrained_update(cost_fn, budget): the budget is missing")
+        return None, [(cost_fn, budget)]
+    if budget is not None:
+        raise TypeError(
+            "with several constraints, give each its budget: constrained_update({'bops': "
+            "(bops_fn, 2e6), 'weight_memory_bits': (w_fn, 65536)}), not a separate budget"
+        )
+    if isinstance(cost_fn, Mapping):
+        names, pairs = [str(k) for k in cost_fn], list(cost_fn.values())
+    elif isinstance(cost_fn, Sequence) and not isinstance(cost_fn, str):
+        pairs = list(cost_fn)
+        names = [str(i) for i in range(len(pairs))]
+    else:
+        raise TypeError(
+            "constrained_update takes cost_fn and budget, or a mapping / sequence of "
+            f"(cost_fn, budget) pairs; got {type(cost_fn).__name__}"
+        )
+    if not pairs:
+        raise ValueError("constrained_update needs at least one constraint")
+    checked = []
+    for name, pair in zip(names, pairs, strict=True):
+        if not (isinstance(pair, Sequence) and len(pair) == 2 and callable(pair[0])):
+            raise TypeError(f"constraint {name!r} must be a (cost_fn, budget) pair, got {pair!r}")
+        checked.append((pair[0], pair[1]))
+    return names, checked
+
+
 def constrained_update(
-    cost_fn: Callable[[optax.Params], jax.Array],
-    budget: float | jax.typing.ArrayLike,
+    cost_fn: Callable[[optax.Params], jax.Array]
+    | Mapping[str, tuple[Callable[[optax.Params], jax.Array], Any]]
+    | Sequence[tuple[Callable[[optax.Params], jax.Array], Any]],
+    budget: float | jax.typing.ArrayLike | None = None,
     *,
     rescale: float = DEFAULT_RESCALE,
     min_scale: float = DEFAULT_MIN_SCALE,
@@ -191,12 +224,15 @@ def constrained_update(
       ...
       cgmq_jax.certify.InfeasibleBudgetError: budget 100,000 BOPs is infeasible: ... 532,400 ...
     """
-    _check_hyperparameter(
-        budget,
-        "budget",
-        lambda b: math.isfinite(b) and b > 0,
-        "the budget must be a positive finite number of BOPs, got {value}",
-    )
+    names, constraints = _constraints(cost_fn, budget)
+    for name, (_, limit) in zip(names or ["budget"], constraints, strict=True):
+        _check_hyperparameter(
+            limit,
+            "budget",
+            lambda b: math.isfinite(b) and b > 0,
+            f"the budget{'' if names is None else f' of {name!r}'} must be a positive finite "
+            "number, got {value}",
+        )
     _check_hyperparameter(
         rescale,
         "rescale",
@@ -213,17 +249,24 @@ def constrained_update(
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
 
+    def pack(values):
+        """One value per constraint: a scalar (one plain constraint), else by name."""
+        return values[0] if names is None else dict(zip(names, values, strict=True))
+
     def init_fn(params):
         quantizer_mask = is_quantizer(params)
         at_minimum = jax.tree.map(
             lambda p, q: quantizer.at_min_bitwidth(p) if q else p, params, quantizer_mask
         )
-        minimum, concrete_budget = _concrete(cost_fn(at_minimum)), _concrete(budget)
-        if minimum is not None and concrete_budget is not None:
-            certify.require_feasible(concrete_budget, round(minimum))
+        for i, (fn, limit) in enumerate(constraints):
+            minimum, concrete_budget = _concrete(fn(at_minimum)), _concrete(limit)
+            if minimum is not None and concrete_budget is not None:
+                name = None if names is None else names[i]
+                certify.require_feasible(concrete_budget, round(minimum), name=name)
+        zeros = [jnp.zeros([], jnp.float32) for _ in constraints]
         return ConstrainedUpdateState(
-            cost=jnp.zeros([], jnp.float32),
-            infeasible_steps=jnp.zeros([], jnp.int32),
+            cost=pack(zeros),
+            infeasible_steps=pack([jnp.zeros([], jnp.int32) for _ in constraints]),
             guard_steps=jnp.zeros([], jnp.int32),
             scale_floor=jnp.asarray(min_scale, jnp.float32),
         )
@@ -236,30 +279,41 @@ def constrained_update(
                 "params)"
             )
         quantizer_mask = is_quantizer(params)
-        cost, cost_grad = jax.value_and_grad(cost_fn)(params)
-        proposed_cost = cost_fn(optax.apply_updates(params, updates))
-        feasible = cost <= budget
-        guard = feasible & (proposed_cost > budget)
+        proposal = optax.apply_updates(params, updates)
+        costs, grads, violated, breaks = [], [], [], []
+        for fn, limit in constraints:
+            value, grad = jax.value_and_grad(fn)(params)
+            costs.append(value)
+            grads.append(grad)
+            violated.append(~(value <= limit))  # a NaN cost is infeasible
+            breaks.append(fn(proposal) > limit)
+        feasible = ~jnp.any(jnp.stack(violated))
+        guard = feasible & jnp.any(jnp.stack(breaks))
 
         raising = _cost_raising(updates, quantizer_mask)
         masked = _zero_where(updates, raising)
 
         scale = _quantizer_norm(updates, quantizer_mask)
         scale_floor = jnp.maximum(state.scale_floor, scale)
-        # The constraint moves the step latents only (measured: moving log2 q_max too, as the
-        # plain cost gradient does, clipped ranges hard and cost a point of accuracy).
-        cost_grad = jax.tree.map(
-            lambda g, q: g * _STEP_ONLY if q else jnp.zeros_like(g), cost_grad, quantizer_mask
-        )
-        direction_norm = jnp.maximum(optax.tree.norm(cost_grad), 1e-30)
-        length = jnp.maximum(
-            rescale * scale_floor,
-            _length_to_lose_a_bit(params, cost_grad, direction_norm, quantizer_mask),
-        )
-        step = length / direction_norm
-        corrected = jax.tree.map(
-            lambda u, g, q: u - step * g if q else u, masked, cost_grad, quantizer_mask
-        )
+        corrected = masked
+        for grad, is_violated in zip(grads, violated, strict=True):
+            # The constraint moves the step latents only (measured: moving log2 q_max too, as
+            # the plain cost gradient does, clipped ranges hard and cost a point of accuracy).
+            grad = jax.tree.map(
+                lambda g, q: g * _STEP_ONLY if q else jnp.zeros_like(g), grad, quantizer_mask
+            )
+            direction_norm = jnp.maximum(optax.tree.norm(grad), 1e-30)
+            length = jnp.maximum(
+                rescale * scale_floor,
+                _length_to_lose_a_bit(params, grad, direction_norm, quantizer_mask),
+            )
+            step = jnp.where(is_violated, length / direction_norm, 0.0)
+            corrected = jax.tree.map(
+                lambda u, g, q, step=step: u - step * g if q else u,
+                corrected,
+                grad,
+                quantizer_mask,
+            )
 
         new_updates = jax.tree.map(
             lambda u, m, c: jnp.where(feasible, jnp.where(guard, m, u), c),
@@ -270,9 +324,16 @@ def constrained_update(
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
         )
+        old_steps = (  # by name: a dict through jax.jit comes back with its keys sorted
+            [state.infeasible_steps]
+            if names is None
+            else [state.infeasible_steps[name] for name in names]
+        )
         new_state = ConstrainedUpdateState(
-            cost=cost.astype(jnp.float32),
-            infeasible_steps=state.infeasible_steps + (~feasible).astype(jnp.int32),
+            cost=pack([c.astype(jnp.float32) for c in costs]),
+            infeasible_steps=pack(
+                [s + v.astype(jnp.int32) for s, v in zip(old_steps, violated, strict=True)]
+            ),
             guard_steps=state.guard_steps + guard.astype(jnp.int32),
             scale_floor=scale_floor,
         )

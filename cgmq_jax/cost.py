@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgmq_jax import quantizer
-from cgmq_jax.export.format import LayerRow
+from cgmq_jax.export.format import BIAS_BITS, LayerRow
 
 FLOAT_BITS = 32
 
@@ -44,6 +44,9 @@ class LayerSpec:
     weight_bits: int | None = None  # pinned weight bit-width (None: learned)
     quantized: bool = True  # False: a float layer, counted at FLOAT_BITS x FLOAT_BITS
     channels: int = 1  # weight quantizers (output channels when per-channel, else 1)
+    weights: int = 0  # kernel elements
+    biases: int = 0  # bias elements the export stores (one per output channel)
+    input_elements: int = 0  # elements of the layer's (quantized) input, per example
 
     @property
     def name(self) -> str:
@@ -91,8 +94,13 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
                 "lack the mapped axis, so layer_specs cannot count its MACs; apply the "
                 "layer to the whole batch (it takes any number of leading axes) instead"
             )
+        sizes = {
+            "weights": math.prod(layer.kernel_shape),
+            "biases": layer.kernel_shape[-1],
+            "input_elements": math.prod(layer.input_shape[1:]),
+        }
         if not layer.quantized:
-            specs.append(LayerSpec(layer.path, layer.macs, False, quantized=False))
+            specs.append(LayerSpec(layer.path, layer.macs, False, quantized=False, **sizes))
             continue
         options = layer.options
         signed = options.input_signed
@@ -106,6 +114,7 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
                 input_bits=options.input_bits,
                 weight_bits=options.weight_bits,
                 channels=layer.kernel_shape[-1] if options.per_channel else 1,
+                **sizes,
             )
         )
     if not any(spec.quantized for spec in specs):
@@ -192,6 +201,45 @@ def bops(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
     return total
 
 
+def weight_memory(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
+    """Weight memory in bits, ``sum_l #weights_l * b_w,l + #biases_l * BIAS_BITS``: traced,
+    exact in value, straight-through and floor-aware like :func:`bops` (CGMQ.md section 8).
+
+    Per-channel layers count each channel's weights at its own bits; biases are stored at
+    :data:`BIAS_BITS` (what the export writes), a constant with no gradient.
+    """
+    total = jnp.float32(0.0)
+    for spec in specs:
+        weight_bits, _ = layer_bitwidths(params, spec)
+        per_channel = spec.weights // spec.channels
+        total = total + per_channel * jnp.sum(weight_bits) + spec.biases * BIAS_BITS
+    return total
+
+
+def activation_memory(params, specs: tuple[LayerSpec, ...], *, reduce: str = "max") -> jax.Array:
+    """Activation memory in bits per example: the largest quantized layer input,
+    ``max_l #elements_l * b_in,l`` (DQ's "largest activation"), or with ``reduce="sum"``
+    their sum. Traced, exact in value, straight-through like :func:`bops` (the max passes
+    its gradient to the largest input)."""
+    if reduce not in ("max", "sum"):
+        raise ValueError(f"reduce must be 'max' or 'sum', got {reduce!r}")
+    sizes = jnp.stack(
+        [spec.input_elements * layer_bitwidths(params, spec)[1] for spec in specs]
+    ).astype(jnp.float32)
+    return jnp.max(sizes) if reduce == "max" else jnp.sum(sizes)
+
+
+def exact_weight_memory(params, specs: tuple[LayerSpec, ...]) -> int:
+    """The exact weight memory in bits (Python integers, for certificates)."""
+    return sum(row["weight_memory_bits"] for row in layer_table(params, specs))
+
+
+def exact_activation_memory(params, specs: tuple[LayerSpec, ...], *, reduce: str = "max") -> int:
+    """The exact activation memory in bits per example (Python integers)."""
+    sizes = [row["activation_bits"] for row in layer_table(params, specs)]
+    return max(sizes) if reduce == "max" else sum(sizes)
+
+
 def exact_bops(params, specs: tuple[LayerSpec, ...]) -> int:
     """The exact integer BOPs per example (host-side Python integers, for certificates)."""
     return sum(row["bops"] for row in layer_table(params, specs))
@@ -213,7 +261,16 @@ def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
             macs=spec.macs,
             weight_bits=per_channel if weight_bits.ndim else per_channel[0],
             input_bits=int(np.asarray(input_bits)),
-        ).as_dict()
+            weights=spec.weights,
+            biases=spec.biases,
+            bias_bits=BIAS_BITS,
+            input_elements=spec.input_elements,
+        )
+        row = {
+            **row.as_dict(),
+            "weight_memory_bits": row.weight_memory_bits,
+            "activation_bits": row.activation_bits,
+        }
         if not spec.quantized:
             row["float"] = True
         rows.append(row)
@@ -246,12 +303,57 @@ def validate_budget(budget: float) -> None:
 def min_cost(specs: tuple[LayerSpec, ...]) -> int:
     """The smallest achievable cost: every learned quantizer at its minimum bit-width
     (pinned quantizers at their pin, float layers at 32 x 32 bits)."""
-    total = 0
-    for spec in specs:
-        if not spec.quantized:
-            total += spec.macs * FLOAT_BITS * FLOAT_BITS
-            continue
-        weight = spec.weight_bits or quantizer.min_bitwidth(signed=spec.weight_signed)
-        inputs = spec.input_bits or quantizer.min_bitwidth(signed=spec.input_signed)
-        total += spec.macs * weight * inputs
-    return total
+    return sum(spec.macs * math.prod(_min_bits(spec)) for spec in specs)
+
+
+def _min_bits(spec: LayerSpec) -> tuple[int, int]:
+    """``(weight bits, input bits)`` of a layer at its minimum (pins; float layers 32)."""
+    if not spec.quantized:
+        return FLOAT_BITS, FLOAT_BITS
+    weight = spec.weight_bits or quantizer.min_bitwidth(signed=spec.weight_signed)
+    inputs = spec.input_bits or quantizer.min_bitwidth(signed=spec.input_signed)
+    return weight, inputs
+
+
+#: The costs a limit can bind, by name (CGMQ.md sections 2 and 8), in bits per example.
+COSTS = ("bops", "weight_memory_bits", "activation_bits")
+
+
+def cost_functions(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -> dict:
+    """``{name: params -> traced cost}`` for every name of :data:`COSTS`."""
+    import functools
+
+    return {
+        "bops": functools.partial(bops, specs=specs),
+        "weight_memory_bits": functools.partial(weight_memory, specs=specs),
+        "activation_bits": functools.partial(
+            activation_memory, specs=specs, reduce=activation_reduce
+        ),
+    }
+
+
+def exact_costs(params, specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -> dict:
+    """``{name: exact integer cost}`` for every name of :data:`COSTS`, from one table."""
+    rows = layer_table(params, specs)
+    sizes = [row["activation_bits"] for row in rows]
+    return {
+        "bops": sum(row["bops"] for row in rows),
+        "weight_memory_bits": sum(row["weight_memory_bits"] for row in rows),
+        "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
+    }
+
+
+def min_costs(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -> dict:
+    """``{name: smallest achievable cost}``: every learned quantizer at its minimum
+    bit-width at once, which minimises every cost together (so a set of limits is feasible
+    exactly when each is at least its own minimum)."""
+    bits = [_min_bits(spec) for spec in specs]
+    sizes = [spec.input_elements * b_in for spec, (_, b_in) in zip(specs, bits, strict=True)]
+    return {
+        "bops": min_cost(specs),
+        "weight_memory_bits": sum(
+            spec.weights * b_w + spec.biases * BIAS_BITS
+            for spec, (b_w, _) in zip(specs, bits, strict=True)
+        ),
+        "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
+    }

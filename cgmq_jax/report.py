@@ -42,6 +42,21 @@ def layer_table_text(layers: list[dict], budget: float | None) -> str:
     return "\n".join(lines)
 
 
+def _amount(name: str, value: float) -> str:
+    if name == "bops":
+        return f"{value:,.0f} BOPs"
+    return f"{value:,.0f} bits ({value / 8192:,.3f} KiB)"
+
+
+def limits_text(certificate: dict) -> str:
+    """One line per limit of a certificate: its exact cost, limit, minimum and verdict."""
+    return "\n".join(
+        f"{name}: {_amount(name, v['cost'])}, limit {_amount(name, v['limit'])}: "
+        f"{'within' if v['within'] else 'OVER'} (minimum {_amount(name, v['minimum'])})"
+        for name, v in (certificate.get("limits") or {}).items()
+    )
+
+
 def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
     return {
         "flags": flags if flags is not None else dataclasses.asdict(result.config),
@@ -64,9 +79,15 @@ def write_results(result: FitResult, run: RunDir, *, flags: dict | None = None) 
     run.publish(
         flax.serialization.to_bytes(result.params),
         result_dict(result, flags=flags),
-        lambda f: plot_training(result.history, result.config.budget_bops, f),
+        lambda f: plot_training(result.history, _plotted_limits(result.config), f),
     )
     return run.path
+
+
+def _plotted_limits(config):
+    """The BOP budget (a number) when it is the only limit, else ``{name: limit}``."""
+    limits = config.limits
+    return limits if set(limits) - {"bops"} else config.budget_bops
 
 
 def load_params(out: str | os.PathLike):
@@ -83,9 +104,10 @@ def load_params(out: str | os.PathLike):
         raise RunDirError(f"{Path(out) / PARAMS_FILE}: not a params file ({error})") from None
 
 
-def plot_training(history: list[dict], budget: float | None, path) -> None:
+def plot_training(history: list[dict], budget, path) -> None:
     """Validation accuracy and exact BOPs per epoch, with the budget line (PNG to ``path``,
-    a file name or a binary file object)."""
+    a file name or a binary file object). With several limits (``budget`` a dict of
+    ``{cost name: limit}``) the lower panel shows each exact cost as a share of its limit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,13 +119,27 @@ def plot_training(history: list[dict], budget: float | None, path) -> None:
     ax_acc.set_ylabel("validation accuracy (%)")
     ax_acc.grid(alpha=0.3)
     qat = [row for row in history if "bops" in row]
-    if qat:
-        ax_bops.plot([r["epoch"] for r in qat], [r["bops"] for r in qat], "s-", label="exact BOPs")
-        ax_bops.set_yscale("log")
-    if budget is not None:
-        ax_bops.axhline(budget, color="red", linestyle="--", label=f"budget {budget:.3g}")
+    if isinstance(budget, dict):  # several limits: each exact cost as a share of its limit
+        for name, limit in budget.items():
+            shown = [r for r in qat if name in r]
+            ax_bops.plot(
+                [r["epoch"] for r in shown],
+                [100 * r[name] / limit for r in shown],
+                "s-",
+                label=f"{name} (limit {limit:,.0f})",
+            )
+        ax_bops.axhline(100, color="red", linestyle="--", label="limit")
+        ax_bops.set_ylabel("exact cost, % of its limit")
+    else:
+        if qat:
+            ax_bops.plot(
+                [r["epoch"] for r in qat], [r["bops"] for r in qat], "s-", label="exact BOPs"
+            )
+            ax_bops.set_yscale("log")
+        if budget is not None:
+            ax_bops.axhline(budget, color="red", linestyle="--", label=f"budget {budget:.3g}")
+        ax_bops.set_ylabel("BOPs per example")
     ax_bops.set_xlabel("epoch (float pretraining, then QAT)")
-    ax_bops.set_ylabel("BOPs per example")
     ax_bops.grid(alpha=0.3)
     ax_bops.legend()
     fig.tight_layout()

@@ -54,6 +54,10 @@ class Interrupted(Exception):
         self.saved = saved
 
 
+#: Bits per KiB of memory (the CLI's memory limits are in KiB).
+KIB = 8192
+
+
 def _positive_finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
@@ -63,6 +67,8 @@ class TrainConfig:
     """Every knob of a run; the defaults are the README's headline run."""
 
     budget_bops: float | None = 2e6
+    budget_weight_kib: float | None = None  # weight memory limit, KiB (8,192 bits)
+    budget_activation_kib: float | None = None  # largest activation limit, KiB
     model: str = "lenet5"
     method: str = "cgmq"
     epochs: int = 25
@@ -72,7 +78,9 @@ class TrainConfig:
     quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
     rescale: float = constraint.DEFAULT_RESCALE
     init_bits: int = 8
-    lam: float = 1.0  # dq only
+    lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
+    lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)
+    lam_activation: float | None = None  # dq only: the activation term's (default: lam)
     bits_w: int = 4  # fixed only
     bits_a: int = 4  # fixed only
     calibration_size: int = 2048
@@ -84,12 +92,19 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
-        if self.method in ("cgmq", "dq"):
-            if self.budget_bops is None:
-                raise ValueError(f"method {self.method!r} needs a budget (--budget_bops)")
-            cost.validate_budget(self.budget_bops)
-        elif self.budget_bops is not None:
-            cost.validate_budget(self.budget_bops)
+        for name, flag in (
+            ("budget_bops", "--budget_bops"),
+            ("budget_weight_kib", "--budget_weight_kib"),
+            ("budget_activation_kib", "--budget_activation_kib"),
+        ):
+            value = getattr(self, name)
+            if value is not None and not _positive_finite(value):
+                raise ValueError(f"{flag} must be a positive finite number, got {value!r}")
+        if self.method in ("cgmq", "dq") and not self.limits:
+            raise ValueError(
+                f"method {self.method!r} needs a limit: --budget_bops, --budget_weight_kib "
+                "and / or --budget_activation_kib"
+            )
         ranges = {  # field: (smallest, largest) allowed integer
             "epochs": (1, 10_000),
             "pretrain_epochs": (0, 10_000),
@@ -114,8 +129,24 @@ class TrainConfig:
                 f"--rescale (CGGD's R) must be a finite number > 1, got {self.rescale!r}; "
                 f"the default is {constraint.DEFAULT_RESCALE}"
             )
-        if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"--lam must be a finite number >= 0, got {self.lam!r}")
+        for name in ("lam", "lam_weight", "lam_activation"):
+            value = getattr(self, name)
+            if name != "lam" and value is None:
+                continue
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+
+    @property
+    def limits(self) -> dict:
+        """``{cost name: limit}`` (BOPs; memory in bits) of the limits that are set."""
+        limits = {}
+        if self.budget_bops is not None:
+            limits["bops"] = self.budget_bops
+        if self.budget_weight_kib is not None:
+            limits["weight_memory_bits"] = self.budget_weight_kib * KIB
+        if self.budget_activation_kib is not None:
+            limits["activation_bits"] = self.budget_activation_kib * KIB
+        return limits
 
 
 @dataclasses.dataclass
@@ -137,9 +168,20 @@ def _cross_entropy(model, params, images, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def dq_penalty(params, specs, budget: float, lam: float) -> jax.Array:
-    """DQ-style penalty ``lam * max(0, C / budget - 1) ** 2`` on the surrogate cost."""
-    return lam * jnp.square(jnp.maximum(cost.bops(params, specs) / budget - 1.0, 0.0))
+def dq_penalty(params, specs, budget, lam: float) -> jax.Array:
+    """DQ-style penalty ``lam * max(0, C / budget - 1) ** 2`` on the surrogate cost.
+
+    ``budget``: the BOP budget, or ``{cost name: limit}``; with several limits the penalty
+    is the sum of one such term per limit (``lam`` a number, or ``{cost name: lam}``).
+    """
+    if not isinstance(budget, dict):
+        return lam * jnp.square(jnp.maximum(cost.bops(params, specs) / budget - 1.0, 0.0))
+    functions = cost.cost_functions(specs)
+    total = jnp.float32(0.0)
+    for name, limit in budget.items():
+        weight = lam[name] if isinstance(lam, dict) else lam
+        total = total + weight * jnp.square(jnp.maximum(functions[name](params) / limit - 1.0, 0.0))
+    return total
 
 
 class BatchNormTrainState(train_state.TrainState):
@@ -222,8 +264,23 @@ def check_config(
     model = models.get_model(config.model, quantized=True)
     specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     if config.method in ("cgmq", "dq"):
-        certify.check_budget(config.budget_bops, specs)
+        certify.check_budget(_budget_of(config), specs)
     return specs
+
+
+def _lams(config: TrainConfig, budget):
+    """DQ's penalty weight: ``lam`` for one BOP budget, else one per limit."""
+    if not isinstance(budget, dict):
+        return config.lam
+    own = {"weight_memory_bits": config.lam_weight, "activation_bits": config.lam_activation}
+    return {name: config.lam if own.get(name) is None else own[name] for name in budget}
+
+
+def _budget_of(config: TrainConfig):
+    """The BOP budget as a number when it is the only limit (the 0.1.0 path, bit for bit),
+    else ``{cost name: limit}``."""
+    limits = config.limits
+    return limits["bops"] if list(limits) == ["bops"] else limits
 
 
 def check_dataset(config: TrainConfig, dataset: data.MnistData) -> None:
@@ -257,8 +314,9 @@ class _Setup:
     qat_epochs: range
 
     @property
-    def budget(self) -> float | None:
-        return self.config.budget_bops if self.config.method in ("cgmq", "dq") else None
+    def budget(self):
+        """The BOP budget, or ``{cost name: limit}`` (several limits), or None (no limit)."""
+        return _budget_of(self.config) if self.config.method in ("cgmq", "dq") else None
 
 
 @dataclasses.dataclass
@@ -340,9 +398,15 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     steps = len(setup.qat_epochs) * setup.steps_per_epoch
     learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
     if config.method == "cgmq":
+        budget = setup.budget
+        if isinstance(budget, dict):  # several limits: one constraint each
+            functions = cost.cost_functions(setup.specs)
+            cost_fn, budget = {name: (functions[name], b) for name, b in budget.items()}, None
+        else:
+            cost_fn = functools.partial(cost.bops, specs=setup.specs)
         tx = constraint.cgmq_optimizer(
-            functools.partial(cost.bops, specs=setup.specs),
-            setup.budget,
+            cost_fn,
+            budget,
             learning_rate=learning_rate,
             quantizer_learning_rate=config.quantizer_lr,
             rescale=config.rescale,
@@ -362,7 +426,7 @@ def _qat_loss(setup: _Setup):
             # Traced in this order (cross-entropy, then the penalty) as in 0.1.0, so that the
             # gradient sums, and the runs, stay bit for bit those of the last release.
             return _cross_entropy(model, params, images, labels) + dq_penalty(
-                params, setup.specs, setup.budget, config.lam
+                params, setup.specs, setup.budget, _lams(config, setup.budget)
             )
 
     elif config.method == "fixed":  # the range follows the step: the loss sees the tie
@@ -455,8 +519,10 @@ def _evaluate_float(setup, state, progress, loss, split, accuracy_fn, log) -> di
 
 def _evaluate_qat(setup, state, progress, loss, split, accuracy_fn, log) -> dict:
     accuracy = accuracy_fn(state.params, *split)
-    bops = cost.exact_bops(state.params, setup.specs)
-    feasible = setup.budget is None or bops <= setup.budget
+    costs = cost.exact_costs(state.params, setup.specs)
+    bops = costs["bops"]
+    limits = {} if setup.budget is None else certify.limits_of(setup.budget)
+    feasible = all(costs[name] <= limit for name, limit in limits.items())
     row = {
         "epoch": progress.epoch + 1,
         "phase": "qat",
@@ -466,9 +532,15 @@ def _evaluate_qat(setup, state, progress, loss, split, accuracy_fn, log) -> dict
         "relative_bops_percent": cost.relative_bops(bops, setup.specs),
         "within_budget": feasible,
     }
+    if set(limits) - {"bops"}:
+        row["weight_memory_bits"] = costs["weight_memory_bits"]
+        row["activation_bits"] = costs["activation_bits"]
     constrained = _constraint_state(state.opt_state)
     if constrained is not None:
-        row["infeasible_steps"] = int(constrained.infeasible_steps)
+        steps = constrained.infeasible_steps
+        row["infeasible_steps"] = int(sum(jax.tree.leaves(steps)))
+        if isinstance(steps, dict):
+            row["infeasible_steps_by_limit"] = {k: int(v) for k, v in steps.items()}
         row["guard_steps"] = int(constrained.guard_steps)
     verdict = "" if setup.budget is None else ("  within budget" if feasible else "  OVER budget")
     log(
@@ -680,7 +752,7 @@ def _finish_float(setup, variables, history, dataset, seconds) -> FitResult:
     """A float run: its params, or (a model with BatchNorm) its variables, as ``params``."""
     variables = jax.device_get(variables)
     params = variables if "batch_stats" in variables else variables["params"]
-    certificate = certify.cost_report(None, setup.specs, setup.config.budget_bops)
+    certificate = certify.cost_report(None, setup.specs, setup.config.limits or None)
     certificate.update(selected_epoch=setup.config.epochs, repaired_bits=0)
     return FitResult(
         config=setup.config,

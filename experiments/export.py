@@ -69,6 +69,15 @@ def _bops_text(counted: dict) -> str:
     if counted["budget_bops"] is not None:
         verdict = "within" if counted["within_budget"] else "OVER"
         lines.append(f"budget {counted['budget_bops']:,.0f} BOPs: {verdict} budget")
+    lines.append(
+        f"weight memory {counted['weight_memory_bits']:,} bits, largest activation "
+        f"{counted['activation_bits']:,} bits (recounted from the file)"
+    )
+    for name, limit in (counted.get("certificate_limits") or {}).items():
+        if name != "bops":
+            ours = counted[name]
+            verdict = "within" if ours <= limit["limit"] else "OVER"
+            lines.append(f"limit {name} {limit['limit']:,.0f} bits: {ours:,} {verdict}")
     return "\n".join(lines)
 
 
@@ -80,7 +89,9 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
     model = ex.load(path)
     counted = ex.count_bops(model)
     print(_bops_text(counted))
-    ok = bool(counted["matches_certificate"] and counted["within_budget"])
+    ok = bool(counted["matches_certificate"] and counted["within_budget"] is not False)
+    for name, limit in (counted.get("certificate_limits") or {}).items():
+        ok = ok and counted["bops" if name == "bops" else name] <= limit["limit"]
     dataset = data.load_mnist(args.data, data_dir=args.data_dir)
     images, labels = dataset.test
     pixels = ex.pixels_from_unit_float(images)

@@ -30,8 +30,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budget_bops",
         type=float,
-        default=defaults.budget_bops,
-        help="max bit-operations per example, e.g. 2e6 (default %(default)g)",
+        default=None,
+        help=f"max bit-operations per example, e.g. 2e6 (default {defaults.budget_bops:g} "
+        "when no other limit is given)",
+    )
+    p.add_argument(
+        "--budget_weight_kib",
+        type=float,
+        default=None,
+        help="max weight memory, KiB (weights at their bits + 32-bit biases)",
+    )
+    p.add_argument(
+        "--budget_activation_kib",
+        type=float,
+        default=None,
+        help="max largest activation, KiB (a layer's quantized input, per example)",
     )
     p.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
     p.add_argument("--method", choices=METHODS, default=defaults.method)
@@ -52,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
     p.add_argument("--lam", type=float, default=defaults.lam, help="dq penalty weight")
+    p.add_argument("--lam_weight", type=float, default=None, help="dq: weight-memory term")
+    p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")
     p.add_argument("--bits_w", type=int, default=defaults.bits_w, help="fixed: weight bits")
     p.add_argument("--bits_a", type=int, default=defaults.bits_a, help="fixed: input bits")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -71,7 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="continue the unfinished run in --out from its last checkpoint (same flags)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (
+        args.budget_bops is None
+        and args.budget_weight_kib is None
+        and (args.budget_activation_kib is None)
+    ):
+        args.budget_bops = defaults.budget_bops  # no limit given: the headline BOP budget
+    return args
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -178,6 +200,7 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
         )
     print()
     print(report.layer_table_text(result.certificate["layers"], config.budget_bops))
+    print(report.limits_text(result.certificate))
     print(
         f"test accuracy {100 * result.test_accuracy:.2f}%  "
         f"BOPs {result.certificate['bops']:,} "

@@ -284,8 +284,8 @@ def test_certify_refuses_non_finite_latents_and_costs_below_the_minimum(lenet, m
         certify.certify(broken, specs, 2e7)
     real_report = certify.cost_report
 
-    def below_minimum(*args):
-        return {**real_report(*args), "bops": cost.min_cost(specs) - 1}
+    def below_minimum(*args, **kwargs):
+        return {**real_report(*args, **kwargs), "bops": cost.min_cost(specs) - 1}
 
     monkeypatch.setattr(certify, "cost_report", below_minimum)
     with pytest.raises(certify.CertificateRefused, match="below the network's minimum"):

@@ -30,6 +30,9 @@ HEADER_SHA_KEY = "header.sha256"
 DEFAULT_FILE = "model_int.npz"
 #: The exponent of MNIST pixels: images are ``uint8 / 256`` exactly (``cgmq_jax.data``).
 PIXEL_EXPONENT = -8
+#: The width every bias is stored at: an int32 at a power-of-two scale finer than (or equal
+#: to) its accumulator's. The weight memory (``cgmq_jax.cost.weight_memory``) counts it.
+BIAS_BITS = 32
 #: The ops that run a quantized layer (``"layer": i``).
 LAYER_OPS = ("conv", "dense")
 #: Every op of the graph (``docs/export.md``, "Integer semantics").
@@ -805,12 +808,19 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
         keys = ("layer", "macs", "weight_bits", "input_bits", "bops")
         ours = [tuple(row[k] for k in keys) for row in rows]
         matches = ours == [tuple(row.get(k) for k in keys) for row in certificate["layers"]]
+    for name, ours in (
+        ("weight_memory_bits", model.facts.weight_memory_bits),
+        ("activation_bits", model.facts.activation_bits),
+    ):  # certificates that state a memory cost must agree with the file's
+        if matches and _is_int(certificate.get(name)) and certificate[name] != ours:
+            matches = False
     return {
         "layers": rows,
         "macs": sum(row["macs"] for row in rows),
         "bops": total,
         "weight_memory_bits": model.facts.weight_memory_bits,
         "activation_bits": model.facts.activation_bits,
+        "certificate_limits": certificate.get("limits"),
         "certificate_bops": certified,
         "budget_bops": budget,
         "matches_certificate": matches,

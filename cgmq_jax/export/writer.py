@@ -23,6 +23,7 @@ import numpy as np
 
 from cgmq_jax.export import engine
 from cgmq_jax.export.format import (
+    BIAS_BITS,
     DEFAULT_FILE,
     LAYER_OPS,
     PIXEL_EXPONENT,
@@ -209,11 +210,20 @@ def _layer_record(index: int, f: _LayerFacts, e_bias: int, scheme: str, arrays: 
     b_w = [q.bits for q in f.weight]
     weight = codes.astype(int_dtype_for_bits(max(b_w)))
     e_acc = [int(e) + f.inputs.exponent for e in e_w]
-    scaled = f.bias / 2.0**e_bias  # exact: a float32 over a power of two, in float64
-    bias_codes = np.round(scaled) if scheme == "accumulator" else round_to_odd(scaled)
+    while True:
+        scaled = f.bias / 2.0**e_bias  # exact: a float32 over a power of two, in float64
+        bias_codes = np.round(scaled) if scheme == "accumulator" else round_to_odd(scaled)
+        bias_max = int(np.max(np.abs(bias_codes), initial=0))
+        if signed_bits(bias_max) <= BIAS_BITS:
+            break
+        if e_bias >= min(e_acc):
+            raise ValueError(
+                f"layer {f.name!r}: a bias of {float(np.max(np.abs(f.bias))):.6g} does not "
+                f"fit {BIAS_BITS} bits even at the accumulator scale 2**{min(e_acc)}"
+            )
+        e_bias += 1  # a coarser bias grid: fewer fine bits, but it fits its storage
     bias_error = float(np.max(np.abs(f.bias - bias_codes * 2.0**e_bias), initial=0.0))
-    bias_max = int(np.max(np.abs(bias_codes), initial=0))
-    bias_bits = signed_bits(bias_max)
+    bias_bits = BIAS_BITS  # the stored width, the one the weight memory counts
     fan_in = math.prod(f.kernel.shape[:-1])
     out_bound = (
         max(
@@ -388,7 +398,16 @@ def export(
     if certificate is not None:
         header["certificate"] = {
             key: certificate.get(key)
-            for key in ("bops", "budget_bops", "within_budget", "layers", "selected_epoch")
+            for key in (
+                "bops",
+                "budget_bops",
+                "within_budget",
+                "weight_memory_bits",
+                "activation_bits",
+                "limits",
+                "layers",
+                "selected_epoch",
+            )
             if key in certificate
         }
     if metadata is not None:
