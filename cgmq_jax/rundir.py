@@ -34,6 +34,17 @@ CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 
 
+def changed_flags(stored: dict | None, flags: dict | None) -> list[str]:
+    """The flags whose values differ between a checkpoint and a resume (sorted).
+
+    A flag missing on one side counts as ``None`` there, so a checkpoint written before a
+    flag existed resumes with that flag unset.
+    """
+    if stored is None or flags is None:
+        return []
+    return sorted(k for k in stored.keys() | flags.keys() if stored.get(k) != flags.get(k))
+
+
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked; the message says why and what to do."""
 
@@ -133,10 +144,8 @@ class RunDir:
                 "pass --resume to continue it or --overwrite to start over"
             )
         stored = meta.get("flags")
-        if flags is not None and stored is not None and stored != flags:
-            changed = sorted(
-                k for k in stored.keys() | flags.keys() if stored.get(k) != flags.get(k)
-            )
+        changed = changed_flags(stored, flags)
+        if changed:
             details = ", ".join(f"--{k} {stored.get(k)!r} -> {flags.get(k)!r}" for k in changed)
             raise RunDirError(
                 f"--resume needs the flags of the run in {self.path}; these differ: {details}"

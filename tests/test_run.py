@@ -327,3 +327,13 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
         run.checkpointer.save(1, {"w": jnp.ones(2)}, {"position": "QAT epoch 1, batch 0"})
     with pytest.raises(rundir.RunDirError, match="checkpoint at QAT epoch 1, batch 0"):
         rundir.RunDir.open(tmp_path / "run")
+
+
+def test_flags_missing_from_an_older_checkpoint_count_as_unset():
+    """A checkpoint written before a flag existed resumes with that flag unset (None)."""
+    stored = {"budget_bops": 2e6, "seed": 0}
+    now = {"budget_bops": 2e6, "seed": 0, "budget_weight_kib": None, "lam_weight": None}
+    assert rundir.changed_flags(stored, now) == []
+    assert rundir.changed_flags(stored, {**now, "budget_weight_kib": 14.0}) == ["budget_weight_kib"]
+    assert rundir.changed_flags({**stored, "seed": 1}, now) == ["seed"]
+    assert rundir.changed_flags(None, now) == []
