@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from cgmq_jax import certify, constraint, cost, data, models, nn, quantizer
@@ -85,6 +86,7 @@ class TrainConfig:
     bits_a: int = 4  # fixed only
     calibration_size: int = 2048
     seed: int = 0
+    devices: int = 1  # data parallel over this many devices (of all processes' devices)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field and its valid range."""
@@ -114,11 +116,17 @@ class TrainConfig:
             "bits_a": (1, MAX_BITS),
             "calibration_size": (1, 1 << 20),
             "seed": (0, 2**32 - 1),
+            "devices": (1, 1 << 16),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"--{name} must be an integer in [{low}, {high}], got {value!r}")
+        if self.batch_size % self.devices:
+            raise ValueError(
+                f"--batch_size {self.batch_size} does not split over --devices {self.devices}: "
+                "choose a batch size that is a multiple of the number of devices"
+            )
         for name in ("lr", "quantizer_lr"):
             if not _positive_finite(getattr(self, name)):
                 raise ValueError(
@@ -149,6 +157,80 @@ class TrainConfig:
         return limits
 
 
+def data_parallel_mesh(devices: int = 1) -> Mesh:
+    """A 1-D mesh (axis ``"batch"``) over the first ``devices`` of ``jax.devices()``.
+
+    With several processes (``jax.distributed.initialize``) the devices are all processes'
+    devices, and each process must hold the same number of them in the mesh.
+
+    Raises:
+      ValueError: more devices asked for than there are (the message says how to get more
+        on a CPU), or a mesh that leaves a process out unevenly.
+    """
+    available = jax.devices()
+    if devices > len(available):
+        raise ValueError(
+            f"--devices {devices}: only {len(available)} device(s) available "
+            f"({available[0].platform}). On a CPU, start Python with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} to split it into "
+            f"{devices} devices (for testing: they share the same cores)"
+        )
+    chosen = available[:devices]
+    per_process = {}
+    for device in chosen:
+        per_process[device.process_index] = per_process.get(device.process_index, 0) + 1
+    if len(per_process) != jax.process_count() or len(set(per_process.values())) != 1:
+        raise ValueError(
+            f"--devices {devices} must take the same number of devices from each of the "
+            f"{jax.process_count()} processes (they have {len(available)} in all)"
+        )
+    return Mesh(np.asarray(chosen), ("batch",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a train step runs: a mesh, the batch split over it, everything else replicated.
+
+    One code path for one device and for many: the step is jitted with these shardings and
+    XLA inserts the all-reduce of the gradients (``jax.sharding``'s automatic SPMD).
+    """
+
+    mesh: Mesh
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec("batch"))
+
+    def put_batch(self, *arrays: np.ndarray):
+        """A global batch (the same on every process) as arrays split over the mesh: each
+        process hands over only its own rows."""
+        processes, index = jax.process_count(), jax.process_index()
+        out = []
+        for array in arrays:
+            rows = len(array) // processes
+            local = array[index * rows : (index + 1) * rows]
+            out.append(jax.make_array_from_process_local_data(self.batch, local, array.shape))
+        return tuple(out)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+
+def local_copy(tree):
+    """A pytree of (replicated) arrays as NumPy arrays of this process (no collective)."""
+
+    def copy(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(leaf.addressable_shards[0].data)
+        return np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf
+
+    return jax.tree.map(copy, tree)
+
+
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns: the certified model and everything measured on the way."""
@@ -161,6 +243,9 @@ class FitResult:
     wall_seconds: float
     data_source: str
     specs: tuple[cost.LayerSpec, ...] = ()
+    #: Wall seconds by part: ``compile`` (the train steps), ``train``, ``evaluate``
+    #: (validation after each epoch), ``other`` (setup, checkpoints, certificate, test).
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def _cross_entropy(model, params, images, labels):
@@ -198,12 +283,15 @@ def _float_variables(state) -> dict:
     return {"params": state.params}
 
 
-def make_train_step(model, loss_fn=None):
+def make_train_step(model, loss_fn=None, *, placement: Placement | None = None):
     """A jitted step ``(state, images, labels) -> (state, loss)`` for a ``TrainState``.
 
     For a :class:`BatchNormTrainState` (and no ``loss_fn``) the model is called with
     ``train=True``: BatchNorm normalises with the batch's statistics and the step stores
     the updated running averages in ``state.batch_stats``.
+
+    With a ``placement`` the step is data parallel: the batch split over its mesh, the state
+    and the loss replicated (the loss and the gradients are means over the global batch).
     """
     loss_fn = loss_fn or functools.partial(_cross_entropy, model)
 
@@ -213,7 +301,6 @@ def make_train_step(model, loss_fn=None):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, updates["batch_stats"]
 
-    @jax.jit
     def train_step(state, images, labels):
         if isinstance(state, BatchNormTrainState):
             (loss, batch_stats), grads = jax.value_and_grad(batch_norm_loss, has_aux=True)(
@@ -223,7 +310,10 @@ def make_train_step(model, loss_fn=None):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels)
         return state.apply_gradients(grads=grads), loss
 
-    return train_step
+    if placement is None:
+        return jax.jit(train_step)
+    replicated, batch = placement.replicated, placement.batch
+    return jax.jit(train_step, in_shardings=(replicated, batch, batch), out_shardings=replicated)
 
 
 def make_accuracy(model, batch_size: int = 1000):
@@ -312,6 +402,7 @@ class _Setup:
     steps_per_epoch: int
     float_epochs: range  # global epoch numbers (they seed the data order)
     qat_epochs: range
+    placement: Placement
 
     @property
     def budget(self):
@@ -344,8 +435,16 @@ def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: boo
         first_qat = config.pretrain_epochs
         float_epochs = range(0 if pretrained else first_qat)
         qat_epochs = range(first_qat, first_qat + config.epochs)
+    placement = Placement(data_parallel_mesh(config.devices))
     return _Setup(
-        config, specs, model, model.clone(quantized=False), steps, float_epochs, qat_epochs
+        config,
+        specs,
+        model,
+        model.clone(quantized=False),
+        steps,
+        float_epochs,
+        qat_epochs,
+        placement,
     )
 
 
@@ -458,11 +557,14 @@ def _epoch_name(setup: _Setup, progress: _Progress) -> str:
     return f"QAT epoch {progress.epoch + 1 - setup.qat_epochs.start}"
 
 
-def _train_epoch(state, train_step, setup, split, progress, *, desc, should_stop, save):
+def _train_epoch(
+    state, train_step, setup, split, progress, *, desc, should_stop, save, timings, first
+):
     """Train the rest of ``progress.epoch``; return the state and every loss of the epoch.
 
     After each step ``should_stop()`` is asked; if true, the state so far is saved with
-    ``save(state, progress)`` (mid-epoch) and :class:`Interrupted` is raised.
+    ``save(state, progress)`` (mid-epoch) and :class:`Interrupted` is raised. With
+    ``first``, the first step (which compiles the step) is timed as ``timings["compile"]``.
     """
     config = setup.config
     batches = data.batches(*split, config.batch_size, seed=config.seed, epoch=progress.epoch)
@@ -476,21 +578,27 @@ def _train_epoch(state, train_step, setup, split, progress, *, desc, should_stop
         leave=False,
     )
     for i, (x, y) in enumerate(bar, progress.step + 1):
-        state, loss = train_step(state, x, y)
+        if first:
+            started = time.perf_counter()
+            state, loss = jax.block_until_ready(train_step(state, *setup.placement.put_batch(x, y)))
+            timings["compile"] += time.perf_counter() - started
+            first = False
+        else:
+            state, loss = train_step(state, *setup.placement.put_batch(x, y))
         losses.append(loss)
         if should_stop() and i < setup.steps_per_epoch:
             bar.close()
             progress.step = i
-            progress.losses += [float(v) for v in jax.device_get(losses)]
+            progress.losses += [float(v) for v in local_copy(losses)]
             saved = save(state, progress)
             raise Interrupted(f"{_epoch_name(setup, progress)}, batch {i}", saved)
-    return state, progress.losses + [float(v) for v in jax.device_get(losses)]
+    return state, progress.losses + [float(v) for v in local_copy(losses)]
 
 
 def _check_finite(setup: _Setup, progress: _Progress, losses: list[float], params) -> None:
     """Raise :class:`TrainingDiverged` at a non-finite loss or parameter (names both)."""
     bad_step = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
-    finite = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
+    finite = jax.tree.map(lambda x: np.all(np.isfinite(x)), local_copy(params))
     bad_leaves = [
         "/".join(str(getattr(k, "key", k)) for k in path)
         for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
@@ -620,6 +728,10 @@ def fit(
                 f"batch {progress.step}"
             )
 
+    placement = setup.placement
+    state = placement.replicate(state)
+    timings = {"compile": 0.0, "train": 0.0, "evaluate": 0.0}
+
     def save(state, progress) -> bool:
         if checkpointer is None:
             return False
@@ -629,9 +741,8 @@ def fit(
             "position": f"{_epoch_name(setup, progress)}, batch {progress.step}",
         }
         index = progress.epoch * setup.steps_per_epoch + progress.step
-        checkpointer.save(
-            index, _checkpoint_arrays(state, best_params), {**(checkpoint_meta or {}), **body}
-        )
+        arrays = local_copy(_checkpoint_arrays(state, best_params))
+        checkpointer.save(index, arrays, {**(checkpoint_meta or {}), **body})
         return True
 
     phases = (
@@ -639,7 +750,7 @@ def fit(
             "float",
             setup.float_epochs,
             setup.float_model,
-            make_train_step(setup.float_model),
+            make_train_step(setup.float_model, placement=placement),
             _evaluate_float,
         ),
         ("qat", setup.qat_epochs, setup.model, None, _evaluate_qat),
@@ -649,9 +760,11 @@ def fit(
             continue
         accuracy_fn = make_accuracy(model)
         if train_step is None:
-            train_step = make_train_step(model, _qat_loss(setup))
+            train_step = make_train_step(model, _qat_loss(setup), placement=placement)
+        first = True
         for epoch in range(progress.epoch, epochs.stop):
             progress.epoch = epoch
+            epoch_started, compiling = time.perf_counter(), timings["compile"]
             state, losses = _train_epoch(
                 state,
                 train_step,
@@ -661,10 +774,16 @@ def fit(
                 desc=phase,
                 should_stop=should_stop,
                 save=save,
+                timings=timings,
+                first=first,
             )
+            first = False
             _check_finite(setup, progress, losses, state.params)
             loss = float(np.mean(np.asarray(losses, np.float32)))
-            row = evaluate(setup, state, progress, loss, validation, accuracy_fn, log)
+            evaluate_started = time.perf_counter()
+            timings["train"] += evaluate_started - epoch_started - (timings["compile"] - compiling)
+            row = evaluate(setup, local_copy(state), progress, loss, validation, accuracy_fn, log)
+            timings["evaluate"] += time.perf_counter() - evaluate_started
             progress.history.append(row)
             if (
                 phase == "qat"
@@ -672,16 +791,22 @@ def fit(
                 and row["val_accuracy"] > progress.best_val_accuracy
             ):
                 progress.best_val_accuracy, progress.best_epoch = row["val_accuracy"], epoch + 1
-                best_params = state.params
+                best_params = local_copy(state.params)
             progress.epoch, progress.step, progress.losses = epoch + 1, 0, []
             save(state, progress)
         if phase == "float" and config.method != "float":
             progress = dataclasses.replace(progress, phase="qat", epoch=setup.qat_epochs.start)
-            state = _qat_state(setup, _float_variables(state), calibration)
+            state = _qat_state(setup, local_copy(_float_variables(state)), calibration)
+            state = placement.replicate(state)
+    state = local_copy(state)
     seconds = progress.seconds + time.perf_counter() - started
     if config.method == "float":
-        return _finish_float(setup, _float_variables(state), progress.history, dataset, seconds)
-    return _finish_qat(setup, state.params, best_params, progress, dataset, seconds, log)
+        result = _finish_float(setup, _float_variables(state), progress.history, dataset, seconds)
+    else:
+        result = _finish_qat(setup, state.params, best_params, progress, dataset, seconds, log)
+    other = time.perf_counter() - started - sum(timings.values())
+    result.timings = {**timings, "other": other}
+    return result
 
 
 def _restore(setup: _Setup, checkpointer, state, variables, calibration):

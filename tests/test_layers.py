@@ -226,3 +226,45 @@ def test_explicit_unsigned_with_negative_inputs_raises_naming_the_layer():
         cnn.init_quantizers(model, float_params, x)
     with pytest.raises(Exception, match=message):  # under jit: when the compiled code runs
         jax.block_until_ready(jax.jit(lambda b: model.init(jax.random.key(0), b))(x))
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_patch_conv_is_the_direct_convolution_bit_for_bit_when_quantized(name, monkeypatch):
+    """One input channel: the quantized layer takes :func:`cnn.patch_conv`; its output is
+    the direct convolution's exactly (exact sums of codes), its gradients to float
+    tolerance."""
+    kwargs, shape, _ = CONVS[name]
+    if kwargs.get("feature_group_count", 1) != 1:
+        kwargs = {**kwargs, "feature_group_count": 1}
+    x = _inputs((*shape[:-1], 1), seed=3)
+    layer = cnn.QuantConv(**kwargs)
+    params = layer.init(jax.random.key(2), x)["params"]
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(layer.apply({"params": params}, x)))
+
+    fast = layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    monkeypatch.setattr(cnn, "PATCH_CONV_MAX_CHANNELS", 0)
+    direct = layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    np.testing.assert_array_equal(fast[0], direct[0])
+    for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(direct[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 1), (2, 3)])
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1)), ((-1, 1), (2, 0))])
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+def test_patch_conv_matches_lax_conv_general_dilated(strides, padding, dilation):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 9, 8, 2)), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-3, 4, (3, 2, 2, 3)), jnp.float32)
+    expected = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    got = cnn.patch_conv(x, kernel, strides, padding, rhs_dilation=dilation)
+    np.testing.assert_array_equal(got, expected)
