@@ -28,7 +28,9 @@ class FakeQuant(nn.Module):
 
     def __init__(self, bits: int = 8, signed: bool = False):
         super().__init__()
-        self.quant_min, self.quant_max = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        self.quant_min, self.quant_max = (
+            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        )
         self.scale = nn.Parameter(torch.tensor([0.02]))
         self.zero_point = nn.Parameter(torch.tensor([0.0]))
 
