@@ -11,7 +11,9 @@ them), on real MNIST batches already on the device. Printed: the median samples/
 spread, and the ratios that the targets are stated in. The lever variants time the same
 cgmq step with one lever undone: ``direct-conv`` (conv1 by XLA's direct convolution
 instead of :func:`cgmq_jax.nn.patch_conv`) and ``no-donate`` (the state's buffers not
-donated to the step).
+donated to the step), ``flax-max-pool`` (``flax.linen.max_pool``'s gradient instead of
+:func:`cgmq_jax.nn.max_pool`'s), and ``no-levers`` (all three undone: the step of
+the release before them).
 
 PyTorch peer: with ``--torch_python PATH`` (or ``CGMQ_TORCH_PYTHON``), a Python that has
 ``torch`` (never a dependency of this project; a separate venv), each round also runs
@@ -37,15 +39,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-VARIANTS = ("direct-conv", "no-donate")
+VARIANTS = ("direct-conv", "no-donate", "flax-max-pool", "no-levers")
 HEADLINE_FLOAT_BOPS = 288_399_360  # lenet5 at 32 x 32 bits
 
 
 def _build(model: str, method: str, dataset, batch_size: int):
     """``(step, state, batches)`` for one configuration, compiled and warmed up."""
+    import flax.linen
     import jax
 
-    from cgmq_jax import cost, nn, train
+    from cgmq_jax import cost, models, nn, train
 
     variant = None
     if ":" in method:
@@ -57,11 +60,15 @@ def _build(model: str, method: str, dataset, batch_size: int):
     config = train.TrainConfig(
         model=model, method=method, budget_bops=budget, batch_size=batch_size
     )
-    saved = nn.PATCH_CONV_MAX_CHANNELS
-    if variant == "direct-conv":
+    saved = nn.PATCH_CONV_MAX_CHANNELS, models.max_pool
+    if variant in ("direct-conv", "no-levers"):
         nn.PATCH_CONV_MAX_CHANNELS = 0
+    if variant in ("flax-max-pool", "no-levers"):
+        models.max_pool = flax.linen.max_pool
     try:
-        step, state = train.initial_step(config, dataset, donate=variant != "no-donate")
+        step, state = train.initial_step(
+            config, dataset, donate=variant not in ("no-donate", "no-levers")
+        )
         placement = train.Placement(train.data_parallel_mesh(1))
         images, labels = dataset.train
         batches = [
@@ -74,7 +81,7 @@ def _build(model: str, method: str, dataset, batch_size: int):
         state, loss = step(state, *batches[0])  # compiles (PATCH_CONV_MAX_CHANNELS is read now)
         jax.block_until_ready(loss)
     finally:
-        nn.PATCH_CONV_MAX_CHANNELS = saved
+        nn.PATCH_CONV_MAX_CHANNELS, models.max_pool = saved
     return {"step": step, "state": state, "batches": batches}
 
 
@@ -115,7 +122,7 @@ def step_table(args) -> dict:
 
     dataset = data.load_mnist()
     rows = [(m, method) for m in args.models for method in args.methods]
-    rows += [("lenet5", f"cgmq:{v}") for v in args.variants]
+    rows += [("lenet5", f"{m}:{v}") for v in args.variants for m in ("float", "cgmq")]
     entries, steps = {}, {}
     for model, method in rows:
         print(f"compiling {model} {method} ...", file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cgmq_jax.nn import QuantConv, QuantDense
+from cgmq_jax.nn import QuantConv, QuantDense, max_pool
 
 
 class LeNet5(nn.Module):
@@ -44,9 +44,9 @@ class LeNet5(nn.Module):
         options = {"quantize": self.quantized, "input_signed": False}
         first, second = self.channels
         x = QuantConv(first, (5, 5), padding="VALID", name="conv1", **options)(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = QuantConv(second, (5, 5), padding="VALID", name="conv2", **options)(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
             x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **options)(x))

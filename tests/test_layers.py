@@ -268,3 +268,28 @@ def test_patch_conv_matches_lax_conv_general_dilated(strides, padding, dilation)
     )
     got = cnn.patch_conv(x, kernel, strides, padding, rhs_dilation=dilation)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "window"),
+    [
+        ((2, 8, 8, 3), (2, 2)),
+        ((2, 9, 7, 2), (2, 3)),
+        ((3, 10, 4), (3,)),
+        ((1, 4, 4, 4, 2), (2, 2, 2)),
+    ],
+)
+def test_max_pool_gradient_is_jaxs_first_maximum_rule(shape, window):
+    """Same output as ``flax.linen.max_pool``, same gradient bit for bit, ties (ReLU zeros,
+    repeated values) and cropped edges included."""
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2  # many ties
+    x = jax.nn.relu(x)
+    g = jax.random.normal(jax.random.key(1), cnn.max_pool(x, window).shape)
+
+    def pulled(pool):
+        y, vjp = jax.vjp(lambda x: pool(x, window, window), x)
+        return y, vjp(g)[0]
+
+    ours, reference = pulled(cnn.max_pool), pulled(nn.max_pool)
+    np.testing.assert_array_equal(ours[0], reference[0])
+    np.testing.assert_array_equal(ours[1], reference[1])
