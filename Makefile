@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BUDGET ?= 2e6
 
-.PHONY: setup setup-tfds data demo test lint
+.PHONY: setup setup-tfds setup-peers data demo bench test lint
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,29 @@ setup: $(VENV)/.installed
 
 setup-tfds: $(VENV)/.installed-tfds
 
+# The PyTorch peer of the benchmark, in its own venv (never a dependency of cgmq-jax).
+PEERS ?= .venv-peers
+$(PEERS)/.installed:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet torch==2.13.0 numpy
+	touch $@
+
+setup-peers: $(PEERS)/.installed
+
 data: setup
 	$(PY) -m cgmq_jax.data fetch
 
 demo: data
 	$(PY) experiments/mnist.py --budget_bops $(BUDGET)
 
+# Train-step throughput (float / cgmq / dq / fixed, the levers, PyTorch if `make
+# setup-peers` ran) and the headline fit's time split and peak memory.
+bench: data
+	$(PY) benchmarks/train_step.py --fit --json bench.json \
+		$(if $(wildcard $(PEERS)/bin/python),--torch_python $(PEERS)/bin/python)
+
 lint: setup
-	$(VENV)/bin/ruff check cgmq_jax experiments tests
+	$(VENV)/bin/ruff check cgmq_jax experiments tests benchmarks
 
 test: setup-tfds lint
 	$(PY) -m pytest

@@ -22,7 +22,9 @@ DEFAULT_RESCALE = 1.5
 # Smallest CGGD scale s while infeasible, in log2 units (the step is at least rescale * s,
 # and at least the length that loses a bit, whichever is longer).
 DEFAULT_MIN_SCALE = 1e-2
-_STEP_ONLY = jnp.array([1.0, 0.0], jnp.float32)  # weights of [log2 d, log2 q_max] in g
+# Weights of [log2 d, log2 q_max] in g (NumPy: importing must not start a JAX backend,
+# so that jax.distributed.initialize can still come after ``import cgmq_jax``).
+_STEP_ONLY = np.array([1.0, 0.0], np.float32)
 # How far past a rounding boundary of log2 d the bit-losing step lands, in log2 units: far
 # above float32 error in exp2/log2 (about 1e-6 here), far below a power-of-two step (1.0).
 _PAST_THE_BOUNDARY = 2.0**-10

@@ -187,6 +187,22 @@ def data_parallel_mesh(devices: int = 1) -> Mesh:
     return Mesh(np.asarray(chosen), ("batch",))
 
 
+def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join a data-parallel run over several processes (hosts): ``jax.distributed``.
+
+    Call it in every process, before any JAX computation, with the same ``coordinator``
+    (``host:port`` of process 0) and ``num_processes``; then ``jax.devices()`` lists every
+    process's devices and ``fit`` with ``devices=jax.device_count()`` trains over all of
+    them. On CPUs the collectives go through gloo.
+    """
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--process_id {process_id} must be in [0, {num_processes}) (--num_processes)"
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where a train step runs: a mesh, the batch split over it, everything else replicated.

@@ -79,6 +79,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="use only the first N training examples (quick checks)",
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="data parallel over N devices (default 1; all of them with --coordinator)",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        help="HOST:PORT of process 0: train over several processes (jax.distributed)",
+    )
+    p.add_argument("--num_processes", type=int, default=1, help="with --coordinator")
+    p.add_argument("--process_id", type=int, default=0, help="with --coordinator")
     p.add_argument("--out", default="runs/mnist", help="results directory")
     p.add_argument(
         "--resume",
@@ -111,8 +124,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from cgmq_jax import rundir, train
 
+    if args.coordinator is not None:  # before anything computes: jax.distributed
+        if args.resume:
+            return _error("--resume is not available with --coordinator (no checkpoints)", 2)
+        try:
+            train.start_processes(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as error:
+            return _error(error, 2)
+    if args.devices is None:
+        import jax
+
+        args.devices = jax.device_count() if args.coordinator is not None else 1
     # The run's identity: --resume must be given the same flags (and --out is the run).
-    flags = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "overwrite")}
+    skipped = ("out", "resume", "overwrite", "coordinator", "process_id")
+    flags = {k: v for k, v in vars(args).items() if k not in skipped}
     config = train.TrainConfig(
         **{
             f.name: getattr(args, f.name)
@@ -128,6 +153,8 @@ def main(argv=None) -> int:
                 f"--train_examples {args.train_examples} is fewer than one batch "
                 f"(--batch_size {config.batch_size}): no step would be trained"
             )
+        if args.process_id != 0:  # several processes: process 0 writes the run
+            return _train_only(args, config)
         run = rundir.RunDir.open(
             args.out, flags=flags, resume=args.resume, overwrite=args.overwrite
         )
@@ -139,18 +166,38 @@ def main(argv=None) -> int:
         return _train_and_publish(args, argv, config, flags, run)
 
 
+def _load(args, config):
+    from cgmq_jax import data, train
+
+    dataset = data.load_mnist(args.data, data_dir=args.data_dir, download=args.download)
+    if args.train_examples is not None:
+        dataset = dataclasses.replace(
+            dataset, train=tuple(a[: args.train_examples] for a in dataset.train)
+        )
+    train.check_dataset(config, dataset)
+    return dataset
+
+
+def _train_only(args, config) -> int:
+    """A process other than 0 of a multi-process run: it trains its share, writes nothing."""
+    from cgmq_jax import data, train
+
+    try:
+        dataset = _load(args, config)
+    except (ValueError, data.DataError) as error:
+        return _error(error, 2)
+    result = train.fit(config, dataset)
+    print(f"process {args.process_id}: test accuracy {100 * result.test_accuracy:.2f}%")
+    return 0
+
+
 def _train_and_publish(args, argv, config, flags, run) -> int:
     from cgmq_jax import data, report, train
 
     try:
         # 2. The data, checked before any training.
         try:
-            dataset = data.load_mnist(args.data, data_dir=args.data_dir, download=args.download)
-            if args.train_examples is not None:
-                dataset = dataclasses.replace(
-                    dataset, train=tuple(a[: args.train_examples] for a in dataset.train)
-                )
-            train.check_dataset(config, dataset)
+            dataset = _load(args, config)
         except (ValueError, data.DataError) as error:
             return _error(error, 2)
         # 3. Training, checkpointed after every epoch (and at Ctrl-C).
@@ -159,7 +206,8 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
                 result = train.fit(
                     config,
                     dataset,
-                    checkpointer=run.checkpointer,
+                    # Orbax's saves wait for every process: several processes run without.
+                    checkpointer=run.checkpointer if args.coordinator is None else None,
                     resume=args.resume,
                     checkpoint_meta={"flags": flags},
                     should_stop=stop,
