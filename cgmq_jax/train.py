@@ -374,10 +374,12 @@ def check_config(
     """Validate a config before any data is loaded; return the model's layer specs.
 
     Raises:
-      ValueError: a bad flag value, or a budget that is not a positive finite number.
+      ValueError: a bad flag value, a budget that is not a positive finite number, or more
+        devices than there are.
       certify.InfeasibleBudgetError: the budget is below the network's minimum cost.
     """
     config.validate()
+    data_parallel_mesh(config.devices)  # as many devices as asked for
     model = models.get_model(config.model, quantized=True)
     specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     if config.method in ("cgmq", "dq"):

@@ -107,6 +107,16 @@ def test_devices_beyond_the_machine_are_a_clear_error():
         train.TrainConfig(batch_size=30, devices=4).validate()
 
 
+def test_cli_refuses_more_devices_before_writing_anything(tmp_path, capsys):
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "experiments" / "mnist.py"))["main"]
+    assert main(["--devices", "64", "--out", str(tmp_path / "run")]) == 2
+    assert "xla_force_host_platform_device_count=64" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["--coordinator", "localhost:1", "--resume", "--out", str(tmp_path)]) == 2
+
+
 # jax.distributed.initialize comes before anything (cgmq_jax included) starts a backend.
 MULTIHOST = (
     textwrap.dedent(
