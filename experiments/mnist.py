@@ -131,13 +131,14 @@ def main(argv=None) -> int:
             train.start_processes(args.coordinator, args.num_processes, args.process_id)
         except (ValueError, RuntimeError) as error:
             return _error(error, 2)
+    # The run's identity: --resume must be given the same flags (and --out is the run); a
+    # flag left at None matches a checkpoint written before that flag existed.
+    skipped = ("out", "resume", "overwrite", "coordinator", "num_processes", "process_id")
+    flags = {k: v for k, v in vars(args).items() if k not in skipped}
     if args.devices is None:
         import jax
 
         args.devices = jax.device_count() if args.coordinator is not None else 1
-    # The run's identity: --resume must be given the same flags (and --out is the run).
-    skipped = ("out", "resume", "overwrite", "coordinator", "process_id")
-    flags = {k: v for k, v in vars(args).items() if k not in skipped}
     config = train.TrainConfig(
         **{
             f.name: getattr(args, f.name)
