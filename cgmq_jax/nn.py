@@ -484,7 +484,7 @@ def conv_geometry(module: nn.Conv) -> dict:
 #: dilation) runs as one matrix product over its patches (:func:`patch_conv`). XLA:CPU's
 #: direct convolution is slow for so few channels, and slower still for the input gradient
 #: that learning the image quantizer needs (``benchmarks/train_step.py``: LeNet-5's QAT
-#: step 1.37x faster). Quantized operands are codes times powers of two, so both compute
+#: step 1.59x faster). Quantized operands are codes times powers of two, so both compute
 #: the same exact sums: the forward pass does not change by a bit.
 PATCH_CONV_MAX_CHANNELS = 1
 

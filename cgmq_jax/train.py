@@ -311,8 +311,8 @@ def make_train_step(
 
     With a ``placement`` the step is data parallel: the batch split over its mesh, the state
     and the loss replicated (the loss and the gradients are means over the global batch).
-    With ``donate`` the step reuses the input state's buffers (``fit`` does: 16% faster
-    for LeNet-5's QAT step on a CPU); the state passed in is then unusable.
+    With ``donate`` the step reuses the input state's buffers (``fit`` does; on a CPU the
+    effect was within the benchmark's noise); the state passed in is then unusable.
     """
     loss_fn = loss_fn or functools.partial(_cross_entropy, model)
 
