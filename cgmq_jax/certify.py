@@ -215,7 +215,9 @@ def cost_report(
 
     Returns ``budget_bops`` / ``bops`` / ``within_budget`` (every limit holds) as before,
     ``weight_memory_bits`` and ``activation_bits`` (exact, bits per example), and
-    ``limits``: ``{name: {"limit", "cost", "minimum", "within"}}`` for each limit given.
+    ``limits``: ``{name: {"limit", "cost", "minimum", "within"}}`` for each limit given;
+    ``relative_bops_percent`` (of the 32x32-bit cost) and ``relative_bops_percent_input8``
+    (the same with the network input counted at 8 bits, Bayesian Bits' convention).
     """
     if params is None:
         table = [
@@ -253,6 +255,8 @@ def cost_report(
         "activation_reduce": activation_reduce,
         "limits": verdicts,
         "relative_bops_percent": cost.relative_bops(costs["bops"], specs),
+        # Bayesian Bits' convention: the network input counted at 8 bits.
+        "relative_bops_percent_input8": cost.relative_bops(cost.bops_with_input_at(table), specs),
         "float_bops": cost.float_bops(specs),
         "min_cost_bops": minimum["bops"],
         "layers": table,

@@ -292,6 +292,21 @@ def relative_bops(cost: float, specs: tuple[LayerSpec, ...]) -> float:
     return 100.0 * cost / float_bops(specs)
 
 
+def bops_with_input_at(table: list[dict], bits: int = 8) -> int:
+    """The BOPs of :func:`layer_table` rows with the network input (the first layer's
+    input) counted at ``bits``: Bayesian Bits' convention counts the 8-bit image at 8.
+
+    >>> bops_with_input_at([{"bops": 2 * 3 * 4, "input_bits": 4}, {"bops": 5, "input_bits": 1}])
+    53
+    """
+    first = table[0]
+    return (
+        sum(row["bops"] for row in table)
+        - first["bops"]
+        + first["bops"] // first["input_bits"] * bits
+    )
+
+
 def validate_budget(budget: float) -> None:
     """Raise a clear error unless ``budget`` is a positive finite number of BOPs."""
     if isinstance(budget, bool) or not isinstance(budget, int | float):

@@ -38,12 +38,15 @@ class LeNet5(nn.Module):
     quantized: bool = True
     channels: tuple[int, int] = (6, 16)  # of conv1, conv2
     hidden: tuple[int, ...] = (120, 84)  # dense layers before the logits
+    input_bits: int | None = None  # the network input pinned at this many bits (None: learned)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         options = {"quantize": self.quantized, "input_signed": False}
         first, second = self.channels
-        x = QuantConv(first, (5, 5), padding="VALID", name="conv1", **options)(x)
+        x = QuantConv(
+            first, (5, 5), padding="VALID", name="conv1", input_bits=self.input_bits, **options
+        )(x)
         x = max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = QuantConv(second, (5, 5), padding="VALID", name="conv2", **options)(x)
         x = max_pool(nn.relu(x), (2, 2), strides=(2, 2))
@@ -74,13 +77,15 @@ class MLP(nn.Module):
     hidden: tuple[int, ...] = (300, 100)
     num_classes: int = 10
     quantized: bool = True
+    input_bits: int | None = None  # the network input pinned at this many bits (None: learned)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         options = {"quantize": self.quantized, "input_signed": False}
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
-            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **options)(x))
+            pin = {"input_bits": self.input_bits} if i == 0 else {}
+            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **pin, **options)(x))
         name = f"fc{len(self.hidden) + 1}"
         return QuantDense(self.num_classes, name=name, **options)(x)
 
@@ -122,12 +127,15 @@ class DSCNN(nn.Module):
     stem_channels: int = 32
     channels: int = 64
     momentum: float = 0.9  # of the running averages: short pretraining needs them fast
+    input_bits: int | None = None  # the network input pinned at this many bits (None: learned)
 
     @property
     def has_batch_norm(self) -> bool:
         return self.batch_norm and not self.quantized
 
-    def _conv_bn(self, x, features, kernel_size, *, name, train, strides=1, groups=1):
+    def _conv_bn(
+        self, x, features, kernel_size, *, name, train, strides=1, groups=1, input_bits=None
+    ):
         """A convolution and its BatchNorm (none when quantized: folded into its bias)."""
         x = QuantConv(
             features,
@@ -138,6 +146,7 @@ class DSCNN(nn.Module):
             use_bias=not self.has_batch_norm,
             quantize=self.quantized,
             input_signed=False,
+            input_bits=input_bits,
             name=name,
         )(x)
         if self.has_batch_norm:
@@ -156,7 +165,15 @@ class DSCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = self._conv_bn(x, self.stem_channels, (3, 3), strides=2, name="stem", train=train)
+        x = self._conv_bn(
+            x,
+            self.stem_channels,
+            (3, 3),
+            strides=2,
+            name="stem",
+            train=train,
+            input_bits=self.input_bits,
+        )
         x = nn.relu(x)
         x = nn.relu(self._separable(x, self.channels, block=1, train=train))
         x = nn.relu(self._separable(x, self.channels, block=2, strides=2, train=train))
@@ -170,11 +187,17 @@ class DSCNN(nn.Module):
 MODELS = {"lenet5": LeNet5, "lenet5_bb": LeNet5BB, "mlp": MLP, "dscnn": DSCNN}
 
 
-def get_model(name: str, *, quantized: bool = True) -> nn.Module:
-    """A model by name (one of :data:`MODELS`)."""
+def get_model(name: str, *, quantized: bool = True, input_bits: int | None = None) -> nn.Module:
+    """A model by name (one of :data:`MODELS`).
+
+    ``input_bits`` pins the network input (the first layer's input quantizer) at that many
+    bits, counted at them: 8 is Bayesian Bits' convention (the 8-bit image, exactly
+    representable at ``d = 2**-8``). ``None`` (the default) learns it like every other
+    quantizer.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](quantized=quantized)
+    return MODELS[name](quantized=quantized, input_bits=input_bits)
 
 
 def folded(model: nn.Module) -> nn.Module:

@@ -84,6 +84,7 @@ class TrainConfig:
     lam_activation: float | None = None  # dq only: the activation term's (default: lam)
     bits_w: int = 4  # fixed only
     bits_a: int = 4  # fixed only
+    input_bits: int | None = None  # the network input pinned at these bits (None: learned)
     calibration_size: int = 2048
     seed: int = 0
     devices: int = 1  # data parallel over this many devices (of all processes' devices)
@@ -122,6 +123,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"--{name} must be an integer in [{low}, {high}], got {value!r}")
+        if self.input_bits is not None and (
+            isinstance(self.input_bits, bool)
+            or not isinstance(self.input_bits, int)
+            or not 1 <= self.input_bits <= MAX_BITS
+        ):
+            raise ValueError(
+                f"--input_bits must be an integer in [1, {MAX_BITS}] (8: Bayesian Bits' "
+                f"convention), or unset to learn the input's bits; got {self.input_bits!r}"
+            )
         if self.batch_size % self.devices:
             raise ValueError(
                 f"--batch_size {self.batch_size} does not split over --devices {self.devices}: "
@@ -380,7 +390,7 @@ def check_config(
     """
     config.validate()
     data_parallel_mesh(config.devices)  # as many devices as asked for
-    model = models.get_model(config.model, quantized=True)
+    model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
     specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     if config.method in ("cgmq", "dq"):
         certify.check_budget(_budget_of(config), specs)
@@ -456,7 +466,7 @@ class _Progress:
 def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: bool) -> _Setup:
     check_dataset(config, dataset)
     specs = check_config(config, dataset.train[0].shape[1:])
-    model = models.get_model(config.model, quantized=True)
+    model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
     steps = len(dataset.train[1]) // config.batch_size
     if config.method == "float":
         float_epochs, qat_epochs = range(0 if pretrained else config.epochs), range(0)

@@ -112,7 +112,11 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
 
         ok = ok and summary["params_match_run"]
         params = report.load_params(run_dir)
-        network = models.get_model(results["config"]["model"], quantized=True)
+        network = models.get_model(
+            results["config"]["model"],
+            quantized=True,
+            input_bits=results["config"].get("input_bits"),
+        )
         compared = ex.compare_with_model(model, params, network, images)
         int_pred, jax_pred = compared["int_predictions"], compared["jax_predictions"]
         agree = compared["agree"]

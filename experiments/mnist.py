@@ -69,6 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")
     p.add_argument("--bits_w", type=int, default=defaults.bits_w, help="fixed: weight bits")
     p.add_argument("--bits_a", type=int, default=defaults.bits_a, help="fixed: input bits")
+    p.add_argument(
+        "--input_bits",
+        type=int,
+        default=None,
+        help="pin the network input at N bits, counted at N (8: Bayesian Bits' convention; "
+        "default: learned)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
     p.add_argument("--data_dir", default=None, help="tfds data dir, or the IDX directory")
@@ -250,10 +257,14 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
     print()
     print(report.layer_table_text(result.certificate["layers"], config.budget_bops))
     print(report.limits_text(result.certificate))
+    relative, input8 = (
+        result.certificate["relative_bops_percent"],
+        result.certificate["relative_bops_percent_input8"],
+    )
     print(
         f"test accuracy {100 * result.test_accuracy:.2f}%  "
-        f"BOPs {result.certificate['bops']:,} "
-        f"({result.certificate['relative_bops_percent']:.3f}% of 32-bit)  "
+        f"BOPs {result.certificate['bops']:,} ({relative:.3f}% of 32-bit"
+        f"{'' if input8 == relative else f'; {input8:.3f}% with the input counted at 8 bits'})  "
         f"wall {result.wall_seconds:.0f} s  data {result.data_source}"
     )
     print(f"wrote {run.path}/results.json, params.msgpack, training.png")

@@ -528,7 +528,9 @@ def export_run(
     if config.get("method") == "float":
         raise ValueError(f"{results_dir}: a float run has no quantizers to export")
     params = report.load_params(results_dir)
-    model = models.get_model(config.get("model", "lenet5"), quantized=True)
+    model = models.get_model(
+        config.get("model", "lenet5"), quantized=True, input_bits=config.get("input_bits")
+    )
     metadata = {
         "run": str(results_dir),
         "method": config.get("method"),
