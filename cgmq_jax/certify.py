@@ -205,6 +205,25 @@ def _decrements(specs, table):
             )
 
 
+def one_more_bit_bops(specs, table) -> int | None:
+    """The fewest BOPs that one more bit on any learned quantizer (a weight channel or an
+    input) would add, from :func:`cgmq_jax.cost.layer_table` rows; ``None`` if nothing is
+    learned. A model whose ``bops`` plus this exceeds its budget uses all of it: no single
+    bit fits anywhere."""
+    extras = []
+    for spec, row in zip(specs, table, strict=True):
+        if not spec.quantized:
+            continue
+        per_channel_macs = spec.macs // spec.channels
+        weight_bits = row["weight_bits"]
+        channels = weight_bits if isinstance(weight_bits, list) else [weight_bits]
+        if spec.weight_bits is None:
+            extras.append(per_channel_macs * row["input_bits"])
+        if spec.input_bits is None:
+            extras.append(per_channel_macs * sum(channels))
+    return min(extras) if extras else None
+
+
 def cost_report(
     params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_reduce="max"
 ) -> dict:
@@ -217,7 +236,8 @@ def cost_report(
     ``weight_memory_bits`` and ``activation_bits`` (exact, bits per example), and
     ``limits``: ``{name: {"limit", "cost", "minimum", "within"}}`` for each limit given;
     ``relative_bops_percent`` (of the 32x32-bit cost) and ``relative_bops_percent_input8``
-    (the same with the network input counted at 8 bits, Bayesian Bits' convention).
+    (the same with the network input counted at 8 bits, Bayesian Bits' convention);
+    ``one_more_bit_bops`` (:func:`one_more_bit_bops`).
     """
     if params is None:
         table = [
@@ -259,6 +279,7 @@ def cost_report(
         "relative_bops_percent_input8": cost.relative_bops(cost.bops_with_input_at(table), specs),
         "float_bops": cost.float_bops(specs),
         "min_cost_bops": minimum["bops"],
+        "one_more_bit_bops": None if params is None else one_more_bit_bops(specs, table),
         "layers": table,
     }
 
