@@ -40,14 +40,14 @@ def tiny_run(tmp_path_factory, tiny_mnist):
     """A finished LeNet-5 run directory trained on the tiny synthetic MNIST."""
     run = tmp_path_factory.mktemp("run") / "lenet5"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+        patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
         assert load_cli("mnist").main([*TINY, "--budget_bops", "2e6", "--out", str(run)]) == 0
     return run
 
 
 @pytest.fixture
 def export_cli(monkeypatch, tiny_mnist):
-    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
     return load_cli("export").main
 
 

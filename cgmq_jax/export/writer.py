@@ -520,7 +520,7 @@ def export_run(
       ValueError: a missing, unfinished or unreadable run, params whose SHA-256 is not the
         one ``results.json`` records (each names the file), or a float (unquantized) run.
     """
-    from cgmq_jax import models, report, rundir
+    from cgmq_jax import data, models, report, rundir
 
     results_dir = Path(results_dir)
     results, _ = rundir.load_run(results_dir)  # verifies the params against results.json
@@ -529,11 +529,13 @@ def export_run(
         raise ValueError(f"{results_dir}: a float run has no quantizers to export")
     params = report.load_params(results_dir)
     model = models.get_model(config.get("model", "lenet5"), quantized=True)
+    dataset = (results.get("flags") or {}).get("dataset") or "mnist"  # None: before the flag
     metadata = {
         "run": str(results_dir),
         "method": config.get("method"),
         "seed": results.get("seed"),
         "test_accuracy": results.get("test_accuracy"),
+        "dataset": dataset,
         "data_source": results.get("data_source"),
         "params_sha256": results.get("params_sha256"),
     }
@@ -541,6 +543,7 @@ def export_run(
         params,
         model,
         path if path is not None else results_dir / DEFAULT_FILE,
+        input_shape=data.DATASETS[dataset].image_shape,
         bias_scheme=bias_scheme,
         certificate=results.get("certificate"),
         metadata=metadata,
