@@ -26,6 +26,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -615,6 +616,63 @@ def _epoch_name(setup: _Setup, progress: _Progress) -> str:
     return f"QAT epoch {progress.epoch + 1 - setup.qat_epochs.start}"
 
 
+def batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields ``(images, labels)`` minibatches in a seeded, deterministic order.
+
+    The permutation comes from ``np.random.default_rng((seed, epoch))``, so the same
+    ``(seed, epoch)`` always gives the same batches and each epoch gets its own order.
+
+    Args:
+        images: Array whose first axis indexes examples.
+        labels: Array with the same first-axis length as ``images``.
+        batch_size: Examples per batch (positive).
+        seed: Non-negative integer seed.
+        epoch: Non-negative epoch number, mixed into the seed.
+        shuffle: If False, keep the original order (``seed``/``epoch`` are then unused).
+        drop_last: Drop the final batch if it is smaller than ``batch_size``.
+
+    Returns:
+        An iterator over ``(images_batch, labels_batch)`` pairs (copies, not views).
+
+    Raises:
+        ValueError: Bad ``batch_size``, ``seed``, ``epoch`` or mismatched lengths.
+
+    Example:
+        >>> x, y = np.arange(10).reshape(10, 1), np.arange(10)
+        >>> [b[1].tolist() for b in batches(x, y, 4, seed=0, shuffle=False)]
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
+    """
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"images and labels differ in length: {n} vs {len(labels)}")
+    if int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if int(seed) != seed or seed < 0 or int(epoch) != epoch or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative integers, got {seed!r}, {epoch!r}")
+    batch_size = int(batch_size)
+    if shuffle:
+        order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    else:
+        order = np.arange(n)
+    stop = n - n % batch_size if drop_last else n
+
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            yield images[idx], labels[idx]
+
+    return generate()
+
+
 def _train_epoch(
     state, train_step, setup, split, progress, *, desc, should_stop, save, timings, first
 ):
@@ -625,11 +683,11 @@ def _train_epoch(
     ``first``, the first step (which compiles the step) is timed as ``timings["compile"]``.
     """
     config = setup.config
-    batches = data.batches(*split, config.batch_size, seed=config.seed, epoch=progress.epoch)
-    batches = itertools.islice(batches, progress.step, None)
+    order = batches(*split, config.batch_size, seed=config.seed, epoch=progress.epoch)
+    order = itertools.islice(order, progress.step, None)
     losses = []
     bar = tqdm(
-        batches,
+        order,
         total=setup.steps_per_epoch,
         initial=progress.step,
         desc=f"{desc} {progress.epoch + 1}",

@@ -7,7 +7,8 @@ Export writes ``RESULTS_DIR/model_int.npz`` (or ``--out``) from ``results.json``
 ``params.msgpack``. ``--check`` then verifies the file (format, checksums, graph), recounts
 its BOPs from the file alone and compares them with the trainer's certificate and budget,
 ties the file to the run (the SHA-256 of the params it was exported from must be the one
-``results.json`` records), runs the integer-only inference on the 10,000 MNIST test images
+``results.json`` records), runs the integer-only inference on the test images of the
+dataset the run was trained on (``--dataset`` as recorded; MNIST's 10,000 by default)
 (its accuracy may be at most 0.1 point below the accuracy recorded at training), and
 (given a run directory) compares its predictions and every layer's integer input codes
 with the JAX fake-quant model. ``--c OUT_DIR`` writes the network as self-contained C99
@@ -34,10 +35,14 @@ MAX_ACCURACY_DROP = 0.001
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
+    from cgmq_jax.data import DATASETS, SOURCES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", help="a run directory (results.json, params.msgpack) or a .npz file")
     p.add_argument("--out", default=None, help="file to write (default RESULTS_DIR/model_int.npz)")
-    p.add_argument("--check", action="store_true", help="verify, recount, run on MNIST, compare")
+    p.add_argument(
+        "--check", action="store_true", help="verify, recount, run on the test set, compare"
+    )
     p.add_argument(
         "--bias_scheme",
         choices=("odd", "accumulator"),
@@ -45,9 +50,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the float bias becomes an integer (docs/export.md; default %(default)s)",
     )
     p.add_argument("--c", default=None, metavar="OUT_DIR", help="also write the network as C99")
-    p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
-    p.add_argument("--data_dir", default=None, help="tfds data dir, or the IDX directory")
+    p.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        default=None,
+        help="the run's dataset (default: the one it was trained on, as recorded)",
+    )
+    p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
+    p.add_argument("--data_dir", default=None, help="tfds data dir, IDX directory, or tarball")
     return p.parse_args(argv)
+
+
+def trained_on(path: Path, run_dir: Path | None, model, asked: str | None) -> str:
+    """The dataset the exported network was trained on: the run's ``--dataset`` flag (in
+    its ``results.json``), else the file's metadata, else ``mnist`` (runs from before the
+    flag). ``ValueError`` if ``asked`` (``--dataset``) names another one."""
+    source = run_dir if run_dir is not None else path.parent
+    recorded = (model.header.get("metadata") or {}).get("dataset")
+    if (source / "results.json").is_file():
+        results = json.loads((source / "results.json").read_text())
+        recorded = (results.get("flags") or {}).get("dataset") or recorded
+    recorded = recorded or "mnist"
+    if asked is not None and asked != recorded:
+        raise ValueError(f"--dataset {asked}: the network was trained on {recorded}")
+    return recorded
 
 
 def _bops_text(counted: dict) -> str:
@@ -82,7 +108,7 @@ def _bops_text(counted: dict) -> str:
 
 
 def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[dict, bool]:
-    """Recount, run on the MNIST test set, and compare with the JAX model when possible."""
+    """Recount, run on the test set, and compare with the JAX model when possible."""
     from cgmq_jax import data
     from cgmq_jax import export as ex
 
@@ -92,7 +118,8 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
     ok = bool(counted["matches_certificate"] and counted["within_budget"] is not False)
     for name, limit in (counted.get("certificate_limits") or {}).items():
         ok = ok and counted["bops" if name == "bops" else name] <= limit["limit"]
-    dataset = data.load_mnist(args.data, data_dir=args.data_dir)
+    name = trained_on(path, run_dir, model, args.dataset)
+    dataset = data.load(name, args.data, data_dir=args.data_dir)
     images, labels = dataset.test
     pixels = ex.pixels_from_unit_float(images)
     summary = {
@@ -104,6 +131,7 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
         "matches_certificate": counted["matches_certificate"],
         "within_budget": counted["within_budget"],
         "test_examples": len(labels),
+        "dataset": dataset.name,
         "data_source": dataset.source,
     }
     results = _provenance(path, model, run_dir, summary)

@@ -22,6 +22,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from cgmq_jax.data import DATASETS, SOURCES
     from cgmq_jax.models import MODELS
     from cgmq_jax.train import METHODS, TrainConfig
 
@@ -77,9 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "default: learned)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
-    p.add_argument("--data_dir", default=None, help="tfds data dir, or the IDX directory")
-    p.add_argument("--download", action="store_true", help="let tfds download MNIST")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=None, help="default mnist")
+    p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
+    p.add_argument("--data_dir", default=None, help="tfds data dir, IDX directory, or tarball")
+    p.add_argument("--download", action="store_true", help="let tfds download the dataset")
     p.add_argument(
         "--train_examples",
         type=int,
@@ -129,7 +131,7 @@ def _error(message: object, status: int) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from cgmq_jax import rundir, train
+    from cgmq_jax import data, rundir, train
 
     if args.coordinator is not None:  # before anything computes: jax.distributed
         if args.resume:
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     )
     # 1. Everything that can be checked before data loading or training.
     try:
-        train.check_config(config)
+        train.check_config(config, data.DATASETS[args.dataset or "mnist"].image_shape)
         if args.train_examples is not None and args.train_examples < config.batch_size:
             raise ValueError(
                 f"--train_examples {args.train_examples} is fewer than one batch "
@@ -177,7 +179,9 @@ def main(argv=None) -> int:
 def _load(args, config):
     from cgmq_jax import data, train
 
-    dataset = data.load_mnist(args.data, data_dir=args.data_dir, download=args.download)
+    dataset = data.load(
+        args.dataset or "mnist", args.data, data_dir=args.data_dir, download=args.download
+    )
     if args.train_examples is not None:
         dataset = dataclasses.replace(
             dataset, train=tuple(a[: args.train_examples] for a in dataset.train)

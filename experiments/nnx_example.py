@@ -26,6 +26,7 @@ from flax import nnx
 
 from cgmq_jax import certify, constrained_update, cost, data, quantizer
 from cgmq_jax import nnx as cnnx
+from cgmq_jax.train import batches
 
 
 class LeNet5(nnx.Module):
@@ -75,7 +76,7 @@ def accuracy(model, split, batch_size: int = 1000) -> float:
 def train_epoch(model, optimizer, split, *, batch_size: int, seed: int, epoch: int) -> float:
     losses = [
         train_step(model, optimizer, images, labels)
-        for images, labels in data.batches(*split, batch_size, seed=seed, epoch=epoch)
+        for images, labels in batches(*split, batch_size, seed=seed, epoch=epoch)
     ]
     return float(jnp.mean(jnp.stack(losses)))
 
@@ -93,10 +94,10 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def load(args) -> data.MnistData:
+def load(args) -> data.Dataset:
     if args.synthetic:
         return data.synthetic()
-    if not (data.default_cache_dir() / data.BUNDLED_CACHE_NAME).exists():
+    if not data.bundled.cache_path().exists():
         raise data.DataError(
             "real MNIST is not cached: run `python -m cgmq_jax.data fetch` once, or pass "
             "--synthetic"

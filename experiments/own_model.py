@@ -25,6 +25,7 @@ import optax
 
 import cgmq_jax
 from cgmq_jax import certify, cost, data
+from cgmq_jax.train import batches
 
 
 class Net(nn.Module):
@@ -54,7 +55,7 @@ def train(model, params, tx, splits, *, epochs, batch_size, seed):
 
     images, labels = splits
     for epoch in range(epochs):
-        for x, y in data.batches(images, labels, batch_size, seed=seed, epoch=epoch):
+        for x, y in batches(images, labels, batch_size, seed=seed, epoch=epoch):
             params, state = step(params, state, x, y)
     return params, state
 

@@ -35,6 +35,8 @@ FIXED_BITS = [(8, 8), (4, 4), (2, 2)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from cgmq_jax.data import DATASETS, SOURCES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", default=None, help="results directory (default runs/sweep_PRESET)")
@@ -42,11 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lams", type=float, nargs="+", default=LAMS)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=["float", "fixed", "cgmq", "dq"])
-    p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
-    p.add_argument("--data_dir", default=None)
+    p.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
+    p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
+    p.add_argument("--data_dir", default=None, help="tfds data dir, IDX directory, or tarball")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = f"runs/sweep_{args.preset}"
+        suffix = "" if args.dataset == "mnist" else f"_{args.dataset}"
+        args.out = f"runs/sweep_{args.preset}{suffix}"
     if args.seeds is None:
         args.seeds = PRESETS[args.preset]["seeds"]
     return args
@@ -59,7 +63,7 @@ def check_args(args: argparse.Namespace) -> Path:
       ValueError: the first bad flag, with a one-line message (an infeasible budget raises
         :class:`cgmq_jax.certify.InfeasibleBudgetError`, a ``ValueError``).
     """
-    from cgmq_jax import cost, sweep, train
+    from cgmq_jax import cost, data, sweep, train
 
     unknown = [m for m in args.methods if m not in train.METHODS]
     if unknown:
@@ -69,7 +73,8 @@ def check_args(args: argparse.Namespace) -> Path:
     for budget in args.budgets:
         try:
             cost.validate_budget(budget)
-            train.check_config(train.TrainConfig(method="cgmq", budget_bops=budget))
+            config = train.TrainConfig(method="cgmq", budget_bops=budget)
+            train.check_config(config, data.DATASETS[args.dataset].image_shape)
         except ValueError as error:  # certify.InfeasibleBudgetError is one, and says the minimum
             message = str(error).replace("--budget_bops", "--budgets")  # this script's flag
             raise type(error)(f"--budgets: {message}") from None
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
         methods=args.methods,
     )
     try:
-        dataset = data.load_mnist(args.data, data_dir=args.data_dir)
+        dataset = data.load(args.dataset, args.data, data_dir=args.data_dir)
         train.check_dataset(base, dataset)
     except ValueError as error:  # data.DataError is a ValueError
         return _error(error)
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
         pretrain_epochs=preset["pretrain_epochs"],
         base=base,
     )
-    summary = _summary(args.preset, preset, rows)
+    summary = _summary(args.preset, preset, rows, dataset.name)
     files.write_text(out / "summary.md", summary)
     sweep.plot_pareto(rows, out / "pareto.png", args.budgets)
     sweep.plot_losses(rows, out / "loss.png")
@@ -142,12 +147,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _summary(name: str, preset: dict, rows: list[dict]) -> str:
+def _summary(name: str, preset: dict, rows: list[dict], dataset: str = "mnist") -> str:
     from cgmq_jax import sweep
 
     pretrain, epochs = preset["pretrain_epochs"], preset["epochs"]
     return (
-        f"Preset `{name}`: quantized runs {pretrain} float epochs (shared per seed) + "
+        f"Preset `{name}` on {dataset}: quantized runs {pretrain} float epochs (shared per seed) + "
         f"{epochs} QAT epochs; float runs {pretrain + epochs} float epochs; "
         f"seeds {sorted({int(r['seed']) for r in rows})}.\n\n"
         + sweep.summarize(rows)

@@ -40,14 +40,14 @@ def tiny_run(tmp_path_factory, tiny_mnist):
     """A finished LeNet-5 run directory trained on the tiny synthetic MNIST."""
     run = tmp_path_factory.mktemp("run") / "lenet5"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+        patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
         assert load_cli("mnist").main([*TINY, "--budget_bops", "2e6", "--out", str(run)]) == 0
     return run
 
 
 @pytest.fixture
 def export_cli(monkeypatch, tiny_mnist):
-    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
     return load_cli("export").main
 
 
@@ -138,3 +138,29 @@ def test_a_file_without_recorded_accuracy_fails(tiny_run, tmp_path, export_cli, 
     assert export_cli([str(alone), "--check"]) == 1
     out = capsys.readouterr().out
     assert "no accuracy recorded at training" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "metadata", "asked", "expected"),
+    [
+        ({"dataset": "fashion_mnist"}, {}, None, "fashion_mnist"),
+        ({"dataset": None}, {}, None, "mnist"),  # a run from before --dataset
+        (None, {"dataset": "cifar10"}, None, "cifar10"),  # a file alone: its metadata
+        ({"dataset": "fashion_mnist"}, {}, "mnist", "--dataset mnist: the network was trained"),
+    ],
+    ids=["recorded", "before-the-flag", "file-metadata", "mismatch"],
+)
+def test_check_evaluates_on_the_dataset_the_run_was_trained_on(
+    tmp_path, flags, metadata, asked, expected
+):
+    class File:
+        header = {"metadata": metadata}
+
+    if flags is not None:
+        (tmp_path / "results.json").write_text(json.dumps({"flags": flags}))
+    trained_on = load_cli("export").trained_on
+    if expected.startswith("--"):
+        with pytest.raises(ValueError, match=expected):
+            trained_on(tmp_path / "model_int.npz", None, File, asked)
+    else:
+        assert trained_on(tmp_path / "model_int.npz", None, File, asked) == expected

@@ -482,7 +482,7 @@ def memory_run(tmp_path_factory, tiny_mnist):
     """A LeNet-5 run on the tiny synthetic MNIST under a weight and an activation limit."""
     out = tmp_path_factory.mktemp("limits") / "run"
     with pytest.MonkeyPatch.context() as patch, jax.numpy_dtype_promotion("standard"):
-        patch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+        patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
         status = load_cli("mnist").main([*TINY, *LIMIT_FLAGS, "--out", str(out)])
     assert status == 0
     return out
@@ -513,7 +513,7 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data was loaded before the bad limit was reported")
 
-    monkeypatch.setattr(data, "load_mnist", refuse)
+    monkeypatch.setattr(data, "load", refuse)
 
 
 def _one_line_error(capsys) -> str:

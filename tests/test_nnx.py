@@ -20,6 +20,7 @@ from flax import nnx
 from cgmq_jax import constrained_update, cost, data, quantizer
 from cgmq_jax import nn as linen_layers
 from cgmq_jax import nnx as cnnx
+from cgmq_jax.train import batches
 
 # (name, nnx.Conv / linen.Conv keyword arguments shared by both, input shape). As in Flax,
 # an int kernel_size is a 1-D window; the default padding is 'SAME'.
@@ -303,7 +304,7 @@ def _train_step(model, optimizer, images, labels):
 
 def _epochs(model, optimizer, split, epochs, *, first=0):
     for epoch in range(first, first + epochs):
-        for images, labels in data.batches(*split, 32, seed=0, epoch=epoch):
+        for images, labels in batches(*split, 32, seed=0, epoch=epoch):
             _train_step(model, optimizer, images, labels)
 
 

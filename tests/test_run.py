@@ -33,12 +33,12 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data was loaded before the bad input was reported")
 
-    monkeypatch.setattr(data, "load_mnist", refuse)
+    monkeypatch.setattr(data, "load", refuse)
 
 
 @pytest.fixture
 def tiny_data(monkeypatch, tiny_mnist):
-    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
     return tiny_mnist
 
 
@@ -102,7 +102,7 @@ def test_empty_splits_fail_before_training(
 ):
     cut = (tiny_mnist.train[0][:size], tiny_mnist.train[1][:size])
     broken = tiny_mnist.__class__(**{**tiny_mnist.__dict__, split: cut})
-    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: broken)
+    monkeypatch.setattr(data, "load", lambda *a, **k: broken)
     monkeypatch.setattr(train, "make_train_step", pytest.fail)
     with pytest.raises(ValueError, match=fragment):
         train.fit(train.TrainConfig(epochs=1, pretrain_epochs=1), broken, log=lambda _: None)
@@ -183,7 +183,7 @@ DRIVER = textwrap.dedent(
     from cgmq_jax import data, train
 
     tiny = data.synthetic()  # the tests' tiny_mnist
-    data.load_mnist = lambda *a, **k: tiny
+    data.load = lambda *a, **k: tiny
     signal_at = int(os.environ.get("SIGNAL_AT_STEP", "0"))
     signum = getattr(signal, os.environ.get("SIGNAL", "SIGKILL"))
     make_train_step, calls = train.make_train_step, [0]

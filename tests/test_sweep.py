@@ -246,7 +246,7 @@ def test_run_grid_refuses_a_runs_csv_of_an_older_sweep(tiny_mnist, tmp_path):
 
 def test_cli_writes_runs_summary_and_both_plots(tiny_mnist, tmp_path, monkeypatch, capsys):
     fake = FakeFit()
-    monkeypatch.setattr(data, "load_mnist", lambda *args, **kwargs: tiny_mnist)
+    monkeypatch.setattr(data, "load", lambda *args, **kwargs: tiny_mnist)
     monkeypatch.setattr(train, "fit", fake)
     out = tmp_path / "out"
     argv = ["--out", str(out), "--budgets", "2e6", "--lams", "1", "--seeds", "0"]
@@ -300,7 +300,7 @@ def test_cli_rejects_bad_flags_before_loading_data(tmp_path, monkeypatch, capsys
     def no_data(*args, **kwargs):
         raise AssertionError("data must not be loaded")
 
-    monkeypatch.setattr(data, "load_mnist", no_data)
+    monkeypatch.setattr(data, "load", no_data)
     monkeypatch.setattr(train, "fit", no_data)
     if callable(argv):
         argv, message = argv(tmp_path)
@@ -318,7 +318,7 @@ def test_cli_rejects_an_unwritable_out(tmp_path, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(data, "load_mnist", refuse)
+    monkeypatch.setattr(data, "load", refuse)
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
     out = tmp_path / "out"
     assert load_cli("sweep").main(["--out", str(out)]) == 2
@@ -352,7 +352,7 @@ def test_cli_rejects_unusable_splits_before_training(
     def no_fit(*args, **kwargs):
         raise AssertionError("fit must not run")
 
-    monkeypatch.setattr(data, "load_mnist", lambda *args, **kwargs: dataset)
+    monkeypatch.setattr(data, "load", lambda *args, **kwargs: dataset)
     monkeypatch.setattr(train, "fit", no_fit)
     assert load_cli("sweep").main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

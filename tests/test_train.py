@@ -72,7 +72,7 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_cli_writes_results(tmp_path, tiny_mnist, monkeypatch):
-    monkeypatch.setattr(data, "load_mnist", lambda *a, **k: tiny_mnist)
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
     out = tmp_path / "run"
     argv = ["--budget_bops", "2e6", "--epochs", "1", "--pretrain_epochs", "0", "--out", str(out)]
     assert load_cli("mnist").main(argv) == 0
@@ -85,3 +85,45 @@ def test_cli_writes_results(tmp_path, tiny_mnist, monkeypatch):
     specs = cost.layer_specs(models.LeNet5(), tiny_mnist.train[0][:1])
     assert cost.exact_bops(params, specs) == results["bops"]
     assert math.isfinite(results["test_accuracy"])
+
+
+def test_batches_deterministic_and_epoch_dependent():
+    x = np.arange(103 * 2).reshape(103, 2)
+    y = np.arange(103)
+
+    def order(**kw):
+        return np.concatenate([b[1] for b in train.batches(x, y, 10, **kw)])
+
+    a, b = order(seed=1, epoch=0), order(seed=1, epoch=0)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 100 and len(set(a.tolist())) == 100  # drop_last, no repeats
+    assert not np.array_equal(a, order(seed=1, epoch=1))
+    assert not np.array_equal(a, order(seed=2, epoch=0))
+    full = order(seed=1, epoch=3, drop_last=False)
+    assert sorted(full.tolist()) == list(range(103))
+    np.testing.assert_array_equal(order(seed=0, shuffle=False, drop_last=False), y)
+    for bx, by in train.batches(x, y, 7, seed=5):
+        np.testing.assert_array_equal(bx[:, 0], 2 * by)  # images stay paired with labels
+    assert list(train.batches(x[:5], y[:5], 10, seed=0)) == []
+
+
+def test_batches_validates_arguments():
+    x, y = np.zeros((4, 1)), np.zeros(4)
+    with pytest.raises(ValueError, match="differ in length"):
+        train.batches(x, y[:3], 2, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train.batches(x, y, 0, seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        train.batches(x, y, 2, seed=-1)
+
+
+def test_cifar_shaped_model_trains_one_step():
+    """CIFAR-10's 32x32x3 input goes through LeNet-5: check_config's costs, one step."""
+    tiny = data.synthetic(32, 8, 8, image_shape=(32, 32, 3))
+    config = train.TrainConfig(
+        method="cgmq", budget_bops=2e7, epochs=1, pretrain_epochs=0, batch_size=32
+    )
+    specs = train.check_config(config, tiny.image_shape)
+    assert specs[0].macs > 281_640  # more than LeNet-5 on 28x28x1
+    result = train.fit(config, tiny, log=lambda line: None)
+    assert result.data_source == "synthetic" and np.isfinite(result.test_accuracy)

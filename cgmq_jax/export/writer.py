@@ -520,7 +520,7 @@ def export_run(
       ValueError: a missing, unfinished or unreadable run, params whose SHA-256 is not the
         one ``results.json`` records (each names the file), or a float (unquantized) run.
     """
-    from cgmq_jax import models, report, rundir
+    from cgmq_jax import data, models, report, rundir
 
     results_dir = Path(results_dir)
     results, _ = rundir.load_run(results_dir)  # verifies the params against results.json
@@ -531,11 +531,13 @@ def export_run(
     model = models.get_model(
         config.get("model", "lenet5"), quantized=True, input_bits=config.get("input_bits")
     )
+    dataset = (results.get("flags") or {}).get("dataset") or "mnist"  # None: before the flag
     metadata = {
         "run": str(results_dir),
         "method": config.get("method"),
         "seed": results.get("seed"),
         "test_accuracy": results.get("test_accuracy"),
+        "dataset": dataset,
         "data_source": results.get("data_source"),
         "params_sha256": results.get("params_sha256"),
     }
@@ -543,6 +545,7 @@ def export_run(
         params,
         model,
         path if path is not None else results_dir / DEFAULT_FILE,
+        input_shape=data.DATASETS[dataset].image_shape,
         bias_scheme=bias_scheme,
         certificate=results.get("certificate"),
         metadata=metadata,

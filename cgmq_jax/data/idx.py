@@ -1,0 +1,107 @@
+"""IDX files: the format MNIST and Fashion-MNIST are published in.
+
+A directory holding the four files (optionally gzipped) is a source of its own
+(``source="idx"``); the Debian Fashion-MNIST package ships the same four files.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from cgmq_jax.data.core import NUM_CLASSES, DataError, Split, one_line
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
+LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
+
+
+def find_file(directory: Path, name: str) -> Path:
+    """``directory/name`` or ``directory/name.gz``, whichever exists."""
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"missing IDX file {directory / name}[.gz]; put the four IDX files "
+        f"({', '.join(FILES.values())}) in {directory}"
+    )
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped if its name ends in ``.gz``."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read IDX file {path} ({one_line(err)})") from None
+
+
+def parse(raw: bytes, magic: int, *, path: Path) -> np.ndarray:
+    """Parses one IDX file of unsigned bytes, checking magic, dims and length.
+
+    Example:
+        >>> blob = (2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 0, 9])
+        >>> parse(blob, LABELS_MAGIC, path=Path("labels")).tolist()
+        [7, 0, 9]
+    """
+    if len(raw) < 4:
+        raise DataError(f"IDX file {path} is truncated (no header)")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise DataError(
+            f"IDX file {path} has magic number {found} (0x{found:08x}), expected {magic} "
+            f"(0x{magic:08x}: unsigned bytes, {magic & 0xFF} dims)"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"IDX file {path} is truncated (incomplete header)")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "too long"
+        raise DataError(
+            f"IDX file {path} is {state}: {len(raw)} bytes, header {dims} says {expected}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_splits(paths: dict[str, Path], contents: dict[str, bytes]) -> dict[str, Split]:
+    """The four files' bytes -> ``{"train", "test"}``: uint8 (N, 28, 28) images, labels."""
+    arrays = {
+        key: parse(
+            contents[key], IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC, path=paths[key]
+        )
+        for key in FILES
+    }
+    splits = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        images, labels = paths[f"{split}_images"], paths[f"{split}_labels"]
+        if x.shape[1:] != (28, 28):
+            raise DataError(f"IDX file {images} holds {x.shape[1:]} images, not 28x28")
+        if len(x) != len(y):
+            raise DataError(
+                f"IDX files {images} and {labels} disagree: {len(x)} images vs {len(y)} labels"
+            )
+        if len(y) and y.max() >= NUM_CLASSES:
+            raise DataError(f"IDX file {labels} has labels outside 0..9")
+        splits[split] = (x, y.astype(np.int32))
+    return splits
+
+
+def read_directory(directory: Path) -> dict[str, Split]:
+    """The ``train`` and ``test`` splits from a directory of the four IDX files."""
+    if not directory.is_dir():
+        raise DataError(
+            f"IDX directory {directory} does not exist; pass data_dir=DIR with the files"
+        )
+    paths = {key: find_file(directory, name) for key, name in FILES.items()}
+    return read_splits(paths, {key: read_bytes(path) for key, path in paths.items()})
