@@ -10,6 +10,7 @@ import dataclasses
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cgmq_jax import cost, quantizer
 
@@ -136,6 +137,73 @@ def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget, *, activati
                 _set_bits(leaf[best.channel], best.bits, signed=best.signed)
             )
         steps += 1
+
+
+def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_reduce="max"):
+    """Add bits one at a time, the costliest that still fits first, until none fits.
+
+    The converse of :func:`greedy_repair`, for a model within every limit: each step halves
+    the step of the learned quantizer whose one more bit adds the most to the limits (in
+    total, each cost relative to its limit) while every limit still holds; its range
+    ``q_max`` is kept, so it gains exactly one bit of resolution. It ends when no single
+    bit fits anywhere, so the model then uses its budget as far as whole bits allow.
+    :func:`cgmq_jax.train.fit` calls it at the end of every CGMQ epoch: the constraint only
+    ever lowers bits and the guard blocks the loss's proposals that would cross the budget,
+    so without it runs ended below their budget (LeNet-5 at 1e6 BOPs on 846,240, 85%).
+
+    Returns:
+      ``(params, steps)``: the filled parameters and the number of bits added.
+    """
+    limits = limits_of(budget)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    steps = 0
+    while True:
+        current = flax.traverse_util.unflatten_dict(flat)
+        table = cost.layer_table(current, specs)
+        before = _costs_of(table, activation_reduce)
+        best, best_use = None, 0.0
+        for path, signed in _learned_quantizers(specs):
+            leaf = jnp.asarray(flat[path])
+            if (
+                int(np.max(quantizer.exact_bitwidth(*quantizer.from_latents(leaf), signed=signed)))
+                >= MAX_FILL_BITS
+            ):
+                continue
+            trial = {**flat, path: _halve_step(leaf)}
+            after = _costs_of(
+                cost.layer_table(flax.traverse_util.unflatten_dict(trial), specs), activation_reduce
+            )
+            if any(after[name] > limit for name, limit in limits.items()):
+                continue
+            use = sum((after[name] - before[name]) / limit for name, limit in limits.items())
+            if use > best_use:
+                best, best_use = (path, trial[path]), use
+        if best is None:
+            return current, steps
+        flat[best[0]] = best[1]
+        steps += 1
+
+
+#: :func:`greedy_fill` gives no quantizer more bits than this.
+MAX_FILL_BITS = 16
+
+
+def _learned_quantizers(specs):
+    """``(path, signed)`` of every quantizer leaf whose bit-width is learned."""
+    for spec in specs:
+        if not spec.quantized:
+            continue
+        if spec.weight_bits is None:
+            yield (*spec.path, "weight_quantizer"), spec.weight_signed
+        if spec.input_bits is None:
+            yield (*spec.path, "input_quantizer"), spec.input_signed
+
+
+def _halve_step(theta: jax.Array) -> jax.Array:
+    """The leaf with its power-of-two step halved (the latent at the new step's centre) and
+    its range kept: twice the levels, one more bit."""
+    d, _ = quantizer.from_latents(theta)
+    return theta.at[..., 0].set(jnp.log2(quantizer.power_of_two_step(d)) - 1.0)
 
 
 def _costs_of(table: list[dict], activation_reduce: str) -> dict:

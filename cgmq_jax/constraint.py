@@ -137,11 +137,8 @@ def constrained_update(
 
     * feasible, and the exact cost after the proposed update is still within budget:
       pass through;
-    * feasible, but the proposed update would leave the budget (the *guard*): each
-      quantizer, in tree order, keeps its proposed update if the cost of what is admitted
-      so far with it stays within budget, and has its cost-raising components set to zero
-      otherwise; so the cost stays within budget, and bits still come back wherever they
-      fit;
+    * feasible, but the proposed update would leave the budget (the *guard*): the
+      cost-raising components are set to zero, so the cost cannot rise;
     * infeasible: the cost-raising components are set to zero and the constraint direction
       ``-L * g / ||g||`` is added, with ``g`` the floor-aware gradient of ``cost_fn``
       w.r.t. the ``log2 d`` latents and the length ``L = max(rescale * s, L_bit)``:
@@ -297,7 +294,6 @@ def constrained_update(
 
         raising = _cost_raising(updates, quantizer_mask)
         masked = _zero_where(updates, raising)
-        admitted = _admit_within_budget(params, updates, masked, quantizer_mask, constraints)
 
         scale = _quantizer_norm(updates, quantizer_mask)
         scale_floor = jnp.maximum(state.scale_floor, scale)
@@ -322,9 +318,9 @@ def constrained_update(
             )
 
         new_updates = jax.tree.map(
-            lambda u, a, c: jnp.where(feasible, jnp.where(guard, a, u), c),
+            lambda u, m, c: jnp.where(feasible, jnp.where(guard, m, u), c),
             updates,
-            admitted,
+            masked,
             corrected,
         )
         new_updates = jax.tree.map(
@@ -346,30 +342,6 @@ def constrained_update(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _admit_within_budget(params, updates, masked, quantizer_mask, constraints):
-    """The guard's update: each quantizer's own proposal where it still fits, one at a time.
-
-    Start from ``masked`` (every cost-raising component zeroed: within budget whenever the
-    params are) and give each quantizer, in tree order, its whole proposed update back if
-    the exact cost of everything admitted so far plus it stays within every budget. So one
-    quantizer whose next bit does not fit no longer freezes the others: measured, zeroing
-    every quantizer's cost-raising components whenever any one would cross left LeNet-5 at
-    1e6 BOPs on 846,240 (85%), a quantizer pushed just past a rounding boundary retrying
-    its lost bit on every step. The costs are cheap functions of the few quantizer leaves;
-    XLA drops the weight arithmetic of these trial proposals, which no cost reads.
-    """
-    leaves, treedef = jax.tree.flatten(updates)
-    admitted = jax.tree.leaves(masked)
-    for i, is_q in enumerate(jax.tree.leaves(quantizer_mask)):
-        if not is_q:
-            continue
-        trial = treedef.unflatten([*admitted[:i], leaves[i], *admitted[i + 1 :]])
-        proposal = optax.apply_updates(params, trial)
-        fits = jnp.all(jnp.stack([fn(proposal) <= limit for fn, limit in constraints]))
-        admitted[i] = jnp.where(fits, leaves[i], admitted[i])
-    return treedef.unflatten(admitted)
 
 
 def _length_to_lose_a_bit(params, cost_grad, direction_norm, quantizer_mask) -> jax.Array:

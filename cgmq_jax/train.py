@@ -895,11 +895,21 @@ def fit(
             )
             first = False
             _check_finite(setup, progress, losses, state.params)
+            filled = 0
+            if phase == "qat" and config.method == "cgmq":  # give back the bits that fit
+                params, filled = certify.greedy_fill(
+                    local_copy(state.params), setup.specs, setup.budget
+                )
+                if filled:
+                    state = placement.replicate(state.replace(params=params))
+                    log(f"epoch {epoch + 1}: {filled} more bit(s) fit in the budget")
             loss = float(np.mean(np.asarray(losses, np.float32)))
             evaluate_started = time.perf_counter()
             timings["train"] += evaluate_started - epoch_started - (timings["compile"] - compiling)
             row = evaluate(setup, local_copy(state), progress, loss, validation, accuracy_fn, log)
             timings["evaluate"] += time.perf_counter() - evaluate_started
+            if phase == "qat" and config.method == "cgmq":
+                row["filled_bits"] = filled
             progress.history.append(row)
             if (
                 phase == "qat"
