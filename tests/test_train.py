@@ -46,6 +46,66 @@ def test_repair_makes_an_over_budget_model_feasible():
         certify.certify(params, specs, 1e6)
 
 
+@pytest.mark.parametrize("budget", [1e6, 2e6])
+def test_fill_uses_the_budget_until_no_single_bit_fits(budget):
+    model = models.LeNet5()
+    x = np.random.default_rng(0).uniform(0, 1, (8, 28, 28, 1)).astype(np.float32)
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    specs = cost.layer_specs(model, x)
+    low, _ = certify.greedy_repair(params, specs, budget * 0.6)  # well within the budget
+    filled, added = certify.greedy_fill(low, specs, budget)
+    report = certify.certify(filled, specs, budget)  # within, or refused
+    before, after = cost.layer_table(low, specs), report["layers"]
+    gained = sum(
+        a["weight_bits"] - b["weight_bits"] + a["input_bits"] - b["input_bits"]
+        for a, b in zip(after, before, strict=True)
+    )
+    assert added == gained > 0
+    assert all(  # only ever more bits
+        a["weight_bits"] >= b["weight_bits"] and a["input_bits"] >= b["input_bits"]
+        for a, b in zip(after, before, strict=True)
+    )
+    assert report["bops"] + report["one_more_bit_bops"] > budget  # no single bit fits now
+    assert report["bops"] >= 0.97 * budget
+    assert certify.greedy_fill(filled, specs, budget)[1] == 0  # a fixed point
+
+
+def test_one_more_bit_bops_is_the_cheapest_single_bit():
+    model = models.LeNet5()
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    specs = cost.layer_specs(model, x)
+    table = cost.layer_table(params, specs)  # 8 bits everywhere
+    # fc3 (840 MACs): one more weight or input bit adds 840 * 8.
+    assert certify.one_more_bit_bops(specs, table) == 840 * 8
+    pinned = cost.layer_specs(models.LeNet5(input_bits=8), x)
+    assert pinned[0].input_bits == 8 and all(s.input_bits is None for s in pinned[1:])
+
+
+def test_input_bits_pins_the_network_input_and_counts_it():
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    specs = cost.layer_specs(models.get_model("lenet5_bb", input_bits=8), x)
+    # Bayesian Bits' convention: the minimum is 14,985,216 BOPs = 0.343% of 32-bit.
+    assert cost.min_cost(specs) == 14_985_216
+    assert round(cost.relative_bops(cost.min_cost(specs), specs), 3) == 0.343
+    learned = cost.layer_specs(models.get_model("lenet5_bb"), x)
+    assert cost.min_cost(learned) == 8_534_016  # the image at 1 bit
+    model = models.get_model("lenet5", input_bits=8)
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    lenet_specs = cost.layer_specs(model, x)
+    report = certify.cost_report(quantizer_at_min(params), lenet_specs, 2e6)
+    assert report["layers"][0]["input_bits"] == 8
+    assert report["relative_bops_percent_input8"] == report["relative_bops_percent"]
+    with pytest.raises(ValueError, match="--input_bits must be an integer in"):
+        train.TrainConfig(input_bits=0).validate()
+
+
+def quantizer_at_min(params):
+    from cgmq_jax import quantizer
+
+    return quantizer.at_min_bitwidths(params)
+
+
 @pytest.mark.parametrize("budget", ["1e5", "5e5"])
 def test_infeasible_budget_exits_2_and_states_the_minimum(budget, capsys):
     status = load_cli("mnist").main(
