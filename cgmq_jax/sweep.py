@@ -38,6 +38,7 @@ COLUMNS = (
     "final_loss",
     "epoch_losses",
     "layer_bits",
+    "one_more_bit_bops",
 )
 STYLES = {  # method -> (marker, colour), shared by the plots
     "cgmq": ("o", "tab:blue"),
@@ -232,6 +233,7 @@ def _row(run: Run, result: train.FitResult, epochs: int) -> dict:
         "final_loss": f"{losses[-1]:.4f}" if losses else "",
         "epoch_losses": " ".join(f"{loss:.4f}" for loss in losses),
         "layer_bits": layer_bits,
+        "one_more_bit_bops": certificate.get("one_more_bit_bops") or "",
     }
 
 
@@ -252,8 +254,8 @@ def summarize(rows: list[dict]) -> str:
     median final training loss, compliance."""
     lines = [
         "| method | budget (BOPs) | lam / bits | runs | test acc. median (min-max) | "
-        "BOPs median | final loss median | within budget |",
-        "|---|---|---|---|---|---|---|---|",
+        "BOPs median | final loss median | within budget | budget use, min (full) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def group_key(row):
@@ -274,9 +276,23 @@ def summarize(rows: list[dict]) -> str:
         lines.append(
             f"| {method} | {f'{budget:.0e}' if budget else '-'} | {setting} | {len(group)} | "
             f"{statistics.median(accuracies):.2f} ({min(accuracies):.2f}-{max(accuracies):.2f}) | "
-            f"{bops:,.0f} | {final_loss} | {compliance} |"
+            f"{bops:,.0f} | {final_loss} | {compliance} | {_budget_use(group, budget)} |"
         )
     return "\n".join(lines)
+
+
+def _budget_use(group: list[dict], budget: float) -> str:
+    """The smallest certified / budget of a group's compliant runs, and how many of them
+    are full (no single bit fits: ``bops + one_more_bit_bops > budget``)."""
+    within = [r for r in group if budget and r["within_budget"] == "True"]
+    if not within:
+        return "n/a"
+    use = min(int(r["bops"]) for r in within) / budget
+    full = sum(
+        bool(r.get("one_more_bit_bops")) and int(r["bops"]) + int(r["one_more_bit_bops"]) > budget
+        for r in within
+    )
+    return f"{100 * use:.1f}% ({full}/{len(within)})"
 
 
 def dq_search_cost(rows: list[dict]) -> str:

@@ -902,7 +902,7 @@ def fit(
                 )
                 if filled:
                     state = placement.replicate(state.replace(params=params))
-                    log(f"epoch {epoch + 1}: {filled} more bit(s) fit in the budget")
+                    log(f"QAT epoch {epoch + 1 - setup.qat_epochs.start}: {filled} more bit(s) fit")
             loss = float(np.mean(np.asarray(losses, np.float32)))
             evaluate_started = time.perf_counter()
             timings["train"] += evaluate_started - epoch_started - (timings["compile"] - compiling)
