@@ -148,9 +148,11 @@ def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation
     limit). One more bit halves a quantizer's quantization error wherever it is, but it
     matters most at few bits (1 -> 2 bits, not 8 -> 9). The quantizer's power-of-two step is
     halved and its range ``q_max`` kept, so it gains exactly one bit of resolution.
-    :func:`cgmq_jax.train.fit` calls it at the end of every CGMQ epoch: the constraint only
-    lowers bits and the guard blocks any proposal that would cross the budget, so without
-    it runs ended below their budget (LeNet-5 at 1e6 BOPs on 846,240, 85%).
+    :func:`cgmq_jax.train.fit` calls it on the model CGMQ returns: the constraint only lowers
+    bits and the guard blocks any proposal that would cross the budget, so runs end below
+    their budget (LeNet-5 at 1e6 BOPs on 846,240, 85%). (Called at every epoch end
+    instead, the cheap layers took the room and kept it: LeNet-5 at 2e6 then ended with
+    conv2's input at 1 bit and fc3 at 11-12 bits, test 98.74% / 98.82% for seeds 0 / 1.)
 
     Returns:
       ``(params, steps)``: the filled parameters and the number of bits added.

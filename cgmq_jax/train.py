@@ -895,21 +895,11 @@ def fit(
             )
             first = False
             _check_finite(setup, progress, losses, state.params)
-            filled = 0
-            if phase == "qat" and config.method == "cgmq":  # give back the bits that fit
-                params, filled = certify.greedy_fill(
-                    local_copy(state.params), setup.specs, setup.budget
-                )
-                if filled:
-                    state = placement.replicate(state.replace(params=params))
-                    log(f"QAT epoch {epoch + 1 - setup.qat_epochs.start}: {filled} more bit(s) fit")
             loss = float(np.mean(np.asarray(losses, np.float32)))
             evaluate_started = time.perf_counter()
             timings["train"] += evaluate_started - epoch_started - (timings["compile"] - compiling)
             row = evaluate(setup, local_copy(state), progress, loss, validation, accuracy_fn, log)
             timings["evaluate"] += time.perf_counter() - evaluate_started
-            if phase == "qat" and config.method == "cgmq":
-                row["filled_bits"] = filled
             progress.history.append(row)
             if (
                 phase == "qat"
@@ -972,12 +962,24 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, seconds, log
         if config.method == "cgmq":
             params, repaired_bits = certify.greedy_repair(params, specs, budget)
             log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
-    if config.method == "cgmq":
+    fill = None
+    if config.method == "cgmq":  # the bits that still fit, where they are fewest
+        accuracy = make_accuracy(setup.model)
+        before = accuracy(params, *dataset.validation)
+        params, filled = certify.greedy_fill(params, specs, budget)
+        fill = {"bits": filled, "val_accuracy_before": before}
+        fill["val_accuracy_after"] = accuracy(params, *dataset.validation) if filled else before
+        if filled:
+            log(
+                f"{filled} more bit(s) fit in the budget: validation accuracy "
+                f"{100 * before:.2f}% -> {100 * fill['val_accuracy_after']:.2f}%"
+            )
         certificate = certify.certify(params, specs, budget)
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
         certificate = certify.cost_report(params, specs, budget)
     certificate["selected_epoch"] = progress.best_epoch
     certificate["repaired_bits"] = repaired_bits
+    certificate["fill"] = fill
     return FitResult(
         config=config,
         params=params,
