@@ -44,12 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lams", type=float, nargs="+", default=LAMS)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=["float", "fixed", "cgmq", "dq"])
+    p.add_argument("--model", default="lenet5", help="lenet5, lenet5_bb, mlp or dscnn")
+    p.add_argument(
+        "--fixed_bits",
+        nargs="+",
+        default=[f"{w}/{a}" for w, a in FIXED_BITS],
+        help="the fixed rows' weight/input bits, e.g. 8/8 4/4",
+    )
     p.add_argument("--dataset", choices=tuple(DATASETS), default="mnist")
     p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
     p.add_argument("--data_dir", default=None, help="tfds data dir, IDX directory, or tarball")
     args = p.parse_args(argv)
     if args.out is None:
         suffix = "" if args.dataset == "mnist" else f"_{args.dataset}"
+        suffix += "" if args.model == "lenet5" else f"_{args.model}"
         args.out = f"runs/sweep_{args.preset}{suffix}"
     if args.seeds is None:
         args.seeds = PRESETS[args.preset]["seeds"]
@@ -63,21 +71,24 @@ def check_args(args: argparse.Namespace) -> Path:
       ValueError: the first bad flag, with a one-line message (an infeasible budget raises
         :class:`cgmq_jax.certify.InfeasibleBudgetError`, a ``ValueError``).
     """
-    from cgmq_jax import cost, data, sweep, train
+    from cgmq_jax import cost, data, models, sweep, train
 
     unknown = [m for m in args.methods if m not in train.METHODS]
     if unknown:
         raise ValueError(
             f"unknown method {unknown[0]!r} in --methods; choose from {', '.join(train.METHODS)}"
         )
+    if args.model not in models.MODELS:
+        raise ValueError(f"unknown --model {args.model!r}; choose one of {sorted(models.MODELS)}")
     for budget in args.budgets:
         try:
             cost.validate_budget(budget)
-            config = train.TrainConfig(method="cgmq", budget_bops=budget)
+            config = train.TrainConfig(method="cgmq", budget_bops=budget, model=args.model)
             train.check_config(config, data.DATASETS[args.dataset].image_shape)
         except ValueError as error:  # certify.InfeasibleBudgetError is one, and says the minimum
             message = str(error).replace("--budget_bops", "--budgets")  # this script's flag
             raise type(error)(f"--budgets: {message}") from None
+    args.fixed_bits = [_bits_pair(text) for text in args.fixed_bits]
     for lam in args.lams:
         if not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"--lams must be positive finite numbers, got {lam:g}")
@@ -87,6 +98,23 @@ def check_args(args: argparse.Namespace) -> Path:
     out = _check_out(Path(args.out))
     sweep.check_csv(out / "runs.csv")
     return out
+
+
+def _bits_pair(text) -> tuple[int, int]:
+    """``"4/4"`` -> ``(4, 4)``; ``ValueError`` naming ``--fixed_bits`` otherwise."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        weight, activation = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(
+            f"--fixed_bits takes WEIGHT/INPUT bits such as 4/4, got {text!r}"
+        ) from None
+    if not (2 <= weight <= 16 and 1 <= activation <= 16):
+        raise ValueError(
+            f"--fixed_bits {text}: weight bits must be in [2, 16], input bits in [1, 16]"
+        )
+    return weight, activation
 
 
 def _check_out(out: Path) -> Path:
@@ -117,12 +145,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as error:
         return _error(error)
     preset = PRESETS[args.preset]
-    base = train.TrainConfig()
+    base = train.TrainConfig(model=args.model)
     runs = sweep.grid(
         budgets=args.budgets,
         seeds=args.seeds,
         lams=args.lams,
-        fixed_bits=FIXED_BITS,
+        fixed_bits=args.fixed_bits,
         methods=args.methods,
     )
     try:
@@ -138,7 +166,7 @@ def main(argv=None) -> int:
         pretrain_epochs=preset["pretrain_epochs"],
         base=base,
     )
-    summary = _summary(args.preset, preset, rows, dataset.name)
+    summary = _summary(args.preset, preset, rows, f"{dataset.name} ({args.model})")
     files.write_text(out / "summary.md", summary)
     sweep.plot_pareto(rows, out / "pareto.png", args.budgets)
     sweep.plot_losses(rows, out / "loss.png")
