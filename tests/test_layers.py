@@ -270,6 +270,35 @@ def test_patch_conv_matches_lax_conv_general_dilated(strides, padding, dilation)
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1))])
+def test_depthwise_patch_conv_matches_lax_and_the_quantized_layer(strides, padding, monkeypatch):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 9, 8, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-3, 4, (3, 3, 1, 4)), jnp.float32)
+    expected = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=4,
+    )
+    got = cnn.patch_conv(x, kernel, strides, padding, feature_group_count=4)
+    np.testing.assert_array_equal(got, expected)
+    # The quantized depthwise layer takes the patches; its output is the direct one's.
+    layer = cnn.QuantConv(
+        8, (3, 3), strides=strides, padding=padding, feature_group_count=8, input_signed=False
+    )
+    images = jnp.abs(_inputs((2, 9, 8, 8), seed=4))
+    params = layer.init(jax.random.key(2), images)["params"]
+    fast = layer.apply({"params": params}, images)
+    monkeypatch.setattr(cnn, "PATCH_CONV_MAX_CHANNELS", 0)
+    np.testing.assert_array_equal(fast, layer.apply({"params": params}, images))
+    with pytest.raises(ValueError, match="depthwise"):
+        cnn.patch_conv(x, jnp.ones((3, 3, 2, 4)), strides, padding, feature_group_count=2)
+
+
 @pytest.mark.parametrize(
     ("shape", "window"),
     [
