@@ -30,6 +30,10 @@ def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
     assert sum(row["bops"] for row in certificate["layers"]) == certificate["bops"]
     assert 0.0 <= result.test_accuracy <= 1.0
     assert [row["phase"] for row in result.history] == ["float", "qat"]
+    fill = certificate["fill"]  # kept only if validation accuracy did not drop
+    assert fill["kept"] == (fill["val_accuracy_after"] >= fill["val_accuracy_before"])
+    if fill["kept"]:  # then no single bit fits any more
+        assert certificate["bops"] + certificate["one_more_bit_bops"] > 2e6
 
 
 def test_repair_makes_an_over_budget_model_feasible():
