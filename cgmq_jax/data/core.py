@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,33 @@ def write_cache(path: Path, splits: dict[str, Split]) -> None:
         raise DataError(
             f"cannot write cache {path} ({one_line(err)}); set CGMQ_CACHE_DIR or pass --cache_dir"
         ) from None
+
+
+def build_cache(
+    path: Path,
+    read: Callable[[Path], dict[str, Split]],
+    build: Callable[[], dict[str, Split]],
+    *,
+    what: str,
+    force: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """Writes ``build()`` to ``path`` unless a cache that ``read`` accepts is there already
+    (or ``force``); returns ``path``. ``what`` names the cache in progress lines."""
+    if path.exists() and not force:
+        try:
+            read(path)
+        except DataError:
+            if verbose:
+                say(f"existing cache {path} does not load; rebuilding it")
+        else:
+            if verbose:
+                say(f"{what} already present and valid: {path}")
+            return path
+    write_cache(path, build())
+    if verbose:
+        say(f"wrote {what} {path}")
+    return path
 
 
 def read_cache(

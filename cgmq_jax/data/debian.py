@@ -24,6 +24,7 @@ from cgmq_jax.data.core import (
     DataError,
     Dataset,
     Split,
+    build_cache,
     cache_dir_or_default,
     carve_validation,
     check_class_counts,
@@ -31,7 +32,6 @@ from cgmq_jax.data.core import (
     one_line,
     read_cache,
     say,
-    write_cache,
 )
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -169,29 +169,26 @@ def fetch_fashion_mnist(
         DataError: apt-get or dpkg-deb is missing or fails, an MD5 or a count is wrong, or
             the cache cannot be written. The message names the manual alternative.
     """
-    path = cache_path(cache_dir)
-    if path.exists() and not force:
-        try:
-            read_fashion_cache(path)
-        except DataError:
-            if verbose:
-                say(f"existing cache {path} does not load; rebuilding it")
+
+    def build() -> dict[str, Split]:
+        if deb is not None:
+            splits = read_deb(Path(deb), pinned)
         else:
-            if verbose:
-                say(f"Fashion-MNIST cache already present and valid: {path}")
-            return path
-    if deb is not None:
-        splits = read_deb(Path(deb), pinned)
-    else:
-        with tempfile.TemporaryDirectory(prefix="cgmq_fashion_") as tmp:
-            splits = read_deb(download_deb(Path(tmp), pinned, verbose=verbose), pinned)
-    train, validation = carve_validation(
-        *splits["train"], VALIDATION_SIZE, what=f"{pinned.package} train"
+            with tempfile.TemporaryDirectory(prefix="cgmq_fashion_") as tmp:
+                splits = read_deb(download_deb(Path(tmp), pinned, verbose=verbose), pinned)
+        train, validation = carve_validation(
+            *splits["train"], VALIDATION_SIZE, what=f"{pinned.package} train"
+        )
+        return {"train": train, "validation": validation, "test": splits["test"]}
+
+    return build_cache(
+        cache_path(cache_dir),
+        read_fashion_cache,
+        build,
+        what="Fashion-MNIST cache",
+        force=force,
+        verbose=verbose,
     )
-    write_cache(path, {"train": train, "validation": validation, "test": splits["test"]})
-    if verbose:
-        say(f"wrote Fashion-MNIST cache {path}")
-    return path
 
 
 def read_fashion_cache(path: Path) -> dict[str, Split]:
