@@ -19,10 +19,10 @@ from cgmq_jax.data import bundled, cifar, debian, idx, tfds_io
 from cgmq_jax.data.core import (
     DataError,
     Dataset,
-    carve_validation,
     finish,
     say,
     to_uint8,
+    with_validation,
 )
 
 
@@ -171,10 +171,7 @@ def _load_idx(dataset: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> 
     if data_dir is None:
         raise DataError(f"source='idx' needs data_dir=DIR holding {', '.join(idx.FILES.values())}")
     splits = idx.read_directory(Path(data_dir))
-    train, validation = carve_validation(
-        *splits["train"], dataset.tfds.validation_size, what=f"IDX files in {data_dir}"
-    )
-    splits = {"train": train, "validation": validation, "test": splits["test"]}
+    splits = with_validation(splits, dataset.tfds.validation_size, what=f"IDX files in {data_dir}")
     return finish(splits, dataset.image_shape, source="idx", name=dataset.name)
 
 

@@ -28,13 +28,13 @@ from cgmq_jax.data.core import (
     Split,
     build_cache,
     cache_dir_or_default,
-    carve_validation,
     check_class_counts,
     check_uint8_split,
     finish,
     one_line,
     read_cache,
     say,
+    with_validation,
 )
 from cgmq_jax.data.pickles import restricted_loads
 
@@ -194,10 +194,7 @@ def fetch_cifar10(
 
     def build() -> dict[str, Split]:
         splits = read_tarball(find_tarball(tarball, cache_dir, pinned), pinned)
-        train, validation = carve_validation(
-            *splits["train"], VALIDATION_SIZE, what="CIFAR-10 train"
-        )
-        return {"train": train, "validation": validation, "test": splits["test"]}
+        return with_validation(splits, VALIDATION_SIZE, what="CIFAR-10 train")
 
     return build_cache(
         cache_path(cache_dir),

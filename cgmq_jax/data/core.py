@@ -145,6 +145,13 @@ def carve_validation(
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 
+def with_validation(splits: dict[str, Split], size: int, *, what: str) -> dict[str, Split]:
+    """``{"train", "validation", "test"}`` from ``{"train", "test"}``, the validation split
+    carved off the end of train (:func:`carve_validation`)."""
+    train, validation = carve_validation(*splits["train"], size, what=what)
+    return {"train": train, "validation": validation, "test": splits["test"]}
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float images equal to ``k / 256`` -> uint8 ``k`` exactly (same shape).
 

@@ -26,12 +26,12 @@ from cgmq_jax.data.core import (
     Split,
     build_cache,
     cache_dir_or_default,
-    carve_validation,
     check_class_counts,
     finish,
     one_line,
     read_cache,
     say,
+    with_validation,
 )
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -176,10 +176,7 @@ def fetch_fashion_mnist(
         else:
             with tempfile.TemporaryDirectory(prefix="cgmq_fashion_") as tmp:
                 splits = read_deb(download_deb(Path(tmp), pinned, verbose=verbose), pinned)
-        train, validation = carve_validation(
-            *splits["train"], VALIDATION_SIZE, what=f"{pinned.package} train"
-        )
-        return {"train": train, "validation": validation, "test": splits["test"]}
+        return with_validation(splits, VALIDATION_SIZE, what=f"{pinned.package} train")
 
     return build_cache(
         cache_path(cache_dir),

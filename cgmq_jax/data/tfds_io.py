@@ -22,10 +22,10 @@ from cgmq_jax.data.core import (
     NUM_CLASSES,
     DataError,
     Dataset,
-    carve_validation,
     check_uint8_split,
     finish,
     one_line,
+    with_validation,
 )
 
 REQUIREMENTS_HINT = "pip install -r requirements-tfds.txt"
@@ -142,10 +142,7 @@ def load(
         out[split] = check_uint8_split(
             arrays["image"], arrays["label"], spec.image_shape, f"TFDS {spec.name} {split}"
         )
-    train, validation = carve_validation(
-        *out["train"], spec.validation_size, what=f"TFDS {spec.name} in {root}"
-    )
-    splits = {"train": train, "validation": validation, "test": out["test"]}
+    splits = with_validation(out, spec.validation_size, what=f"TFDS {spec.name} in {root}")
     return finish(splits, spec.image_shape, source="tfds", name=spec.name)
 
 
