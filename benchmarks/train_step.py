@@ -66,10 +66,9 @@ def _build(model: str, method: str, dataset, batch_size: int):
     if variant in ("flax-max-pool", "no-levers"):
         models.max_pool = flax.linen.max_pool
     try:
-        step, state = train.initial_step(
+        step, state, placement = train.initial_step(
             config, dataset, donate=variant not in ("no-donate", "no-levers")
         )
-        placement = train.Placement(train.data_parallel_mesh(1))
         images, labels = dataset.train
         batches = [
             placement.put_batch(

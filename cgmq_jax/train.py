@@ -34,10 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from cgmq_jax import certify, constraint, cost, data, models, nn, quantizer
+from cgmq_jax import certify, constraint, cost, data, models, nn, parallel, quantizer
 
 METHODS = ("cgmq", "dq", "fixed", "float")
 MAX_BITS = 16
@@ -168,97 +167,6 @@ class TrainConfig:
         return limits
 
 
-def data_parallel_mesh(devices: int = 1) -> Mesh:
-    """A 1-D mesh (axis ``"batch"``) over the first ``devices`` of ``jax.devices()``.
-
-    With several processes (``jax.distributed.initialize``) the devices are all processes'
-    devices, and each process must hold the same number of them in the mesh.
-
-    Raises:
-      ValueError: more devices asked for than there are (the message says how to get more
-        on a CPU), or a mesh that leaves a process out unevenly.
-    """
-    available = jax.devices()
-    if devices > len(available):
-        raise ValueError(
-            f"--devices {devices}: only {len(available)} device(s) available "
-            f"({available[0].platform}). On a CPU, start Python with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} to split it into "
-            f"{devices} devices (for testing: they share the same cores)"
-        )
-    chosen = available[:devices]
-    per_process = {}
-    for device in chosen:
-        per_process[device.process_index] = per_process.get(device.process_index, 0) + 1
-    if len(per_process) != jax.process_count() or len(set(per_process.values())) != 1:
-        raise ValueError(
-            f"--devices {devices} must take the same number of devices from each of the "
-            f"{jax.process_count()} processes (they have {len(available)} in all)"
-        )
-    return Mesh(np.asarray(chosen), ("batch",))
-
-
-def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Join a data-parallel run over several processes (hosts): ``jax.distributed``.
-
-    Call it in every process, before any JAX computation, with the same ``coordinator``
-    (``host:port`` of process 0) and ``num_processes``; then ``jax.devices()`` lists every
-    process's devices and ``fit`` with ``devices=jax.device_count()`` trains over all of
-    them. On CPUs the collectives go through gloo.
-    """
-    if not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"--process_id {process_id} must be in [0, {num_processes}) (--num_processes)"
-        )
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where a train step runs: a mesh, the batch split over it, everything else replicated.
-
-    One code path for one device and for many: the step is jitted with these shardings and
-    XLA inserts the all-reduce of the gradients (``jax.sharding``'s automatic SPMD).
-    """
-
-    mesh: Mesh
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
-
-    @property
-    def batch(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec("batch"))
-
-    def put_batch(self, *arrays: np.ndarray):
-        """A global batch (the same on every process) as arrays split over the mesh: each
-        process hands over only its own rows."""
-        processes, index = jax.process_count(), jax.process_index()
-        out = []
-        for array in arrays:
-            rows = len(array) // processes
-            local = array[index * rows : (index + 1) * rows]
-            out.append(jax.make_array_from_process_local_data(self.batch, local, array.shape))
-        return tuple(out)
-
-    def replicate(self, tree):
-        """A copy of ``tree`` on every device of the mesh (a copy: the step donates it)."""
-        return jax.device_put(tree, self.replicated, may_alias=False)
-
-
-def local_copy(tree):
-    """A pytree of (replicated) arrays as NumPy arrays of this process (no collective)."""
-
-    def copy(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return np.asarray(leaf.addressable_shards[0].data)
-        return np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf
-
-    return jax.tree.map(copy, tree)
-
-
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns: the certified model and everything measured on the way."""
@@ -312,7 +220,7 @@ def _float_variables(state) -> dict:
 
 
 def make_train_step(
-    model, loss_fn=None, *, placement: Placement | None = None, donate: bool = False
+    model, loss_fn=None, *, placement: parallel.Placement | None = None, donate: bool = False
 ):
     """A jitted step ``(state, images, labels) -> (state, loss)`` for a ``TrainState``.
 
@@ -390,7 +298,7 @@ def check_config(
       certify.InfeasibleBudgetError: the budget is below the network's minimum cost.
     """
     config.validate()
-    data_parallel_mesh(config.devices)  # as many devices as asked for
+    parallel.data_parallel_mesh(config.devices)  # as many devices as asked for
     model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
     specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     if config.method in ("cgmq", "dq"):
@@ -442,7 +350,7 @@ class _Setup:
     steps_per_epoch: int
     float_epochs: range  # global epoch numbers (they seed the data order)
     qat_epochs: range
-    placement: Placement
+    placement: parallel.Placement
 
     @property
     def budget(self):
@@ -475,7 +383,7 @@ def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: boo
         first_qat = config.pretrain_epochs
         float_epochs = range(0 if pretrained else first_qat)
         qat_epochs = range(first_qat, first_qat + config.epochs)
-    placement = Placement(data_parallel_mesh(config.devices))
+    placement = parallel.Placement(parallel.data_parallel_mesh(config.devices))
     return _Setup(
         config,
         specs,
@@ -500,10 +408,11 @@ def _float_state(setup: _Setup, variables: dict) -> train_state.TrainState:
 
 
 def initial_step(config: TrainConfig, dataset: data.MnistData, *, donate: bool = True):
-    """``(train_step, state)``: the jitted step of ``config``'s training and its first state,
-    as :func:`fit` builds them (float network at its random init; for QAT, quantizers
-    calibrated on it; the state's buffers donated to the step), placed on
-    ``config.devices``. For benchmarks (``benchmarks/train_step.py``)."""
+    """``(train_step, state, placement)``: the jitted step of ``config``'s training and its
+    first state, as :func:`fit` builds them (float network at its random init; for QAT,
+    quantizers calibrated on it; the state's buffers donated to the step), placed on
+    ``config.devices``; batches go through ``placement.put_batch``. For benchmarks
+    (``benchmarks/train_step.py``)."""
     setup = _make_setup(config, dataset, pretrained=False)
     sample = jnp.asarray(dataset.train[0][:2])
     variables = jax.jit(setup.float_model.init)(jax.random.key(config.seed), sample)
@@ -515,7 +424,7 @@ def initial_step(config: TrainConfig, dataset: data.MnistData, *, donate: bool =
         state, model = _qat_state(setup, variables, calibration), setup.model
         loss_fn = _qat_loss(setup)
     step = make_train_step(model, loss_fn, placement=setup.placement, donate=donate)
-    return step, setup.placement.replicate(state)
+    return step, setup.placement.replicate(state), setup.placement
 
 
 def _float_variables_of(setup: _Setup, float_params, sample: jax.Array) -> dict:
@@ -705,16 +614,16 @@ def _train_epoch(
         if should_stop() and i < setup.steps_per_epoch:
             bar.close()
             progress.step = i
-            progress.losses += [float(v) for v in local_copy(losses)]
+            progress.losses += [float(v) for v in parallel.local_copy(losses)]
             saved = save(state, progress)
             raise Interrupted(f"{_epoch_name(setup, progress)}, batch {i}", saved)
-    return state, progress.losses + [float(v) for v in local_copy(losses)]
+    return state, progress.losses + [float(v) for v in parallel.local_copy(losses)]
 
 
 def _check_finite(setup: _Setup, progress: _Progress, losses: list[float], params) -> None:
     """Raise :class:`TrainingDiverged` at a non-finite loss or parameter (names both)."""
     bad_step = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
-    finite = jax.tree.map(lambda x: np.all(np.isfinite(x)), local_copy(params))
+    finite = jax.tree.map(lambda x: np.all(np.isfinite(x)), parallel.local_copy(params))
     bad_leaves = [
         "/".join(str(getattr(k, "key", k)) for k in path)
         for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
@@ -857,7 +766,7 @@ def fit(
             "position": f"{_epoch_name(setup, progress)}, batch {progress.step}",
         }
         index = progress.epoch * setup.steps_per_epoch + progress.step
-        arrays = local_copy(_checkpoint_arrays(state, best_params))
+        arrays = parallel.local_copy(_checkpoint_arrays(state, best_params))
         checkpointer.save(index, arrays, {**(checkpoint_meta or {}), **body})
         return True
 
@@ -898,7 +807,9 @@ def fit(
             loss = float(np.mean(np.asarray(losses, np.float32)))
             evaluate_started = time.perf_counter()
             timings["train"] += evaluate_started - epoch_started - (timings["compile"] - compiling)
-            row = evaluate(setup, local_copy(state), progress, loss, validation, accuracy_fn, log)
+            row = evaluate(
+                setup, parallel.local_copy(state), progress, loss, validation, accuracy_fn, log
+            )
             timings["evaluate"] += time.perf_counter() - evaluate_started
             progress.history.append(row)
             if (
@@ -907,14 +818,14 @@ def fit(
                 and row["val_accuracy"] > progress.best_val_accuracy
             ):
                 progress.best_val_accuracy, progress.best_epoch = row["val_accuracy"], epoch + 1
-                best_params = local_copy(state.params)
+                best_params = parallel.local_copy(state.params)
             progress.epoch, progress.step, progress.losses = epoch + 1, 0, []
             save(state, progress)
         if phase == "float" and config.method != "float":
             progress = dataclasses.replace(progress, phase="qat", epoch=setup.qat_epochs.start)
-            state = _qat_state(setup, local_copy(_float_variables(state)), calibration)
+            state = _qat_state(setup, parallel.local_copy(_float_variables(state)), calibration)
             state = placement.replicate(state)
-    state = local_copy(state)
+    state = parallel.local_copy(state)
     seconds = progress.seconds + time.perf_counter() - started
     if config.method == "float":
         result = _finish_float(setup, _float_variables(state), progress.history, dataset, seconds)

@@ -131,13 +131,13 @@ def _error(message: object, status: int) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from cgmq_jax import data, rundir, train
+    from cgmq_jax import data, parallel, rundir, train
 
     if args.coordinator is not None:  # before anything computes: jax.distributed
         if args.resume:
             return _error("--resume is not available with --coordinator (no checkpoints)", 2)
         try:
-            train.start_processes(args.coordinator, args.num_processes, args.process_id)
+            parallel.start_processes(args.coordinator, args.num_processes, args.process_id)
         except (ValueError, RuntimeError) as error:
             return _error(error, 2)
     # The run's identity: --resume must be given the same flags (and --out is the run); a
