@@ -4,17 +4,24 @@ The host CPU is split into 4 devices with ``XLA_FLAGS`` (which must be set befor
 starts, hence a subprocess). Throughput on such devices is not a speed claim: they share
 the same cores. Two processes with ``jax.distributed.initialize`` and CPU collectives
 (gloo) train the same run over a 2-process mesh.
+
+A subprocess that stalls (twice in the project's CI, the 4-device run sat idle inside
+XLA:CPU; not reproduced in 60 runs of the same script on this machine) is stopped with
+SIGABRT, which makes it print every thread's Python stack, and is started once more; the
+first attempt's stacks are shown as a warning. A wrong result is never retried.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,34 +64,62 @@ COMPARE = RUN + textwrap.dedent(
 )
 
 
-# XLA:CPU aborts a collective whose devices do not all arrive within 40 s; on 2 shared,
-# busy cores a device's thread can lag that long (seen once under load), so wait longer.
-PATIENT = (
-    "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
-    "--xla_cpu_collective_timeout_seconds=900"
-)
+# Every subprocess prints its threads' Python stacks on SIGABRT (see _result).
+STACKS = "import faulthandler; faulthandler.enable()\n"
+
+
+class Stalled(Exception):
+    """A subprocess that did not finish in time; the message holds its stacks."""
 
 
 def _python(script: str, env: dict, args=()):
     """Start ``python -c script``; its output goes to files (processes that wait for each
     other must never block on a full pipe)."""
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env}
-    environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {PATIENT}".strip()
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
-        [sys.executable, "-c", script, *args], env=environ, stdout=out, stderr=err, text=True
+        [sys.executable, "-c", STACKS + script, *args],
+        env=environ,
+        stdout=out,
+        stderr=err,
+        text=True,
     )
     process.files = (out, err)
     return process
 
 
-def _result(process, timeout=600) -> dict:
-    process.wait(timeout=timeout)
+def _result(process, timeout=400) -> dict:
+    """The ``RESULT`` line of a finished subprocess; :class:`Stalled` (with its stacks) if it
+    runs past ``timeout`` seconds."""
     out, err = process.files
-    out.seek(0), err.seek(0)
-    assert process.returncode == 0, err.read()[-3000:]
-    line = next(line for line in out.read().splitlines() if line.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    with out, err:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            process.wait(timeout=60)
+            err.seek(0)
+            stacks = err.read()[-6000:]
+            raise Stalled(f"no result after {timeout} s; its stacks:\n{stacks}") from None
+        out.seek(0), err.seek(0)
+        assert process.returncode == 0, err.read()[-3000:]
+        line = next(line for line in out.read().splitlines() if line.startswith("RESULT"))
+        return json.loads(line[len("RESULT") :])
+
+
+def _run_once_more_if_stalled(start):
+    """``start()`` -> processes; their results, started once more if one stalled."""
+    processes = start()
+    try:
+        return [_result(p) for p in processes]
+    except Stalled as stalled:
+        for p in processes:
+            p.kill()
+            p.wait()
+            for file in p.files:
+                file.close()
+        warnings.warn(f"a subprocess stalled and was started again: {stalled}", stacklevel=2)
+        return [_result(p) for p in start()]
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -96,7 +131,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 def test_four_devices_match_one_device_for_the_first_100_steps():
     flags = "--xla_force_host_platform_device_count=4"
-    out = _result(_python(COMPARE, {"XLA_FLAGS": flags}))
+    (out,) = _run_once_more_if_stalled(lambda: [_python(COMPARE, {"XLA_FLAGS": flags})])
     for method in ("float", "cgmq"):
         one, four = out[method]["1"], out[method]["4"]
         assert _max_difference(one["params"], four["params"]) < 1e-4, method
@@ -149,15 +184,16 @@ def _free_port() -> int:
 
 def test_two_processes_train_as_one_two_device_run():
     """``jax.distributed.initialize`` on this machine: 2 processes x 1 CPU device each."""
-    port = str(_free_port())
-    processes = [_python(MULTIHOST, {}, args=(port, str(i))) for i in range(2)]
-    results = [_result(p) for p in processes]
-    single = _result(
-        _python(
-            COMPARE.replace('("float", "cgmq")', '("cgmq",)').replace("(1, 4)", "(2,)"),
-            {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-        )
-    )["cgmq"]["2"]
+
+    def start():
+        port = str(_free_port())
+        return [_python(MULTIHOST, {}, args=(port, str(i))) for i in range(2)]
+
+    results = _run_once_more_if_stalled(start)
+    script = COMPARE.replace('("float", "cgmq")', '("cgmq",)').replace("(1, 4)", "(2,)")
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    (single,) = _run_once_more_if_stalled(lambda: [_python(script, flags)])
+    single = single["cgmq"]["2"]
     for result in results:
         assert _max_difference(result["params"], single["params"]) < 1e-4
         assert result["within_budget"] and result["bops"] == single["bops"]
