@@ -595,6 +595,7 @@ def _train_epoch(
     order = batches(*split, config.batch_size, seed=config.seed, epoch=progress.epoch)
     order = itertools.islice(order, progress.step, None)
     losses = []
+    synchronous = setup.placement.synchronous
     bar = tqdm(
         order,
         total=setup.steps_per_epoch,
@@ -610,6 +611,8 @@ def _train_epoch(
             first = False
         else:
             state, loss = train_step(state, *setup.placement.put_batch(x, y))
+            if synchronous:  # see parallel.steps_must_not_overlap
+                jax.block_until_ready(state)
         losses.append(loss)
         if should_stop() and i < setup.steps_per_epoch:
             bar.close()

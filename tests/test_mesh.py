@@ -5,10 +5,11 @@ starts, hence a subprocess). Throughput on such devices is not a speed claim: th
 the same cores. Two processes with ``jax.distributed.initialize`` and CPU collectives
 (gloo) train the same run over a 2-process mesh.
 
-A subprocess that stalls (twice in the project's CI, the 4-device run sat idle inside
-XLA:CPU; not reproduced in 60 runs of the same script on this machine) is stopped with
-SIGABRT, which makes it print every thread's Python stack, and is started once more; the
-first attempt's stacks are shown as a warning. A wrong result is never retried.
+On several devices of one CPU, ``fit`` waits for each step before the next (XLA:CPU can
+otherwise stall in a collective, see ``parallel.steps_must_not_overlap``). Should a
+subprocess still stall, it is stopped with SIGABRT, which makes it print every thread's
+Python stack, and is started once more; the first attempt's stacks are shown as a
+warning. A wrong result is never retried.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 def test_four_devices_match_one_device_for_the_first_100_steps():
-    flags = "--xla_force_host_platform_device_count=4"
-    (out,) = _run_once_more_if_stalled(lambda: [_python(COMPARE, {"XLA_FLAGS": flags})])
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    (out,) = _run_once_more_if_stalled(lambda: [_python(COMPARE, flags)])
     for method in ("float", "cgmq"):
         one, four = out[method]["1"], out[method]["4"]
         assert _max_difference(one["params"], four["params"]) < 1e-4, method
@@ -139,6 +140,21 @@ def test_four_devices_match_one_device_for_the_first_100_steps():
     cgmq_one, cgmq_four = out["cgmq"]["1"], out["cgmq"]["4"]
     assert cgmq_one["within_budget"] and cgmq_four["within_budget"]
     assert cgmq_one["bops"] == cgmq_four["bops"] <= 2e6
+
+
+def test_steps_over_several_devices_of_one_cpu_do_not_overlap():
+    from types import SimpleNamespace
+
+    from cgmq_jax import parallel
+
+    def devices(n, platform="cpu", process=0):
+        return [SimpleNamespace(platform=platform, process_index=process) for _ in range(n)]
+
+    assert parallel.steps_must_not_overlap(devices(4))
+    assert not parallel.steps_must_not_overlap(devices(1))
+    assert not parallel.steps_must_not_overlap(devices(4, "gpu"))
+    assert not parallel.steps_must_not_overlap(devices(4, process=1))  # another process's
+    assert not parallel.Placement(parallel.data_parallel_mesh(1)).synchronous
 
 
 def test_devices_beyond_the_machine_are_a_clear_error():
