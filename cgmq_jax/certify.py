@@ -148,9 +148,10 @@ def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation
     limit). One more bit halves a quantizer's quantization error wherever it is, but it
     matters most at few bits (1 -> 2 bits, not 8 -> 9). The quantizer's power-of-two step is
     halved and its range ``q_max`` kept, so it gains exactly one bit of resolution.
-    :func:`cgmq_jax.train.fit` calls it on the model CGMQ returns (and keeps the result only
-    if its validation accuracy is not lower: bits a network was not trained with can break
-    it, e.g. a 1-bit input whose step is halved passes values it learned to treat as zero).
+    :func:`cgmq_jax.train.fit` calls it on the model CGMQ returns, trains the filled
+    network's weights for an epoch, and keeps whichever of the three has the best validation
+    accuracy: bits a network was not trained with can break it, e.g. a 1-bit input whose
+    step is halved passes values it learned to treat as zero.
     It is needed because the constraint only lowers
     bits and the guard blocks any proposal that would cross the budget, so runs end below
     their budget (LeNet-5 at 1e6 BOPs on 846,240, 85%). (Called at every epoch end

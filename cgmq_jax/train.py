@@ -180,7 +180,8 @@ class FitResult:
     data_source: str
     specs: tuple[cost.LayerSpec, ...] = ()
     #: Wall seconds by part: ``compile`` (the train steps), ``train``, ``evaluate``
-    #: (validation after each epoch), ``other`` (setup, checkpoints, certificate, test).
+    #: (validation after each epoch), ``other`` (setup, checkpoints, the fill and its
+    #: weight training, certificate, test).
     timings: dict = dataclasses.field(default_factory=dict)
 
 
