@@ -85,6 +85,7 @@ class TrainConfig:
     bits_w: int = 4  # fixed only
     bits_a: int = 4  # fixed only
     input_bits: int | None = None  # the network input pinned at these bits (None: learned)
+    fill_epochs: int = 1  # cgmq only: the filled network's weights trained this many epochs
     calibration_size: int = 2048
     seed: int = 0
     devices: int = 1  # data parallel over this many devices (of all processes' devices)
@@ -111,6 +112,7 @@ class TrainConfig:
         ranges = {  # field: (smallest, largest) allowed integer
             "epochs": (1, 10_000),
             "pretrain_epochs": (0, 10_000),
+            "fill_epochs": (0, 10_000),
             "batch_size": (1, 1 << 20),
             "init_bits": (2, MAX_BITS),
             "bits_w": (2, MAX_BITS),
@@ -908,10 +910,9 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
     )
 
 
-#: The fill's weights are tuned (bits frozen) for this many epochs, from ``lr`` times
-#: :data:`TUNE_LR_SCALE`, cosine-decayed to zero.
-TUNE_EPOCHS = 1
-TUNE_LR_SCALE = 0.1
+#: The filled network's weights are trained (bits frozen) from ``lr`` times this,
+#: cosine-decayed to zero over ``TrainConfig.fill_epochs``.
+FILL_LR_SCALE = 0.1
 
 
 def _fill(setup, params, validation, log, tune):
@@ -920,10 +921,10 @@ def _fill(setup, params, validation, log, tune):
     :func:`cgmq_jax.certify.greedy_fill` adds bits until no single bit fits; the network
     was not trained with them, and they can break it (Fashion-MNIST LeNet-5 at 2e6: 8 bits
     took validation accuracy from 82.88% to 46.16%), so the filled network's weights are
-    then trained for :data:`TUNE_EPOCHS` with every quantizer frozen (its bits and cost do
-    not move). Of the three (filled and tuned, filled, as trained) the one with the best
-    validation accuracy is returned, ties to the first: the budget is used wherever that
-    costs no validation accuracy.
+    then trained for ``config.fill_epochs`` with every quantizer frozen (its bits and cost
+    do not move; none with 0). Of the three (filled and trained, filled, as trained) the
+    one with the best validation accuracy is returned, ties to the first: the budget is
+    used wherever that costs no validation accuracy.
 
     Returns:
       ``(params, record)``: ``record`` holds the bits added, the three validation
@@ -940,33 +941,36 @@ def _fill(setup, params, validation, log, tune):
         )
         return params, record
     filled_accuracy = accuracy(filled_params, *validation)
-    tuned_params, diverged = tune(filled_params)
+    epochs = setup.config.fill_epochs
+    tuned_params, diverged = tune(filled_params) if epochs else (None, None)
     if diverged:  # never lose the run for it: the other two remain
         log(f"the fill's weight training is dropped: {diverged}")
-    tuned_accuracy = -1.0 if diverged else accuracy(tuned_params, *validation)
+    tuned_accuracy = -1.0 if tuned_params is None else accuracy(tuned_params, *validation)
     candidates = [(tuned_accuracy, tuned_params), (filled_accuracy, filled_params)]
     candidates.append((before, params))
     best = max(range(3), key=lambda i: (candidates[i][0], -i))
     record.update(
         val_accuracy_filled=filled_accuracy,
-        val_accuracy_after=tuned_accuracy,
-        tune_epochs=TUNE_EPOCHS,
+        val_accuracy_after=tuned_accuracy if epochs else filled_accuracy,
+        tune_epochs=epochs,
         kept=best < 2,
         tuned=best == 0,
     )
+    trained = f" -> {100 * tuned_accuracy:.2f}% after {epochs} epoch(s) of weight training"
     log(
         f"{filled} more bit(s) fit in the budget: validation accuracy "
-        f"{100 * before:.2f}% -> {100 * filled_accuracy:.2f}% filled -> "
-        f"{100 * tuned_accuracy:.2f}% after {TUNE_EPOCHS} epoch(s) of weight training; kept: "
-        + ("filled and tuned", "filled", "the network as trained (no bits added)")[best]
+        f"{100 * before:.2f}% -> {100 * filled_accuracy:.2f}% filled"
+        + (trained if epochs else "")
+        + "; kept: "
+        + ("filled and trained", "filled", "the network as trained (no bits added)")[best]
     )
     return candidates[best][1], record
 
 
 def _tune_weights(setup, train, params, *, should_stop, saved, timings):
-    """``params``' weights trained for :data:`TUNE_EPOCHS` epochs, every quantizer frozen.
+    """``params``' weights trained for ``config.fill_epochs``, every quantizer frozen.
 
-    Adam from ``lr * TUNE_LR_SCALE``, cosine-decayed to zero; the loss is the task's
+    Adam from ``lr * FILL_LR_SCALE``, cosine-decayed to zero; the loss is the task's
     (cross-entropy). The batches of epoch ``qat_epochs.stop + k`` (an order no QAT epoch
     used). Not checkpointed: an interrupted run resumes from its last QAT epoch and tunes
     again, to the same result.
@@ -974,8 +978,10 @@ def _tune_weights(setup, train, params, *, should_stop, saved, timings):
     Returns:
       ``(params, None)``, or ``(None, why)`` if the training diverged.
     """
-    steps = TUNE_EPOCHS * setup.steps_per_epoch
-    schedule = optax.cosine_decay_schedule(setup.config.lr * TUNE_LR_SCALE, steps)
+    epochs = setup.config.fill_epochs
+    schedule = optax.cosine_decay_schedule(
+        setup.config.lr * FILL_LR_SCALE, epochs * setup.steps_per_epoch
+    )
     tx = optax.partition(
         {"weight": optax.adam(schedule), "quantizer": optax.set_to_zero()},
         quantizer.param_labels,
@@ -983,7 +989,7 @@ def _tune_weights(setup, train, params, *, should_stop, saved, timings):
     state = train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
     state = setup.placement.replicate(state)
     train_step = make_train_step(setup.model, placement=setup.placement, donate=True)
-    for k in range(TUNE_EPOCHS):
+    for k in range(epochs):
         progress = _Progress(phase="tune", epoch=setup.qat_epochs.stop + k)
         state, losses = _train_epoch(
             state,

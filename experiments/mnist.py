@@ -77,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="pin the network input at N bits, counted at N (8: Bayesian Bits' convention; "
         "default: learned)",
     )
+    p.add_argument(
+        "--fill_epochs",
+        type=int,
+        default=defaults.fill_epochs,
+        help="cgmq: epochs of weight training after the bits that still fit are added (0: none)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dataset", choices=tuple(DATASETS), default=None, help="default mnist")
     p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")

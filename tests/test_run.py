@@ -64,6 +64,7 @@ def _one_line_error(capsys) -> str:
         (["--batch_size", "0"], "--batch_size must be an integer in"),
         (["--epochs", "0"], "--epochs must be an integer in"),
         (["--pretrain_epochs", "-1"], "--pretrain_epochs"),
+        (["--fill_epochs", "-1"], "--fill_epochs must be an integer in [0, 10000]"),
         (["--bits_w", "1", "--method", "fixed"], "--bits_w"),
         (["--lam", "nan", "--method", "dq"], "--lam"),
         (["--seed", "-1"], "--seed"),

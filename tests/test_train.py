@@ -31,7 +31,7 @@ def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
     assert 0.0 <= result.test_accuracy <= 1.0
     assert [row["phase"] for row in result.history] == ["float", "qat"]
     fill = certificate["fill"]  # the bits that fit, their weights trained, if not worse
-    assert fill["bits"] > 0 and fill["tune_epochs"] == train.TUNE_EPOCHS
+    assert fill["bits"] > 0 and fill["tune_epochs"] == config.fill_epochs == 1
     with_bits = max(fill["val_accuracy_after"], fill["val_accuracy_filled"])
     assert fill["kept"] == (with_bits >= fill["val_accuracy_before"])
     assert fill["tuned"] == (fill["kept"] and with_bits == fill["val_accuracy_after"])
