@@ -55,14 +55,21 @@ RUN = textwrap.dedent(
     """
 )
 
-COMPARE = RUN + textwrap.dedent(
-    """
-    out = {}  # cgmq: no epoch of weight training after the fill, so 100 steps in all
-    for method, extra in (("float", {}), ("cgmq", {"fill_epochs": 0})):
-        out[method] = {n: summary(run(method, n, **extra)) for n in (1, 4)}
-    print("RESULT" + json.dumps(out))
-    """
-)
+# cgmq without the fill's epoch of weight training: every comparison covers 100 steps.
+ARGS = {"float": {}, "cgmq": {"fill_epochs": 0}}
+
+
+def _compare(methods=("float", "cgmq"), devices=(1, 4)) -> str:
+    """A script printing ``RESULT{method: {devices: summary}}``."""
+    return RUN + textwrap.dedent(
+        f"""
+        out = {{}}
+        for method in {methods!r}:
+            kwargs = {ARGS!r}[method]
+            out[method] = {{n: summary(run(method, n, **kwargs)) for n in {devices!r}}}
+        print("RESULT" + json.dumps(out))
+        """
+    )
 
 
 # Every subprocess prints its threads' Python stacks on SIGABRT (see _result).
@@ -132,7 +139,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 def test_four_devices_match_one_device_for_the_first_100_steps():
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    (out,) = _run_once_more_if_stalled(lambda: [_python(COMPARE, flags)])
+    (out,) = _run_once_more_if_stalled(lambda: [_python(_compare(), flags)])
     for method in ("float", "cgmq"):
         one, four = out[method]["1"], out[method]["4"]
         assert _max_difference(one["params"], four["params"]) < 1e-4, method
@@ -188,7 +195,7 @@ MULTIHOST = (
     """
     )
     + RUN
-    + 'print("RESULT" + json.dumps(summary(run("cgmq", 2))))\n'
+    + f'print("RESULT" + json.dumps(summary(run("cgmq", 2, **{ARGS["cgmq"]!r}))))\n'
 )
 
 
@@ -206,8 +213,8 @@ def test_two_processes_train_as_one_two_device_run():
         return [_python(MULTIHOST, {}, args=(port, str(i))) for i in range(2)]
 
     results = _run_once_more_if_stalled(start)
-    script = COMPARE.replace('("float", "cgmq")', '("cgmq",)').replace("(1, 4)", "(2,)")
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    script = _compare(methods=("cgmq",), devices=(2,))
     (single,) = _run_once_more_if_stalled(lambda: [_python(script, flags)])
     single = single["cgmq"]["2"]
     for result in results:
