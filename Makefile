@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BUDGET ?= 2e6
 
-.PHONY: setup setup-tfds setup-peers data demo bench test lint
+.PHONY: setup setup-tfds setup-peers data demo bench test test-unit lint docs
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,14 @@ bench: data
 lint: setup
 	$(VENV)/bin/ruff check cgmq_jax experiments tests benchmarks
 
-test: setup-tfds lint
-	$(PY) -m pytest
+# The API reference (pdoc, offline) into docs/api/; any pdoc warning fails the build.
+docs: setup
+	$(PY) docs/build_api.py
+
+# Both tiers on two workers (pytest-xdist), the 25 slowest tests listed: what CI runs.
+test: setup-tfds lint docs
+	$(PY) -m pytest -n 2 --durations=25
+
+# The unit tier alone (everything not marked slow): about a minute.
+test-unit: setup
+	$(PY) -m pytest -n 2 -m "not slow" --durations=10

@@ -54,10 +54,13 @@ __all__ = sorted((*_SUBMODULES, *_NAMES))
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f"cgmq_jax.{name}")
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"cgmq_jax.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'cgmq_jax' has no attribute {name!r}")
+        value = importlib.import_module(f"cgmq_jax.{name}")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(f"cgmq_jax.{_NAMES[name]}"), name)
+    else:
+        raise AttributeError(f"module 'cgmq_jax' has no attribute {name!r}")
+    globals()[name] = value  # resolved once; later lookups (and pdoc) find it directly
+    return value
 
 
 def __dir__():

@@ -86,5 +86,7 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"cgmq_jax.export.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(f"cgmq_jax.export.{_LAZY[name]}"), name)
+        globals()[name] = value  # resolved once; later lookups (and pdoc) find it directly
+        return value
     raise AttributeError(f"module 'cgmq_jax.export' has no attribute {name!r}")
