@@ -57,6 +57,32 @@ def strict_json(value: Any) -> str:
         raise ValueError(f"refusing to write non-finite numbers into JSON: {error}") from None
 
 
+RUN_MARKERS = (RESULTS_FILE, CHECKPOINT_DIR, LOCK_FILE)
+
+
+def _check_out(path: str | os.PathLike) -> None:
+    """Refuse an ``--out`` that is empty, a file, or a directory holding other things.
+
+    A directory that is not empty must hold a run (one of :data:`RUN_MARKERS`): a run is
+    never written among unrelated files (``--out .`` in a source tree, say).
+    """
+    if not str(path).strip():
+        raise RunDirError("--out is empty; name a directory for the run (e.g. --out runs/mnist)")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is an existing file, not a directory; pick another")
+    try:
+        names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    except OSError:
+        return  # unreadable: reported as "cannot be written" below
+    if names and not any(name in names for name in RUN_MARKERS):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise RunDirError(
+            f"--out {path} is a directory that holds no run but other files ({shown}); "
+            "pick a new or empty directory"
+        )
+
+
 class RunDir:
     """An output directory held by this process. Use :meth:`open`; close it when done."""
 
@@ -83,16 +109,17 @@ class RunDir:
           overwrite: discard whatever ``path`` holds (a finished or unfinished run).
 
         Raises:
-          RunDirError: ``path`` is a file, cannot be created or written, is held by another
+          RunDirError: ``path`` is empty, a file, a directory holding files but no run,
+            cannot be created or written, is held by another
             live run, holds a finished run (and not ``overwrite``), holds an unfinished one
-            (and neither ``resume`` nor ``overwrite``), or ``resume`` finds nothing to resume
-            or different flags.
+            (and neither ``resume`` nor ``overwrite``), ``resume`` finds nothing to resume
+            or different flags, or its latest checkpoint fails its digests
+            (:class:`cgmq_jax.checkpoint.CheckpointCorrupt`, naming the fix).
         """
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other; pick one")
+        _check_out(path)
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"--out {path} is an existing file, not a directory; pick another")
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)

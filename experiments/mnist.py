@@ -9,8 +9,10 @@ interrupted run (Ctrl-C checkpoints mid-epoch) bit for bit. ``results.json`` is 
 last and records the SHA-256 of ``params.msgpack``.
 
 Exit status: 0 on success; 2 on bad input (a bad flag, an infeasible budget, missing or
-empty data, an unusable or busy ``--out``); 1 when training diverged (nothing certified) or
-the results could not be written; 130 when interrupted (the message says how to resume).
+empty data, validation or test splits under ``--min_eval_examples``, an empty, unusable,
+busy or foreign ``--out``, a checkpoint that fails its digests on ``--resume``); 1 when
+training diverged (nothing certified) or the results could not be written; 130 when
+interrupted (the message says how to resume).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cgmq_jax.data import DATASETS, SOURCES
+    from cgmq_jax.data import DATASETS, MIN_EVAL_EXAMPLES, SOURCES
     from cgmq_jax.models import MODELS
     from cgmq_jax.train import METHODS, TrainConfig
 
@@ -95,6 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="use only the first N training examples (quick checks)",
     )
     p.add_argument(
+        "--min_eval_examples",
+        type=int,
+        default=MIN_EVAL_EXAMPLES,
+        help="refuse validation or test splits smaller than this (an accuracy on a handful "
+        f"of images means nothing; default {MIN_EVAL_EXAMPLES})",
+    )
+    p.add_argument(
         "--devices",
         type=int,
         default=None,
@@ -148,7 +157,10 @@ def main(argv=None) -> int:
             return _error(error, 2)
     # The run's identity: --resume must be given the same flags (and --out is the run); a
     # flag left at None matches a checkpoint written before that flag existed.
-    skipped = ("out", "resume", "overwrite", "coordinator", "num_processes", "process_id")
+    skipped = (
+        *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
+        "min_eval_examples",  # a check of the data, not part of the run
+    )
     flags = {k: v for k, v in vars(args).items() if k not in skipped}
     if args.devices is None:
         import jax
@@ -168,6 +180,10 @@ def main(argv=None) -> int:
             raise ValueError(
                 f"--train_examples {args.train_examples} is fewer than one batch "
                 f"(--batch_size {config.batch_size}): no step would be trained"
+            )
+        if args.min_eval_examples < 1:
+            raise ValueError(
+                f"--min_eval_examples must be at least 1, not {args.min_eval_examples}"
             )
         if args.process_id != 0:  # several processes: process 0 writes the run
             return _train_only(args, config)
@@ -193,6 +209,7 @@ def _load(args, config):
             dataset, train=tuple(a[: args.train_examples] for a in dataset.train)
         )
     train.check_dataset(config, dataset)
+    data.check_eval_splits(dataset, args.min_eval_examples)
     return dataset
 
 
@@ -210,7 +227,7 @@ def _train_only(args, config) -> int:
 
 
 def _train_and_publish(args, argv, config, flags, run) -> int:
-    from cgmq_jax import data, report, train
+    from cgmq_jax import data, report, rundir, train
 
     try:
         # 2. The data, checked before any training.
@@ -236,6 +253,8 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
                 f"interrupted at {stopped.where} ({saved}); resume with: {_resume_command(argv)}",
                 130,
             )
+        except rundir.RunDirError as error:  # a checkpoint that fails its digests
+            return _error(error, 2)
         except OSError as error:  # a checkpoint could not be written (a full disk, say)
             return _error(
                 f"{error}; fix that, then run {_resume_command(argv)} (it continues from the "

@@ -34,16 +34,25 @@ from cgmq_jax.data.catalog import (
     synthetic,
 )
 from cgmq_jax.data.cifar import fetch_cifar10
-from cgmq_jax.data.core import DataError, Dataset, MnistData, default_cache_dir
+from cgmq_jax.data.core import (
+    MIN_EVAL_EXAMPLES,
+    DataError,
+    Dataset,
+    MnistData,
+    check_eval_splits,
+    default_cache_dir,
+)
 from cgmq_jax.data.debian import fetch_fashion_mnist
 
 __all__ = [
     "DATASETS",
+    "MIN_EVAL_EXAMPLES",
     "SOURCES",
     "DataError",
     "Dataset",
     "DatasetInfo",
     "MnistData",
+    "check_eval_splits",
     "default_cache_dir",
     "fetch_bundled",
     "fetch_cifar10",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -26,6 +27,15 @@ SPLITS = ("train", "validation", "test")
 _CACHE_KEYS = {"train": "train", "validation": "val", "test": "test"}
 
 Split = tuple[np.ndarray, np.ndarray]
+
+#: The most bytes one decoded array (an IDX file, a cache member) may hold: 256 MiB, room
+#: for CIFAR-10's training images (153.6 MB) and MNIST's (47 MB). Checked from the header
+#: before anything is decompressed, so a decompression bomb is refused cheaply.
+MAX_ARRAY_BYTES = 1 << 28
+
+#: The fewest examples a validation or test split may have: an accuracy on fewer means
+#: nothing (one example moves it by more than 1%). :func:`check_eval_splits`.
+MIN_EVAL_EXAMPLES = 100
 
 
 class DataError(ValueError):
@@ -226,6 +236,45 @@ def build_cache(
     return path
 
 
+def check_eval_splits(dataset: Dataset, minimum: int = MIN_EVAL_EXAMPLES) -> None:
+    """Raises :class:`DataError` if the validation or test split has fewer than ``minimum``
+    examples: no accuracy is selected on, or published for, a handful of images."""
+    for name, (_, labels) in (("validation", dataset.validation), ("test", dataset.test)):
+        if len(labels) < minimum:
+            raise DataError(
+                f"the {name} split of {dataset.source} has {len(labels)} examples, fewer than "
+                f"{minimum}: its accuracy would mean nothing; use more data (or lower "
+                "--min_eval_examples)"
+            )
+
+
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _check_npz_members(path: Path, names: list[str]) -> None:
+    """Each ``.npy`` member's header (read before any data is decompressed): a plain dtype
+    and at most :data:`MAX_ARRAY_BYTES`; all members together at most twice that."""
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            with archive.open(f"{name}.npy") as member:
+                version = np.lib.format.read_magic(member)
+                if version not in _NPY_HEADERS:
+                    raise ValueError(f"member {name} is .npy version {version}")
+                shape, _, dtype = _NPY_HEADERS[version](member)
+            if dtype.hasobject or dtype.kind not in "iub":
+                raise ValueError(f"member {name} has dtype {dtype}, not integers")
+            size = math.prod(shape) * dtype.itemsize
+            total += size
+            if size > MAX_ARRAY_BYTES or total > 2 * MAX_ARRAY_BYTES:
+                raise ValueError(f"member {name} announces {size:,} bytes {shape}, too many")
+
+
 def read_cache(
     path: Path, image_shape: tuple[int, ...], *, what: str, hint: str
 ) -> dict[str, Split]:
@@ -237,7 +286,9 @@ def read_cache(
         what: Names the cache in messages, e.g. ``"bundled MNIST cache"``.
         hint: The command that (re)builds it, e.g. ``python -m cgmq_jax.data fetch``.
     """
+    names = [f"{prefix}_{xy}" for prefix in _CACHE_KEYS.values() for xy in "xy"]
     try:
+        _check_npz_members(path, names)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {
                 split: (npz[f"{prefix}_x"], npz[f"{prefix}_y"])

@@ -7,11 +7,13 @@ A directory holding the four files (optionally gzipped) is a source of its own
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from cgmq_jax.data.core import NUM_CLASSES, DataError, Split, one_line
+from cgmq_jax.data.core import MAX_ARRAY_BYTES, NUM_CLASSES, DataError, Split, one_line
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -35,11 +37,29 @@ def find_file(directory: Path, name: str) -> Path:
 
 
 def read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped if its name ends in ``.gz``."""
+    """The file's bytes, gunzipped if its name ends in ``.gz``; bounded by its header.
+
+    The header (magic and dims, the first bytes) is read first; the size it announces must
+    not exceed :data:`~cgmq_jax.data.core.MAX_ARRAY_BYTES`, and at most one byte more than
+    it is read (and decompressed), so a gzip bomb or a huge file costs no more memory than
+    the data it claims to be. :func:`parse` then refuses a file of any other length.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError) as err:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                return head  # not unsigned-byte IDX: parse() names the problem
+            head += f.read(4 * head[3])
+            dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(head[3])]
+            size = math.prod(dims) if len(head) == 4 + 4 * head[3] else 0
+            if size > MAX_ARRAY_BYTES:
+                raise DataError(
+                    f"IDX file {path} announces {size:,} bytes (dims {tuple(dims)}), more than "
+                    f"the {MAX_ARRAY_BYTES:,} this reader accepts; is it an IDX file of MNIST?"
+                )
+            return head + f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read IDX file {path} ({one_line(err)})") from None
 
 
@@ -65,11 +85,12 @@ def parse(raw: bytes, magic: int, *, path: Path) -> np.ndarray:
         raise DataError(f"IDX file {path} is truncated (incomplete header)")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected:
-        state = "truncated" if len(raw) < expected else "too long"
+    if len(raw) < expected:
         raise DataError(
-            f"IDX file {path} is {state}: {len(raw)} bytes, header {dims} says {expected}"
+            f"IDX file {path} is truncated: {len(raw)} bytes, header {dims} says {expected}"
         )
+    if len(raw) > expected:
+        raise DataError(f"IDX file {path} is too long: more than the {expected} bytes of {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
