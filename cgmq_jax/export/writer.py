@@ -326,6 +326,34 @@ def export(
         layer that is not quantized (:class:`cgmq_jax.graph.UnsupportedOp`, naming the op
         and the module path); a quantizer whose step is not a power of two.
     """
+    header, arrays = build(
+        params,
+        model,
+        input_shape=input_shape,
+        input_exponent=input_exponent,
+        bias_scheme=bias_scheme,
+        certificate=certificate,
+        metadata=metadata,
+        **call_kwargs,
+    )
+    return save(path, header, arrays)
+
+
+def build(
+    params: Any,
+    model: Any,
+    *,
+    input_shape: Sequence[int] = (28, 28, 1),
+    input_exponent: int = PIXEL_EXPONENT,
+    bias_scheme: str = "odd",
+    certificate: dict | None = None,
+    metadata: dict | None = None,
+    **call_kwargs: Any,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ``(header, arrays)`` that :func:`export` writes (same arguments, no path).
+
+    ``--check`` re-derives a file with it and compares the two (:func:`differences`).
+    """
     import jax
     import jax.numpy as jnp
 
@@ -352,13 +380,38 @@ def export(
             nxt = _next_quantizers(ops, j + 1, facts)
             e_bias = e_acc - LOGIT_BIAS_BITS if not nxt else min(e_acc, min(nxt) - 1) - 1
         layers.append(_layer_record(op.layer, f, e_bias, bias_scheme, arrays))
+    header = _graph_header(ops, output, layers, input_shape, int(input_exponent))
+    header["model"] = type(model).__name__
+    header["bias_scheme"] = bias_scheme
+    if certificate is not None:
+        header["certificate"] = {key: certificate[key] for key in CERTIFIED if key in certificate}
+    if metadata is not None:
+        header["metadata"] = metadata
+    return header, arrays
+
+
+#: The keys of the trainer's certificate that the header keeps.
+CERTIFIED = (
+    "bops",
+    "budget_bops",
+    "within_budget",
+    "weight_memory_bits",
+    "activation_bits",
+    "limits",
+    "layers",
+    "selected_epoch",
+)
+
+
+def _graph_header(ops, output: int, layers: list, input_shape, input_exponent: int) -> dict:
+    """The header's input, ops, layers, output, MACs and BOPs (in the file's key order)."""
     header_ops = []
     for op in ops:
         entry = {"op": op.op, "inputs": list(op.inputs), **op.attrs, "module": op.path}
         if op.layer is not None:
             entry["layer"] = op.layer
         header_ops.append(entry)
-    exponents, divisors = [int(input_exponent)], [1]
+    exponents, divisors = [input_exponent], [1]
     for op in ops:
         if op.op in LAYER_OPS:
             exponents.append(layers[op.layer]["bias_exponent"])
@@ -375,12 +428,12 @@ def export(
         )
         for L in layers
     ]
-    header: dict[str, Any] = {
-        "model": type(model).__name__,
+    return {
+        "model": None,
         "input": {
             "shape": [int(n) for n in input_shape],
             "layout": "channels last, no batch axis",
-            "exponent": int(input_exponent),
+            "exponent": input_exponent,
             "note": "integers at 2**exponent scale (MNIST: uint8 pixels, x = uint8 / 256)",
         },
         "ops": header_ops,
@@ -391,28 +444,10 @@ def export(
             "divisor": divisors[output],
             "meaning": "int values; logits = values * 2**exponent / divisor; prediction = argmax",
         },
-        "bias_scheme": bias_scheme,
+        "bias_scheme": None,
         "macs": sum(row.macs for row in rows),
         "bops": sum(row.bops for row in rows),
     }
-    if certificate is not None:
-        header["certificate"] = {
-            key: certificate.get(key)
-            for key in (
-                "bops",
-                "budget_bops",
-                "within_budget",
-                "weight_memory_bits",
-                "activation_bits",
-                "limits",
-                "layers",
-                "selected_epoch",
-            )
-            if key in certificate
-        }
-    if metadata is not None:
-        header["metadata"] = metadata
-    return save(path, header, arrays)
 
 
 @functools.cache
@@ -505,33 +540,76 @@ def compare_with_model(
     }
 
 
-def export_run(
-    results_dir: str | os.PathLike,
-    path: str | os.PathLike | None = None,
-    *,
-    bias_scheme: str = "odd",
-) -> Path:
-    """Export a run directory (``results.json`` + ``params.msgpack``) written by the trainer.
+def read_results(results_dir: str | os.PathLike) -> dict:
+    """A run's ``results.json``, parsed strictly: a duplicated key, a non-finite number, no
+    ``config`` object or an unknown ``config.model`` is a ``ValueError`` naming the file.
 
-    The header's ``metadata`` records the run, its test accuracy and the SHA-256 of the
-    params file it came from (``--check`` verifies both).
+    The params are not read here (:func:`derive_run` verifies them against the file).
+    """
+    import json
+
+    from cgmq_jax import models
+
+    file = Path(results_dir) / "results.json"
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise ValueError(
+            f"{file}: unreadable ({error.strerror}); is this a run directory?"
+        ) from None
+    try:
+        results = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except ValueError as error:
+        raise ValueError(f"{file}: not valid results JSON ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{file}: not a results object")
+    config = results.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{file}: no 'config' object, so the model cannot be rebuilt; restore the file "
+            "the trainer wrote (or re-run the training)"
+        )
+    name = config.get("model", "lenet5")
+    if name not in models.MODELS:
+        raise ValueError(f"{file}: config.model {name!r} is not one of {sorted(models.MODELS)}")
+    return results
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    duplicated = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicated:
+        raise ValueError(f"duplicated key {duplicated[0]!r}")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def derive_run(
+    results_dir: str | os.PathLike, *, bias_scheme: str = "odd"
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ``(header, arrays)`` of a run directory's export (:func:`build` of its params).
 
     Raises:
-      ValueError: a missing, unfinished or unreadable run, params whose SHA-256 is not the
-        one ``results.json`` records (each names the file), or a float (unquantized) run.
+      ValueError: as :func:`export_run`, and params that the model of ``config.model``
+        does not fit (one line naming the model and the params file).
     """
     from cgmq_jax import data, models, report, rundir
 
     results_dir = Path(results_dir)
-    results, _ = rundir.load_run(results_dir)  # verifies the params against results.json
-    config = results.get("config", {})
+    results = read_results(results_dir)
+    rundir.load_run(results_dir)  # verifies the params against results.json
+    config = results["config"]
     if config.get("method") == "float":
         raise ValueError(f"{results_dir}: a float run has no quantizers to export")
     params = report.load_params(results_dir)
-    model = models.get_model(
-        config.get("model", "lenet5"), quantized=True, input_bits=config.get("input_bits")
-    )
+    name = config.get("model", "lenet5")
+    model = models.get_model(name, quantized=True, input_bits=config.get("input_bits"))
     dataset = (results.get("flags") or {}).get("dataset") or "mnist"  # None: before the flag
+    if dataset not in data.DATASETS:
+        raise ValueError(f"{results_dir / 'results.json'}: flags.dataset {dataset!r} is unknown")
     metadata = {
         "run": str(results_dir),
         "method": config.get("method"),
@@ -541,12 +619,132 @@ def export_run(
         "data_source": results.get("data_source"),
         "params_sha256": results.get("params_sha256"),
     }
-    return export(
-        params,
-        model,
-        path if path is not None else results_dir / DEFAULT_FILE,
-        input_shape=data.DATASETS[dataset].image_shape,
-        bias_scheme=bias_scheme,
-        certificate=results.get("certificate"),
-        metadata=metadata,
+    try:
+        return build(
+            params,
+            model,
+            input_shape=data.DATASETS[dataset].image_shape,
+            bias_scheme=bias_scheme,
+            certificate=results.get("certificate"),
+            metadata=metadata,
+        )
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        raise ValueError(_misfit(results_dir, name, error)) from None
+    except Exception as error:  # flax.errors.ScopeParamShapeError and kin
+        if type(error).__module__.startswith("flax"):
+            raise ValueError(_misfit(results_dir, name, error)) from None
+        raise
+
+
+def _misfit(results_dir: Path, name: str, error: BaseException) -> str:
+    problem = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return (
+        f"{results_dir / 'params.msgpack'}: not the params of config.model {name!r} "
+        f"({type(error).__name__}: {problem}); results.json does not describe this run"
     )
+
+
+def export_run(
+    results_dir: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    bias_scheme: str = "odd",
+) -> Path:
+    """Export a run directory (``results.json`` + ``params.msgpack``) written by the trainer.
+
+    The header's ``metadata`` records the run, its test accuracy and the SHA-256 of the
+    params file it came from (``--check`` re-derives the file and compares).
+
+    Raises:
+      ValueError: a missing, unfinished or unreadable run, params whose SHA-256 is not the
+        one ``results.json`` records (each names the file), or a float (unquantized) run.
+    """
+    header, arrays = derive_run(results_dir, bias_scheme=bias_scheme)
+    return save(path if path is not None else Path(results_dir) / DEFAULT_FILE, header, arrays)
+
+
+#: Header fields that are informative only and not compared by :func:`differences`:
+#: where the run directory was when the file was written.
+INFORMATIVE = (("metadata", "run"),)
+
+
+def differences(model: IntegerModel, header: dict, arrays: dict, *, limit: int = 8) -> list[str]:
+    """What differs between a loaded file and a re-derived ``(header, arrays)`` (:func:`build`).
+
+    Every header field is compared (after a JSON round trip, as the file stores it), except
+    the checksums that :func:`~cgmq_jax.export.format.save` computes from the arrays and
+    :data:`INFORMATIVE`; every array by dtype, shape and value. Returns at most ``limit``
+    one-line descriptions (empty: the file is the derivation).
+    """
+    import json
+
+    derived = json.loads(json.dumps({"format": model.header.get("format"), **header}))
+    derived.setdefault("version", model.header.get("version"))
+    found = {k: v for k, v in model.header.items() if k not in ("arrays", "payload_sha256")}
+    for where in INFORMATIVE:
+        for tree in (derived, found):
+            node = tree
+            for key in where[:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(where[-1], None)
+    out = _array_differences(model, arrays)
+    _tree_differences("header", found, derived, out)
+    return out[:limit]
+
+
+def _tree_differences(where: str, found: Any, derived: Any, out: list[str]) -> None:
+    if isinstance(found, dict) and isinstance(derived, dict):
+        for key in sorted(found.keys() | derived.keys(), key=str):
+            if key not in derived:
+                out.append(f"{where}.{key}: in the file, not in the re-derived model")
+            elif key not in found:
+                out.append(f"{where}.{key}: missing from the file")
+            else:
+                _tree_differences(f"{where}.{key}", found[key], derived[key], out)
+    elif isinstance(found, list) and isinstance(derived, list) and len(found) == len(derived):
+        for i, (a, b) in enumerate(zip(found, derived, strict=True)):
+            _tree_differences(f"{where}[{i}]", a, b, out)
+    elif found != derived or type(found) is not type(derived):
+        out.append(
+            f"{where}: the file says {_short(found)}, the run's params give {_short(derived)}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _array_differences(model: IntegerModel, arrays: dict) -> list[str]:
+    names = {}
+    for i, layer in enumerate(model.layers):
+        for part in ("weight", "bias"):
+            key = layer.get(f"{part}_key") if isinstance(layer, dict) else None
+            names[key] = f"layer {i} ({layer.get('name')!r}) {part} ({key})"
+    out = []
+    for key in sorted(model.arrays.keys() | arrays.keys()):
+        what = names.get(key, f"array {key!r}")
+        if key not in arrays:
+            out.append(f"{what}: in the file, not in the re-derived model")
+            continue
+        if key not in model.arrays:
+            out.append(f"{what}: missing from the file")
+            continue
+        ours, theirs = np.asarray(model.arrays[key]), np.asarray(arrays[key])
+        if ours.dtype.newbyteorder("=") != theirs.dtype.newbyteorder("=") or (
+            ours.shape != theirs.shape
+        ):
+            out.append(
+                f"{what}: {ours.dtype} {list(ours.shape)} in the file, "
+                f"{theirs.dtype} {list(theirs.shape)} from the run's params"
+            )
+            continue
+        bad = ours != theirs
+        if bad.any():
+            worst = int(np.max(np.abs(ours.astype(object) - theirs.astype(object))[bad]))
+            out.append(
+                f"{what} differs in {int(bad.sum()):,} of {ours.size:,} entries "
+                f"(max |difference| {worst:,})"
+            )
+    return out
