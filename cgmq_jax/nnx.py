@@ -85,7 +85,10 @@ class _Recorder:
     """Collects the calls of quantized layers during one forward pass."""
 
     calibrating: bool  # observe inputs and compute in float
-    calls: list[tuple[Any, tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    # (layer, input shape, output shape) of each call
+    calls: list[tuple[Any, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=list
+    )
     observed: dict[int, tuple[Any, _Observation]] = dataclasses.field(default_factory=dict)
 
 
@@ -192,7 +195,7 @@ class _QuantizedLayer:
         else:
             y = super().__call__(inputs, out_sharding)  # Flax's own float layer
         if recorder is not None:
-            recorder.calls.append((self, tuple(y.shape)))
+            recorder.calls.append((self, tuple(inputs.shape), tuple(y.shape)))
         return y
 
 
@@ -404,7 +407,9 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
     traced; anything else (``train=False``) is passed as it is. MACs are counted as by
     :func:`cgmq_jax.cost.layer_specs`: ``prod(output.shape[1:]) * prod(kernel.shape[:-1])``.
     A layer's input signedness is its ``input_signed``, or, where that is ``None``, the
-    decision :func:`calibrate` stored.
+    decision :func:`calibrate` stored. Its ``weights``, ``biases`` and ``input_elements``
+    (what the weight and activation memory limits count) come from its kernel's and its
+    input's shapes, as for linen, so a memory limit is never free.
 
     Raises a ``ValueError`` for what would be silently free: a plain Flax layer that
     multiply-accumulates (``nnx.Linear``, ``nnx.Conv``, ...), a quantized layer that runs
@@ -427,7 +432,7 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     traced_at = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
-    calls: list[tuple[tuple, bool, int]] = []  # (path, quantize, MACs) of each call
+    calls: list[tuple[tuple, bool, int, dict]] = []  # (path, quantize, MACs, sizes) per call
 
     def forward(state, traced):
         given = list(leaves)
@@ -438,15 +443,17 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
         paths = {id(module): path for path, module in nnx.iter_modules(copy)}
         with _recording(calibrating=False) as recorder:
             copy(*call_args, **call_kwargs)
-        for layer, output_shape in recorder.calls:
-            macs = math.prod(output_shape[1:]) * math.prod(layer.kernel.shape[:-1])
-            calls.append((paths[id(layer)], layer.quantize, int(macs)))
+        for layer, input_shape, output_shape in recorder.calls:
+            kernel_shape = tuple(layer.kernel.shape)
+            macs = math.prod(output_shape[1:]) * math.prod(kernel_shape[:-1])
+            sizes = _sizes(kernel_shape, input_shape)
+            calls.append((paths[id(layer)], layer.quantize, int(macs), sizes))
 
     shapes = [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), leaves[i].dtype) for i in traced_at]
     jax.eval_shape(forward, state, shapes)
     if not calls:
         raise ValueError(f"{type(model).__name__} called no QuantLinear / QuantConv layer")
-    float_layers = sorted({_name(path) for path, quantize, _ in calls if not quantize})
+    float_layers = sorted({_name(path) for path, quantize, _, _ in calls if not quantize})
     if float_layers:
         raise ValueError(
             f"layers {float_layers} run with quantize=False, so they would not be counted: "
@@ -454,9 +461,20 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
         )
     modules = dict(nnx.iter_modules(model))
     return tuple(
-        cost.LayerSpec(path, macs, _calibrated_signedness(modules[path], path))
-        for path, _, macs in calls
+        cost.LayerSpec(path, macs, _calibrated_signedness(modules[path], path), **sizes)
+        for path, _, macs, sizes in calls
     )
+
+
+def _sizes(kernel_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> dict[str, int]:
+    """A layer's memory sizes, counted as :func:`cgmq_jax.cost.layer_specs` counts linen's:
+    the kernel's elements, one bias per output channel (stored by the export even without
+    ``use_bias``), the input's elements per example (the batch axis first)."""
+    return {
+        "weights": math.prod(kernel_shape),
+        "biases": kernel_shape[-1],
+        "input_elements": math.prod(input_shape[1:]),
+    }
 
 
 def _calibrated_signedness(layer, path: tuple) -> bool:
