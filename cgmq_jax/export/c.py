@@ -19,10 +19,12 @@
   little-endian int64 (``./a.out N predict`` writes int32 class indices instead).
   :func:`compile_and_run` compiles and runs it.
 
-The C input is always one example of ``uint8_t`` values (row-major, channels last) at
-``header["input"]["exponent"]``: MNIST's raw pixels. A model whose input is meant to take
-other integers (negative, or above 255) can still be compiled, but this API feeds it only
-the values 0..255.
+The C input is one example (row-major, channels last) of integers at
+``header["input"]["exponent"]`` in the narrowest C type that holds every input value the
+model tells apart (:func:`input_type`): the first quantizers' signedness and range decide,
+so MNIST's raw pixels are ``uint8_t`` and a model with a signed input quantizer takes
+``int8_t`` (or wider). Values beyond ``<PREFIX>_INPUT_MIN .. <PREFIX>_INPUT_MAX`` give the
+output of the nearer bound (the quantizer saturates them).
 
 The generated code is not reentrant (static buffers). Integer overflow is not checked at
 run time: the value ranges are proven at emit time, and a model whose proven range does not
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cgmq_jax.export.format import IntegerModel, load
+from cgmq_jax.export.format import LAYER_OPS, IntegerModel, load
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -52,6 +54,14 @@ CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror")
 #: Signed storage types, narrowest first: (C type, union member, bytes).
 _CTYPES = (("int8_t", "i8", 1), ("int16_t", "i16", 2), ("int32_t", "i32", 4), ("int64_t", "i64", 8))
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: Input types, narrowest first: (C type, numpy dtype, smallest value, largest value).
+_INPUT_TYPES = tuple(
+    (f"{'u' if unsigned else ''}int{bits}_t", f"{'u' if unsigned else ''}int{bits}", lo, hi)
+    for bits, unsigned in ((8, 1), (8, 0), (16, 1), (16, 0), (32, 1), (32, 0), (64, 0))
+    for lo, hi in [(0, (1 << bits) - 1) if unsigned else (-(1 << bits - 1), (1 << bits - 1) - 1)]
+)
+#: Ops that pass the network input on to a quantizer without widening what matters of it.
+_SATURATING_OPS = ("reshape", "maxpool", "relu", "clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +89,82 @@ class CProgram:
     input_size: int
     num_outputs: int
     prefix: str = "cgmq"
+    input: InputType | None = None  # None: uint8_t (a program built by hand)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputType:
+    """The C type of the network input (:func:`input_type`).
+
+    Attributes:
+      ctype, dtype: the C type and the numpy dtype of the same width and signedness.
+      lo, hi: the input values the model tells apart; anything beyond gives the output of
+        the nearer bound (the first quantizers saturate).
+      reason: why, in words.
+    """
+
+    ctype: str
+    dtype: str
+    lo: int
+    hi: int
+    reason: str
+
+
+UINT8_INPUT = InputType("uint8_t", "uint8", 0, 255, "8-bit pixels")
+
+
+def _needed(ops: list[dict], out: int) -> list[bool]:
+    """Which tensors the output depends on."""
+    needed = [False] * (len(ops) + 1)
+    needed[out] = True
+    for j in range(len(ops) - 1, -1, -1):
+        if needed[j + 1]:
+            for t in ops[j]["inputs"]:
+                needed[t] = True
+    return needed
+
+
+def _raw_range(layer: dict, exponent: int) -> tuple[int, int]:
+    """The input values at ``2**exponent`` that layer's quantizer maps to distinct codes."""
+    levels, shift = int(layer["input_levels"]), int(layer["input_exponent"]) - exponent
+    hi = levels << shift if shift >= 0 else -(-levels >> -shift)
+    return (-hi if layer["input_signed"] else 0), hi
+
+
+def input_type(model: IntegerModel) -> InputType:
+    """The C input type of ``model``: it follows the quantizers that read the input.
+
+    The input's values matter only up to where the quantizers that read it (directly, or
+    through reshapes, max-pools, ReLUs and clips) saturate; the type is the narrowest that
+    holds that range: ``uint8_t`` for MNIST's pixels, ``int8_t`` for a signed 8-bit input
+    quantizer at the input's exponent, wider where the quantizer is. An input that feeds
+    anything else (a sum, an average, an add) matters at every value: ``int64_t``.
+    """
+    ops, exponent = model.header["ops"], model.facts.tensors[0].exponent
+    needed = _needed(ops, model.header["output"]["tensor"])
+    lo = hi = 0
+    readers, frontier, seen = [], [0], {0}
+    while frontier:
+        t = frontier.pop()
+        for j, op in enumerate(ops):
+            if t not in op["inputs"] or not needed[j + 1]:
+                continue
+            if op["op"] in LAYER_OPS:
+                low, high = _raw_range(model.layers[op["layer"]], exponent)
+                lo, hi = min(lo, low), max(hi, high)
+                readers.append(model.layers[op["layer"]]["name"])
+            elif op["op"] in _SATURATING_OPS and op["inputs"] == [t]:
+                if j + 1 not in seen:
+                    seen.add(j + 1)
+                    frontier.append(j + 1)
+            else:
+                why = f"the input feeds op {j} ({op['op']}): every int64 value matters"
+                return InputType("int64_t", "int64", INT64_MIN, INT64_MAX, why)
+    why = f"the input quantizer{'s' if len(readers) > 1 else ''} of {', '.join(readers)}"
+    for ctype, dtype, low, high in _INPUT_TYPES:
+        if low <= lo and hi <= high:
+            return InputType(ctype, dtype, lo, hi, why or "the input is not read")
+    return InputType("int64_t", "int64", max(lo, INT64_MIN), min(hi, INT64_MAX), why)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -90,6 +176,11 @@ def _ctype_for(lo: int, hi: int) -> int:
         if -(1 << (8 * size - 1)) <= lo and hi < (1 << (8 * size - 1)):
             return index
     return len(_CTYPES) - 1
+
+
+def _limit(value: int) -> str:
+    """A bound for a ``#define``: parenthesised, ``INT64_MIN`` / ``INT64_MAX`` at the ends."""
+    return {INT64_MIN: "INT64_MIN", INT64_MAX: "INT64_MAX"}.get(value, f"({value})")
 
 
 def _lit(value: int) -> str:
@@ -163,7 +254,7 @@ class _Storage:
     """Where tensors live: the input pointer (``slot is None``) or a slot, with one C type."""
 
     slot: int | None
-    ctype: int  # index into _CTYPES; -1 for the uint8 input
+    ctype: int  # index into _CTYPES; -1 for the input (its own type)
     tensors: list = dataclasses.field(default_factory=list)
 
 
@@ -181,7 +272,9 @@ class _Emitter:
         self.slots: list[_Slot] = []
         self.storages: list[_Storage] = [_Storage(None, -1, [0])]
         self.storage_of: dict[int, int] = {0: 0}
-        self.ranges: dict[int, tuple[int, int]] = {0: (0, 255)}
+        self.input = input_type(model)
+        low, high = next((lo, hi) for c, _, lo, hi in _INPUT_TYPES if c == self.input.ctype)
+        self.ranges: dict[int, tuple[int, int]] = {0: (low, high)}  # all the C type holds
         self.tables: list[str] = []
         self.warnings: list[str] = []
         self.helpers: set[str] = set()
@@ -234,13 +327,7 @@ class _Emitter:
     def _liveness(self) -> None:
         n_ops = len(self.ops)
         out = self.header["output"]["tensor"]
-        needed = [False] * (n_ops + 1)
-        needed[out] = True
-        for j in range(n_ops - 1, -1, -1):
-            if needed[j + 1]:
-                for t in self.ops[j]["inputs"]:
-                    needed[t] = True
-        self.needed = needed
+        needed = self.needed = _needed(self.ops, out)
         last = [-1] * (n_ops + 1)
         for j, op in enumerate(self.ops):
             if needed[j + 1]:
@@ -294,7 +381,7 @@ class _Emitter:
 
     def _ctype(self, t: int) -> str:
         storage = self.storages[self.storage_of[t]]
-        return "uint8_t" if storage.slot is None else _CTYPES[storage.ctype][0]
+        return self.input.ctype if storage.slot is None else _CTYPES[storage.ctype][0]
 
     def _read(self, t: int, index: str) -> str:
         return f"(int64_t){self._array(t)}[{index}]"
@@ -739,7 +826,8 @@ static inline int64_t {p}_rdiv(int64_t v, uint64_t d)
 
 _HARNESS = """\
 /* Test harness for {source}: `./a.out N < inputs > logits`.
- * Reads N examples of {P}_INPUT_SIZE bytes (uint8) from stdin; writes each example's
+ * Reads N examples of {P}_INPUT_SIZE {p}_input_t values ({ctype}, native byte order) from
+ * stdin; writes each example's
  * {P}_NUM_OUTPUTS logits as little-endian int64 to stdout. `./a.out N predict` writes the
  * predicted class of each example as little-endian int32 instead. */
 #include <stdio.h>
@@ -748,7 +836,7 @@ _HARNESS = """\
 
 #include "model.h"
 
-static uint8_t example[{P}_INPUT_SIZE];
+static {p}_input_t example[{P}_INPUT_SIZE];
 
 int main(int argc, char **argv)
 {{
@@ -792,7 +880,8 @@ def emit_c(
 
     Args:
       model: a loaded model or the path of a ``cgmq-int-npz`` file.
-      out_dir: the directory to write (created if needed).
+      out_dir: the directory to write (created if needed); the three files appear together
+        or not at all (:func:`_write_all`), replacing any there.
       prefix: the C identifier prefix: functions ``<prefix>_logits`` / ``<prefix>_predict``,
         macros ``<PREFIX>_INPUT_SIZE``, ...
 
@@ -801,14 +890,12 @@ def emit_c(
     """
     if not _IDENT.match(prefix):
         raise ValueError(f"prefix {prefix!r} is not a C identifier")
-    from cgmq_jax import files  # standard library only
-
     model = model if isinstance(model, IntegerModel) else load(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(os.path.abspath(out_dir))  # the compiler runs inside it
     em = _Emitter(model, prefix)
     body = em.emit_body()
     p, P = prefix, prefix.upper()
+    ctype = em.input.ctype
     header = model.header
     facts = model.facts
     in_shape = list(facts.tensors[0].shape)
@@ -840,9 +927,10 @@ def emit_c(
  * Integer-only inference (docs/export.md, "Integer semantics (format version 2)"), bit-identical
  * to cgmq_jax.export.engine.run_integer.
  *
- * Input: one example of {P}_INPUT_SIZE uint8 values, shape {in_shape} (row-major, channels last),
- * at 2^{P}_INPUT_EXPONENT (MNIST: the raw pixels). The API takes uint8 whatever the model's input
- * quantizer: a model meant for negative or larger inputs only ever sees the values 0..255 here.
+ * Input: one example of {P}_INPUT_SIZE {ctype} values ({p}_input_t), shape {in_shape}
+ * (row-major, channels last), at 2^{P}_INPUT_EXPONENT; the type follows
+ * {_comment(em.input.reason)}.
+ * Values below {P}_INPUT_MIN or above {P}_INPUT_MAX give the output of that bound.
  * Output: {P}_NUM_OUTPUTS int64 logits; their real value is logits * 2^{P}_OUTPUT_EXPONENT /
  * {P}_OUTPUT_DIVISOR. The prediction is the first maximum (like numpy's argmax).
  * Not reentrant: the activations live in static buffers ({P}_BUFFER_BYTES bytes).
@@ -855,6 +943,8 @@ def emit_c(
 #include <stdint.h>
 
 #define {P}_INPUT_SIZE {input_size}
+#define {P}_INPUT_MIN {_limit(em.input.lo)}
+#define {P}_INPUT_MAX {_limit(em.input.hi)}
 #define {P}_INPUT_EXPONENT ({facts.tensors[0].exponent})
 #define {P}_NUM_OUTPUTS {num_outputs}
 #define {P}_OUTPUT_EXPONENT ({facts.tensors[out_t].exponent})
@@ -866,8 +956,10 @@ def emit_c(
 #define {P}_BOPS {bops}
 #define {P}_MACS {macs}
 
-void {p}_logits(const uint8_t *input, int64_t *logits);
-int {p}_predict(const uint8_t *input);
+typedef {ctype} {p}_input_t;
+
+void {p}_logits(const {ctype} *input, int64_t *logits);
+int {p}_predict(const {ctype} *input);
 
 #endif /* {guard} */
 """
@@ -913,14 +1005,14 @@ int {p}_predict(const uint8_t *input);
     c.append("")
     read = {t for j, op in enumerate(em.ops) if em.needed[j + 1] for t in op["inputs"]} | {out_t}
     uses_input = any(em.storage_of[t] == 0 for t in read)
-    c.append(f"void {p}_logits(const uint8_t *input, int64_t *logits)")
+    c.append(f"void {p}_logits(const {ctype} *input, int64_t *logits)")
     c.append("{")
     if not uses_input:
         c.append("    (void)input;")
     c.extend(body)
     c.append("}")
     c.append("")
-    c.append(f"int {p}_predict(const uint8_t *input)")
+    c.append(f"int {p}_predict(const {ctype} *input)")
     c.append("{")
     c.append(f"    int64_t logits[{P}_NUM_OUTPUTS];")
     c.append("    int best = 0;")
@@ -934,9 +1026,8 @@ int {p}_predict(const uint8_t *input);
         raise AssertionError("floating point in the generated C")
 
     paths = out_dir / "model.h", out_dir / "model.c", out_dir / "main.c"
-    files.write_text(paths[0], h)
-    files.write_text(paths[1], source)
-    files.write_text(paths[2], _HARNESS.format(p=p, P=P, source="model.c"))
+    harness = _HARNESS.format(p=p, P=P, ctype=ctype, source="model.c")
+    _write_all(out_dir, {"model.h": h, "model.c": source, "main.c": harness})
     return CProgram(
         out_dir=out_dir,
         header=paths[0],
@@ -949,7 +1040,39 @@ int {p}_predict(const uint8_t *input);
         input_size=input_size,
         num_outputs=num_outputs,
         prefix=prefix,
+        input=em.input,
     )
+
+
+def _write_all(out_dir: Path, texts: dict[str, str]) -> None:
+    """Write ``{name: text}`` into ``out_dir``: all the files, or none of them.
+
+    They are written (and fsynced) into a temporary directory inside ``out_dir`` first,
+    then renamed into place; on any failure (a full disk, a read-only directory) the
+    temporary directory is removed, and so is ``out_dir`` if this call created it empty.
+    """
+    import tempfile
+
+    from cgmq_jax import files  # standard library only
+
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".cgmq-c.", suffix=files.TMP_SUFFIX, dir=out_dir))
+        for name, text in texts.items():
+            files.write_text(tmp / name, text)
+        for name in texts:
+            os.replace(tmp / name, out_dir / name)
+    except BaseException:
+        if created and tmp is None:
+            out_dir.rmdir()
+        raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
 
 
 def compile_and_run(
@@ -959,7 +1082,9 @@ def compile_and_run(
 
     Args:
       program: what :func:`emit_c` returned.
-      inputs: ``(N, ...)`` integers in 0..255, ``input_size`` elements per example.
+      inputs: ``(N, ...)`` integers at the input exponent, ``input_size`` elements per
+        example; those beyond the program's input bounds (``program.input``) are saturated to
+        them first, which changes no output (the model saturates them).
       cc: the C compiler (default: ``cc`` on the ``PATH``).
       predict: return the predicted classes ``(N,)`` instead of the logits.
 
@@ -983,16 +1108,19 @@ def compile_and_run(
         raise ValueError(
             f"inputs hold {x.shape[1]} elements per example, the model takes {program.input_size}"
         )
-    if x.size and (x.min() < 0 or x.max() > 255):
-        raise ValueError("the C API takes uint8 inputs: values must lie in 0..255")
-    binary = program.out_dir / f"{program.prefix}_run"
-    command = [compiler, *CFLAGS, "-o", str(binary), str(program.source), str(program.harness)]
-    built = subprocess.run(command, capture_output=True, text=True, cwd=program.out_dir)
+    kind = program.input or UINT8_INPUT
+    if x.dtype == np.uint64:
+        x = np.minimum(x, np.uint64(INT64_MAX))
+    x = np.clip(x.astype(np.int64), kind.lo, kind.hi).astype(kind.dtype)
+    binary = Path(os.path.abspath(program.out_dir / f"{program.prefix}_run"))
+    sources = [os.path.abspath(program.source), os.path.abspath(program.harness)]
+    command = [compiler, *CFLAGS, "-o", str(binary), *sources]
+    built = subprocess.run(command, capture_output=True, text=True, cwd=binary.parent)
     if built.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{built.stderr}")
     run = subprocess.run(
         [str(binary), str(n), *(["predict"] if predict else [])],
-        input=x.astype(np.uint8).tobytes(),
+        input=x.tobytes(),
         capture_output=True,
     )
     if run.returncode:
