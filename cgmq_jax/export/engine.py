@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from cgmq_jax.export.format import (
+    INPUT_RANGE,
+    INT64_MAX,
+    INT64_MIN,
     LAYER_OPS,
     PIXEL_EXPONENT,
     IntegerModel,
@@ -82,8 +85,12 @@ def requantize(
     lo = -levels if signed else 0
     shift = exponent - to_exponent
     if divisor == 1:
-        if shift > 0:  # pre-clip so that the left shift cannot overflow; same result
-            values = np.clip(values, -(levels + 1), levels + 1)
+        if shift > 0:  # exact for any shift: compare with levels >> shift before shifting
+            top = levels >> shift
+            low = -top if signed else 0
+            inside = (values >= low) & (values <= top)
+            shifted = np.where(inside, values, 0) << np.int64(shift)
+            return np.where(values > top, levels, np.where(values < low, lo, shifted))
         return np.clip(round_shift(values, shift), lo, levels)
     if shift > 0:
         bound = (levels + 1) * divisor
@@ -207,6 +214,12 @@ def run_integer(
     if list(t.shape[1:]) != header["input"]["shape"]:
         raise ValueError(f"inputs shaped {t.shape[1:]}, the model takes {header['input']['shape']}")
     exponent = header["input"]["exponent"] if input_exponent is None else int(input_exponent)
+    low, high = INPUT_RANGE if not first_layer_codes else (INT64_MIN, INT64_MAX)
+    if t.size and (int(t.min()) < low or int(t.max()) > high):
+        raise ValueError(
+            f"inputs reach [{int(t.min())}, {int(t.max())}], outside [{low}, {high}], the "
+            "range over which the file's integer ranges are proven (format.INPUT_RANGE)"
+        )
     values = [t.astype(np.int64)]
     exponents = [exponent]
     codes_by_layer: dict[str, np.ndarray] = {}
@@ -236,7 +249,8 @@ def run_integer(
                     m, e = bound
                     scaled = m * facts_in.divisor
                     shift = e - facts_in.exponent
-                    bounds.append(scaled << shift if shift >= 0 else scaled >> -shift)
+                    value = scaled << shift if shift >= 0 else scaled >> -shift
+                    bounds.append(min(max(value, INT64_MIN), INT64_MAX))  # int64 values
             out = np.clip(x, *bounds)
         elif kind == "maxpool":
             out = _windows(x, op, np.iinfo(np.int64).min).max(axis=tuple(range(-x.ndim + 1, 0)))

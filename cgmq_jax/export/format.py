@@ -139,6 +139,8 @@ class Validated:
 
     tensors: tuple[Tensor, ...]
     rows: tuple[LayerRow, ...]
+    #: Every tensor's proven value range ``(low, high)`` over inputs in :data:`INPUT_RANGE`.
+    ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def weight_memory_bits(self) -> int:
@@ -195,12 +197,22 @@ def _fail(path: os.PathLike | str, problem: str) -> ExportError:
 
 #: The dtypes an array of the file may have (little-endian signed integers).
 _ARRAY_DTYPES = ("|i1", "<i2", "<i4", "<i8")
-#: The largest ``header.json`` member accepted, in bytes (a real header is a few KiB).
-MAX_HEADER_BYTES = 1 << 22
+#: The largest ``header.json`` member accepted, in bytes (a real header is a few KiB to a
+#: few tens of KiB; parsed, 1 MiB of JSON costs at most some tens of MB of Python objects).
+MAX_HEADER_BYTES = 1 << 20
 #: The largest ``.npy`` preamble (magic, version, header dict, padding) accepted, in bytes.
 _NPY_PREAMBLE_MAX = 4096
-#: The most elements one array of the file may declare (2**31: 2-16 GiB; a model is tiny).
-MAX_ARRAY_ELEMENTS = 1 << 31
+#: The most elements one array of the file may declare (2**25: 32 Mi; LeNet5BB's largest
+#: kernel has a few hundred thousand).
+MAX_ARRAY_ELEMENTS = 1 << 25
+#: The most bytes all arrays of a file may declare together, checked from the header before
+#: any array is read (64 MiB: two orders of magnitude above the largest model here).
+MAX_TOTAL_BYTES = 1 << 26
+#: The most elements one tensor of the graph may have, per example (16 Mi).
+MAX_TENSOR_ELEMENTS = 1 << 24
+#: The network input values the overflow proof assumes (:func:`validate`); the engine
+#: refuses inputs outside it (C feeds ``uint8``, inside it).
+INPUT_RANGE = (-(1 << 31), (1 << 31) - 1)
 #: The largest exponent magnitude and bias shift (``accumulator - bias`` exponent) accepted.
 MAX_EXPONENT = 1024
 MAX_BIAS_SHIFT = 62
@@ -286,6 +298,325 @@ class _Checker:
         return value
 
 
+# --------------------------------------------------------------------------- strict JSON
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    table: dict = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"duplicate key {key!r}")
+        table[key] = value
+    return table
+
+
+def _json_int(text: str) -> int:
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is beyond int64")
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is beyond a float")
+    return value
+
+
+def _json_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Strict JSON: no duplicate keys, no ``NaN`` / ``Infinity``, integers within int64.
+
+    The reader parses every JSON it reads with this (a duplicate key would let two readers
+    see two different files; a non-finite budget would pass every comparison).
+
+    Raises:
+      ValueError: (``json.JSONDecodeError`` too) naming the first problem.
+
+    >>> parse_json('{"a": 1, "a": 2}')
+    Traceback (most recent call last):
+    ...
+    ValueError: duplicate key 'a'
+    """
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")
+    return json.loads(
+        data,
+        object_pairs_hook=_unique_keys,
+        parse_int=_json_int,
+        parse_float=_json_float,
+        parse_constant=_json_constant,
+    )
+
+
+# --------------------------------------------------------------------------- header schema
+
+
+@dataclasses.dataclass(frozen=True)
+class _Object:
+    """A JSON object: its required and optional fields; any other key is refused."""
+
+    required: dict
+    optional: dict = dataclasses.field(default_factory=dict)
+    extra: Any = None  # the spec of any other key's value (``None``: other keys refused)
+
+
+_TYPE_NAMES = {
+    "int": "an integer",
+    "number": "a finite number",
+    "str": "a string",
+    "bool": "true or false",
+    "sha256": "a SHA-256 (64 lowercase hex digits)",
+    "scalar": "a JSON string, number, boolean or null",
+    "json": "any JSON value",
+}
+
+
+def _describe(spec: Any) -> str:
+    if isinstance(spec, str):
+        return _TYPE_NAMES[spec]
+    if isinstance(spec, _Object):
+        return "a JSON object"
+    kind, arg = spec
+    if kind == "list":
+        return "a JSON list"
+    if kind == "null":
+        return f"null or {_describe(arg)}"
+    if kind == "enum":
+        return f"one of {', '.join(map(repr, arg))}"
+    return " or ".join(_describe(s) for s in arg)  # either
+
+
+def _is_scalar(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return _is_int(value)
+    if kind == "number":
+        real = isinstance(value, float | np.floating) and math.isfinite(value)
+        return _is_int(value) or real
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "sha256":
+        return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
+    if kind == "scalar":
+        return value is None or any(_is_scalar(value, k) for k in ("number", "str", "bool"))
+    return True  # json
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _mismatch(where: str, value: Any, spec: Any) -> str | None:
+    """The first way ``value`` departs from ``spec`` (a line naming the field), or None."""
+    if isinstance(spec, _Object):
+        if not isinstance(value, dict):
+            return f"{where} must be a JSON object, got {type(value).__name__}"
+        missing = [key for key in spec.required if key not in value]
+        if missing:
+            return f"{where} is missing {', '.join(missing)}"
+        for key, item in value.items():
+            sub = spec.required.get(key, spec.optional.get(key, spec.extra))
+            if sub is None:
+                return f"{where} has an unknown field {_shown(key)}"
+            problem = _mismatch(f"{where}.{key}", item, sub)
+            if problem:
+                return problem
+        return None
+    if isinstance(spec, str):
+        ok = _is_scalar(value, spec)
+        return None if ok else f"{where} must be {_TYPE_NAMES[spec]}, got {_shown(value)}"
+    kind, arg = spec
+    if kind == "list":
+        if not isinstance(value, list):
+            return f"{where} must be a JSON list, got {type(value).__name__}"
+        for i, item in enumerate(value):
+            problem = _mismatch(f"{where}[{i}]", item, arg)
+            if problem:
+                return problem
+        return None
+    if kind == "null":
+        return None if value is None else _mismatch(where, value, arg)
+    if kind == "enum":
+        ok = any(value == v and type(value) is type(v) for v in arg)
+        return None if ok else f"{where} must be {_describe(spec)}, got {_shown(value)}"
+    problems = [_mismatch(where, value, s) for s in arg]  # either: the closest alternative
+    if all(problems):
+        return problems[1] if isinstance(value, list) and len(problems) > 1 else problems[0]
+    return None
+
+
+def _list(item: Any) -> tuple:
+    return ("list", item)
+
+
+def _null(spec: Any) -> tuple:
+    return ("null", spec)
+
+
+def _enum(*values: Any) -> tuple:
+    return ("enum", values)
+
+
+_INTS = _list("int")
+_INT_OR_INTS = ("either", ("int", _INTS))
+_DTYPE_NAMES = _enum("int8", "int16", "int32", "int64")
+#: The kernel layouts the reader runs (``kernel_layout``, by kind).
+KERNEL_LAYOUTS = {"conv": "(*window, in / groups, out)", "dense": "(in, out)"}
+#: The input layout the reader runs (``input.layout``).
+INPUT_LAYOUT = "channels last, no batch axis"
+#: How a bias was rounded, by ``bias_scheme`` (``bias_rounding`` of every layer).
+BIAS_ROUNDING = {"accumulator": "half_even", "odd": "odd"}
+#: The cost names a certificate may limit (:data:`cgmq_jax.cost.COSTS`).
+LIMIT_NAMES = ("bops", "weight_memory_bits", "activation_bits")
+
+_LAYER_SCHEMA = _Object(
+    required={
+        "name": "str",
+        "kind": _enum(*LAYER_OPS),
+        "per_channel": "bool",
+        **{key: _INTS for key in ("input_shape", "output_shape", "kernel_shape")},
+        "weight_key": "str",
+        "bias_key": "str",
+        **{key: _INT_OR_INTS for key in ("weight_bits", "weight_exponent", "weight_levels")},
+        **{key: "int" for key in ("input_bits", "input_exponent", "input_levels")},
+        "input_signed": "bool",
+        "accumulator_exponent": _INT_OR_INTS,
+        **{key: "int" for key in ("bias_exponent", "output_bits", "bias_bits", "macs")},
+    },
+    optional={
+        **{key: _INTS for key in ("strides", "kernel_dilation", "input_dilation")},
+        "padding": _list(_INTS),
+        "groups": "int",
+        "kernel_layout": _enum(*KERNEL_LAYOUTS.values()),
+        "weight_signed": _enum(True),
+        "weight_dtype": _DTYPE_NAMES,
+        "bias_dtype": _DTYPE_NAMES,
+        "bias_rounding": _enum(*BIAS_ROUNDING.values()),
+        "bias_rounding_max_abs_error": "number",
+    },
+)
+#: The fields of each op besides ``op``, ``inputs`` and ``module`` (all required).
+OP_FIELDS = {
+    "conv": ("layer",),
+    "dense": ("layer",),
+    "relu": (),
+    "clip": ("min", "max"),
+    "maxpool": ("window", "strides", "padding"),
+    "sumpool": ("window", "strides", "padding"),
+    "sum": ("axes",),
+    "div": ("by",),
+    "add": (),
+    "concat": ("axis",),
+    "reshape": ("shape",),
+}
+_OP_SCHEMA = _Object(
+    required={"op": "str"},
+    optional={
+        "inputs": _INTS,  # its absence is reported by the graph walk, with the op's name
+        "module": "str",
+        **{key: "int" for key in ("layer", "by", "axis")},
+        **{key: _INTS for key in ("window", "strides", "axes", "shape")},
+        "padding": _list(_INTS),
+        "min": _null(_INTS),
+        "max": _null(_INTS),
+    },
+)
+_LIMIT_SCHEMA = _Object(
+    required={"limit": "number", "cost": "int"}, optional={"minimum": "int", "within": "bool"}
+)
+_CERTIFICATE_ROW = _Object(
+    required={"layer": "str", "macs": "int", "weight_bits": _INT_OR_INTS, "input_bits": "int"},
+    optional={
+        "kind": _enum(*LAYER_OPS),
+        **{key: "int" for key in ("bops", "weight_memory_bits", "activation_bits")},
+        "float": "bool",
+    },
+)
+_CERTIFICATE_SCHEMA = _Object(
+    required={},
+    optional={
+        "bops": "int",
+        "budget_bops": _null("number"),
+        "within_budget": "bool",
+        "weight_memory_bits": "int",
+        "activation_bits": "int",
+        "limits": _Object(required={}, optional={name: _LIMIT_SCHEMA for name in LIMIT_NAMES}),
+        "layers": _list(_CERTIFICATE_ROW),
+        "selected_epoch": _null("int"),
+    },
+)
+_METADATA_SCHEMA = _Object(
+    required={},
+    optional={
+        "run": "str",
+        "method": _null("str"),
+        "seed": _null("int"),
+        "test_accuracy": _null("number"),
+        "dataset": _null("str"),
+        "data_source": _null("str"),
+        "params_sha256": _null("sha256"),
+    },
+    extra="scalar",
+)
+_HEADER_SCHEMA = _Object(
+    required={
+        "format": _enum(FORMAT),
+        "version": _enum(VERSION),
+        "input": _Object(
+            required={"shape": _INTS, "exponent": "int"},
+            optional={"layout": _enum(INPUT_LAYOUT), "note": "str"},
+        ),
+        "ops": _list("json"),  # each op: _OP_SCHEMA, named by its index and kind
+        "layers": _list("json"),  # each layer: _LAYER_SCHEMA, named by its index and name
+        "output": _Object(
+            required={"tensor": "int", "exponent": "int", "divisor": "int"},
+            optional={"meaning": "str"},
+        ),
+        "arrays": "json",  # checked member by member by the reader
+        "payload_sha256": "sha256",
+    },
+    optional={
+        "model": "str",
+        "bias_scheme": _enum(*BIAS_ROUNDING),
+        "macs": "int",
+        "bops": "int",
+        "certificate": _CERTIFICATE_SCHEMA,
+        "metadata": _METADATA_SCHEMA,
+    },
+)
+
+
+def check_header_types(check: _Checker, header: Any) -> None:
+    """Every field of ``header`` of its schema's type, and no unknown field (one line each).
+
+    Ranges and agreements between fields are :func:`validate`'s; this only ensures that
+    every later check reads values of the types it expects.
+    """
+    problem = _mismatch("header", header, _HEADER_SCHEMA)
+    for i, layer in enumerate(header["layers"] if not problem else ()):
+        name = layer.get("name") if isinstance(layer, dict) else None
+        where = f"layer {i} ({name})" if isinstance(name, str) else f"layer {i}"
+        problem = _mismatch(where, layer, _LAYER_SCHEMA)
+        if problem:
+            break
+    for j, op in enumerate(header["ops"] if not problem else ()):
+        kind = op.get("op") if isinstance(op, dict) else None
+        problem = _mismatch(f"op {j} ({kind})", op, _OP_SCHEMA)
+        if problem:
+            break
+    if problem:
+        raise check.fail(problem.removeprefix("header."))
+
+
 def _parse_npy(check: _Checker, name: str, raw: bytes) -> tuple[np.dtype, list[int], int]:
     """``(dtype, shape, data offset)`` of a ``.npy`` member's bytes (no pickles, C order)."""
     buffer = io.BytesIO(raw)
@@ -326,11 +657,15 @@ def _read_member(
             f"member {name!r} claims {info.file_size:,} bytes, its declaration allows "
             f"{low:,} to {high:,} (refused before decompressing)"
         )
+    raw = bytearray(info.file_size + 1)
     with archive.open(info) as stream:
-        raw = stream.read(info.file_size + 1)
-    if len(raw) != info.file_size:
-        raise check.fail(f"member {name!r} holds {len(raw):,} bytes, not {info.file_size:,}")
-    found, found_shape, offset = _parse_npy(check, name, raw)
+        size = 0
+        while size < len(raw) and (got := stream.readinto(memoryview(raw)[size:])):
+            size += got
+    if size != info.file_size:
+        raise check.fail(f"member {name!r} holds {size:,} bytes, not {info.file_size:,}")
+    del raw[size:]
+    found, found_shape, offset = _parse_npy(check, name, bytes(raw[:_NPY_PREAMBLE_MAX]))
     if found.str != dtype or (shape is not None and found_shape != shape):
         raise check.fail(
             f"array {name[:-4]!r} is {found.str}{found_shape}, header says {dtype}{shape}"
@@ -338,14 +673,11 @@ def _read_member(
     count = math.prod(found_shape)
     if len(raw) - offset != count * itemsize:
         raise check.fail(f"member {name!r}: {len(raw) - offset:,} data bytes for {found_shape}")
-    return np.frombuffer(raw, found, count=count, offset=offset).reshape(found_shape).copy()
+    return np.frombuffer(raw, found, count=count, offset=offset).reshape(found_shape)
 
 
-def _read_archive(check: _Checker, archive: zipfile.ZipFile) -> tuple[dict, dict]:
-    """``(header, arrays)``: the header verified, then only the listed arrays, size-checked."""
-    names = archive.namelist()
-    if len(set(names)) != len(names):
-        raise check.fail("duplicate archive members")
+def _read_header(check: _Checker, archive: zipfile.ZipFile, names: list[str]) -> dict:
+    """The ``header.json`` member: size-capped, its SHA-256 verified, strict JSON, typed."""
     for key in (HEADER_KEY, HEADER_SHA_KEY):
         if key + ".npy" not in names:
             raise check.fail(f"missing entry {key!r}; not a {FORMAT} file")
@@ -356,45 +688,93 @@ def _read_archive(check: _Checker, archive: zipfile.ZipFile) -> tuple[dict, dict
     expected = _read_member(check, archive, HEADER_SHA_KEY + ".npy", "|u1", [64]).tobytes()
     if _sha256(header_bytes) != expected.decode("ascii", "replace"):
         raise check.fail("header checksum mismatch (header.json corrupted)")
+    return _parse_header(check, header_bytes)
+
+
+def _parse_header(check: _Checker, header_bytes: bytes) -> dict:
+    """The header from its bytes: strict JSON (:func:`parse_json`), format, version, types."""
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise check.fail(f"header.json is not valid JSON: {error}") from None
+        header = parse_json(header_bytes)
+    except (ValueError, RecursionError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise check.fail(f"header.json is not valid JSON: {problem}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
-        raise check.fail(f"wrong format {found!r}, expected {FORMAT!r}")
+        raise check.fail(f"wrong format {_shown(found)}, expected {FORMAT!r}")
     if header.get("version") != VERSION or not _is_int(header.get("version")):
         raise check.fail(
-            f"unsupported {FORMAT} version {header.get('version')!r} (reader: {VERSION}; "
+            f"unsupported {FORMAT} version {_shown(header.get('version'))} (reader: {VERSION}; "
             "re-export the run with this version of cgmq_jax)"
         )
     missing = [key for key in _HEADER_FIELDS if key not in header]
     if missing:
         raise check.fail(f"header is missing {', '.join(missing)}")
+    if not isinstance(header["arrays"], dict):
+        kind = type(header["arrays"]).__name__
+        raise check.fail(f"malformed header: arrays must be a table, got {kind}")
+    check_header_types(check, header)
+    return header
+
+
+def _array_table(check: _Checker, header: dict, names: list[str]) -> dict:
+    """The ``arrays`` table, checked against the layers and the caps before any array is read.
+
+    Every array must be a layer's weight or bias, every archive member listed, and the
+    declared sizes, each and together, within :data:`MAX_ARRAY_ELEMENTS` and
+    :data:`MAX_TOTAL_BYTES`.
+    """
     table = header["arrays"]
-    if not isinstance(table, dict):
-        raise check.fail(f"malformed header: arrays must be a table, got {type(table).__name__}")
+    used: set[str] = set()
+    for i, layer in enumerate(header["layers"]):
+        for field in ("weight_key", "bias_key"):
+            if layer[field] not in table or layer[field] in used:
+                raise check.fail(
+                    f"layer {i} {field} {_shown(layer[field])} names no array, or a used one"
+                )
+            used.add(layer[field])
     listed = {HEADER_KEY + ".npy", HEADER_SHA_KEY + ".npy"}
+    total = 0
     for key, meta in table.items():
-        where = f"arrays[{key!r}]"
+        where = f"arrays[{_shown(key)}]"
         check.dict(where, meta)
         for field in ("dtype", "shape", "sha256"):
             if field not in meta:
                 raise check.fail(f"malformed header: {where} has no {field}")
+        unknown = sorted(set(meta) - {"dtype", "shape", "sha256"})
+        if unknown:
+            raise check.fail(f"{where} has an unknown field {_shown(unknown[0])}")
         if meta["dtype"] not in _ARRAY_DTYPES:
-            raise check.fail(f"{where}.dtype {meta['dtype']!r} is not one of {_ARRAY_DTYPES}")
+            raise check.fail(f"{where}.dtype {_shown(meta['dtype'])} is not one of {_ARRAY_DTYPES}")
         shape = check.list(f"{where}.shape", meta["shape"])
         for i, n in enumerate(shape):
             check.int(f"{where}.shape[{i}]", n, 0, MAX_ARRAY_ELEMENTS)
         if math.prod(shape) > MAX_ARRAY_ELEMENTS:
             raise check.fail(f"{where}.shape {shape} has over {MAX_ARRAY_ELEMENTS:,} elements")
         check.str(f"{where}.sha256", meta["sha256"])
+        if key not in used:
+            raise check.fail(f"array {_shown(key)} belongs to no layer (refused, not read)")
         if key + ".npy" in listed:
             raise check.fail(f"array {key!r} is listed twice")
         listed.add(key + ".npy")
+        total += math.prod(shape) * np.dtype(meta["dtype"]).itemsize
+    if total > MAX_TOTAL_BYTES:
+        raise check.fail(
+            f"the arrays declare {total:,} bytes, over the reader's cap of {MAX_TOTAL_BYTES:,} "
+            "(refused before reading)"
+        )
     unlisted = [name for name in names if name not in listed]
     if unlisted:
         raise check.fail(f"unlisted archive member {unlisted[0]!r} (not read)")
+    return table
+
+
+def _read_archive(check: _Checker, archive: zipfile.ZipFile) -> tuple[dict, dict]:
+    """``(header, arrays)``: the header verified, then only the listed arrays, size-checked."""
+    names = archive.namelist()
+    if len(set(names)) != len(names):
+        raise check.fail("duplicate archive members")
+    header = _read_header(check, archive, names)
+    table = _array_table(check, header, names)
     arrays: dict[str, np.ndarray] = {}
     payload = hashlib.sha256()
     for key, meta in table.items():
@@ -596,6 +976,7 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
     ``macs`` and ``*_bits`` must equal them).
     """
     check = _Checker(Path(path))
+    check_header_types(check, header)
     layers = check.list("layers", header["layers"])
     ops = check.list("ops", header["ops"])
     entry = check.dict("input", header["input"])
@@ -614,6 +995,8 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
         missing = [key for key in needed if key not in layer]
         if missing:
             raise check.fail(f"header layer {i} is missing {', '.join(missing)}")
+        if kind == "dense" and any(key in layer for key in _CONV_FIELDS):
+            raise check.fail(f"header layer {i}: a dense layer with conv geometry")
         check.str(f"layer {i} name", layer["name"])
         for field in ("weight_key", "bias_key"):
             key = check.str(f"layer {i} {field}", layer[field])
@@ -629,7 +1012,12 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
         kind = op.get("op")
         where = f"op {j} ({kind})"
         if kind not in OPS:
-            raise check.fail(f"op {j}: unknown op {kind!r}")
+            raise check.fail(f"op {j}: unknown op {_shown(kind)}")
+        fields = set(OP_FIELDS[kind])
+        if not fields <= set(op) or set(op) - fields - {"op", "inputs", "module"}:
+            unknown = sorted(set(op) - fields - {"op", "inputs", "module"})
+            missing = sorted(fields - set(op))
+            raise check.fail(f"{where}: missing fields {missing} or unknown fields {unknown}")
         names = check.list(f"{where}.inputs", op.get("inputs"))
         arity = {"add": 2, "concat": None}.get(kind, 1)
         if (arity is not None and len(names) != arity) or not names:
@@ -698,6 +1086,11 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             if math.prod(out) != math.prod(x.shape):
                 raise check.fail(f"{where}: cannot reshape {list(x.shape)} to {list(out)}")
             result = Tensor(out, x.exponent, x.divisor)
+        if math.prod(result.shape) > MAX_TENSOR_ELEMENTS:
+            raise check.fail(
+                f"{where}: its output {list(result.shape)} has over {MAX_TENSOR_ELEMENTS:,} "
+                "elements per example"
+            )
         tensors.append(result)
     if len(rows) != len(layers):
         raise check.fail(f"the ops visit {len(rows)} of {len(layers)} layers")
@@ -715,7 +1108,227 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             f"output exponent / divisor {output.get('exponent')!r} / {output.get('divisor')!r} "
             f"disagree with the graph's {logits.exponent} / {logits.divisor}"
         )
-    return Validated(tuple(tensors), tuple(rows))
+    ranges = prove_ranges(check, header, arrays, tensors)
+    facts = Validated(tuple(tensors), tuple(rows), tuple(ranges))
+    _check_layer_claims(check, header, arrays)
+    _check_totals(check, header, facts)
+    _check_certificate(check, header, facts)
+    return facts
+
+
+# --------------------------------------------------------------------------- proofs and claims
+
+
+def _beyond_int64(lo: int, hi: int) -> bool:
+    return lo < INT64_MIN or hi > INT64_MAX
+
+
+def _requantize_fits(check: _Checker, where: str, layer: dict, x: Tensor) -> None:
+    """The engine's requantize intermediates of a divided tensor fit int64 (C's too)."""
+    levels, k = layer["input_levels"], x.divisor
+    shift = x.exponent - layer["input_exponent"]
+    if k == 1:
+        return  # clipped before any left shift; a right shift cannot overflow
+    needed = ((levels + 1) * k) << shift if shift > 0 else 2 * (k << -shift)
+    if needed > INT64_MAX:
+        raise check.fail(
+            f"{where}: requantizing its input (divisor {k}, shift {shift}) needs integers up "
+            f"to {needed:,}, beyond int64 ({INT64_MAX:,})"
+        )
+
+
+def _channel_sums(kernel: np.ndarray, levels: int) -> tuple[list[int], list[int]]:
+    """Per output channel: the sums of the positive and of the negative weight codes."""
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    wide = levels * max(flat.shape[0], 1) >= 1 << 62
+    flat = flat.astype(object if wide else np.int64)
+    pos = np.where(flat > 0, flat, 0).sum(axis=0)
+    neg = np.where(flat < 0, flat, 0).sum(axis=0)
+    return [int(v) for v in pos], [int(v) for v in neg]
+
+
+def _layer_range(check: _Checker, index: int, layer: dict, x: Tensor, arrays) -> tuple[int, int]:
+    """The exact worst-case output range of a layer over every input, every step in int64.
+
+    Per channel: the accumulator ``sum(w * code)`` lies in ``[P * lo + N * n, P * n + N * lo]``
+    (``P``, ``N`` the sums of its positive and negative weight codes, codes in ``[lo, n]``),
+    and so does every partial sum; then ``acc << (e_acc - e_b)`` and ``+ bias``.
+    """
+    where = f"layer {index} ({layer['name']})"
+    _requantize_fits(check, where, layer, x)
+    levels = layer["input_levels"]
+    lo_code = -levels if layer["input_signed"] else 0
+    kernel, bias = arrays[layer["weight_key"]], arrays[layer["bias_key"]]
+    cout = kernel.shape[-1]
+    n_w = np.atleast_1d(layer["weight_levels"])
+    pos, neg = _channel_sums(kernel, int(n_w.max()))
+    accumulators = np.broadcast_to(np.asarray(layer["accumulator_exponent"]), (cout,))
+    lows, highs = [], []
+    for c in range(cout):
+        shift = int(accumulators[c]) - layer["bias_exponent"]
+        acc = (pos[c] * lo_code + neg[c] * levels, pos[c] * levels + neg[c] * lo_code)
+        shifted = (acc[0] << shift, acc[1] << shift)
+        for what, (lo, hi) in (("accumulator", acc), (f"accumulator << {shift}", shifted)):
+            if _beyond_int64(lo, hi):
+                raise check.fail(
+                    f"{where}: its {what} may reach {max(-lo, hi):,} in magnitude (channel "
+                    f"{c}), beyond int64 ({INT64_MAX:,}), the engine's and C's integer type"
+                )
+        lows.append(shifted[0] + int(bias[c]))
+        highs.append(shifted[1] + int(bias[c]))
+    return min(lows, default=0), max(highs, default=0)
+
+
+def _clip_range(op: dict, x: Tensor, lo: int, hi: int) -> tuple[int, int]:
+    bounds = []
+    for bound in (op["min"], op["max"]):
+        if bound is None:
+            bounds.append(None)
+            continue
+        scaled, shift = bound[0] * x.divisor, bound[1] - x.exponent
+        bounds.append(scaled << shift if shift >= 0 else scaled >> -shift)
+
+    def clip(v: int) -> int:  # numpy's clip: min(max(v, low), high)
+        v = v if bounds[0] is None else max(v, bounds[0])
+        return v if bounds[1] is None else min(v, bounds[1])
+
+    return clip(lo), clip(hi)
+
+
+def _aligned(check: _Checker, where: str, op: dict, tensors, ranges, out: Tensor) -> list:
+    """The ranges of an add's or concat's inputs shifted to the output exponent."""
+    shifted = []
+    for i in op["inputs"]:
+        s = tensors[i].exponent - out.exponent
+        lo, hi = ranges[i][0] << s, ranges[i][1] << s
+        if _beyond_int64(lo, hi):
+            raise check.fail(f"{where}: input {i} shifted by {s} bits is beyond int64")
+        shifted.append((lo, hi))
+    return shifted
+
+
+def prove_ranges(check: _Checker, header: dict, arrays, tensors) -> list[tuple[int, int]]:
+    """Every tensor's exact worst-case value range, in Python integers; a graph any of whose
+    values (or the intermediates that compute them) can leave int64 is refused.
+
+    The network input is assumed in :data:`INPUT_RANGE`; the ranges hold for every input
+    there. Ops as in :mod:`cgmq_jax.export.engine` (and the C emitter, which proves the
+    same ranges for its ``uint8`` input).
+    """
+    ranges = [INPUT_RANGE]
+    for j, op in enumerate(header["ops"]):
+        kind, where = op["op"], f"op {j} ({op['op']})"
+        first, out = op["inputs"][0], tensors[j + 1]
+        lo, hi = ranges[first]
+        if kind in LAYER_OPS:
+            lo, hi = _layer_range(check, op["layer"], header["layers"][op["layer"]],
+                                  tensors[first], arrays)  # fmt: skip
+        elif kind == "relu":
+            lo, hi = max(lo, 0), max(hi, 0)
+        elif kind == "clip":
+            lo, hi = _clip_range(op, tensors[first], lo, hi)
+        elif kind == "sumpool":  # padding adds zeros
+            n = math.prod(op["window"])
+            lo, hi = min(lo, 0) * n, max(hi, 0) * n
+        elif kind == "sum":
+            n = math.prod(tensors[first].shape[a] for a in op["axes"])
+            lo, hi = lo * n, hi * n
+        elif kind in ("add", "concat"):
+            shifted = _aligned(check, where, op, tensors, ranges, out)
+            if kind == "add":
+                lo, hi = sum(r[0] for r in shifted), sum(r[1] for r in shifted)
+            else:
+                lo, hi = min(r[0] for r in shifted), max(r[1] for r in shifted)
+        if _beyond_int64(lo, hi):  # maxpool, div and reshape keep their input's range
+            raise check.fail(
+                f"{where}: its values may reach [{lo:,}, {hi:,}], beyond int64 "
+                f"([{INT64_MIN:,}, {INT64_MAX:,}]), the engine's and C's integer type"
+            )
+        ranges.append((lo, hi))
+    return ranges
+
+
+def _check_layer_claims(check: _Checker, header: dict, arrays) -> None:
+    """The layer fields no computation reads: each a supported value that agrees with the
+    file (``kernel_layout``, ``*_dtype``, ``bias_rounding`` and ``bias_scheme``)."""
+    scheme = header.get("bias_scheme")
+    for i, layer in enumerate(header["layers"]):
+        where = f"layer {i} ({layer['name']})"
+        layout = layer.get("kernel_layout", KERNEL_LAYOUTS[layer["kind"]])
+        if layout != KERNEL_LAYOUTS[layer["kind"]]:
+            raise check.fail(f"{where}.kernel_layout {layout!r} is not a {layer['kind']}'s")
+        for field, key in (("weight_dtype", "weight_key"), ("bias_dtype", "bias_key")):
+            stored = arrays[layer[key]].dtype.name
+            if layer.get(field, stored) != stored:
+                raise check.fail(f"{where}.{field} {layer[field]!r}, the array is {stored}")
+        rounding = layer.get("bias_rounding")
+        if scheme is not None and rounding not in (None, BIAS_ROUNDING[scheme]):
+            raise check.fail(f"{where}.bias_rounding {rounding!r} with bias_scheme {scheme!r}")
+        accumulators = np.atleast_1d(layer["accumulator_exponent"])
+        if scheme == "accumulator" and layer["bias_exponent"] != int(accumulators.min()):
+            raise check.fail(f"{where}: bias_exponent is not the accumulator's (bias_scheme)")
+        check.int(f"{where}.output_bits", layer["output_bits"], 2, 64)
+        error = layer.get("bias_rounding_max_abs_error", 0)
+        if error < 0:
+            raise check.fail(f"{where}.bias_rounding_max_abs_error {error} is negative")
+
+
+def _recount(facts: Validated) -> dict[str, int]:
+    return {
+        "bops": sum(row.bops for row in facts.rows),
+        "weight_memory_bits": facts.weight_memory_bits,
+        "activation_bits": facts.activation_bits,
+    }
+
+
+def stated_limits(certificate: dict) -> dict[str, float]:
+    """``{cost name: limit}`` of a certificate: its ``limits``, else ``{"bops": budget_bops}``
+    (empty without a budget)."""
+    if certificate.get("limits") is not None:
+        return {name: entry["limit"] for name, entry in certificate["limits"].items()}
+    budget = certificate.get("budget_bops")
+    return {} if budget is None else {"bops": budget}
+
+
+def _check_certificate(check: _Checker, header: dict, facts: Validated) -> None:
+    """The certificate's verdicts recomputed from the recount: every limit positive,
+    ``budget_bops`` the BOP limit, each ``within`` and ``within_budget`` what the recounted
+    costs give against the limits. (Its costs are compared by :func:`count_bops`.)"""
+    certificate = header.get("certificate")
+    if certificate is None:
+        return
+    limits = stated_limits(certificate)
+    for name, limit in limits.items():
+        if not limit > 0:
+            raise check.fail(f"certificate limit {name} = {limit!r} is not a positive number")
+    budget = certificate.get("budget_bops")
+    if certificate.get("limits") is not None and budget != limits.get("bops"):
+        raise check.fail(
+            f"certificate.budget_bops {budget!r} is not its BOP limit {limits.get('bops')!r}"
+        )
+    recount = _recount(facts)
+    verdicts = {name: recount[name] <= limit for name, limit in limits.items()}
+    for name, entry in (certificate.get("limits") or {}).items():
+        if entry.get("within", verdicts[name]) != verdicts[name]:
+            raise check.fail(
+                f"certificate.limits.{name}.within is {entry['within']}, the recount "
+                f"{recount[name]:,} against {limits[name]!r} gives {verdicts[name]}"
+            )
+    verdict = bool(limits) and all(verdicts.values())
+    if certificate.get("within_budget", verdict) != verdict:
+        raise check.fail(
+            f"certificate.within_budget is {certificate['within_budget']}, the recount "
+            f"{recount} against the limits {limits} gives {verdict}"
+        )
+
+
+def _check_totals(check: _Checker, header: dict, facts: Validated) -> None:
+    """The header's ``macs`` and ``bops``, when stated, equal the recount."""
+    totals = {"macs": sum(row.macs for row in facts.rows), "bops": _recount(facts)["bops"]}
+    for name, total in totals.items():
+        if header.get(name, total) != total:
+            unit = "BOPs" if name == "bops" else "MACs"
+            raise check.fail(f"header states {header[name]} {unit}, its layers give {total}")
 
 
 #: What a damaged zip can raise inside :mod:`zipfile` (all become one-line ExportErrors).
@@ -795,15 +1408,17 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
     """
     model = path if isinstance(path, IntegerModel) else load(path)
     rows = [row.as_dict() for row in model.facts.rows]
-    total = sum(row["bops"] for row in rows)
-    if model.header.get("bops", total) != total:
-        raise _fail(
-            model.path, f"header states {model.header['bops']} BOPs, its layers give {total}"
-        )
+    recount = _recount(model.facts)
+    total = recount["bops"]
+    _check_totals(_Checker(model.path), model.header, model.facts)
     certificate = model.header.get("certificate") or {}
     certified = certificate.get("bops")
     budget = certificate.get("budget_bops")
+    limits = stated_limits(certificate)
     matches = None if certified is None else total == certified
+    for name, entry in (certificate.get("limits") or {}).items():
+        if matches and entry["cost"] != recount[name]:
+            matches = False
     if matches and certificate.get("layers") is not None:
         keys = ("layer", "macs", "weight_bits", "input_bits", "bops")
         ours = [tuple(row[k] for k in keys) for row in rows]
@@ -824,7 +1439,8 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
         "certificate_bops": certified,
         "budget_bops": budget,
         "matches_certificate": matches,
-        "within_budget": None if budget is None or not _is_int(total) else total <= budget,
+        # from the recount against the limits, never from the file's claim
+        "within_budget": None if not limits else all(recount[n] <= v for n, v in limits.items()),
     }
 
 
@@ -850,8 +1466,21 @@ def save(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray]) -
         for key, value in le.items()
     }
     header["payload_sha256"] = _sha256(b"".join(_as_bytes(value) for value in le.values()))
-    validate(path, header, le)  # a header that contradicts itself is never written
-    header_bytes = json.dumps(header, indent=1).encode("utf-8")
+    check = _Checker(Path(path))
+    total = sum(value.nbytes for value in le.values())
+    if total > MAX_TOTAL_BYTES or any(value.size > MAX_ARRAY_ELEMENTS for value in le.values()):
+        raise check.fail(
+            f"the arrays hold {total:,} bytes, over the reader's caps ({MAX_TOTAL_BYTES:,} "
+            f"bytes, {MAX_ARRAY_ELEMENTS:,} elements an array)"
+        )
+    try:
+        header_bytes = json.dumps(header, indent=1, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as error:
+        raise check.fail(f"the header is not JSON: {error}") from None
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise check.fail(f"the header has {len(header_bytes):,} bytes, over {MAX_HEADER_BYTES:,}")
+    # what load will read, checked as load checks it: a file load refuses is never written
+    validate(path, _parse_header(check, header_bytes), le)
     from cgmq_jax import files  # standard library only
 
     path = Path(path)
