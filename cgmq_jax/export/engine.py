@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from cgmq_jax.export.format import (
-    INPUT_RANGE,
     INT64_MAX,
     INT64_MIN,
     LAYER_OPS,
@@ -214,11 +213,11 @@ def run_integer(
     if list(t.shape[1:]) != header["input"]["shape"]:
         raise ValueError(f"inputs shaped {t.shape[1:]}, the model takes {header['input']['shape']}")
     exponent = header["input"]["exponent"] if input_exponent is None else int(input_exponent)
-    low, high = INPUT_RANGE if not first_layer_codes else (INT64_MIN, INT64_MAX)
-    if t.size and (int(t.min()) < low or int(t.max()) > high):
+    bounded = model.facts.input_range if not first_layer_codes else None
+    if bounded is not None and t.size and (t.min() < bounded[0] or t.max() > bounded[1]):
         raise ValueError(
-            f"inputs reach [{int(t.min())}, {int(t.max())}], outside [{low}, {high}], the "
-            "range over which the file's integer ranges are proven (format.INPUT_RANGE)"
+            f"inputs reach [{t.min()}, {t.max()}], outside {list(bounded)}: the range over "
+            "which the file's integer ranges are proven (format.INPUT_RANGE)"
         )
     values = [t.astype(np.int64)]
     exponents = [exponent]

@@ -141,6 +141,8 @@ class Validated:
     rows: tuple[LayerRow, ...]
     #: Every tensor's proven value range ``(low, high)`` over inputs in :data:`INPUT_RANGE`.
     ranges: tuple[tuple[int, int], ...] = ()
+    #: The input range the proof needs (:data:`INPUT_RANGE`), or ``None``: any int64 input.
+    input_range: tuple[int, int] | None = None
 
     @property
     def weight_memory_bits(self) -> int:
@@ -736,6 +738,8 @@ def _array_table(check: _Checker, header: dict, names: list[str]) -> dict:
     total = 0
     for key, meta in table.items():
         where = f"arrays[{_shown(key)}]"
+        if key not in used:
+            raise check.fail(f"array {_shown(key)} belongs to no layer (refused, not read)")
         check.dict(where, meta)
         for field in ("dtype", "shape", "sha256"):
             if field not in meta:
@@ -751,8 +755,6 @@ def _array_table(check: _Checker, header: dict, names: list[str]) -> dict:
         if math.prod(shape) > MAX_ARRAY_ELEMENTS:
             raise check.fail(f"{where}.shape {shape} has over {MAX_ARRAY_ELEMENTS:,} elements")
         check.str(f"{where}.sha256", meta["sha256"])
-        if key not in used:
-            raise check.fail(f"array {_shown(key)} belongs to no layer (refused, not read)")
         if key + ".npy" in listed:
             raise check.fail(f"array {key!r} is listed twice")
         listed.add(key + ".npy")
@@ -1108,8 +1110,8 @@ def validate(path: os.PathLike | str, header: dict, arrays: dict[str, np.ndarray
             f"output exponent / divisor {output.get('exponent')!r} / {output.get('divisor')!r} "
             f"disagree with the graph's {logits.exponent} / {logits.divisor}"
         )
-    ranges = prove_ranges(check, header, arrays, tensors)
-    facts = Validated(tuple(tensors), tuple(rows), tuple(ranges))
+    ranges, matters = prove_ranges(check, header, arrays, tensors)
+    facts = Validated(tuple(tensors), tuple(rows), tuple(ranges), INPUT_RANGE if matters else None)
     _check_layer_claims(check, header, arrays)
     _check_totals(check, header, facts)
     _check_certificate(check, header, facts)
@@ -1207,19 +1209,30 @@ def _aligned(check: _Checker, where: str, op: dict, tensors, ranges, out: Tensor
     return shifted
 
 
-def prove_ranges(check: _Checker, header: dict, arrays, tensors) -> list[tuple[int, int]]:
+def prove_ranges(
+    check: _Checker, header: dict, arrays, tensors
+) -> tuple[list[tuple[int, int]], bool]:
     """Every tensor's exact worst-case value range, in Python integers; a graph any of whose
     values (or the intermediates that compute them) can leave int64 is refused.
 
     The network input is assumed in :data:`INPUT_RANGE`; the ranges hold for every input
     there. Ops as in :mod:`cgmq_jax.export.engine` (and the C emitter, which proves the
-    same ranges for its ``uint8`` input).
+    same ranges for its input type).
+
+    Returns the ranges and whether any of them depends on the input's range: only when a
+    sum, pool, add or concat reads the input (through reshapes, max-pools, ReLUs, clips and
+    divisions); a quantizer saturates any int64 input exactly.
     """
     ranges = [INPUT_RANGE]
+    raw = [True]  # the tensor holds the input's values as they are (or a pool's, a clip's)
+    matters = False
     for j, op in enumerate(header["ops"]):
         kind, where = op["op"], f"op {j} ({op['op']})"
         first, out = op["inputs"][0], tensors[j + 1]
         lo, hi = ranges[first]
+        widening = kind in ("sumpool", "sum", "add", "concat")
+        matters = matters or (widening and any(raw[i] for i in op["inputs"]))
+        raw.append(kind not in LAYER_OPS and not widening and raw[first])
         if kind in LAYER_OPS:
             lo, hi = _layer_range(check, op["layer"], header["layers"][op["layer"]],
                                   tensors[first], arrays)  # fmt: skip
@@ -1245,7 +1258,7 @@ def prove_ranges(check: _Checker, header: dict, arrays, tensors) -> list[tuple[i
                 f"([{INT64_MIN:,}, {INT64_MAX:,}]), the engine's and C's integer type"
             )
         ranges.append((lo, hi))
-    return ranges
+    return ranges, matters
 
 
 def _check_layer_claims(check: _Checker, header: dict, arrays) -> None:
