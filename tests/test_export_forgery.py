@@ -8,6 +8,7 @@ traceback and no accepted file whose content differs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -200,7 +201,7 @@ def _both_budgets(h, value):
 
 FORGERIES = {
     # the hostile trial's header field types
-    "budget a string": (lambda h: _both_budgets(h, "2e6"), "certificate.budget_bops must be a finite number"),
+    "budget a string": (lambda h: _both_budgets(h, "2e6"), "budget_bops must be a finite number"),
     "budget a 400-digit integer": (lambda h: _both_budgets(h, 10**400), "beyond int64"),
     "budget Infinity": (lambda h: _both_budgets(h, math.inf), "Infinity is not a JSON number"),
     "budget NaN": (lambda h: _both_budgets(h, math.nan), "NaN is not a JSON number"),
@@ -574,3 +575,141 @@ def test_requantize_is_exact_for_any_left_shift():
     assert got.tolist() == exact
     got = engine.requantize(values, 0, to_exponent=-3, levels=20, signed=False)
     assert got.tolist() == [max(0, min(20, int(v) * 8)) for v in values]
+
+
+# --------------------------------------------------------------------------- header fuzz
+
+
+class _Dup(dict):
+    """A JSON object written with one key twice (its first key repeated at the end)."""
+
+
+def _dumps(value) -> str:
+    if isinstance(value, _Dup):
+        pairs = [*value.items(), next(iter(value.items()))]
+        return "{" + ", ".join(f"{json.dumps(k)}: {_dumps(v)}" for k, v in pairs) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_dumps, value)) + "]"
+    return json.dumps(value)
+
+
+def _paths(value, prefix=()):
+    """Every path into a JSON value (containers included), in document order."""
+    yield prefix
+    if isinstance(value, dict | list):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from _paths(item, (*prefix, key))
+
+
+def _variants(value) -> list:
+    """Replacements of one value: type swaps, nearby and far numbers, emptied containers."""
+    out = [None, True, False, "x", 0, -1, 1.5, 2**62, [], {}, [value]]
+    if isinstance(value, bool):
+        out += [not value, int(value)]
+    elif isinstance(value, int):
+        out += [value + 1, value - 1, -value, 2 * value, float(value), str(value), value + 2**32]
+    elif isinstance(value, float):
+        out += [value * 2, -value, 0.0, int(value), str(value)]
+    elif isinstance(value, str):
+        out += ["", value + "x", value.upper(), "0" * 64]
+    elif isinstance(value, list) and value:
+        out += [value[:-1], [*value, value[-1]], value[::-1]]
+    elif isinstance(value, dict) and value:
+        out += [_Dup(value), dict(list(value.items())[:-1])]
+    return out
+
+
+def _mutations(header: dict, rng: np.random.Generator):
+    """``(description, header text)``: per path, a deletion and a seeded sample of values;
+    a duplicated key in every object; non-finite and huge numbers in every number."""
+    for path in list(_paths(header))[1:]:
+        *parent_path, key = path
+        parent = header
+        for step in parent_path:
+            parent = parent[step]
+        value = parent[key]
+        variants = _variants(value)
+        picks = rng.choice(len(variants), size=min(5, len(variants)), replace=False)
+        for choice in [*picks, "delete"]:
+            forged = json.loads(json.dumps(header))
+            target = forged
+            for step in parent_path:
+                target = target[step]
+            if choice == "delete":
+                target.pop(key) if isinstance(target, dict) else target.pop(key)
+            else:
+                target[key] = variants[choice]
+            yield f"{path} {'deleted' if choice == 'delete' else variants[choice]!r}", forged
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            for raw in ("NaN", "-Infinity", "1e999", "9" * 30):
+                marker = json.loads(json.dumps(header))
+                target = marker
+                for step in parent_path:
+                    target = target[step]
+                target[key] = "@@RAW@@"
+                yield f"{path} {raw}", _dumps(marker).replace('"@@RAW@@"', raw)
+
+
+#: Header fields that are parameters of the model as much as its weights are, and that no
+#: other field of the file determines: a re-signed change to one is a different,
+#: self-consistent model (the run comparison of ``export.py --check`` catches it).
+MODEL_PARAMETERS = ("('input', 'exponent')",)
+
+
+def _content(path) -> tuple:
+    """What a verdict rests on: the recount (no labels), the arrays, the graph, the logits."""
+    model = fmt.load(path)
+    counted = fmt.count_bops(model)
+    rows = [(r["macs"], r["weight_bits"], r["input_bits"], r["bops"]) for r in counted["layers"]]
+    costs = [counted[k] for k in ("macs", "bops", "weight_memory_bits", "activation_bits")]
+    arrays = sorted((k, v.dtype.str, v.tobytes()) for k, v in model.arrays.items())
+    layers = [(model.weight(i).tobytes(), model.bias(i).tobytes()) for i in range(len(rows))]
+    logits, exponent = engine.run_integer(model, INPUTS)
+    facts = model.facts
+    unnamed = [dataclasses.replace(row, layer="") for row in facts.rows]  # names are labels
+    graph = (facts.tensors, unnamed, facts.ranges, facts.input_range)
+    return rows, costs, arrays, layers, graph, logits.tolist(), exponent
+
+
+def test_header_fuzz_accepts_no_different_model(tiny, tmp_path):
+    """Every field of a full header mutated (a seeded sample of type swaps, numbers changed,
+    fields deleted or duplicated, non-finite numbers), the header re-signed: each file is
+    refused with an ExportError or read as a model identical in every verdict-relevant
+    respect (only labels and informative fields may differ, and a changed certificate is
+    reported by ``matches_certificate`` and ``within_budget``, both recomputed)."""
+    path, header, _ = tiny
+    header = json.loads(read_header_text(path))
+    original = _content(path)
+    honest = fmt.count_bops(path)
+    counts = {"refused": 0, "accepted_identical": 0, "accepted_different": 0}
+    certificate_flagged = 0
+    different = []
+    for index, (what, forged) in enumerate(_mutations(header, np.random.default_rng(24))):
+        text = forged if isinstance(forged, str) else _dumps(forged)
+        out = resign(path, tmp_path / f"f{index % 8}.npz", text)
+        try:
+            content = _content(out)
+        except fmt.ExportError:
+            counts["refused"] += 1
+            continue
+        counted = fmt.count_bops(out)
+        if content != original:
+            flagged = counted["matches_certificate"] is False
+            assert flagged or what.startswith(MODEL_PARAMETERS), what
+            different.append(what)
+            counts["accepted_different"] += 1
+            continue
+        limits = fmt.stated_limits(json.loads(text).get("certificate") or {})
+        recount = {k: counted[k] for k in ("bops", "weight_memory_bits", "activation_bits")}
+        verdict = all(recount[k] <= v for k, v in limits.items()) if limits else None
+        assert counted["within_budget"] == verdict, what
+        certificate_flagged += counted["matches_certificate"] != honest["matches_certificate"]
+        counts["accepted_identical"] += 1
+    total = sum(counts.values())
+    print(f"header fuzz: {total} mutations, {counts}, {certificate_flagged} certificate mismatches")
+    print(
+        f"accepted, different (each flagged by the certificate, or a model parameter): {different}"
+    )
+    assert total > 1000 and counts["refused"] > total // 2 and counts["accepted_identical"] > 50

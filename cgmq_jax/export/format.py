@@ -927,7 +927,7 @@ def _layer(check: _Checker, index: int, layer: dict, shape: tuple[int, ...], arr
         reach = np.abs(weight.astype(np.int64)).reshape(-1, kernel[-1]).max(axis=0)
         if np.any(reach > np.asarray(n_w)):
             raise check.fail(f"{where}: weight codes exceed their levels")
-    bias_bits = check.int(f"{where}.bias_bits", layer["bias_bits"], 1, 64)
+    bias_bits = check.int(f"{where}.bias_bits", layer["bias_bits"], 1, bias.dtype.itemsize * 8)
     if bias.size and signed_bits(int(np.abs(bias.astype(np.int64)).max())) > bias_bits:
         raise check.fail(f"{where}: bias values exceed bias_bits {bias_bits}")
     row = LayerRow(
