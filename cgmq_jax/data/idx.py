@@ -23,6 +23,7 @@ FILES = {
 }
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
+_CHUNK = 1 << 20
 
 
 def find_file(directory: Path, name: str) -> Path:
@@ -36,7 +37,7 @@ def find_file(directory: Path, name: str) -> Path:
     )
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes | bytearray:
     """The file's bytes, gunzipped if its name ends in ``.gz``; bounded by its header.
 
     The header (magic and dims, the first bytes) is read first; the size it announces must
@@ -58,9 +59,24 @@ def read_bytes(path: Path) -> bytes:
                     f"IDX file {path} announces {size:,} bytes (dims {tuple(dims)}), more than "
                     f"the {MAX_ARRAY_BYTES:,} this reader accepts; is it an IDX file of MNIST?"
                 )
-            return head + f.read(size + 1)
+            return _read_into(f, head, size + 1)
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read IDX file {path} ({one_line(err)})") from None
+
+
+def _read_into(f, head: bytes, limit: int) -> bytearray:
+    """``head`` followed by at most ``limit`` more bytes of ``f``, in one buffer (no copies)."""
+    buffer = bytearray(len(head) + limit)
+    buffer[: len(head)] = head
+    view, filled = memoryview(buffer), len(head)
+    while filled < len(buffer):
+        count = f.readinto(view[filled : filled + _CHUNK])  # gzip copies each chunk once
+        if not count:
+            break
+        filled += count
+    view.release()
+    del buffer[filled:]
+    return buffer
 
 
 def parse(raw: bytes, magic: int, *, path: Path) -> np.ndarray:
