@@ -11,6 +11,11 @@ Layout of ``OUT/`` (the CLI's ``--out``):
   :mod:`cgmq_jax.checkpoint`); removed once the run is published.
 * ``.lock``: ``flock``-ed by the live run (the kernel releases it when the process dies,
   even by SIGKILL), so a second run into the same directory is refused.
+
+``OUT`` must be new, empty, or a run directory (holding one of :data:`RUN_MARKERS`): an
+empty ``--out`` (which would mean the current directory) and a directory of other files
+(``--out .`` in a source tree) are refused. A checkpoint is verified against the SHA-256
+digests recorded when it was written (:mod:`cgmq_jax.checkpoint`) before it is used.
 """
 
 from __future__ import annotations
