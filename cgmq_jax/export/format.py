@@ -6,6 +6,31 @@ of a file it can recompute: it reads only listed, size-checked members, verifies
 checksum, then follows the graph of ops from the input shape and recomputes every shape,
 MAC count, bit-width, exponent and memory figure (:func:`validate`). The semantics of the
 ops are in ``docs/export.md`` and :mod:`cgmq_jax.export.engine`.
+
+What the reader refuses, beyond a broken file: JSON with a duplicate key, ``NaN`` /
+``Infinity`` or an integer beyond int64 (:func:`parse_json`); a field of the wrong type or
+one the schema does not know (:func:`check_header_types`; the format is not extensible
+outside ``metadata``); an array no layer uses, or arrays over :data:`MAX_TOTAL_BYTES`,
+both before any array is read; a graph any of whose values, accumulators or requantize
+intermediates can leave int64 (:func:`prove_ranges`: exact worst cases in Python
+integers, for inputs in :data:`INPUT_RANGE`); a certificate whose limits are not positive
+or whose ``within`` / ``within_budget`` are not what the recounted costs give against its
+limits; a ``macs`` / ``bops`` total other than the recount.
+
+Checked claims that no computation reads: ``kernel_layout`` (the one layout per kind),
+``weight_dtype`` / ``bias_dtype`` (the stored arrays'), ``bias_rounding`` (the one of
+``bias_scheme``; ``"accumulator"`` also fixes each ``bias_exponent``), ``input.layout``,
+``output_bits`` (2 to 64).
+
+Informative, typed but excluded from every verdict: ``metadata`` (free-form scalars;
+``test_accuracy``, ``params_sha256``, ``run``, ``seed``: claims about the run that only the
+run can check, and a missing ``params_sha256`` is a file that makes no such claim),
+``certificate.selected_epoch``, ``certificate.limits.*.minimum``, each layer's
+``output_bits`` beyond its range (the writer's storage hint: the proven ranges are what the
+engine and C rely on) and ``bias_rounding_max_abs_error``, ``model``, ``input.note``,
+``output.meaning``, the ops' ``module`` and the layer names (labels). The certificate's
+costs are compared with the recount by :func:`count_bops` (``matches_certificate``), whose
+``within_budget`` is always the recount's against the certificate's limits.
 """
 
 from __future__ import annotations
