@@ -536,8 +536,8 @@ def test_emit_from_a_path_with_a_prefix(tmp_path):
     model = conv1d_model(tmp_path / "m.npz")
     program = emit.emit_c(tmp_path / "m.npz", tmp_path / "c", prefix="net")
     header = program.header.read_text()
-    assert "void net_logits(const uint8_t *input, int64_t *logits);" in header
-    assert "int net_predict(const uint8_t *input);" in header
+    assert "void net_logits(const int16_t *input, int64_t *logits);" in header
+    assert "int net_predict(const int16_t *input);" in header
     assert "#define NET_WEIGHT_BITS" in header and "CGMQ_" not in header
     assert model.header["payload_sha256"] in header
     x = examples(model, 3)
