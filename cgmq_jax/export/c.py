@@ -138,7 +138,8 @@ def input_type(model: IntegerModel) -> InputType:
     through reshapes, max-pools, ReLUs and clips) saturate; the type is the narrowest that
     holds that range: ``uint8_t`` for MNIST's pixels, ``int8_t`` for a signed 8-bit input
     quantizer at the input's exponent, wider where the quantizer is. An input that feeds
-    anything else (a sum, an average, an add) matters at every value: ``int64_t``.
+    anything else (a sum, an average, an add) matters at every value: ``int32_t``, the
+    range over which :func:`cgmq_jax.export.format.load` proved the accumulators exact.
     """
     ops, exponent = model.header["ops"], model.facts.tensors[0].exponent
     needed = _needed(ops, model.header["output"]["tensor"])
@@ -157,9 +158,11 @@ def input_type(model: IntegerModel) -> InputType:
                 if j + 1 not in seen:
                     seen.add(j + 1)
                     frontier.append(j + 1)
-            else:
-                why = f"the input feeds op {j} ({op['op']}): every int64 value matters"
-                return InputType("int64_t", "int64", INT64_MIN, INT64_MAX, why)
+            else:  # every value matters; the validator proved ranges for int32 inputs
+                low, high = model.facts.input_range or (INT64_MIN, INT64_MAX)
+                ctype = "int32_t" if model.facts.input_range else "int64_t"
+                why = f"the input feeds op {j} ({op['op']}): every value in {ctype} matters"
+                return InputType(ctype, ctype.removesuffix("_t"), low, high, why)
     why = f"the input quantizer{'s' if len(readers) > 1 else ''} of {', '.join(readers)}"
     for ctype, dtype, low, high in _INPUT_TYPES:
         if low <= lo and hi <= high:
