@@ -25,11 +25,13 @@ The digests detect damage, not a forger who recomputes them (nothing here is sec
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -171,6 +173,7 @@ class Checkpointer:
                 index, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
             )[_STATE]
         except Exception as error:  # orbax and tensorstore raise several types
+            _silence_orphaned_reads()
             raise self._corrupt(index, f"{_STATE}/ unreadable: {_reason(error)}") from None
         recorded, actual = integrity["arrays_sha256"], array_digests(restored)
         if recorded.keys() != actual.keys():
@@ -217,4 +220,22 @@ class Checkpointer:
 
 def _reason(error: Exception) -> str:
     text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:160]
+    reason = text[0] if text else type(error).__name__
+    return reason.split(" See full TensorStore details")[0].rstrip(". ")[:160]
+
+
+def _silence_orphaned_reads() -> None:
+    """After a failed restore, Orbax's other reads of the same checkpoint fail too, in
+    coroutines nobody awaits; Python would print each one's traceback when it is collected.
+    The failure is reported once, as a :class:`CheckpointCorrupt`: drop those."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        where = unraisable.exc_traceback
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        if where is None or "orbax" not in where.tb_frame.f_code.co_filename:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    gc.collect()
