@@ -1,4 +1,4 @@
-"""The budget guarantee made real (CGMQ.md section 4): feasibility check, repair, certificate.
+"""The budget guarantee made real (docs/method.md section 4): feasibility check, repair, certificate.
 
 Everything here is exact: bit-widths are integers and costs are Python integers.
 """
@@ -102,7 +102,7 @@ def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget, *, activati
 
     ``budget``: the BOP budget, or ``{cost name: limit}`` (:func:`limits_of`). Each step
     lowers by one bit the quantizer (or channel) whose decrement most reduces the normalised
-    total violation ``sum_j max(0, C_j - B_j) / B_j`` (CGMQ.md section 8); ties go to the
+    total violation ``sum_j max(0, C_j - B_j) / B_j`` (docs/method.md section 8); ties go to the
     decrement that saves most of the violated costs in their sum form (so that lowering one
     of two equally large activations counts). It sets the quantizer's ``q_max`` to the
     largest value with one bit fewer at the same step. It ends in at most (sum of bits

@@ -1,7 +1,7 @@
 """``constrained_update``: CGMQ's budget constraint as an optax gradient transformation.
 
 This is Constraint Guided Gradient Descent (Van Baelen & Karsmakers) applied to the
-quantizer parameters, made exact for the integer BOP cost (CGMQ.md section 3).
+quantizer parameters, made exact for the integer BOP cost (docs/method.md section 3).
 """
 
 from __future__ import annotations

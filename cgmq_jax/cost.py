@@ -1,6 +1,6 @@
 """The traced bit-operation (BOP) cost of a quantized network.
 
-``BOPs = sum_l MACs_l * b_w,l * b_in,l`` for one example (CGMQ.md section 2):
+``BOPs = sum_l MACs_l * b_w,l * b_in,l`` for one example (docs/method.md section 2):
 
 * a quantized layer is any Flax module with ``kernel``, ``input_quantizer`` and
   ``weight_quantizer`` parameters (e.g. :class:`cgmq_jax.nn.QuantDense`, ``QuantConv``);
@@ -203,7 +203,7 @@ def bops(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
 
 def weight_memory(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
     """Weight memory in bits, ``sum_l #weights_l * b_w,l + #biases_l * BIAS_BITS``: traced,
-    exact in value, straight-through and floor-aware like :func:`bops` (CGMQ.md section 8).
+    exact in value, straight-through and floor-aware like :func:`bops` (docs/method.md section 8).
 
     Per-channel layers count each channel's weights at its own bits; biases are stored at
     :data:`BIAS_BITS` (what the export writes), a constant with no gradient.
@@ -330,7 +330,7 @@ def _min_bits(spec: LayerSpec) -> tuple[int, int]:
     return weight, inputs
 
 
-#: The costs a limit can bind, by name (CGMQ.md sections 2 and 8), in bits per example.
+#: The costs a limit can bind, by name (docs/method.md sections 2 and 8), in bits per example.
 COSTS = ("bops", "weight_memory_bits", "activation_bits")
 
 

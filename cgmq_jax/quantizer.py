@@ -10,7 +10,7 @@ of positive levels is ``n = max(round(q_max / d_q), 1)``, and
 so the fake-quant forward pass is integer arithmetic exactly. Rounding convention: every
 ``round`` here is ``jnp.round``, which rounds halves to even (``round(2.5) == 2``).
 
-Gradients (``jax.custom_vjp``, CGMQ.md section 1, after Uhlich et al. 2020):
+Gradients (``jax.custom_vjp``, docs/method.md section 1, after Uhlich et al. 2020):
 
 * w.r.t. ``x``: 1 inside ``[lo * d_q, n * d_q]``, 0 outside;
 * w.r.t. ``d``: ``(fake_quant(x) - x) / d_q`` inside the range, and for the clipped value
@@ -189,7 +189,7 @@ def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Arra
     """Latent ``(d, q_max)`` that give exactly ``bits`` bits after power-of-two rounding.
 
     ``d = 2 ** ceil(log2(q_max / (2**(bits-1) - 1)))`` when signed, ``2**bits - 1`` levels
-    when unsigned (CGMQ.md section 1). Then ``n = round(q_max / d)`` lies in
+    when unsigned (docs/method.md section 1). Then ``n = round(q_max / d)`` lies in
     ``[top / 2, top]``, which rounds (halves to even) to a ``bits``-bit count. A
     non-positive ``q_max`` (an all-zero tensor) is replaced by the smallest step. The
     returned range is ``n * d``, the given one rounded to the centre of its level.
