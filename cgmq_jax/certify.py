@@ -1,4 +1,4 @@
-"""The budget guarantee made real (docs/method.md section 4): feasibility check, repair, certificate.
+"""The budget guarantee made real (docs/method.md section 4): feasibility, repair, certificate.
 
 Everything here is exact: bit-widths are integers and costs are Python integers.
 """
