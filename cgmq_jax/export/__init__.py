@@ -6,12 +6,14 @@ The package is split by job:
   :func:`save`, the validator and :func:`count_bops`); numpy only;
 * :mod:`~cgmq_jax.export.engine`: integer-only reference inference (:func:`run_integer`,
   :func:`predict`); numpy only;
-* :mod:`~cgmq_jax.export.writer`: :func:`export` / :func:`export_run` from a Flax model and
-  its parameters, and :func:`compare_with_model` (these need JAX and are imported lazily);
 * :mod:`~cgmq_jax.export.c`: the C99 emitter (:func:`emit_c`); numpy only.
 
-``import cgmq_jax.export`` imports numpy only; the file format and the integer semantics
-are in ``docs/export.md``.
+The JAX side lives outside this package: :mod:`cgmq_jax.lowering` (:func:`export`,
+:func:`compare_with_model`: a Flax model and its parameters to a file) and, for a trainer's
+run directory, :mod:`cgmq_jax.runs.export_run` (:func:`export_run`). Their names here are
+resolved on first use, so ``import cgmq_jax.export`` imports numpy only (and
+``cgmq_jax.export.writer`` is a deprecated alias of :mod:`cgmq_jax.lowering`). The file
+format and the integer semantics are in ``docs/export.md``.
 """
 
 from __future__ import annotations
@@ -73,20 +75,21 @@ __all__ = [
     "round_to_odd",
 ]
 
+#: Public names imported on first use: name -> the module that owns it.
 _LAZY = {
-    "BIAS_SCHEMES": "writer",
-    "LOGIT_BIAS_BITS": "writer",
-    "compare_with_model": "writer",
-    "export": "writer",
-    "export_run": "writer",
-    "round_to_odd": "writer",
-    "emit_c": "c",
+    "BIAS_SCHEMES": "cgmq_jax.lowering",
+    "LOGIT_BIAS_BITS": "cgmq_jax.lowering",
+    "compare_with_model": "cgmq_jax.lowering",
+    "export": "cgmq_jax.lowering",
+    "export_run": "cgmq_jax.runs.export_run",
+    "round_to_odd": "cgmq_jax.lowering",
+    "emit_c": "cgmq_jax.export.c",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(f"cgmq_jax.export.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # resolved once; later lookups (and pdoc) find it directly
         return value
     raise AttributeError(f"module 'cgmq_jax.export' has no attribute {name!r}")

@@ -1,0 +1,633 @@
+"""The lowering: a Flax model and its parameters -> a ``cgmq-int-npz`` file (needs JAX).
+
+:func:`export` traces the model once (:func:`cgmq_jax.graph.trace`, the trace the cost
+uses), reads its op graph (:func:`cgmq_jax.graph.ops`), turns every quantizer into a
+power-of-two step and a level count with the trainer's own functions, rounds the kernels
+to their integer codes and the float biases to integers (the one float-to-integer step),
+and writes the file with :func:`cgmq_jax.export.format.save` (which validates it first).
+:func:`build` is the same without the file, :func:`differences` compares a file with a
+re-derivation, and :func:`compare_with_model` runs the file next to the JAX fake-quant
+model.
+
+This is library core: it imports :mod:`cgmq_jax.graph`, :mod:`cgmq_jax.cost`,
+:mod:`cgmq_jax.nn`, :mod:`cgmq_jax.quantizer` and the numpy-only :mod:`cgmq_jax.export`,
+never the run harness. Exporting a trainer's run directory is
+:mod:`cgmq_jax.runs.export_run`. (``cgmq_jax.export.writer`` is a deprecated alias of
+this module.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cgmq_jax.export import engine
+from cgmq_jax.export.format import (
+    BIAS_BITS,
+    LAYER_OPS,
+    PIXEL_EXPONENT,
+    IntegerModel,
+    LayerRow,
+    bits_for_levels,
+    int_dtype_for_bits,
+    load,
+    save,
+    signed_bits,
+)
+
+#: How the float bias becomes an integer (see :func:`export`): ``"odd"`` (default) or
+#: ``"accumulator"`` (round half to even at the accumulator scale).
+BIAS_SCHEMES = ("odd", "accumulator")
+#: Bits below the accumulator LSB of a bias whose layer output is not simply requantized
+#: (the logits, or an output that is added, concatenated or averaged) under ``"odd"``.
+LOGIT_BIAS_BITS = 16
+#: Ops that keep a tensor on its grid and its order: a layer output reaching the next
+#: quantizer through these only gets the narrow ``"odd"`` bias.
+_GRID_OPS = ("relu", "maxpool", "reshape")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quantizer:
+    exponent: int  # of the power-of-two step
+    levels: int
+    bits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerFacts:
+    """One quantized layer's integers, before the bias exponent is chosen."""
+
+    name: str
+    kind: str
+    weight: list[_Quantizer]  # one, or one per output channel
+    inputs: _Quantizer
+    input_signed: bool
+    per_channel: bool
+    kernel: np.ndarray  # float, as trained (mask applied)
+    bias: np.ndarray  # float64
+    input_shape: list[int]
+    output_shape: list[int]
+    geometry: dict
+
+
+def _quantizer_facts(theta, *, signed: bool, where: str) -> _Quantizer:
+    """Step exponent, levels and bits of one quantizer leaf, via the trainer's code."""
+    from cgmq_jax import quantizer
+
+    d, q_max = quantizer.from_latents(np.asarray(theta, np.float32))
+    d_q = float(np.asarray(quantizer.power_of_two_step(d)))
+    mantissa, exp = math.frexp(d_q)
+    if mantissa != 0.5:  # jnp.exp2 is inexact for some integer exponents on XLA:CPU
+        raise ValueError(
+            f"{where}: the trainer's step {d_q!r} is not a power of two (jnp.exp2 of an "
+            f"integer exponent near {exp - 1} is inexact), so no integer file reproduces it"
+        )
+    levels = int(np.asarray(quantizer.levels(d, q_max)))
+    bits = int(np.asarray(quantizer.exact_bitwidth(d, q_max, signed=signed)))
+    if bits != bits_for_levels(levels, signed=signed):
+        raise ValueError(f"{where}: bit-width {bits} disagrees with {levels} levels")
+    return _Quantizer(exp - 1, levels, bits)
+
+
+def _conv_geometry(layer) -> dict:
+    """Strides, explicit padding, dilations and groups of a traced convolution."""
+    import jax
+
+    from cgmq_jax import nn as qnn
+
+    module = layer.module
+    geometry = qnn.conv_geometry(module)
+    spatial = list(layer.input_shape[1:-1])
+    kernel_size = geometry["kernel_size"]
+    lhs, rhs = geometry["input_dilation"], geometry["kernel_dilation"]
+    padding = geometry["padding"]
+    if geometry["pre_padding"] is not None:
+        if geometry["pad_mode"] != "constant" or padding != "VALID":
+            raise ValueError(
+                f"layer {layer.name!r}: padding {module.padding!r} is not exported (only zero "
+                "padding: 'SAME', 'VALID', 'CAUSAL' or explicit)"
+            )
+        padding = [list(p) for p in geometry["pre_padding"]]
+    elif isinstance(padding, str):
+        dilated_in = [(n - 1) * d + 1 for n, d in zip(spatial, lhs, strict=True)]
+        dilated_k = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs, strict=True)]
+        padding = jax.lax.padtype_to_pads(dilated_in, dilated_k, geometry["strides"], padding)
+    return {
+        "strides": [int(s) for s in geometry["strides"]],
+        "padding": [[int(a), int(b)] for a, b in padding],
+        "kernel_dilation": [int(d) for d in rhs],
+        "input_dilation": [int(d) for d in lhs],
+        "groups": int(module.feature_group_count),
+    }
+
+
+def _layer_facts(params, layer) -> _LayerFacts:
+    from cgmq_jax import cost
+    from cgmq_jax import nn as qnn
+
+    node = params
+    for key in layer.path:
+        node = node[key]
+    options = layer.options
+    signed = options.input_signed
+    if signed is None:
+        signed = cost.stored_input_signed(params, layer.path)
+    signed = bool(signed)
+    input_theta = qnn.effective_quantizer(
+        node["input_quantizer"], options.input_bits, signed=signed
+    )
+    weight_theta = qnn.effective_quantizer(
+        node["weight_quantizer"], options.weight_bits, signed=True
+    )
+    weight_theta = np.asarray(weight_theta, np.float32).reshape(-1, 2)
+    where = f"layer {layer.name!r}"
+    kernel = np.asarray(node["kernel"], np.float32)
+    if getattr(layer.module, "mask", None) is not None:
+        kernel = kernel * np.asarray(layer.module.mask, np.float32)
+    if "bias" in node:
+        bias = np.asarray(node["bias"], np.float32).astype(np.float64)
+    else:
+        bias = np.zeros(kernel.shape[-1], np.float64)
+    return _LayerFacts(
+        name=layer.name,
+        kind=layer.kind,
+        weight=[_quantizer_facts(t, signed=True, where=where) for t in weight_theta],
+        inputs=_quantizer_facts(input_theta, signed=signed, where=where),
+        input_signed=signed,
+        per_channel=bool(options.per_channel),
+        kernel=kernel,
+        bias=bias,
+        input_shape=[int(n) for n in layer.input_shape[1:]],
+        output_shape=[int(n) for n in layer.output_shape[1:]],
+        geometry=_conv_geometry(layer) if layer.kind == "conv" else {},
+    )
+
+
+def _next_quantizers(ops, start: int, facts: dict[int, _LayerFacts]) -> list[int] | None:
+    """Input exponents of the quantizers tensor ``start`` reaches through grid ops only;
+    ``None`` if it reaches anything else (an add, an average, the output, ...)."""
+    reached, frontier = [], [start]
+    while frontier:
+        tensor = frontier.pop()
+        consumers = [j for j, op in enumerate(ops) if tensor in op.inputs]
+        if not consumers:
+            return None  # the output (or a dead end)
+        for j in consumers:
+            op = ops[j]
+            if op.op in LAYER_OPS:
+                reached.append(facts[op.layer].inputs.exponent)
+            elif op.op in _GRID_OPS:
+                frontier.append(j + 1)
+            else:
+                return None
+    return reached
+
+
+def round_to_odd(values: np.ndarray) -> np.ndarray:
+    """Integers as they are; anything else to the odd one of its two integer neighbours.
+
+    Rounding to odd keeps a value strictly inside the same open interval between
+    consecutive even integers, so adding it to an even integer and comparing with even
+    integers (or rounding at any coarser power-of-two grid) gives the same answer as the
+    unrounded value (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums:
+    proved algorithms using rounding to odd", IEEE TC 2008).
+
+    >>> round_to_odd(np.array([-2.5, -2.0, 0.25, 1.5, 2.0, 2.01])).tolist()
+    [-3.0, -2.0, 1.0, 1.0, 2.0, 3.0]
+    """
+    values = np.asarray(values, np.float64)
+    low = np.floor(values)
+    odd_low = np.mod(low, 2.0) == 1.0
+    return np.where(values == low, low, np.where(odd_low, low, low + 1.0))
+
+
+def _layer_record(index: int, f: _LayerFacts, e_bias: int, scheme: str, arrays: dict) -> dict:
+    """The header record of one layer; its integer kernel and bias go into ``arrays``."""
+    e_w = np.array([q.exponent for q in f.weight], np.int64)
+    n_w = np.array([q.levels for q in f.weight], np.int64)
+    codes = np.clip(np.round(f.kernel.astype(np.float64) / 2.0**e_w), -n_w, n_w)
+    b_w = [q.bits for q in f.weight]
+    weight = codes.astype(int_dtype_for_bits(max(b_w)))
+    e_acc = [int(e) + f.inputs.exponent for e in e_w]
+    while True:
+        scaled = f.bias / 2.0**e_bias  # exact: a float32 over a power of two, in float64
+        bias_codes = np.round(scaled) if scheme == "accumulator" else round_to_odd(scaled)
+        bias_max = int(np.max(np.abs(bias_codes), initial=0))
+        if signed_bits(bias_max) <= BIAS_BITS:
+            break
+        if e_bias >= min(e_acc):
+            raise ValueError(
+                f"layer {f.name!r}: a bias of {float(np.max(np.abs(f.bias))):.6g} does not "
+                f"fit {BIAS_BITS} bits even at the accumulator scale 2**{min(e_acc)}"
+            )
+        e_bias += 1  # a coarser bias grid: fewer fine bits, but it fits its storage
+    bias_error = float(np.max(np.abs(f.bias - bias_codes * 2.0**e_bias), initial=0.0))
+    bias_bits = BIAS_BITS  # the stored width, the one the weight memory counts
+    fan_in = math.prod(f.kernel.shape[:-1])
+    out_bound = (
+        max(
+            (fan_in * int(n) * f.inputs.levels << (e - e_bias))
+            for n, e in zip(n_w, e_acc, strict=True)
+        )
+        + bias_max
+    )
+    weight_key, bias_key = f"L{index}.weight", f"L{index}.bias"
+    arrays[weight_key] = weight
+    arrays[bias_key] = bias_codes.astype(int_dtype_for_bits(bias_bits))
+    one = lambda values: list(values) if f.per_channel else values[0]  # noqa: E731
+    record = {
+        "name": f.name,
+        "kind": f.kind,
+        "per_channel": f.per_channel,
+        "input_shape": f.input_shape,
+        "output_shape": f.output_shape,
+        "kernel_shape": list(f.kernel.shape),
+        "kernel_layout": "(*window, in / groups, out)" if f.kind == "conv" else "(in, out)",
+        **f.geometry,
+        "weight_key": weight_key,
+        "weight_dtype": weight.dtype.name,
+        "weight_bits": one(b_w),
+        "weight_exponent": one([int(e) for e in e_w]),
+        "weight_levels": one([int(n) for n in n_w]),
+        "weight_signed": True,
+        "input_bits": f.inputs.bits,
+        "input_exponent": f.inputs.exponent,
+        "input_levels": f.inputs.levels,
+        "input_signed": f.input_signed,
+        "accumulator_exponent": one(e_acc),
+        "bias_key": bias_key,
+        "bias_dtype": arrays[bias_key].dtype.name,
+        "bias_bits": bias_bits,
+        "bias_exponent": e_bias,
+        "bias_rounding": "half_even" if scheme == "accumulator" else "odd",
+        "bias_rounding_max_abs_error": bias_error,
+        "output_bits": signed_bits(out_bound),
+        "macs": math.prod(f.output_shape) * fan_in,
+    }
+    return record
+
+
+def export(
+    params: Any,
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int] = (28, 28, 1),
+    input_exponent: int = PIXEL_EXPONENT,
+    bias_scheme: str = "odd",
+    certificate: dict | None = None,
+    metadata: dict | None = None,
+    **call_kwargs: Any,
+) -> Path:
+    """Write a quantized model's parameters as a ``cgmq-int-npz`` file (needs JAX).
+
+    Any linen model whose layers are quantized (:class:`~cgmq_jax.nn.QuantDense` /
+    ``QuantConv``, or plain ``nn.Dense`` / ``nn.Conv`` under
+    :func:`~cgmq_jax.rules.quantize_model`) and whose other ops are ReLU / ReLU6 / clip,
+    max / average pooling, means, residual adds, concatenation and reshapes exports; its
+    graph comes from one trace of ``model.apply`` (:func:`cgmq_jax.graph.trace`).
+
+    Args:
+      params: the quantized parameter tree (``report.load_params`` of a run, or ``fit``'s).
+      model: the Flax model (``quantized=True``), e.g. ``models.get_model("lenet5")``.
+      path: the ``.npz`` file to write.
+      input_shape: one example's input shape (no batch axis).
+      input_exponent: the exponent of the integer network input the file expects
+        (default -8: MNIST pixels, ``x = uint8 / 256``).
+      bias_scheme: how the float bias becomes an integer ``B`` at exponent ``e_b`` (the
+        export's one float -> int step); a layer's output is ``(acc << (e_acc - e_b)) + B``
+        at exponent ``e_b``, with ``e_acc = e_w + e_in``.
+
+        * ``"accumulator"``: ``e_b = e_acc``, ``B = round_half_even(bias / 2**e_acc)``.
+          Simple, but it loses up to half an accumulator LSB, which is up to several input
+          steps of the next layer when the accumulator is the coarser, and it decides the
+          frequent exact ties of the next quantizer's rounding differently from the float
+          bias (measured: 46 of 10,000 LeNet-5 test predictions changed).
+        * ``"odd"`` (default): where the output reaches the next quantizers through ReLU,
+          max-pool and reshapes only, ``e_b = min(e_acc, e_next - 1) - 1`` (``e_next`` the
+          smallest of their input exponents; a quantizer rounds at multiples of
+          ``2**(e_next - 1)``), ``B = round_to_odd(bias / 2**e_b)``: the next layer's codes
+          are then exactly those of exact arithmetic with the float bias (see
+          :func:`round_to_odd`), for one or two more bias bits. Any other output (the
+          logits, an output that is added, concatenated or averaged) takes
+          ``e_b = e_acc - LOGIT_BIAS_BITS``: fine bits rather than parity.
+      certificate: the trainer's certificate (``results.json["certificate"]``), copied into
+        the header for the cross-check of :func:`count_bops`.
+      metadata: free-form JSON-able facts to keep (run directory, seed, accuracy, params
+        SHA-256, ...).
+      **call_kwargs: further call arguments of the model (e.g. ``train=False``).
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: an unknown ``bias_scheme``; an op the integer engine does not run, or a
+        layer that is not quantized (:class:`cgmq_jax.graph.UnsupportedOp`, naming the op
+        and the module path); a quantizer whose step is not a power of two.
+    """
+    header, arrays = build(
+        params,
+        model,
+        input_shape=input_shape,
+        input_exponent=input_exponent,
+        bias_scheme=bias_scheme,
+        certificate=certificate,
+        metadata=metadata,
+        **call_kwargs,
+    )
+    return save(path, header, arrays)
+
+
+def build(
+    params: Any,
+    model: Any,
+    *,
+    input_shape: Sequence[int] = (28, 28, 1),
+    input_exponent: int = PIXEL_EXPONENT,
+    bias_scheme: str = "odd",
+    certificate: dict | None = None,
+    metadata: dict | None = None,
+    **call_kwargs: Any,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ``(header, arrays)`` that :func:`export` writes (same arguments, no path).
+
+    ``--check`` re-derives a file with it and compares the two (:func:`differences`).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from cgmq_jax import graph
+
+    if bias_scheme not in BIAS_SCHEMES:
+        raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
+    sample = jax.ShapeDtypeStruct((graph.TRACE_BATCH, *input_shape), jnp.float32)
+    traced = graph.trace(model, sample, params=params, **call_kwargs)
+    ops, output = graph.ops(traced)
+    facts = {i: _layer_facts(params, layer) for i, layer in enumerate(traced.layers)}
+    order = [op.layer for op in ops if op.op in LAYER_OPS]
+    if sorted(order) != list(range(len(traced.layers))) or order != sorted(order):
+        raise ValueError("every quantized layer must run once, in call order")
+    layers, arrays = [], {}
+    for j, op in enumerate(ops):
+        if op.op not in LAYER_OPS:
+            continue
+        f = facts[op.layer]
+        e_acc = min(q.exponent for q in f.weight) + f.inputs.exponent
+        if bias_scheme == "accumulator":
+            e_bias = e_acc
+        else:
+            nxt = _next_quantizers(ops, j + 1, facts)
+            e_bias = e_acc - LOGIT_BIAS_BITS if not nxt else min(e_acc, min(nxt) - 1) - 1
+        layers.append(_layer_record(op.layer, f, e_bias, bias_scheme, arrays))
+    header = _graph_header(ops, output, layers, input_shape, int(input_exponent))
+    header["model"] = type(model).__name__
+    header["bias_scheme"] = bias_scheme
+    if certificate is not None:
+        header["certificate"] = {key: certificate[key] for key in CERTIFIED if key in certificate}
+    if metadata is not None:
+        header["metadata"] = metadata
+    return header, arrays
+
+
+#: The keys of the trainer's certificate that the header keeps.
+CERTIFIED = (
+    "bops",
+    "budget_bops",
+    "within_budget",
+    "weight_memory_bits",
+    "activation_bits",
+    "limits",
+    "layers",
+    "selected_epoch",
+)
+
+
+def _graph_header(ops, output: int, layers: list, input_shape, input_exponent: int) -> dict:
+    """The header's input, ops, layers, output, MACs and BOPs (in the file's key order)."""
+    header_ops = []
+    for op in ops:
+        entry = {"op": op.op, "inputs": list(op.inputs), **op.attrs, "module": op.path}
+        if op.layer is not None:
+            entry["layer"] = op.layer
+        header_ops.append(entry)
+    exponents, divisors = [input_exponent], [1]
+    for op in ops:
+        if op.op in LAYER_OPS:
+            exponents.append(layers[op.layer]["bias_exponent"])
+            divisors.append(1)
+        else:
+            exponents.append(min(exponents[i] for i in op.inputs))
+            divisors.append(divisors[op.inputs[0]] * op.attrs.get("by", 1))
+    rows = [
+        LayerRow(
+            layer=L["name"],
+            macs=L["macs"],
+            weight_bits=tuple(w) if isinstance(w := L["weight_bits"], list) else w,
+            input_bits=L["input_bits"],
+        )
+        for L in layers
+    ]
+    return {
+        "model": None,
+        "input": {
+            "shape": [int(n) for n in input_shape],
+            "layout": "channels last, no batch axis",
+            "exponent": input_exponent,
+            "note": "integers at 2**exponent scale (MNIST: uint8 pixels, x = uint8 / 256)",
+        },
+        "ops": header_ops,
+        "layers": layers,
+        "output": {
+            "tensor": output,
+            "exponent": exponents[output],
+            "divisor": divisors[output],
+            "meaning": "int values; logits = values * 2**exponent / divisor; prediction = argmax",
+        },
+        "bias_scheme": None,
+        "macs": sum(row.macs for row in rows),
+        "bops": sum(row.bops for row in rows),
+    }
+
+
+@functools.cache
+def _jitted_forward():
+    """``jit(model, params, x) -> (logits, {layer: Q(x)})``, built once (needs JAX).
+
+    ``Q(x)`` is each quantized layer's input as its quantizer computed it (a multiple of
+    its power-of-two step), reported by the layer itself (:func:`cgmq_jax.nn.record_layers`).
+    """
+    import jax
+
+    from cgmq_jax import nn as qnn
+
+    def forward(model, params, x):
+        with qnn.record_layers() as records:
+            logits = model.apply({"params": params}, x)
+        quantized = {
+            "/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None
+        }
+        return logits, quantized
+
+    return jax.jit(forward, static_argnums=0)
+
+
+def compare_with_model(
+    path: str | os.PathLike | IntegerModel,
+    params: Any,
+    model: Any,
+    images: np.ndarray,
+    *,
+    batch_size: int = 1000,
+) -> dict:
+    """Run the file's integer inference and the JAX fake-quant model side by side (needs JAX).
+
+    Args:
+      path: the exported file (or a loaded :class:`IntegerModel`).
+      params: the quantized parameters it was exported from.
+      model: the Flax model.
+      images: float inputs, exact multiples of ``2**header["input"]["exponent"]``
+        (MNIST: ``uint8 / 256``); the integer side gets them as integers at that exponent.
+      batch_size: examples per batch.
+
+    Returns:
+      ``{"examples", "agree", "int_predictions", "jax_predictions", "code_mismatches":
+      {layer: [mismatching codes, total codes, max |difference|]}, "max_logit_difference"}``:
+      the layer input codes are those the JAX model's quantizers produce (intercepted),
+      compared with the integer engine's; the logit difference is in float units.
+    """
+    import jax.numpy as jnp
+
+    exported = path if isinstance(path, IntegerModel) else load(path)
+    header = exported.header
+    exponent, divisor = header["input"]["exponent"], header["output"]["divisor"]
+    forward = _jitted_forward()
+    images = np.asarray(images)
+    scaled = images.astype(np.float64) * 2.0**-exponent
+    integers = np.round(scaled)
+    if not np.array_equal(integers, scaled):
+        raise ValueError(f"inputs are not exact multiples of 2**{exponent}")
+    integers = integers.astype(np.int64)
+    names = {layer["name"]: i for i, layer in enumerate(exported.layers)}
+    int_pred, jax_pred, mismatches, max_logit = [], [], {}, 0.0
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        logits, codes = forward(model, params, jnp.asarray(images[start:stop]))
+        logits = np.asarray(logits, np.float64)
+        int_logits, out_exp, int_codes = engine.run_integer(
+            exported, integers[start:stop], return_codes=True
+        )
+        jax_pred.append(np.argmax(logits, -1))
+        int_pred.append(np.argmax(int_logits, -1))
+        scaled_logits = int_logits.astype(np.float64) * 2.0**out_exp / divisor
+        max_logit = max(max_logit, float(np.max(np.abs(scaled_logits - logits), initial=0.0)))
+        for name, ours in int_codes.items():
+            step = 2.0 ** exported.layers[names[name]]["input_exponent"]
+            theirs = np.asarray(codes[name], np.float64).reshape(ours.shape) / step
+            theirs = np.round(theirs).astype(np.int64)  # exact: Q(x) is a multiple of step
+            row = mismatches.setdefault(name, [0, 0, 0])
+            row[0] += int(np.sum(theirs != ours))
+            row[1] += int(ours.size)
+            row[2] = max(row[2], int(np.max(np.abs(theirs - ours), initial=0)))
+    int_pred, jax_pred = np.concatenate(int_pred), np.concatenate(jax_pred)
+    return {
+        "examples": len(images),
+        "agree": int(np.sum(int_pred == jax_pred)),
+        "int_predictions": int_pred,
+        "jax_predictions": jax_pred,
+        "code_mismatches": mismatches,
+        "max_logit_difference": max_logit,
+    }
+
+
+#: Header fields that are informative only and not compared by :func:`differences`:
+#: where the run directory was when the file was written.
+INFORMATIVE = (("metadata", "run"),)
+
+
+def differences(model: IntegerModel, header: dict, arrays: dict, *, limit: int = 8) -> list[str]:
+    """What differs between a loaded file and a re-derived ``(header, arrays)`` (:func:`build`).
+
+    Every header field is compared (after a JSON round trip, as the file stores it), except
+    the checksums that :func:`~cgmq_jax.export.format.save` computes from the arrays and
+    :data:`INFORMATIVE`; every array by dtype, shape and value. Returns at most ``limit``
+    one-line descriptions (empty: the file is the derivation).
+    """
+    import json
+
+    derived = json.loads(json.dumps({"format": model.header.get("format"), **header}))
+    derived.setdefault("version", model.header.get("version"))
+    found = {k: v for k, v in model.header.items() if k not in ("arrays", "payload_sha256")}
+    for where in INFORMATIVE:
+        for tree in (derived, found):
+            node = tree
+            for key in where[:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(where[-1], None)
+    out = _array_differences(model, arrays)
+    _tree_differences("header", found, derived, out)
+    return out[:limit]
+
+
+def _tree_differences(where: str, found: Any, derived: Any, out: list[str]) -> None:
+    if isinstance(found, dict) and isinstance(derived, dict):
+        for key in sorted(found.keys() | derived.keys(), key=str):
+            if key not in derived:
+                out.append(f"{where}.{key}: in the file, not in the re-derived model")
+            elif key not in found:
+                out.append(f"{where}.{key}: missing from the file")
+            else:
+                _tree_differences(f"{where}.{key}", found[key], derived[key], out)
+    elif isinstance(found, list) and isinstance(derived, list) and len(found) == len(derived):
+        for i, (a, b) in enumerate(zip(found, derived, strict=True)):
+            _tree_differences(f"{where}[{i}]", a, b, out)
+    elif found != derived or type(found) is not type(derived):
+        out.append(
+            f"{where}: the file says {_short(found)}, the run's params give {_short(derived)}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _array_differences(model: IntegerModel, arrays: dict) -> list[str]:
+    names = {}
+    for i, layer in enumerate(model.layers):
+        for part in ("weight", "bias"):
+            key = layer.get(f"{part}_key") if isinstance(layer, dict) else None
+            names[key] = f"layer {i} ({layer.get('name')!r}) {part} ({key})"
+    out = []
+    for key in sorted(model.arrays.keys() | arrays.keys()):
+        what = names.get(key, f"array {key!r}")
+        if key not in arrays:
+            out.append(f"{what}: in the file, not in the re-derived model")
+            continue
+        if key not in model.arrays:
+            out.append(f"{what}: missing from the file")
+            continue
+        ours, theirs = np.asarray(model.arrays[key]), np.asarray(arrays[key])
+        if ours.dtype.newbyteorder("=") != theirs.dtype.newbyteorder("=") or (
+            ours.shape != theirs.shape
+        ):
+            out.append(
+                f"{what}: {ours.dtype} {list(ours.shape)} in the file, "
+                f"{theirs.dtype} {list(theirs.shape)} from the run's params"
+            )
+            continue
+        bad = ours != theirs
+        if bad.any():
+            worst = int(np.max(np.abs(ours.astype(object) - theirs.astype(object))[bad]))
+            out.append(
+                f"{what} differs in {int(bad.sum()):,} of {ours.size:,} entries "
+                f"(max |difference| {worst:,})"
+            )
+    return out
