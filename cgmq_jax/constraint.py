@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cgmq_jax import certify, quantizer
 from cgmq_jax import cost as cost_module
+from cgmq_jax import quantizer
 
 DEFAULT_RESCALE = 1.5
 # Smallest CGGD scale s while infeasible, in log2 units (the step is at least rescale * s,
@@ -227,6 +227,51 @@ def constrained_update(
       cgmq_jax.certify.InfeasibleBudgetError: budget 100,000 BOPs is infeasible: ... 532,400 ...
     """
     names, constraints = _constraints(cost_fn, budget)
+    _check_hyperparameters(names, constraints, rescale, min_scale)
+    if is_quantizer is None:
+        is_quantizer = _default_is_quantizer
+
+    def init_fn(params):
+        _require_feasible_at_minimum(params, names, constraints, is_quantizer)
+        zeros = [jnp.zeros([], jnp.float32) for _ in constraints]
+        return ConstrainedUpdateState(
+            cost=_pack(names, zeros),
+            infeasible_steps=_pack(names, [jnp.zeros([], jnp.int32) for _ in constraints]),
+            guard_steps=jnp.zeros([], jnp.int32),
+            scale_floor=jnp.asarray(min_scale, jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "constrained_update needs the current params: call tx.update(updates, state, "
+                "params)"
+            )
+        quantizer_mask = is_quantizer(params)
+        costs, grads, violated, breaks = _evaluate(constraints, params, updates)
+        feasible, guard = _guard(violated, breaks)
+        masked = _zero_where(updates, _cost_raising(updates, quantizer_mask))
+        scale_floor = jnp.maximum(state.scale_floor, _quantizer_norm(updates, quantizer_mask))
+        corrected = _infeasible_step(
+            masked, params, grads, violated, quantizer_mask, rescale * scale_floor
+        )
+        new_updates = _admit(updates, masked, corrected, feasible, guard)
+        new_updates = jax.tree.map(
+            lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
+        )
+        return new_updates, _next_state(state, names, costs, violated, guard, scale_floor)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _pack(names: list[str] | None, values: list):
+    """One value per constraint: a scalar (one plain constraint), else a dict by name."""
+    return values[0] if names is None else dict(zip(names, values, strict=True))
+
+
+def _check_hyperparameters(names, constraints, rescale, min_scale) -> None:
+    """Every budget positive and finite, ``rescale > 1``, ``min_scale > 0`` (when concrete)."""
     for name, (_, limit) in zip(names or ["budget"], constraints, strict=True):
         _check_hyperparameter(
             limit,
@@ -248,100 +293,94 @@ def constrained_update(
         lambda m: math.isfinite(m) and m > 0,
         "min_scale must be a positive finite number, got {value}",
     )
-    if is_quantizer is None:
-        is_quantizer = _default_is_quantizer
 
-    def pack(values):
-        """One value per constraint: a scalar (one plain constraint), else by name."""
-        return values[0] if names is None else dict(zip(names, values, strict=True))
 
-    def init_fn(params):
-        quantizer_mask = is_quantizer(params)
-        at_minimum = jax.tree.map(
-            lambda p, q: quantizer.at_min_bitwidth(p) if q else p, params, quantizer_mask
+def _require_feasible_at_minimum(params, names, constraints, is_quantizer) -> None:
+    """Raise :class:`cgmq_jax.certify.InfeasibleBudgetError` for a budget below its cost
+    with every quantizer at its minimum bit-width (skipped while params or budget are traced).
+    """
+    from cgmq_jax.certify import require_feasible  # the error's home; loaded when checking
+
+    quantizer_mask = is_quantizer(params)
+    at_minimum = jax.tree.map(
+        lambda p, q: quantizer.at_min_bitwidth(p) if q else p, params, quantizer_mask
+    )
+    for i, (fn, limit) in enumerate(constraints):
+        minimum, concrete_budget = _concrete(fn(at_minimum)), _concrete(limit)
+        if minimum is not None and concrete_budget is not None:
+            name = None if names is None else names[i]
+            require_feasible(concrete_budget, round(minimum), name=name)
+
+
+def _evaluate(constraints, params, updates):
+    """Per constraint: its cost and gradient at ``params``, whether it is violated now (a
+    NaN cost is), and whether the proposed update would break it."""
+    proposal = optax.apply_updates(params, updates)
+    costs, grads, violated, breaks = [], [], [], []
+    for fn, limit in constraints:
+        value, grad = jax.value_and_grad(fn)(params)
+        costs.append(value)
+        grads.append(grad)
+        violated.append(~(value <= limit))
+        breaks.append(fn(proposal) > limit)
+    return costs, grads, violated, breaks
+
+
+def _guard(violated: list, breaks: list) -> tuple[jax.Array, jax.Array]:
+    """``(feasible, guard)``: every constraint holds now; and it does, but the proposed
+    update would break one (so its cost-raising components must not pass)."""
+    feasible = ~jnp.any(jnp.stack(violated))
+    return feasible, feasible & jnp.any(jnp.stack(breaks))
+
+
+def _infeasible_step(masked, params, grads, violated, quantizer_mask, scaled_floor):
+    """The infeasible update: ``masked`` (cost-raising components zeroed) plus, for each
+    violated constraint, ``-L * g / ||g||`` on the step latents, with
+    ``L = max(rescale * s, L_bit)`` (``scaled_floor`` is ``rescale * s``)."""
+    corrected = masked
+    for grad, is_violated in zip(grads, violated, strict=True):
+        # The constraint moves the step latents only (measured: moving log2 q_max too, as
+        # the plain cost gradient does, clipped ranges hard and cost a point of accuracy).
+        grad = jax.tree.map(
+            lambda g, q: g * _STEP_ONLY if q else jnp.zeros_like(g), grad, quantizer_mask
         )
-        for i, (fn, limit) in enumerate(constraints):
-            minimum, concrete_budget = _concrete(fn(at_minimum)), _concrete(limit)
-            if minimum is not None and concrete_budget is not None:
-                name = None if names is None else names[i]
-                certify.require_feasible(concrete_budget, round(minimum), name=name)
-        zeros = [jnp.zeros([], jnp.float32) for _ in constraints]
-        return ConstrainedUpdateState(
-            cost=pack(zeros),
-            infeasible_steps=pack([jnp.zeros([], jnp.int32) for _ in constraints]),
-            guard_steps=jnp.zeros([], jnp.int32),
-            scale_floor=jnp.asarray(min_scale, jnp.float32),
+        direction_norm = jnp.maximum(optax.tree.norm(grad), 1e-30)
+        length = jnp.maximum(
+            scaled_floor, _length_to_lose_a_bit(params, grad, direction_norm, quantizer_mask)
         )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError(
-                "constrained_update needs the current params: call tx.update(updates, state, "
-                "params)"
-            )
-        quantizer_mask = is_quantizer(params)
-        proposal = optax.apply_updates(params, updates)
-        costs, grads, violated, breaks = [], [], [], []
-        for fn, limit in constraints:
-            value, grad = jax.value_and_grad(fn)(params)
-            costs.append(value)
-            grads.append(grad)
-            violated.append(~(value <= limit))  # a NaN cost is infeasible
-            breaks.append(fn(proposal) > limit)
-        feasible = ~jnp.any(jnp.stack(violated))
-        guard = feasible & jnp.any(jnp.stack(breaks))
-
-        raising = _cost_raising(updates, quantizer_mask)
-        masked = _zero_where(updates, raising)
-
-        scale = _quantizer_norm(updates, quantizer_mask)
-        scale_floor = jnp.maximum(state.scale_floor, scale)
-        corrected = masked
-        for grad, is_violated in zip(grads, violated, strict=True):
-            # The constraint moves the step latents only (measured: moving log2 q_max too, as
-            # the plain cost gradient does, clipped ranges hard and cost a point of accuracy).
-            grad = jax.tree.map(
-                lambda g, q: g * _STEP_ONLY if q else jnp.zeros_like(g), grad, quantizer_mask
-            )
-            direction_norm = jnp.maximum(optax.tree.norm(grad), 1e-30)
-            length = jnp.maximum(
-                rescale * scale_floor,
-                _length_to_lose_a_bit(params, grad, direction_norm, quantizer_mask),
-            )
-            step = jnp.where(is_violated, length / direction_norm, 0.0)
-            corrected = jax.tree.map(
-                lambda u, g, q, step=step: u - step * g if q else u,
-                corrected,
-                grad,
-                quantizer_mask,
-            )
-
-        new_updates = jax.tree.map(
-            lambda u, m, c: jnp.where(feasible, jnp.where(guard, m, u), c),
-            updates,
-            masked,
-            corrected,
+        step = jnp.where(is_violated, length / direction_norm, 0.0)
+        corrected = jax.tree.map(
+            lambda u, g, q, step=step: u - step * g if q else u, corrected, grad, quantizer_mask
         )
-        new_updates = jax.tree.map(
-            lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
-        )
-        old_steps = (  # by name: a dict through jax.jit comes back with its keys sorted
-            [state.infeasible_steps]
-            if names is None
-            else [state.infeasible_steps[name] for name in names]
-        )
-        new_state = ConstrainedUpdateState(
-            cost=pack([c.astype(jnp.float32) for c in costs]),
-            infeasible_steps=pack(
-                [s + v.astype(jnp.int32) for s, v in zip(old_steps, violated, strict=True)]
-            ),
-            guard_steps=state.guard_steps + guard.astype(jnp.int32),
-            scale_floor=scale_floor,
-        )
-        return new_updates, new_state
+    return corrected
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _admit(updates, masked, corrected, feasible, guard):
+    """Which update passes: all of it (feasible, no break), ``masked`` (the guard: no
+    cost-raising component admitted), or ``corrected`` (infeasible)."""
+    return jax.tree.map(
+        lambda u, m, c: jnp.where(feasible, jnp.where(guard, m, u), c),
+        updates,
+        masked,
+        corrected,
+    )
+
+
+def _next_state(state, names, costs, violated, guard, scale_floor) -> ConstrainedUpdateState:
+    """The state after an update computed at costs ``costs``."""
+    old_steps = (  # by name: a dict through jax.jit comes back with its keys sorted
+        [state.infeasible_steps]
+        if names is None
+        else [state.infeasible_steps[name] for name in names]
+    )
+    return ConstrainedUpdateState(
+        cost=_pack(names, [c.astype(jnp.float32) for c in costs]),
+        infeasible_steps=_pack(
+            names, [s + v.astype(jnp.int32) for s, v in zip(old_steps, violated, strict=True)]
+        ),
+        guard_steps=state.guard_steps + guard.astype(jnp.int32),
+        scale_floor=scale_floor,
+    )
 
 
 def _length_to_lose_a_bit(params, cost_grad, direction_norm, quantizer_mask) -> jax.Array:

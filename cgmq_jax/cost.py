@@ -21,7 +21,6 @@ import dataclasses
 import math
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +52,12 @@ class LayerSpec:
         return "/".join(map(str, self.path))
 
 
-def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
+def layer_specs(model, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
     """Find every layer of ``model`` that does MACs, and its MACs per example, from shapes.
+
+    One name for linen and NNX: a Flax NNX module is passed to
+    :func:`cgmq_jax.nnx.layer_specs` (its state is its own, so ``params`` is not taken);
+    what follows describes a linen model.
 
     The layers come from :func:`cgmq_jax.graph.trace` (one abstract trace of the model, the
     same one the export reads), so nothing is computed. Quantized layers
@@ -67,7 +70,8 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
     leaf, read from ``params``.
 
     Args:
-      model: a Flax linen model, quantized (its layers have quantizer parameters).
+      model: a Flax linen model, quantized (its layers have quantizer parameters), or a
+        Flax NNX module (then see :func:`cgmq_jax.nnx.layer_specs`).
       *args: the model's inputs (arrays or ``jax.ShapeDtypeStruct``), each with a leading
         batch axis.
       params: the quantized parameters; needed only if a layer decides its input
@@ -82,7 +86,16 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
         inside ``nn.scan`` / ``nn.vmap`` (its calls cannot be counted from one trace).
     """
     from cgmq_jax import graph
+    from cgmq_jax import nn as qnn
 
+    if qnn.is_nnx_module(model):
+        if params is not None:
+            raise TypeError(
+                "layer_specs(nnx_module, *inputs) takes no params: an NNX module holds its own"
+            )
+        from cgmq_jax import nnx as cnnx
+
+        return cnnx.layer_specs(model, *args, **kwargs)
     traced = graph.trace(model, *args, **kwargs)  # abstract parameters: shapes only
     shapes = flax.traverse_util.flatten_dict(traced.variables.get("params", {}))
     specs = []
@@ -94,11 +107,7 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
                 "lack the mapped axis, so layer_specs cannot count its MACs; apply the "
                 "layer to the whole batch (it takes any number of leading axes) instead"
             )
-        sizes = {
-            "weights": math.prod(layer.kernel_shape),
-            "biases": layer.kernel_shape[-1],
-            "input_elements": math.prod(layer.input_shape[1:]),
-        }
+        sizes = layer_sizes(layer.kernel_shape, layer.input_shape)
         if not layer.quantized:
             specs.append(LayerSpec(layer.path, layer.macs, False, quantized=False, **sizes))
             continue
@@ -124,6 +133,22 @@ def layer_specs(model: nn.Module, *args, params=None, **kwargs) -> tuple[LayerSp
             "with cgmq_jax.rules.quantize_model"
         )
     return tuple(specs)
+
+
+def layer_sizes(kernel_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> dict[str, int]:
+    """A layer's memory sizes, the same for linen and NNX layers: the kernel's elements
+    (``weights``), one bias per output channel (``biases``, stored by the export even
+    without ``use_bias``), its input's elements per example (``input_elements``; the
+    shape's first axis is the batch).
+
+    >>> layer_sizes((3, 3, 1, 8), (2, 28, 28, 1))
+    {'weights': 72, 'biases': 8, 'input_elements': 784}
+    """
+    return {
+        "weights": math.prod(kernel_shape),
+        "biases": kernel_shape[-1],
+        "input_elements": math.prod(input_shape[1:]),
+    }
 
 
 def _check_not_lifted(path, kernel_shape, shapes) -> None:
@@ -316,9 +341,9 @@ def validate_budget(budget: float) -> None:
 
 
 def min_cost(specs: tuple[LayerSpec, ...]) -> int:
-    """The smallest achievable cost: every learned quantizer at its minimum bit-width
-    (pinned quantizers at their pin, float layers at 32 x 32 bits)."""
-    return sum(spec.macs * math.prod(_min_bits(spec)) for spec in specs)
+    """The smallest achievable BOPs: ``min_costs(specs)["bops"]`` (:func:`min_costs`, which
+    gives every cost's minimum; kept as the short name for the BOP one)."""
+    return min_costs(specs)["bops"]
 
 
 def _min_bits(spec: LayerSpec) -> tuple[int, int]:
@@ -360,12 +385,13 @@ def exact_costs(params, specs: tuple[LayerSpec, ...], *, activation_reduce: str 
 
 def min_costs(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -> dict:
     """``{name: smallest achievable cost}``: every learned quantizer at its minimum
-    bit-width at once, which minimises every cost together (so a set of limits is feasible
-    exactly when each is at least its own minimum)."""
+    bit-width at once (pinned quantizers at their pin, float layers at 32 x 32 bits), which
+    minimises every cost together (so a set of limits is feasible exactly when each is at
+    least its own minimum)."""
     bits = [_min_bits(spec) for spec in specs]
     sizes = [spec.input_elements * b_in for spec, (_, b_in) in zip(specs, bits, strict=True)]
     return {
-        "bops": min_cost(specs),
+        "bops": sum(spec.macs * b_w * b_in for spec, (b_w, b_in) in zip(specs, bits, strict=True)),
         "weight_memory_bits": sum(
             spec.weights * b_w + spec.biases * BIAS_BITS
             for spec, (b_w, _) in zip(specs, bits, strict=True)

@@ -117,7 +117,46 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
     else:
         variables = {"params": params}
     variables = jax.tree.map(_abstract, flax.core.unfreeze(variables))
+    mutable = [name for name in variables if name != "params"]
+
+    def apply(variables, *inputs):
+        out = model.apply(
+            variables, *inputs, rngs={"dropout": rngs["dropout"]}, mutable=mutable, **kwargs
+        )
+        return out[0] if mutable else out
+
     floats: list[tuple[int, Layer]] = []
+    with qnn.record_layers(mark=True) as records:
+        with nn.intercept_methods(_float_layer_finder(records, floats)):
+            jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
+    layers = [(i, _layer_of(record)) for i, record in enumerate(records)]
+    ordered = sorted(layers + floats, key=lambda item: item[0])  # a float layer first
+    return Graph(
+        layers=tuple(layer for _, layer in ordered),
+        jaxpr=jaxpr,
+        variables=variables,
+        num_variable_leaves=len(jax.tree.leaves(variables)),
+        input_shapes=tuple(tuple(a.shape) for a in abstract_args),
+    )
+
+
+def _layer_of(record: qnn.LayerRecord) -> Layer:
+    """The :class:`Layer` of a quantized (or ``quantize=False``) layer's record."""
+    return Layer(
+        record.path,
+        record.options,
+        record.input_shape,
+        record.kernel_shape,
+        record.output_shape,
+        record.module,
+        record.batched,
+    )
+
+
+def _float_layer_finder(records: list, floats: list[tuple[int, Layer]]):
+    """An interceptor that appends ``(records so far, Layer)`` to ``floats`` for every call
+    of an ``nn.Dense`` / ``nn.Conv`` that ran no quantized forward (so reported no record),
+    and refuses a layer kind whose MACs cannot be counted."""
 
     def find_float_layers(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -140,44 +179,12 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
                 tuple(kernel.shape),
                 tuple(out.shape),
                 module,
-                qnn._is_batched(out),
+                qnn.is_batched(out),
             )
             floats.append((len(records), layer))
         return out
 
-    mutable = [name for name in variables if name != "params"]
-
-    def apply(variables, *inputs):
-        out = model.apply(
-            variables, *inputs, rngs={"dropout": rngs["dropout"]}, mutable=mutable, **kwargs
-        )
-        return out[0] if mutable else out
-
-    with qnn.record_layers(mark=True) as records, nn.intercept_methods(find_float_layers):
-        jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
-    layers = [
-        (
-            i,
-            Layer(
-                r.path,
-                r.options,
-                r.input_shape,
-                r.kernel_shape,
-                r.output_shape,
-                r.module,
-                r.batched,
-            ),
-        )
-        for i, r in enumerate(records)
-    ]
-    ordered = sorted(layers + floats, key=lambda item: item[0])  # a float layer first
-    return Graph(
-        layers=tuple(layer for _, layer in ordered),
-        jaxpr=jaxpr,
-        variables=variables,
-        num_variable_leaves=len(jax.tree.leaves(variables)),
-        input_shapes=tuple(tuple(a.shape) for a in abstract_args),
-    )
+    return find_float_layers
 
 
 # --------------------------------------------------------------------------- op graph
@@ -249,7 +256,11 @@ def _dyadic(value: float, path: str) -> list[int]:
 
 
 class _Walker:
-    """Reads a jaxpr into :class:`Op`\\ s, following the activations from the inputs."""
+    """Reads a jaxpr into :class:`Op`\\ s, following the activations from the inputs.
+
+    ``env`` maps a jaxpr variable that holds an activation to its tensor number. Each
+    primitive on an activation is translated by its entry of :data:`_TRANSLATE`.
+    """
 
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -303,132 +314,162 @@ class _Walker:
         )
 
     def eqn(self, eqn, active: list[int], env: dict) -> None:
-        prim, path = eqn.primitive.name, _module_path(eqn)
-        ins, outs = eqn.invars, eqn.outvars
-        x = env[ins[active[0]]]
-        shape = tuple(outs[0].aval.shape) if outs else ()
-
-        def one_activation():
-            if len(active) != 1:
-                self.fail(eqn, "it combines two activations")
-
+        """One equation with an activation among its inputs."""
+        prim = eqn.primitive.name
+        x = env[eqn.invars[active[0]]]
         if prim == "name":
-            name = eqn.params["name"]
             if _is_mark(eqn, "in"):
-                self.layer_inputs[int(name.rsplit(":", 1)[1])] = x
+                self.layer_inputs[int(eqn.params["name"].rsplit(":", 1)[1])] = x
             else:
-                env[outs[0]] = x
-            return
-        if prim in _CALLS:
-            sub = _sub_jaxpr(eqn)
-            if sub is None:
-                self.fail(eqn, "its body is not visible")
-            inner = {}
-            for outer, var in zip(ins[len(ins) - len(sub.invars) :], sub.invars, strict=True):
-                if not isinstance(outer, Literal) and outer in env:
-                    inner[var] = env[outer]
-                elif self.constant(outer) is not None:
-                    self.constants[var] = self.constant(outer)
-            self.walk(sub, inner)
-            for outer, var in zip(outs, sub.outvars, strict=True):
-                if not isinstance(var, Literal) and var in inner:
-                    env[outer] = inner[var]
-            return
-        if prim in _ALIASES:
-            if prim == "convert_element_type" and not jnp.issubdtype(
-                eqn.params["new_dtype"], jnp.floating
-            ):
-                self.fail(eqn, "it converts an activation to an integer type")
-            env[outs[0]] = x
-            return
-        if prim in ("max", "min"):
-            one_activation()
-            other = self.constant(ins[1 - active[0]])
-            if other is None:
-                self.fail(eqn, "its other operand is not a constant scalar")
-            if prim == "max" and other == 0.0:
-                env[outs[0]] = self.emit("relu", [x], path)
-            else:
-                bound = _dyadic(other, path)
-                attrs = (
-                    {"min": bound, "max": None} if prim == "max" else {"min": None, "max": bound}
-                )
-                env[outs[0]] = self.emit("clip", [x], path, attrs)
-            return
-        if prim == "clamp":
-            if active != [1]:
-                self.fail(eqn, "its bounds are not constants")
-            lo, hi = self.constant(ins[0]), self.constant(ins[2])
-            if lo is None or hi is None:
-                self.fail(eqn, "its bounds are not constant scalars")
-            env[outs[0]] = self.emit(
-                "clip", [x], path, {"min": _dyadic(lo, path), "max": _dyadic(hi, path)}
-            )
-            return
-        if prim in ("reduce_window_max", "reduce_window_sum"):
-            p = eqn.params
-            if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
-                self.fail(eqn, "dilated pooling windows are not supported")
-            if (
-                p["window_dimensions"][0] != 1
-                or p["window_strides"][0] != 1
-                or tuple(p["padding"][0]) != (0, 0)
-            ):
-                self.fail(eqn, "it pools over the batch axis")
-            attrs = {
-                "window": [int(w) for w in p["window_dimensions"][1:]],
-                "strides": [int(s) for s in p["window_strides"][1:]],
-                "padding": [[int(a), int(b)] for a, b in p["padding"][1:]],
-            }
-            kind = "maxpool" if prim == "reduce_window_max" else "sumpool"
-            env[outs[0]] = self.emit(kind, [x], path, attrs)
-            return
-        if prim == "reduce_sum":
-            axes = [int(a) for a in eqn.params["axes"]]
-            if 0 in axes:
-                self.fail(eqn, "it sums over the batch axis")
-            env[outs[0]] = self.emit("sum", [x], path, {"axes": sorted(a - 1 for a in axes)})
-            return
-        if prim == "div":
-            if active != [0]:
-                self.fail(eqn, "it divides by an activation")
-            by = self.constant(ins[1])
-            if by is None or by < 1 or by != int(by):
-                self.fail(eqn, f"it divides by {by!r}, not by a constant positive integer")
-            env[outs[0]] = self.emit("div", [x], path, {"by": int(by)})
-            return
-        if prim == "add":
-            if len(active) != 2:
-                self.fail(
-                    eqn,
-                    "it adds a constant or a parameter to an activation (an "
-                    "unfolded BatchNorm, or a bias outside a quantized layer?)",
-                )
-            if tuple(ins[0].aval.shape) != tuple(ins[1].aval.shape):
-                self.fail(eqn, "its operands have different shapes (broadcasting)")
-            env[outs[0]] = self.emit("add", [x, env[ins[active[1]]]], path)
-            return
-        if prim == "concatenate":
-            if len(active) != len(ins):
-                self.fail(eqn, "it concatenates an activation with a constant")
-            axis = int(eqn.params["dimension"])
-            if axis == 0:
-                self.fail(eqn, "it concatenates along the batch axis")
-            env[outs[0]] = self.emit("concat", [env[v] for v in ins], path, {"axis": axis - 1})
-            return
-        if prim in ("reshape", "squeeze", "expand_dims", "broadcast_in_dim"):
-            one_activation()
-            before = tuple(ins[active[0]].aval.shape)
-            if not shape or shape[0] != before[0] or math.prod(shape) != math.prod(before):
-                self.fail(eqn, f"it changes the batch axis or the size ({before} -> {shape})")
-            env[outs[0]] = self.emit("reshape", [x], path, {"shape": [int(n) for n in shape[1:]]})
-            return
-        self.fail(eqn, "this primitive is not one the integer engine runs")
+                env[eqn.outvars[0]] = x
+        elif prim in _CALLS:
+            self.call(eqn, env)
+        elif prim in _TRANSLATE:
+            env[eqn.outvars[0]] = _TRANSLATE[prim](self, eqn, x, active, env)
+        else:
+            self.fail(eqn, "this primitive is not one the integer engine runs")
+
+    def call(self, eqn, env: dict) -> None:
+        """Walk into a call's body (``jit``, ``remat``, custom derivatives, ...)."""
+        sub = _sub_jaxpr(eqn)
+        if sub is None:
+            self.fail(eqn, "its body is not visible")
+        ins, inner = eqn.invars, {}
+        for outer, var in zip(ins[len(ins) - len(sub.invars) :], sub.invars, strict=True):
+            if not isinstance(outer, Literal) and outer in env:
+                inner[var] = env[outer]
+            elif self.constant(outer) is not None:
+                self.constants[var] = self.constant(outer)
+        self.walk(sub, inner)
+        for outer, var in zip(eqn.outvars, sub.outvars, strict=True):
+            if not isinstance(var, Literal) and var in inner:
+                env[outer] = inner[var]
 
     def _layer_index(self, record_index: int) -> int:
         """Index into ``graph.layers`` (which interleaves float layers) of record ``i``."""
         quantized = [i for i, layer in enumerate(self.graph.layers) if layer.options is not None]
         return quantized[record_index]
+
+
+# The translations of the primitives the engine runs: ``(walker, eqn, x, active, env)`` ->
+# the output's tensor number. ``x`` is the first activation input's tensor, ``active`` the
+# positions of the inputs that are activations.
+
+
+def _alias(w: _Walker, eqn, x: int, active, env) -> int:
+    if eqn.primitive.name == "convert_element_type" and not jnp.issubdtype(
+        eqn.params["new_dtype"], jnp.floating
+    ):
+        w.fail(eqn, "it converts an activation to an integer type")
+    return x
+
+
+def _relu_or_clip(w: _Walker, eqn, x: int, active, env) -> int:
+    """``max(x, c)`` / ``min(x, c)``: a ReLU (``max`` with 0) or a one-sided clip."""
+    prim, path = eqn.primitive.name, _module_path(eqn)
+    if len(active) != 1:
+        w.fail(eqn, "it combines two activations")
+    other = w.constant(eqn.invars[1 - active[0]])
+    if other is None:
+        w.fail(eqn, "its other operand is not a constant scalar")
+    if prim == "max" and other == 0.0:
+        return w.emit("relu", [x], path)
+    bound = _dyadic(other, path)
+    attrs = {"min": bound, "max": None} if prim == "max" else {"min": None, "max": bound}
+    return w.emit("clip", [x], path, attrs)
+
+
+def _clamp(w: _Walker, eqn, x: int, active, env) -> int:
+    path = _module_path(eqn)
+    if active != [1]:
+        w.fail(eqn, "its bounds are not constants")
+    lo, hi = w.constant(eqn.invars[0]), w.constant(eqn.invars[2])
+    if lo is None or hi is None:
+        w.fail(eqn, "its bounds are not constant scalars")
+    return w.emit("clip", [x], path, {"min": _dyadic(lo, path), "max": _dyadic(hi, path)})
+
+
+def _pool(w: _Walker, eqn, x: int, active, env) -> int:
+    p = eqn.params
+    if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
+        w.fail(eqn, "dilated pooling windows are not supported")
+    if (
+        p["window_dimensions"][0] != 1
+        or p["window_strides"][0] != 1
+        or tuple(p["padding"][0]) != (0, 0)
+    ):
+        w.fail(eqn, "it pools over the batch axis")
+    attrs = {
+        "window": [int(d) for d in p["window_dimensions"][1:]],
+        "strides": [int(s) for s in p["window_strides"][1:]],
+        "padding": [[int(a), int(b)] for a, b in p["padding"][1:]],
+    }
+    kind = "maxpool" if eqn.primitive.name == "reduce_window_max" else "sumpool"
+    return w.emit(kind, [x], _module_path(eqn), attrs)
+
+
+def _sum(w: _Walker, eqn, x: int, active, env) -> int:
+    axes = [int(a) for a in eqn.params["axes"]]
+    if 0 in axes:
+        w.fail(eqn, "it sums over the batch axis")
+    return w.emit("sum", [x], _module_path(eqn), {"axes": sorted(a - 1 for a in axes)})
+
+
+def _div(w: _Walker, eqn, x: int, active, env) -> int:
+    if active != [0]:
+        w.fail(eqn, "it divides by an activation")
+    by = w.constant(eqn.invars[1])
+    if by is None or by < 1 or by != int(by):
+        w.fail(eqn, f"it divides by {by!r}, not by a constant positive integer")
+    return w.emit("div", [x], _module_path(eqn), {"by": int(by)})
+
+
+def _add(w: _Walker, eqn, x: int, active, env) -> int:
+    ins = eqn.invars
+    if len(active) != 2:
+        w.fail(
+            eqn,
+            "it adds a constant or a parameter to an activation (an "
+            "unfolded BatchNorm, or a bias outside a quantized layer?)",
+        )
+    if tuple(ins[0].aval.shape) != tuple(ins[1].aval.shape):
+        w.fail(eqn, "its operands have different shapes (broadcasting)")
+    return w.emit("add", [x, env[ins[active[1]]]], _module_path(eqn))
+
+
+def _concat(w: _Walker, eqn, x: int, active, env) -> int:
+    ins = eqn.invars
+    if len(active) != len(ins):
+        w.fail(eqn, "it concatenates an activation with a constant")
+    axis = int(eqn.params["dimension"])
+    if axis == 0:
+        w.fail(eqn, "it concatenates along the batch axis")
+    return w.emit("concat", [env[v] for v in ins], _module_path(eqn), {"axis": axis - 1})
+
+
+def _reshape(w: _Walker, eqn, x: int, active, env) -> int:
+    if len(active) != 1:
+        w.fail(eqn, "it combines two activations")
+    shape = tuple(eqn.outvars[0].aval.shape) if eqn.outvars else ()
+    before = tuple(eqn.invars[active[0]].aval.shape)
+    if not shape or shape[0] != before[0] or math.prod(shape) != math.prod(before):
+        w.fail(eqn, f"it changes the batch axis or the size ({before} -> {shape})")
+    return w.emit("reshape", [x], _module_path(eqn), {"shape": [int(n) for n in shape[1:]]})
+
+
+_TRANSLATE = {
+    **dict.fromkeys(_ALIASES, _alias),
+    "max": _relu_or_clip,
+    "min": _relu_or_clip,
+    "clamp": _clamp,
+    "reduce_window_max": _pool,
+    "reduce_window_sum": _pool,
+    "reduce_sum": _sum,
+    "div": _div,
+    "add": _add,
+    "concatenate": _concat,
+    **dict.fromkeys(("reshape", "squeeze", "expand_dims", "broadcast_in_dim"), _reshape),
+}
 
 
 def ops(graph: Graph) -> tuple[list[Op], int]:

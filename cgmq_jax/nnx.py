@@ -3,7 +3,9 @@
 :class:`QuantLinear` and :class:`QuantConv` subclass ``flax.nnx.Linear`` and
 ``flax.nnx.Conv`` (same constructor, same ``kernel`` / ``bias``) and quantize their input
 and kernel with the functions the linen layers use (:mod:`cgmq_jax.nn`,
-:mod:`cgmq_jax.quantizer`). Their extra state:
+:mod:`cgmq_jax.quantizer`). Their options are three of :class:`cgmq_jax.nn.QuantOptions`
+(``quantize``, ``input_signed``, ``calibration_percentile``; per-channel and pinned
+bit-widths are linen-only for now). Their extra state:
 
 * ``input_quantizer`` and ``weight_quantizer``: :class:`Quantizer` variables, each
   ``[log2 d, log2 q_max]``. ``Quantizer`` subclasses ``nnx.Param``, so the quantizers train
@@ -31,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgmq_jax import cost, quantizer
-from cgmq_jax import nn as linen_layers
+from cgmq_jax import conv, cost, graph, operands, quantizer
+from cgmq_jax import nn as qnn
 
-DEFAULT_PERCENTILE = linen_layers.DEFAULT_PERCENTILE
+DEFAULT_PERCENTILE = qnn.DEFAULT_PERCENTILE
+_DEFAULTS = qnn.QuantOptions()  # the options' defaults, declared once by QuantOptions
 NOT_CALIBRATED = 0.0  # the value of ``input_signedness`` before calibrate()
 # Flax NNX layers that multiply-accumulate: left unquantized, their cost would go uncounted.
 _MAC_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
@@ -137,13 +139,13 @@ def _check_calibrated(layer, stored: jax.Array) -> None:
 class _QuantizedLayer:
     """What :class:`QuantLinear` and :class:`QuantConv` share (put before the Flax class)."""
 
-    def _add_quantizers(self, *, quantize, input_signed, calibration_percentile) -> None:
-        self.quantize = quantize
-        self.input_signed = input_signed
-        self.calibration_percentile = calibration_percentile
+    def _add_quantizers(self, options: qnn.QuantOptions) -> None:
+        self.quantize = options.quantize
+        self.input_signed = options.input_signed
+        self.calibration_percentile = options.calibration_percentile
         self.weight_quantizer = Quantizer(self._weight_quantizer_at(8))
         # A placeholder: calibrate() sets the range from data (the forward refuses until then).
-        self.input_quantizer = Quantizer(linen_layers._initial_quantizer(1.0, signed=True))
+        self.input_quantizer = Quantizer(operands.initial_quantizer(1.0, signed=True))
         self.input_signedness = InputSignedness(jnp.float32(NOT_CALIBRATED))
 
     def _kernel(self) -> jax.Array:
@@ -151,7 +153,7 @@ class _QuantizedLayer:
 
     def _weight_quantizer_at(self, bits: int) -> jax.Array:
         kernel = jnp.asarray(self._kernel(), jnp.float32)
-        return linen_layers._initial_quantizer(jnp.max(jnp.abs(kernel)), signed=True, bits=bits)
+        return operands.initial_quantizer(jnp.max(jnp.abs(kernel)), signed=True, bits=bits)
 
     def _input_signed(self):
         """A Python bool (explicit ``input_signed``) or a traced one (decided by the data)."""
@@ -166,16 +168,16 @@ class _QuantizedLayer:
         x = jnp.asarray(inputs, jnp.float32)
         kernel = jnp.asarray(kernel, jnp.float32)
         return (
-            linen_layers.quantize_tensor(self.input_quantizer[...], x, signed=signed),
-            linen_layers.quantize_tensor(self.weight_quantizer[...], kernel, signed=True),
+            operands.quantize_tensor(self.input_quantizer[...], x, signed=signed),
+            operands.quantize_tensor(self.weight_quantizer[...], kernel, signed=True),
         )
 
     def _observe(self, inputs: jax.Array) -> _Observation:
         x = jnp.asarray(inputs, jnp.float32)
         signed = self.input_signed
-        signed = linen_layers.decided_signedness(x) if signed is None else bool(signed)
+        signed = operands.decided_signedness(x) if signed is None else bool(signed)
         return _Observation(
-            input_range=linen_layers._input_range(
+            input_range=operands.input_range(
                 x, signed=signed, percentile=self.calibration_percentile
             ),
             signed=signed,
@@ -242,16 +244,18 @@ class QuantLinear(_QuantizedLayer, nnx.Linear):
         in_features: int,
         out_features: int,
         *,
-        quantize: bool = True,
-        input_signed: bool | None = None,
-        calibration_percentile: float = DEFAULT_PERCENTILE,
+        quantize: bool = _DEFAULTS.quantize,
+        input_signed: bool | None = _DEFAULTS.input_signed,
+        calibration_percentile: float = _DEFAULTS.calibration_percentile,
         **kwargs,
     ):
         super().__init__(in_features, out_features, **kwargs)
         self._add_quantizers(
-            quantize=quantize,
-            input_signed=input_signed,
-            calibration_percentile=calibration_percentile,
+            qnn.QuantOptions(
+                quantize=quantize,
+                input_signed=input_signed,
+                calibration_percentile=calibration_percentile,
+            )
         )
 
     def _quantized_call(self, inputs: jax.Array, out_sharding) -> jax.Array:
@@ -299,16 +303,18 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
         kernel_size: int | tuple[int, ...],
         strides: int | tuple[int, ...] | None = 1,
         *,
-        quantize: bool = True,
-        input_signed: bool | None = None,
-        calibration_percentile: float = DEFAULT_PERCENTILE,
+        quantize: bool = _DEFAULTS.quantize,
+        input_signed: bool | None = _DEFAULTS.input_signed,
+        calibration_percentile: float = _DEFAULTS.calibration_percentile,
         **kwargs,
     ):
         super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
         self._add_quantizers(
-            quantize=quantize,
-            input_signed=input_signed,
-            calibration_percentile=calibration_percentile,
+            qnn.QuantOptions(
+                quantize=quantize,
+                input_signed=input_signed,
+                calibration_percentile=calibration_percentile,
+            )
         )
 
     def _kernel(self) -> jax.Array:
@@ -316,7 +322,7 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
         return kernel if self.mask is None else kernel * self.mask
 
     def _quantized_call(self, inputs: jax.Array, out_sharding) -> jax.Array:
-        geometry = linen_layers.conv_geometry(self)  # Flax's rules: nnx.Conv has the fields
+        geometry = conv.conv_geometry(self)  # Flax's rules: nnx.Conv has the fields
         # Flax's batch handling: any number of leading batch axes, or none.
         batch_shape = inputs.shape[: inputs.ndim - (len(geometry["kernel_size"]) + 1)]
         if len(batch_shape) != 1:
@@ -339,7 +345,7 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
             geometry["padding"],
             lhs_dilation=geometry["input_dilation"],
             rhs_dilation=geometry["kernel_dilation"],
-            dimension_numbers=linen_layers._conv_dimension_numbers(x.shape),
+            dimension_numbers=conv.conv_dimension_numbers(x.shape),
             feature_group_count=self.feature_group_count,
             precision=self.precision,
             **_product_kwargs(self, out_sharding),
@@ -386,9 +392,9 @@ def calibrate(model: nnx.Module, *args, input_bits: int = 8, weight_bits: int = 
     paths = {id(module): path for path, module in nnx.iter_modules(model)}
     for layer, observation in recorder.observed.values():
         if layer.input_signed is False and bool(observation.negative):
-            raise linen_layers._unsigned_error(_name(paths[id(layer)]))
+            raise operands.unsigned_error(_name(paths[id(layer)]))
     for layer, observation in recorder.observed.values():
-        layer.input_quantizer[...] = linen_layers._initial_quantizer(
+        layer.input_quantizer[...] = operands.initial_quantizer(
             observation.input_range, signed=observation.signed, bits=input_bits
         )
         layer.input_signedness[...] = quantizer.signedness_leaf(observation.signed)
@@ -445,9 +451,9 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
             copy(*call_args, **call_kwargs)
         for layer, input_shape, output_shape in recorder.calls:
             kernel_shape = tuple(layer.kernel.shape)
-            macs = math.prod(output_shape[1:]) * math.prod(kernel_shape[:-1])
-            sizes = _sizes(kernel_shape, input_shape)
-            calls.append((paths[id(layer)], layer.quantize, int(macs), sizes))
+            macs = graph.macs(output_shape, kernel_shape)
+            sizes = cost.layer_sizes(kernel_shape, input_shape)
+            calls.append((paths[id(layer)], layer.quantize, macs, sizes))
 
     shapes = [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), leaves[i].dtype) for i in traced_at]
     jax.eval_shape(forward, state, shapes)
@@ -464,17 +470,6 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
         cost.LayerSpec(path, macs, _calibrated_signedness(modules[path], path), **sizes)
         for path, _, macs, sizes in calls
     )
-
-
-def _sizes(kernel_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> dict[str, int]:
-    """A layer's memory sizes, counted as :func:`cgmq_jax.cost.layer_specs` counts linen's:
-    the kernel's elements, one bias per output channel (stored by the export even without
-    ``use_bias``), the input's elements per example (the batch axis first)."""
-    return {
-        "weights": math.prod(kernel_shape),
-        "biases": kernel_shape[-1],
-        "input_elements": math.prod(input_shape[1:]),
-    }
 
 
 def _calibrated_signedness(layer, path: tuple) -> bool:

@@ -54,10 +54,11 @@ class QuantRule(qnn.QuantOptions):
 
     @property
     def options(self) -> qnn.QuantOptions:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(qnn.QuantOptions)}
-        return qnn.QuantOptions(**fields)
+        """The rule's :class:`cgmq_jax.nn.QuantOptions` (its fields less ``module_path``)."""
+        return qnn.options_of(self)
 
     def matches(self, path: str) -> bool:
+        """Whether ``module_path`` matches ``path`` (a layer's path joined by ``/``) in full."""
         return re.fullmatch(self.module_path, path) is not None
 
 
@@ -127,6 +128,11 @@ def quantize_model(
       A :class:`QuantizedModel` (``quantized=True``); ``.clone(quantized=False)`` is the
       float model, whose parameters are the original model's.
 
+    Raises:
+      TypeError: ``model`` is not a linen module. A Flax NNX module is refused with a
+        message naming the NNX way today, :class:`cgmq_jax.nnx.QuantLinear` /
+        :class:`cgmq_jax.nnx.QuantConv` layers.
+
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
       >>> from cgmq_jax import cost, nn as qnn, rules
@@ -154,6 +160,11 @@ def quantize_model(
     for rule in rules:
         if not isinstance(rule, QuantRule):
             raise TypeError(f"rules must be QuantRule instances, got {type(rule).__name__}")
+    if qnn.is_nnx_module(model):
+        raise TypeError(
+            "quantize_model takes a flax.linen model; it does not rewrite a Flax NNX module "
+            "(not yet): build its layers as cgmq_jax.nnx.QuantLinear / cgmq_jax.nnx.QuantConv"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model takes a flax.linen.Module, got {type(model).__name__}")
     if model.scope is not None:

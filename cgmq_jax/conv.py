@@ -1,0 +1,194 @@
+"""The windowed array ops the quantized convolution and the models compute with.
+
+* :func:`conv_geometry`: a ``flax.linen.Conv``'s (or ``flax.nnx.Conv``'s) static geometry
+  by Flax's own rules, which the linen and NNX layers and the export share;
+* :func:`patch_conv`: ``jax.lax.conv_general_dilated`` computed as patches times the
+  kernel, faster on XLA:CPU for convolutions with few input channels;
+* :func:`max_pool`: ``flax.linen.max_pool`` with a cheaper gradient for tiling windows.
+
+Pure functions of arrays and shapes: no module state, no quantizers. The layers that use
+them are in :mod:`cgmq_jax.nn` (which also re-exports these names).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.linear import canonicalize_padding
+
+
+def _as_tuple(value: int | Sequence[int] | None, rank: int) -> tuple[int, ...]:
+    """Flax's broadcast of an int (or ``None``, meaning 1) to one entry per spatial axis."""
+    if value is None:
+        value = 1
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def conv_geometry(module: nn.Conv) -> dict:
+    """The static geometry of a convolution, by ``flax.linen.Conv``'s own rules.
+
+    Returns ``kernel_size``, ``strides``, ``input_dilation``, ``kernel_dilation``, the
+    ``pre_padding`` that ``jnp.pad`` applies first (``'CIRCULAR'``, ``'REFLECT'``,
+    ``'CAUSAL'``; else ``None``) with its ``pad_mode``, and the ``padding`` passed to
+    ``lax.conv_general_dilated`` (a string or ``(low, high)`` pairs).
+    """
+    kernel_size = _as_tuple(module.kernel_size, 1)
+    rank = len(kernel_size)
+    kernel_dilation = _as_tuple(module.kernel_dilation, rank)
+    padding = canonicalize_padding(module.padding, rank)
+    pre_padding, pad_mode = None, "constant"
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+        pre_padding = [((k - 1) // 2, k // 2) for k in dilated]
+        pad_mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        if rank != 1:
+            raise ValueError("Causal padding is only implemented for 1D convolutions.")
+        pre_padding = [(kernel_dilation[0] * (kernel_size[0] - 1), 0)]
+        padding = "VALID"
+    return {
+        "kernel_size": kernel_size,
+        "strides": _as_tuple(module.strides, rank),
+        "input_dilation": _as_tuple(module.input_dilation, rank),
+        "kernel_dilation": kernel_dilation,
+        "pre_padding": pre_padding,
+        "pad_mode": pad_mode,
+        "padding": padding,
+    }
+
+
+def patch_conv(
+    x,
+    kernel,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """``jax.lax.conv_general_dilated`` for channels-last inputs and ``(*spatial, in, out)``
+    kernels, computed as patches (one strided slice per kernel offset) times the kernel.
+
+    Any strides, padding and kernel dilation; no input dilation. Groups only as a
+    depthwise convolution with one output channel per input channel
+    (``feature_group_count`` equal to both, a ``(*spatial, 1, C)`` kernel): then each
+    patch is multiplied by its channel's kernel and summed over the window.
+    (``dimension_numbers`` is assumed to be Flax's channels-last one.)
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.arange(2 * 6 * 6 * 1.0).reshape(2, 6, 6, 1)
+      >>> k = jnp.ones((3, 3, 1, 4))
+      >>> dn = ("NHWC", "HWIO", "NHWC")
+      >>> ref = jax.lax.conv_general_dilated(x, k, (2, 1), "SAME", dimension_numbers=dn)
+      >>> bool(jnp.all(patch_conv(x, k, (2, 1), "SAME") == ref))
+      True
+    """
+    del dimension_numbers
+    spatial = x.ndim - 2
+    depthwise = feature_group_count != 1
+    if depthwise and not (
+        feature_group_count == x.shape[-1] == kernel.shape[-1] and kernel.shape[-2] == 1
+    ):
+        raise ValueError("patch_conv's only groups are depthwise, one output per channel")
+    if any(d != 1 for d in _as_tuple(lhs_dilation, spatial)):
+        raise ValueError("patch_conv has no input dilation")
+    kernel_size = kernel.shape[:spatial]
+    dilation = _as_tuple(rhs_dilation, spatial)
+    strides = _as_tuple(window_strides, spatial)
+    if isinstance(padding, str):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True)]
+        padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
+    lows = [max(-low, 0) for low, _ in padding]  # negative padding crops
+    highs = [max(-high, 0) for _, high in padding]
+    x = jnp.pad(x, [(0, 0), *((max(lo, 0), max(hi, 0)) for lo, hi in padding), (0, 0)])
+    crop = zip(lows, highs, x.shape[1:-1], strict=True)
+    x = x[(slice(None), *(slice(lo, size - hi) for lo, hi, size in crop))]
+    out = [
+        (size - (k - 1) * d - 1) // s + 1
+        for size, k, d, s in zip(x.shape[1:-1], kernel_size, dilation, strides, strict=True)
+    ]
+    columns = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        window = tuple(
+            slice(o * d, o * d + (n - 1) * s + 1, s)
+            for o, d, n, s in zip(offset, dilation, out, strides, strict=True)
+        )
+        columns.append(x[(slice(None), *window, slice(None))])
+    if depthwise:  # (..., window, C) * (window, C), summed over the window
+        taps = jnp.reshape(kernel, (*(1,) * (x.ndim - 1), -1, kernel.shape[-1]))
+        return jnp.sum(jnp.stack(columns, axis=-2) * taps, axis=-2)
+    patches = jnp.concatenate(columns, axis=-1)
+    return jnp.dot(patches, jnp.reshape(kernel, (-1, kernel.shape[-1])), precision=precision)
+
+
+def max_pool(x: jax.Array, window_shape: Sequence[int], strides=None, padding="VALID"):
+    """``flax.linen.max_pool`` (channels last, one batch axis), with a cheaper gradient
+    when the windows tile the input (``strides == window_shape``, ``'VALID'``).
+
+    The forward pass is ``flax.linen.max_pool`` itself (the same ``reduce_window_max``, so
+    the export reads it as before). Its gradient routes each output's gradient to the first
+    maximum of its window, as JAX's ``select_and_scatter_add`` does, but by an argmax over
+    the reshaped tiles: XLA:CPU computes that several times faster (``benchmarks/``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+      >>> bool(jnp.all(max_pool(x, (2, 2), (2, 2)) == nn.max_pool(x, (2, 2), (2, 2))))
+      True
+    """
+    window = tuple(window_shape)
+    strides = window if strides is None else tuple(strides)
+    if strides != window or padding != "VALID" or x.ndim != len(window) + 2:
+        return nn.max_pool(x, window, strides=strides, padding=padding)
+    return _tiled_max_pool(x, window)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tiled_max_pool(x, window):
+    return nn.max_pool(x, window, strides=window, padding="VALID")
+
+
+def _tiled_max_pool_fwd(x, window):
+    return _tiled_max_pool(x, window), x
+
+
+def _tiled_max_pool_bwd(window, x, g):
+    rank = len(window)
+    out = [size // w for size, w in zip(x.shape[1:-1], window, strict=True)]
+    cropped = x[(slice(None), *(slice(0, o * w) for o, w in zip(out, window, strict=True)))]
+    split = [d for pair in zip(out, window, strict=True) for d in pair]
+    tiles = jnp.reshape(cropped, (x.shape[0], *split, x.shape[-1]))
+    # (batch, out..., channels, window...): each window's elements last, in row-major order
+    order = (0, *range(1, 2 * rank, 2), 2 * rank + 1, *range(2, 2 * rank + 1, 2))
+    tiles = jnp.transpose(tiles, order).reshape((x.shape[0], *out, x.shape[-1], -1))
+    first = jax.nn.one_hot(jnp.argmax(tiles, axis=-1), tiles.shape[-1], dtype=g.dtype)
+    routed = (first * g[..., None]).reshape((x.shape[0], *out, x.shape[-1], *window))
+    inverse = tuple(int(i) for i in np.argsort(order))
+    grad = jnp.transpose(routed, inverse).reshape(cropped.shape)
+    pads = [
+        (0, 0),
+        *((0, size - o * w) for size, o, w in zip(x.shape[1:-1], out, window, strict=True)),
+        (0, 0),
+    ]
+    return (jnp.pad(grad, pads),)
+
+
+_tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
+
+
+def conv_dimension_numbers(input_shape: Sequence[int]) -> jax.lax.ConvDimensionNumbers:
+    """Channels last, kernel ``(*spatial, in, out)``: Flax's convention for any rank."""
+    ndim = len(input_shape)
+    lhs = (0, ndim - 1, *range(1, ndim - 1))
+    rhs = (ndim - 1, ndim - 2, *range(ndim - 2))
+    return jax.lax.ConvDimensionNumbers(lhs, rhs, lhs)
