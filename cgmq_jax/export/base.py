@@ -50,7 +50,7 @@ def int_dtype_for_bits(bits: int) -> np.dtype:
 
 
 def bits_for_levels(levels: int, *, signed: bool) -> int:
-    """The bit-width of a quantizer with ``levels`` positive levels (CGMQ.md section 1).
+    """The bit-width of a quantizer with ``levels`` positive levels (docs/method.md section 1).
 
     ``bit_length(n)`` unsigned (at least 1), ``bit_length(n) + 1`` signed (at least 2).
 

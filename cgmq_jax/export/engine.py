@@ -207,76 +207,90 @@ def run_integer(
     """
     model = model if isinstance(model, IntegerModel) else load(model)
     header, facts = model.header, model.facts.tensors
-    t = np.asarray(inputs)
-    if not np.issubdtype(t.dtype, np.integer):
-        raise TypeError(f"run_integer takes integer inputs, got {t.dtype}")
-    if list(t.shape[1:]) != header["input"]["shape"]:
-        raise ValueError(f"inputs shaped {t.shape[1:]}, the model takes {header['input']['shape']}")
+    t = _checked_inputs(model, inputs, first_layer_codes)
     exponent = header["input"]["exponent"] if input_exponent is None else int(input_exponent)
-    bounded = model.facts.input_range if not first_layer_codes else None
-    if bounded is not None and t.size and (t.min() < bounded[0] or t.max() > bounded[1]):
-        raise ValueError(
-            f"inputs reach [{t.min()}, {t.max()}], outside {list(bounded)}: the range over "
-            "which the file's integer ranges are proven (format.INPUT_RANGE)"
-        )
     values = [t.astype(np.int64)]
     exponents = [exponent]
     codes_by_layer: dict[str, np.ndarray] = {}
     for j, op in enumerate(header["ops"]):
-        kind = op["op"]
-        ins = [values[i] for i in op["inputs"]]
-        x = ins[0]
         first = op["inputs"][0]
         facts_in = Tensor(facts[first].shape, exponents[first], facts[first].divisor)
-        if kind in LAYER_OPS:
+        if op["op"] in LAYER_OPS:
             out_exponent = facts[j + 1].exponent
-        else:  # add / concat align their inputs to the smallest exponent
-            out_exponent = min(exponents[i] for i in op["inputs"])
-        if kind in LAYER_OPS:
             precoded = first_layer_codes and j == 0
-            out, codes = _layer(model, op["layer"], x, facts_in, precoded)
+            out, codes = _layer(model, op["layer"], values[first], facts_in, precoded)
             if return_codes:
                 codes_by_layer[model.layers[op["layer"]]["name"]] = codes
-        elif kind == "relu":
-            out = np.maximum(x, 0)
-        elif kind == "clip":
-            bounds = []
-            for bound in (op["min"], op["max"]):
-                if bound is None:
-                    bounds.append(None)
-                else:
-                    m, e = bound
-                    scaled = m * facts_in.divisor
-                    shift = e - facts_in.exponent
-                    value = scaled << shift if shift >= 0 else scaled >> -shift
-                    bounds.append(min(max(value, INT64_MIN), INT64_MAX))  # int64 values
-            out = np.clip(x, *bounds)
-        elif kind == "maxpool":
-            out = _windows(x, op, np.iinfo(np.int64).min).max(axis=tuple(range(-x.ndim + 1, 0)))
-        elif kind == "sumpool":
-            out = _windows(x, op, 0).sum(axis=tuple(range(-x.ndim + 1, 0)))
-        elif kind == "sum":
-            out = x.sum(axis=tuple(a + 1 for a in op["axes"]))
-        elif kind in ("div", "reshape"):
-            out = x if kind == "div" else x.reshape(x.shape[0], *op["shape"])
-        elif kind in ("add", "concat"):
-            aligned = [
-                v << np.int64(exponents[i] - out_exponent)
-                for v, i in zip(ins, op["inputs"], strict=True)
-            ]
-            out = (
-                aligned[0] + aligned[1]
-                if kind == "add"
-                else np.concatenate(aligned, axis=op["axis"] + 1)
-            )
-        else:
-            raise _fail(model.path, f"unknown op {kind!r}")
+        else:  # add / concat align their inputs to the smallest exponent
+            out_exponent = min(exponents[i] for i in op["inputs"])
+            ins = [values[i] for i in op["inputs"]]
+            if op["op"] in ("add", "concat"):
+                ins = [
+                    v << np.int64(exponents[i] - out_exponent)
+                    for v, i in zip(ins, op["inputs"], strict=True)
+                ]
+            out = _op(model, op, ins, facts_in)
         values.append(out)
         exponents.append(out_exponent)
     index = header["output"]["tensor"]
     if return_codes:
         return values[index], exponents[index], codes_by_layer
     return values[index], exponents[index]
+
+
+def _checked_inputs(model: IntegerModel, inputs: np.ndarray, first_layer_codes: bool):
+    """``inputs`` as an integer array of the model's input shape, within the range over
+    which the file's integer ranges are proven (``TypeError`` / ``ValueError`` if not)."""
+    shape = model.header["input"]["shape"]
+    t = np.asarray(inputs)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"run_integer takes integer inputs, got {t.dtype}")
+    if list(t.shape[1:]) != shape:
+        raise ValueError(f"inputs shaped {t.shape[1:]}, the model takes {shape}")
+    bounded = model.facts.input_range if not first_layer_codes else None
+    if bounded is not None and t.size and (t.min() < bounded[0] or t.max() > bounded[1]):
+        raise ValueError(
+            f"inputs reach [{t.min()}, {t.max()}], outside {list(bounded)}: the range over "
+            "which the file's integer ranges are proven (format.INPUT_RANGE)"
+        )
+    return t
+
+
+def _op(model: IntegerModel, op: dict, ins: list[np.ndarray], facts_in: Tensor) -> np.ndarray:
+    """The output of an op other than a layer; ``ins`` already aligned to its exponent."""
+    kind, x = op["op"], ins[0]
+    if kind == "relu":
+        return np.maximum(x, 0)
+    if kind == "clip":
+        return np.clip(x, *_clip_bounds(op, facts_in))
+    if kind == "maxpool":
+        return _windows(x, op, np.iinfo(np.int64).min).max(axis=tuple(range(-x.ndim + 1, 0)))
+    if kind == "sumpool":
+        return _windows(x, op, 0).sum(axis=tuple(range(-x.ndim + 1, 0)))
+    if kind == "sum":
+        return x.sum(axis=tuple(a + 1 for a in op["axes"]))
+    if kind in ("div", "reshape"):
+        return x if kind == "div" else x.reshape(x.shape[0], *op["shape"])
+    if kind == "add":
+        return ins[0] + ins[1]
+    if kind == "concat":
+        return np.concatenate(ins, axis=op["axis"] + 1)
+    raise _fail(model.path, f"unknown op {kind!r}")
+
+
+def _clip_bounds(op: dict, facts_in: Tensor) -> list[int | None]:
+    """A clip's ``[min, max]`` (``None``: unbounded) as integers of its input tensor."""
+    bounds = []
+    for bound in (op["min"], op["max"]):
+        if bound is None:
+            bounds.append(None)
+        else:
+            m, e = bound
+            scaled = m * facts_in.divisor
+            shift = e - facts_in.exponent
+            value = scaled << shift if shift >= 0 else scaled >> -shift
+            bounds.append(min(max(value, INT64_MIN), INT64_MAX))  # int64 values
+    return bounds
 
 
 def predict(

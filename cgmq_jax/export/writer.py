@@ -22,25 +22,42 @@ def _owner(name: str) -> _types.ModuleType:
     return _importlib.import_module(module)
 
 
+def _forward(name: str) -> property:
+    """``writer.<name>``: read, set and deleted on the module that owns ``name``. A data
+    descriptor, so ``monkeypatch.setattr(writer, name, ...)`` saves and restores the
+    owner's value through it."""
+
+    def get(self):
+        return getattr(_owner(name), name)
+
+    def put(self, value) -> None:
+        setattr(_owner(name), name, value)
+
+    def delete(self) -> None:
+        delattr(_owner(name), name)
+
+    return property(get, put, delete)
+
+
 class _Alias(_types.ModuleType):
     """A module whose attributes are those of the modules that own them."""
 
-    def __getattr__(self, name: str):  # only names this module does not hold itself
+    def __getattr__(self, name: str):  # a name the owner gained after this alias was made
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(_owner(name), name)
 
     def __setattr__(self, name: str, value) -> None:
-        if name.startswith("__"):
-            super().__setattr__(name, value)
+        if name.startswith("__") or hasattr(type(self), name):
+            super().__setattr__(name, value)  # a dunder, or through the forwarding property
         else:
             setattr(_owner(name), name, value)
-
-    def __delattr__(self, name: str) -> None:
-        delattr(_owner(name), name)
 
     def __dir__(self) -> list[str]:
         return sorted(set(dir(_owner(""))) | _RUN_NAMES)
 
 
+for _name in [*dir(_owner("")), *_RUN_NAMES]:
+    if not _name.startswith("__"):
+        setattr(_Alias, _name, _forward(_name))
 _sys.modules[__name__].__class__ = _Alias

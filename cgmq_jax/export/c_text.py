@@ -1,0 +1,189 @@
+"""The C emitter's fixed text: the helper functions and the test harness it writes, the
+``model.h`` template, and the small functions that write C expressions and comments.
+
+Part of :mod:`cgmq_jax.export.c` (standard library only).
+"""
+
+from __future__ import annotations
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+
+def _limit(value: int) -> str:
+    """A bound for a ``#define``: parenthesised, ``INT64_MIN`` / ``INT64_MAX`` at the ends."""
+    return {INT64_MIN: "INT64_MIN", INT64_MAX: "INT64_MAX"}.get(value, f"({value})")
+
+
+def _lit(value: int) -> str:
+    """An int64 C literal."""
+    if value == INT64_MIN:
+        return "INT64_MIN"
+    return f"INT64_C({value})"
+
+
+def _index(names: list[str], shape: tuple[int, ...] | list[int]) -> str:
+    """C-order linear index of the multi-index ``names`` in ``shape`` (Horner form)."""
+    expr = names[0]
+    for name, size in zip(names[1:], shape[1:], strict=True):
+        expr = f"{_mul(expr, size)} + {name}"
+    return expr
+
+
+def _mul(expr: str, factor: int) -> str:
+    """``expr * factor`` in C, parenthesised where needed; ``expr`` itself for 1."""
+    if factor == 1:
+        return expr
+    return f"({expr}) * {factor}" if any(c in expr for c in "+-*") else f"{expr} * {factor}"
+
+
+def _comment(text: str) -> str:
+    """Text safe inside a C block comment (no ``*/``, printable ASCII only)."""
+    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text))
+    return text.replace("*/", "* /").replace("/*", "/ *")
+
+
+class _Code:
+    """Lines of C with indentation."""
+
+    def __init__(self, indent: int = 1):
+        self.lines: list[str] = []
+        self.depth = indent
+
+    def __call__(self, text: str) -> None:
+        self.lines.append("    " * self.depth + text)
+
+    def open(self, text: str) -> None:
+        self(f"{text} {{" if text else "{")
+        self.depth += 1
+
+    def close(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.depth -= 1
+            self("}")
+
+
+UNPACK = """\
+/* Code of `width` bits (1..64) at bit offset `bit` of the stream: two's complement, LSB first. */
+static inline int64_t {p}_code(uint32_t bit, unsigned width)
+{{
+    const uint8_t *b = {p}_weights + (bit >> 3);
+    const unsigned shift = bit & 7u;
+    const unsigned nbytes = (shift + width + 7u) >> 3;
+    uint64_t u = 0;
+    unsigned i;
+    for (i = 0; i < nbytes && i < 8u; i++) u |= (uint64_t)b[i] << (8u * i);
+    u >>= shift;
+    if (nbytes > 8u) u |= (uint64_t)b[8] << (64u - shift);
+    if (width < 64u) {{
+        const uint64_t mask = ((uint64_t)1 << width) - 1u;
+        u &= mask;
+        return (u >> (width - 1u)) ? -(int64_t)(~u & mask) - 1 : (int64_t)u;
+    }}
+    return (u >> 63) ? -(int64_t)(~u) - 1 : (int64_t)u;
+}}
+"""
+
+RDIV = """\
+/* round_half_even(v / d) for d >= 2, on the magnitude (rounding half to even is odd-symmetric). */
+static inline int64_t {p}_rdiv(int64_t v, uint64_t d)
+{{
+    const uint64_t a = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    uint64_t q = a / d;
+    const uint64_t r = a - q * d, rest = d - r;
+    q += (r > rest || (r == rest && (q & 1u))) ? 1u : 0u;
+    return v < 0 ? -(int64_t)q : (int64_t)q;
+}}
+"""
+
+HARNESS = """\
+/* Test harness for {source}: `./a.out N < inputs > logits`.
+ * Reads N examples of {P}_INPUT_SIZE {p}_input_t values ({ctype}, native byte order) from
+ * stdin; writes each example's
+ * {P}_NUM_OUTPUTS logits as little-endian int64 to stdout. `./a.out N predict` writes the
+ * predicted class of each example as little-endian int32 instead. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+static {p}_input_t example[{P}_INPUT_SIZE];
+
+int main(int argc, char **argv)
+{{
+    int64_t logits[{P}_NUM_OUTPUTS];
+    unsigned char bytes[8 * {P}_NUM_OUTPUTS];
+    long n, i;
+    int j, k, predict;
+    if (argc < 2 || argc > 3) {{
+        fprintf(stderr, "usage: %s N [predict] < inputs > outputs\\n", argv[0]);
+        return 2;
+    }}
+    n = strtol(argv[1], NULL, 10);
+    predict = argc == 3 && strcmp(argv[2], "predict") == 0;
+    for (i = 0; i < n; i++) {{
+        if (fread(example, 1, sizeof example, stdin) != sizeof example) {{
+            fprintf(stderr, "short read at example %ld\\n", i);
+            return 1;
+        }}
+        if (predict) {{
+            const uint32_t c = (uint32_t){p}_predict(example);
+            for (k = 0; k < 4; k++) bytes[k] = (unsigned char)(c >> (8 * k));
+            if (fwrite(bytes, 1, 4, stdout) != 4) return 1;
+            continue;
+        }}
+        {p}_logits(example, logits);
+        for (j = 0; j < {P}_NUM_OUTPUTS; j++) {{
+            const uint64_t u = (uint64_t)logits[j];
+            for (k = 0; k < 8; k++) bytes[8 * j + k] = (unsigned char)(u >> (8 * k));
+        }}
+        if (fwrite(bytes, 1, sizeof bytes, stdout) != sizeof bytes) return 1;
+    }}
+    return 0;
+}}
+"""
+
+
+MODEL_H = """\
+/* Generated by cgmq_jax.export.c from {path}
+ * (model {model}, payload SHA-256 {sha}).
+ *
+ * Integer-only inference (docs/export.md, "Integer semantics (format version 2)"), bit-identical
+ * to cgmq_jax.export.engine.run_integer.
+ *
+ * Input: one example of {P}_INPUT_SIZE {ctype} values ({p}_input_t), shape {in_shape}
+ * (row-major, channels last), at 2^{P}_INPUT_EXPONENT; the type follows
+ * {reason}.
+ * Values below {P}_INPUT_MIN or above {P}_INPUT_MAX give the output of that bound.
+ * Output: {P}_NUM_OUTPUTS int64 logits; their real value is logits * 2^{P}_OUTPUT_EXPONENT /
+ * {P}_OUTPUT_DIVISOR. The prediction is the first maximum (like numpy's argmax).
+ * Not reentrant: the activations live in static buffers ({P}_BUFFER_BYTES bytes).
+ *
+{table}
+ */
+#ifndef {P}_MODEL_H
+#define {P}_MODEL_H
+
+#include <stdint.h>
+
+{defines}
+
+typedef {ctype} {p}_input_t;
+
+void {p}_logits(const {ctype} *input, int64_t *logits);
+int {p}_predict(const {ctype} *input);
+
+#endif /* {P}_MODEL_H */
+"""
+
+PREDICT = """\
+int {p}_predict(const {ctype} *input)
+{{
+    int64_t logits[{P}_NUM_OUTPUTS];
+    int best = 0;
+    {p}_logits(input, logits);
+    for (int i = 1; i < {P}_NUM_OUTPUTS; i++)
+        if (logits[i] > logits[best]) best = i;
+    return best;
+}}"""

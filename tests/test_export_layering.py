@@ -1,0 +1,121 @@
+"""The export's layering: ``cgmq_jax.export`` (format, engine, C) is numpy-only, the
+lowering (``cgmq_jax.lowering``) is core and never reaches the run harness, and the old
+names (``cgmq_jax.export.writer``, ``cgmq_jax.export.export_run``) still resolve.
+
+The import checks run in a subprocess whose ``sys.meta_path`` refuses the blocked
+packages, so an import of one anywhere (at module level or lazily) raises ImportError.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT = REPO / "cgmq_jax" / "export"
+#: The run harness: the core (and the numpy-only export) imports none of it.
+HARNESS = ("runs", "data", "report", "rundir", "train", "checkpoint", "sweep", "parallel")
+#: The numpy-only modules of cgmq_jax.export (writer.py is the deprecated alias of the
+#: lowering, and __init__.py maps lazy names to it).
+NUMPY_ONLY = sorted(p.stem for p in EXPORT.glob("*.py") if p.stem not in ("__init__", "writer"))
+
+_BLOCKER = """
+import importlib.abc, json, sys
+BLOCKED = {blocked!r}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"blocked: {{name}}")
+        return None
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def _run(blocked: list[str], body: str) -> dict:
+    script = _BLOCKER.format(blocked=blocked) + body
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_export_package_imports_with_jax_blocked():
+    """format, engine, C and their parts import with JAX, Flax, Optax and the harness
+    refused, and load nothing of cgmq_jax outside the package."""
+    got = _run(
+        ["jax", "jaxlib", "flax", "optax", *(f"cgmq_jax.{name}" for name in HARNESS)],
+        f"""
+import importlib
+for name in {NUMPY_ONLY!r}:
+    importlib.import_module("cgmq_jax.export." + name)
+import cgmq_jax.export as ex
+assert callable(ex.load) and callable(ex.run_integer) and callable(ex.emit_c)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "optax", "cgmq_jax"))
+print(json.dumps({{"loaded": loaded}}))
+""",
+    )
+    expected = {"cgmq_jax", "cgmq_jax.export"}
+    expected |= {f"cgmq_jax.export.{name}" for name in NUMPY_ONLY}
+    assert set(got["loaded"]) <= expected, set(got["loaded"]) - expected
+
+
+def test_the_lowering_imports_with_the_harness_blocked():
+    """``cgmq_jax.lowering`` (and the writer alias of it) import without the harness."""
+    got = _run(
+        [f"cgmq_jax.{name}" for name in HARNESS],
+        """
+import cgmq_jax.lowering as lowering
+from cgmq_jax.export import writer
+assert writer.build is lowering.build and writer.export is lowering.export
+print(json.dumps({"loaded": sorted(m for m in sys.modules if m.startswith("cgmq_jax"))}))
+""",
+    )
+    assert not [m for m in got["loaded"] if m.count(".") and m.split(".")[1] in HARNESS]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_no_import_runs_upward():
+    """Read, not run: the numpy-only modules import numpy, the standard library, each other
+    and ``cgmq_jax.files``; the lowering imports no harness module, even lazily."""
+    for name in NUMPY_ONLY:
+        ours = {m for m in _imports(EXPORT / f"{name}.py") if m.startswith("cgmq_jax.")}
+        outside = {m for m in ours if not m.startswith(("cgmq_jax.export", "cgmq_jax.files"))}
+        assert not outside, (name, outside)
+        assert not {m for m in _imports(EXPORT / f"{name}.py") if m.split(".")[0] in (
+            "jax", "flax", "optax")}, name  # fmt: skip
+    lowering = _imports(REPO / "cgmq_jax" / "lowering.py")
+    upward = {m for m in lowering if m.startswith("cgmq_jax.") and m.split(".")[1] in HARNESS}
+    assert not upward, upward
+
+
+def test_old_names_resolve_to_their_new_homes(monkeypatch):
+    import cgmq_jax.export as ex
+    import cgmq_jax.lowering as lowering
+    import cgmq_jax.runs.export_run as export_run
+    from cgmq_jax.export import writer
+
+    for name in ("export", "build", "differences", "compare_with_model", "round_to_odd"):
+        assert getattr(writer, name) is getattr(lowering, name)
+    for name in ("export_run", "derive_run", "read_results"):
+        assert getattr(writer, name) is getattr(export_run, name)
+    assert ex.export is lowering.export and ex.export_run is export_run.export_run
+    assert ex.compare_with_model is lowering.compare_with_model
+    monkeypatch.setattr(writer, "build", "patched")  # set on the module that owns it
+    assert lowering.build == "patched"
+    monkeypatch.undo()
+    assert callable(lowering.build)
