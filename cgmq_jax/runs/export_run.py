@@ -1,7 +1,7 @@
 """Export a trainer's run directory: ``results.json`` + ``params.msgpack`` -> ``cgmq-int-npz``.
 
-This is the harness side of the export: it reads run directories (:mod:`cgmq_jax.rundir`,
-:mod:`cgmq_jax.report`), rebuilds the run's model (:mod:`cgmq_jax.models`) and its dataset's
+This is the harness side of the export: it reads run directories (:mod:`cgmq_jax.runs.rundir`,
+:mod:`cgmq_jax.runs.report`), rebuilds the run's model (:mod:`cgmq_jax.models`) and its dataset's
 input shape (:mod:`cgmq_jax.data`), then hands the params to the library's lowering
 (:func:`cgmq_jax.lowering.build`), which knows nothing of run directories.
 
@@ -111,7 +111,8 @@ def open_run(results_dir: str | os.PathLike) -> RunExport:
     Raises:
       ValueError: as :func:`export_run`.
     """
-    from cgmq_jax import data, models, report
+    from cgmq_jax import data, models
+    from cgmq_jax.runs import report
 
     results_dir = Path(results_dir)
     results = read_results(results_dir)
