@@ -27,6 +27,26 @@ LIMIT_FLAGS = {
 }
 
 
+def limits_from_flags(values) -> dict:
+    """``{cost name: limit}`` (BOPs; memory in bits) from the limit flags that are set.
+
+    The one mapping from the CLI's units to the guard's: ``values`` maps each flag of
+    :data:`LIMIT_FLAGS` without its dashes (``budget_bops``, ``budget_weight_kib``,
+    ``budget_activation_kib``) to a number in the flag's unit, or None (unset); a
+    ``TrainConfig`` passes its fields. Each set value is multiplied by its bits per unit.
+
+    Example:
+      >>> limits_from_flags({"budget_bops": 2e6, "budget_weight_kib": 8})
+      {'bops': 2000000.0, 'weight_memory_bits': 65536}
+    """
+    limits = {}
+    for name, (flag, _, per_unit) in LIMIT_FLAGS.items():
+        value = values.get(flag.removeprefix("--"))
+        if value is not None:
+            limits[name] = value * per_unit
+    return limits
+
+
 def limits_of(budget) -> dict:
     """``{cost name: limit}`` from a BOP budget (a number) or a mapping of limits.
 

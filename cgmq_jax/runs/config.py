@@ -1,0 +1,173 @@
+"""What goes into a run and what comes out: :class:`TrainConfig` (and the checking of its
+flags), :class:`FitResult`, and the two ways a run stops early.
+
+Imports only the library core, so that code that reads a result (:mod:`cgmq_jax.runs.report`)
+need not load the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from cgmq_jax import certify, constraint, cost, models
+
+METHODS = ("cgmq", "dq", "fixed", "float")
+MAX_BITS = 16
+
+#: Bits per KiB of memory (the CLI's memory limits are in KiB; see
+#: :data:`cgmq_jax.certify.LIMIT_FLAGS`).
+KIB = 8192
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or parameter: the run stops, and nothing is certified."""
+
+
+class Interrupted(Exception):
+    """Training was asked to stop (Ctrl-C); ``saved`` says whether a checkpoint was written."""
+
+    def __init__(self, where: str, saved: bool):
+        super().__init__(where)
+        self.where = where
+        self.saved = saved
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+#: ``field: (smallest, largest)`` allowed integer.
+INTEGER_RANGES = {
+    "epochs": (1, 10_000),
+    "pretrain_epochs": (0, 10_000),
+    "fill_epochs": (0, 10_000),
+    "batch_size": (1, 1 << 20),
+    "init_bits": (2, MAX_BITS),
+    "bits_w": (2, MAX_BITS),
+    "bits_a": (1, MAX_BITS),
+    "calibration_size": (1, 1 << 20),
+    "seed": (0, 2**32 - 1),
+    "devices": (1, 1 << 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a run; the defaults are the README's headline run."""
+
+    budget_bops: float | None = 2e6
+    budget_weight_kib: float | None = None  # weight memory limit, KiB (8,192 bits)
+    budget_activation_kib: float | None = None  # largest activation limit, KiB
+    model: str = "lenet5"
+    method: str = "cgmq"
+    epochs: int = 25
+    pretrain_epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3  # weights (Adam, cosine-decayed over QAT)
+    quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
+    rescale: float = constraint.DEFAULT_RESCALE
+    init_bits: int = 8
+    lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
+    lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)
+    lam_activation: float | None = None  # dq only: the activation term's (default: lam)
+    bits_w: int = 4  # fixed only
+    bits_a: int = 4  # fixed only
+    input_bits: int | None = None  # the network input pinned at these bits (None: learned)
+    fill_epochs: int = 1  # cgmq only: the filled network's weights trained this many epochs
+    calibration_size: int = 2048
+    seed: int = 0
+    devices: int = 1  # data parallel over this many devices (of all processes' devices)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and its valid range."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.model not in models.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
+        _check_limits(self)
+        _check_integers(self)
+        _check_numbers(self)
+
+    @property
+    def limits(self) -> dict:
+        """``{cost name: limit}`` (BOPs; memory in bits) of the limits that are set
+        (:func:`cgmq_jax.certify.limits_from_flags`, the one mapping from the flags)."""
+        return certify.limits_from_flags(vars(self))
+
+    @property
+    def guarded_limits(self) -> dict:
+        """The limits the method trains under: :attr:`limits` for ``cgmq`` and ``dq``, else
+        ``{}`` (``fixed`` and ``float`` are only measured against them)."""
+        return self.limits if self.method in ("cgmq", "dq") else {}
+
+
+def _check_limits(config: TrainConfig) -> None:
+    for flag, _, _ in certify.LIMIT_FLAGS.values():
+        value = getattr(config, flag.removeprefix("--"))
+        if value is not None and not _positive_finite(value):
+            raise ValueError(f"{flag} must be a positive finite number, got {value!r}")
+    if config.method in ("cgmq", "dq") and not config.limits:
+        raise ValueError(
+            f"method {config.method!r} needs a limit: --budget_bops, --budget_weight_kib "
+            "and / or --budget_activation_kib"
+        )
+
+
+def _check_integers(config: TrainConfig) -> None:
+    for name, (low, high) in INTEGER_RANGES.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"--{name} must be an integer in [{low}, {high}], got {value!r}")
+    bits = config.input_bits
+    if bits is not None and (
+        isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS
+    ):
+        raise ValueError(
+            f"--input_bits must be an integer in [1, {MAX_BITS}] (8: Bayesian Bits' "
+            f"convention), or unset to learn the input's bits; got {bits!r}"
+        )
+    if config.batch_size % config.devices:
+        raise ValueError(
+            f"--batch_size {config.batch_size} does not split over --devices {config.devices}: "
+            "choose a batch size that is a multiple of the number of devices"
+        )
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    for name in ("lr", "quantizer_lr"):
+        if not _positive_finite(getattr(config, name)):
+            raise ValueError(
+                f"--{name} must be a positive finite number, got {getattr(config, name)!r}"
+            )
+    if not (_positive_finite(config.rescale) and config.rescale > 1):
+        raise ValueError(
+            f"--rescale (CGGD's R) must be a finite number > 1, got {config.rescale!r}; "
+            f"the default is {constraint.DEFAULT_RESCALE}"
+        )
+    for name in ("lam", "lam_weight", "lam_activation"):
+        value = getattr(config, name)
+        if name != "lam" and value is None:
+            continue
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`cgmq_jax.runs.fit.fit` returns: the certified model and everything
+    measured on the way."""
+
+    config: TrainConfig
+    params: Any
+    history: list[dict]
+    test_accuracy: float
+    certificate: dict
+    wall_seconds: float
+    data_source: str
+    specs: tuple[cost.LayerSpec, ...] = ()
+    #: Wall seconds by part: ``compile`` (the train steps), ``train``, ``evaluate``
+    #: (validation after each epoch), ``other`` (setup, checkpoints, the fill and its
+    #: weight training, certificate, test).
+    timings: dict = dataclasses.field(default_factory=dict)

@@ -1,0 +1,228 @@
+"""What a run is built from: the checked config and data, the models and the layer specs
+(:class:`_Setup`), the first states of both phases with their optimizers, and the QAT loss.
+
+The limits reach the guard in one way: the config's flags become ``{cost name: limit}``
+(:attr:`TrainConfig.limits`, by :func:`cgmq_jax.certify.limits_from_flags`); their
+feasibility is checked once, before any data is loaded (:func:`check_config`, by
+:func:`cgmq_jax.certify.check_budget`); :func:`guard_constraints` hands them to the
+optimizer (whose own check at ``init``, for users of the optimizer alone, then passes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from cgmq_jax import certify, constraint, cost, data, models, nn, quantizer
+from cgmq_jax.runs import parallel
+from cgmq_jax.runs.config import TrainConfig
+from cgmq_jax.runs.steps import BatchNormTrainState, _cross_entropy, dq_penalty, make_train_step
+
+
+def check_config(
+    config: TrainConfig, input_shape: tuple[int, ...] = (28, 28, 1)
+) -> tuple[cost.LayerSpec, ...]:
+    """Validate a config before any data is loaded; return the model's layer specs.
+
+    Raises:
+      ValueError: a bad flag value, a budget that is not a positive finite number, or more
+        devices than there are.
+      certify.InfeasibleBudgetError: the budget is below the network's minimum cost.
+    """
+    config.validate()
+    parallel.data_parallel_mesh(config.devices)  # as many devices as asked for
+    model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
+    specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    if config.guarded_limits:
+        certify.check_budget(config.guarded_limits, specs)
+    return specs
+
+
+def _lams(config: TrainConfig, limits: dict) -> dict:
+    """DQ's penalty weight per limit: ``lam``, or the limit's own (``lam_weight``...)."""
+    own = {"weight_memory_bits": config.lam_weight, "activation_bits": config.lam_activation}
+    return {name: config.lam if own.get(name) is None else own[name] for name in limits}
+
+
+def guard_constraints(limits: dict, specs: tuple[cost.LayerSpec, ...]) -> tuple[Any, Any]:
+    """``(cost_fn, budget)`` for :func:`cgmq_jax.constraint.cgmq_optimizer` from
+    ``{cost name: limit}``: ``({name: (cost function, limit)}, None)``, one constraint per
+    limit; a lone BOP limit is the plain pair ``(bops, limit)``, 0.1.0's path (its optimizer
+    state holds scalars, so its runs and checkpoints are unchanged)."""
+    if list(limits) == ["bops"]:
+        return functools.partial(cost.bops, specs=specs), limits["bops"]
+    functions = cost.cost_functions(specs)
+    return {name: (functions[name], limit) for name, limit in limits.items()}, None
+
+
+def check_dataset(config: TrainConfig, dataset: data.MnistData) -> None:
+    """Raise ``ValueError`` unless the splits can train at least one step and be evaluated."""
+    for name, (images, labels) in zip(
+        ("train", "validation", "test"),
+        (dataset.train, dataset.validation, dataset.test),
+        strict=True,
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"the {name} split has {len(images)} images but {len(labels)} labels")
+        if len(labels) == 0:
+            raise ValueError(f"the {name} split of {dataset.source} is empty")
+    if len(dataset.train[1]) < config.batch_size:
+        raise ValueError(
+            f"the train split has {len(dataset.train[1])} examples, fewer than one batch "
+            f"(--batch_size {config.batch_size}): no step would be trained"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What every phase of a run needs: the config, the models, the layer specs."""
+
+    config: TrainConfig
+    specs: tuple[cost.LayerSpec, ...]
+    model: Any  # quantized
+    float_model: Any
+    steps_per_epoch: int
+    float_epochs: range  # global epoch numbers (they seed the data order)
+    qat_epochs: range
+    placement: parallel.Placement
+
+    @property
+    def limits(self) -> dict:
+        """``{cost name: limit}`` that the method trains under (``{}``: fixed, float)."""
+        return self.config.guarded_limits
+
+
+def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: bool) -> _Setup:
+    check_dataset(config, dataset)
+    specs = check_config(config, dataset.train[0].shape[1:])
+    model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
+    steps = len(dataset.train[1]) // config.batch_size
+    if config.method == "float":
+        float_epochs, qat_epochs = range(0 if pretrained else config.epochs), range(0)
+    else:
+        first_qat = config.pretrain_epochs
+        float_epochs = range(0 if pretrained else first_qat)
+        qat_epochs = range(first_qat, first_qat + config.epochs)
+    placement = parallel.Placement(parallel.data_parallel_mesh(config.devices))
+    return _Setup(
+        config,
+        specs,
+        model,
+        model.clone(quantized=False),
+        steps,
+        float_epochs,
+        qat_epochs,
+        placement,
+    )
+
+
+def _float_state(setup: _Setup, variables: dict) -> train_state.TrainState:
+    """Adam on the float network; a :class:`BatchNormTrainState` if it has BatchNorm."""
+    tx = optax.adam(setup.config.lr)
+    apply_fn, params = setup.float_model.apply, variables["params"]
+    if "batch_stats" in variables:
+        return BatchNormTrainState.create(
+            apply_fn=apply_fn, params=params, tx=tx, batch_stats=variables["batch_stats"]
+        )
+    return train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
+
+
+def initial_step(config: TrainConfig, dataset: data.MnistData, *, donate: bool = True):
+    """``(train_step, state, placement)``: the jitted step of ``config``'s training and its
+    first state, as ``fit`` builds them (float network at its random init; for QAT,
+    quantizers calibrated on it; the state's buffers donated to the step), placed on
+    ``config.devices``; batches go through ``placement.put_batch``. For benchmarks
+    (``benchmarks/train_step.py``)."""
+    setup = _make_setup(config, dataset, pretrained=False)
+    sample = jnp.asarray(dataset.train[0][:2])
+    variables = jax.jit(setup.float_model.init)(jax.random.key(config.seed), sample)
+    variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    if config.method == "float":
+        state, model, loss_fn = _float_state(setup, variables), setup.float_model, None
+    else:
+        calibration = _calibration_batch(setup, dataset.train[0])
+        state, model = _qat_state(setup, variables, calibration), setup.model
+        loss_fn = _qat_loss(setup)
+    step = make_train_step(model, loss_fn, placement=setup.placement, donate=donate)
+    return step, setup.placement.replicate(state), setup.placement
+
+
+def _float_variables_of(setup: _Setup, float_params, sample: jax.Array) -> dict:
+    """``fit``'s ``float_params`` as variables: the params tree, or (a float network with
+    BatchNorm) its variables ``{"params", "batch_stats"}``, which it must then be."""
+    shapes = jax.eval_shape(setup.float_model.init, jax.random.key(0), sample)
+    if "batch_stats" not in shapes:
+        return {"params": float_params}
+    if not (isinstance(float_params, dict) and set(float_params) >= {"params", "batch_stats"}):
+        raise ValueError(
+            f"{setup.config.model} has BatchNorm: float_params must be its float variables "
+            '{"params": ..., "batch_stats": ...} (a float run\'s FitResult.params)'
+        )
+    return {"params": float_params["params"], "batch_stats": float_params["batch_stats"]}
+
+
+def _calibration_batch(setup: _Setup, images: np.ndarray) -> jax.Array:
+    rng = np.random.default_rng(setup.config.seed)
+    return jnp.asarray(images[rng.permutation(len(images))[: setup.config.calibration_size]])
+
+
+def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_state.TrainState:
+    """Quantizers at ``init_bits`` (fixed: ``bits_w`` / ``bits_a``), the method's optimizer.
+
+    ``variables`` are the float network's; BatchNorm, if any, is folded into the layers
+    before it first (:func:`cgmq_jax.models.fold_batchnorm`), so the quantizers are
+    calibrated on, and quantize, the folded weights.
+    """
+    config = setup.config
+    if config.method == "fixed":
+        bits = {"input_bits": config.bits_a, "weight_bits": config.bits_w}
+    else:
+        bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
+    float_params = variables["params"]
+    if "batch_stats" in variables:
+        float_params = models.fold_batchnorm(setup.float_model, variables, calibration[:1])
+    params = nn.init_quantizers(models.folded(setup.model), float_params, calibration, **bits)
+    steps = len(setup.qat_epochs) * setup.steps_per_epoch
+    learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
+    if config.method == "cgmq":
+        cost_fn, budget = guard_constraints(setup.limits, setup.specs)
+        tx = constraint.cgmq_optimizer(
+            cost_fn,
+            budget,
+            learning_rate=learning_rate,
+            quantizer_learning_rate=config.quantizer_lr,
+            rescale=config.rescale,
+        )
+    else:
+        tx = constraint.partitioned_adam(learning_rate, config.quantizer_lr)
+        if config.method == "fixed":
+            tx = optax.chain(tx, constraint.fixed_bitwidths())
+    return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
+
+
+def _qat_loss(setup: _Setup):
+    config, model = setup.config, setup.model
+    if config.method == "dq":
+
+        def loss_fn(params, images, labels):
+            # Traced in this order (cross-entropy, then the penalty) as in 0.1.0, so that the
+            # gradient sums, and the runs, stay bit for bit those of the last release.
+            return _cross_entropy(model, params, images, labels) + dq_penalty(
+                params, setup.specs, setup.limits, _lams(config, setup.limits)
+            )
+
+    elif config.method == "fixed":  # the range follows the step: the loss sees the tie
+
+        def loss_fn(params, images, labels):
+            return _cross_entropy(model, quantizer.tie_ranges(params), images, labels)
+
+    else:
+        loss_fn = functools.partial(_cross_entropy, model)
+    return loss_fn
