@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import flax.serialization
 
-from cgmq_jax.runs.rundir import PARAMS_FILE, RunDir, RunDirError, load_run
+from cgmq_jax.runs.rundir import RunDir, load_run
 
 if TYPE_CHECKING:  # the type only: writing a report does not load the trainer
     from cgmq_jax.runs.config import FitResult
@@ -82,35 +82,30 @@ def write_results(result: FitResult, run: RunDir, *, flags: dict | None = None) 
     run.publish(
         flax.serialization.to_bytes(result.params),
         result_dict(result, flags=flags),
-        lambda f: plot_training(result.history, _plotted_limits(result.config), f),
+        lambda f: plot_training(result.history, result.config.limits, f),
     )
     return run.path
 
 
-def _plotted_limits(config):
-    """The BOP budget (a number) when it is the only limit, else ``{name: limit}``."""
-    limits = config.limits
-    return limits if set(limits) - {"bops"} else config.budget_bops
-
-
 def load_params(out: str | os.PathLike):
-    """The parameters of a finished run (a nested dict of numpy arrays), verified against
+    """Deprecated: ``cgmq_jax.runs.rundir.load_run(out, restore=True)[1]``, which it calls.
+
+    The parameters of a finished run (a nested dict of numpy arrays), verified against
     the SHA-256 that its ``results.json`` records.
 
     Raises:
       RunDirError: no finished run, or params that are not the ones the results describe.
     """
-    _, payload = load_run(out)
-    try:
-        return flax.serialization.msgpack_restore(payload)
-    except Exception as error:  # msgpack raises several unrelated types
-        raise RunDirError(f"{Path(out) / PARAMS_FILE}: not a params file ({error})") from None
+    return load_run(out, restore=True)[1]
 
 
 def plot_training(history: list[dict], budget, path) -> None:
     """Validation accuracy and exact BOPs per epoch, with the budget line (PNG to ``path``,
-    a file name or a binary file object). With several limits (``budget`` a dict of
-    ``{cost name: limit}``) the lower panel shows each exact cost as a share of its limit."""
+    a file name or a binary file object). ``budget``: the BOP budget, None, or ``{cost
+    name: limit}`` (``TrainConfig.limits``); with a limit other than BOPs the lower panel
+    shows each exact cost as a share of its limit."""
+    if isinstance(budget, dict) and set(budget) <= {"bops"}:  # BOPs alone, or no limit
+        budget = budget.get("bops")
     import matplotlib
 
     matplotlib.use("Agg")

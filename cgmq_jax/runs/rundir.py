@@ -240,12 +240,22 @@ class RunDir:
         self.close()
 
 
-def load_run(path: str | os.PathLike) -> tuple[dict, bytes]:
-    """A finished run's ``results.json`` (parsed) and its params file's bytes, verified.
+def load_run(path: str | os.PathLike, *, restore: bool = False) -> tuple[dict, Any]:
+    """A finished run's ``results.json`` (parsed) and its params, verified: the one way to
+    read a run (one read and one SHA-256 of each file).
+
+    Args:
+      path: the run directory (the CLI's ``--out``).
+      restore: return the params as a nested dict of numpy arrays, not the file's bytes.
+
+    Returns:
+      ``(results, params)``: ``params`` the params file's bytes, or with ``restore`` the
+      parameter tree (``report.load_params`` is the deprecated shorthand for this).
 
     Raises:
-      RunDirError: no finished run in ``path``, an unreadable ``results.json``, or a params
-        file whose SHA-256 is not the one ``results.json`` records (each names the file).
+      RunDirError: no finished run in ``path``, an unreadable ``results.json``, a params
+        file whose SHA-256 is not the one ``results.json`` records, or (``restore``) one
+        that is not a params file (each names the file).
     """
     path = Path(path)
     results_file, params_file = path / RESULTS_FILE, path / PARAMS_FILE
@@ -271,7 +281,14 @@ def load_run(path: str | os.PathLike) -> tuple[dict, bytes]:
             f"{params_file}: SHA-256 {actual[:12]}... is not the {expected[:12]}... that "
             f"{results_file.name} records; the directory does not hold the model it describes"
         )
-    return results, payload
+    if not restore:
+        return results, payload
+    import flax.serialization  # only here: reading a run's JSON does not load Flax
+
+    try:
+        return results, flax.serialization.msgpack_restore(payload)
+    except Exception as error:  # msgpack raises several unrelated types
+        raise RunDirError(f"{params_file}: not a params file ({error})") from None
 
 
 def _refuse_constant(name: str):
