@@ -4,7 +4,7 @@ wall time split, with its peak memory.
     python benchmarks/train_step.py                  # lenet5, 5 interleaved rounds
     python benchmarks/train_step.py --models lenet5,mlp,lenet5_bb,dscnn --fit
 
-Every configuration's jitted step (:func:`cgmq_jax.train.initial_step`, as ``fit`` builds
+Every configuration's jitted step (:func:`cgmq_jax.runs.train.initial_step`, as ``fit`` builds
 it) is compiled first; then ``--repeats`` rounds each time ``--steps`` steps of every
 configuration in turn (interleaved, so that a slow moment of the machine hits all of
 them), on real MNIST batches already on the device. Printed: the median samples/s, the
@@ -48,7 +48,8 @@ def _build(model: str, method: str, dataset, batch_size: int):
     import flax.linen
     import jax
 
-    from cgmq_jax import cost, models, nn, train
+    from cgmq_jax import cost, models, nn
+    from cgmq_jax.runs import train
 
     variant = None
     if ":" in method:
@@ -109,7 +110,8 @@ def _torch(python: str, mode: str, steps: int, batch_size: int) -> float:
 
 def _steps_for(model: str, steps: int) -> int:
     """``--steps`` for lenet5, fewer for bigger networks (about the same seconds)."""
-    from cgmq_jax import cost, train
+    from cgmq_jax import cost
+    from cgmq_jax.runs import train
 
     specs = train.check_config(train.TrainConfig(model=model, method="float"))
     share = cost.float_bops(specs) / HEADLINE_FLOAT_BOPS
@@ -179,7 +181,8 @@ def step_table(args) -> dict:
 
 FIT = """
 import json, sys
-from cgmq_jax import data, train
+from cgmq_jax import data
+from cgmq_jax.runs import train
 config = train.TrainConfig(**json.loads(sys.argv[1]))
 result = train.fit(config, data.load_mnist(), log=lambda line: print(line, file=sys.stderr))
 print("RESULT" + json.dumps({"timings": result.timings, "wall_seconds": result.wall_seconds,

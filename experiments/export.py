@@ -376,7 +376,8 @@ def _evaluate(model, path, run, results, args, summary: dict, problems: list[str
 def _against_jax(model, run, results, images, labels, summary, problems):
     """Predictions and codes against the JAX model; its accuracy against the claim."""
     from cgmq_jax import export as ex
-    from cgmq_jax import models, report
+    from cgmq_jax import models
+    from cgmq_jax.runs import report
 
     config = results["config"]
     params = report.load_params(run)

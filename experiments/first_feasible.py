@@ -3,7 +3,7 @@
     python experiments/first_feasible.py --budget_bops 2e6
 
 Pretrains the float network once, then, for each ``--quantizer_lrs`` value, runs
-:func:`cgmq_jax.train.fit` from that checkpoint (quantizers at 8 bits, the default chain)
+:func:`cgmq_jax.runs.train.fit` from that checkpoint (quantizers at 8 bits, the default chain)
 for ``--epochs`` QAT epochs. Once feasible, the guard keeps a run feasible, so the
 constraint's count of infeasible steps is the step at which it first became feasible.
 """
@@ -15,7 +15,7 @@ import dataclasses
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cgmq_jax.train import TrainConfig
+    from cgmq_jax.runs.train import TrainConfig
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cgmq_jax import data, train
+    from cgmq_jax import data
+    from cgmq_jax.runs import train
 
     base = train.TrainConfig(
         budget_bops=args.budget_bops,

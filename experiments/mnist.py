@@ -2,7 +2,7 @@
 
     python experiments/mnist.py --budget_bops 2e6
 
-Parses flags and calls :func:`cgmq_jax.train.fit`; everything else is library code.
+Parses flags and calls :func:`cgmq_jax.runs.train.fit`; everything else is library code.
 Every flag, the output directory and the data are checked before any training. Each
 epoch ends with a checkpoint in ``OUT/checkpoints``; ``--resume`` continues a killed or
 interrupted run (Ctrl-C checkpoints mid-epoch) bit for bit. ``results.json`` is written
@@ -26,7 +26,7 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     from cgmq_jax.data import DATASETS, MIN_EVAL_EXAMPLES, SOURCES
     from cgmq_jax.models import MODELS
-    from cgmq_jax.train import METHODS, TrainConfig
+    from cgmq_jax.runs.train import METHODS, TrainConfig
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -146,7 +146,8 @@ def _error(message: object, status: int) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from cgmq_jax import data, parallel, rundir, train
+    from cgmq_jax import data
+    from cgmq_jax.runs import parallel, rundir, train
 
     if args.coordinator is not None:  # before anything computes: jax.distributed
         if args.resume:
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
 
 
 def _load(args, config):
-    from cgmq_jax import data, train
+    from cgmq_jax import data
+    from cgmq_jax.runs import train
 
     dataset = data.load(
         args.dataset or "mnist", args.data, data_dir=args.data_dir, download=args.download
@@ -215,7 +217,8 @@ def _load(args, config):
 
 def _train_only(args, config) -> int:
     """A process other than 0 of a multi-process run: it trains its share, writes nothing."""
-    from cgmq_jax import data, train
+    from cgmq_jax import data
+    from cgmq_jax.runs import train
 
     try:
         dataset = _load(args, config)
@@ -227,7 +230,8 @@ def _train_only(args, config) -> int:
 
 
 def _train_and_publish(args, argv, config, flags, run) -> int:
-    from cgmq_jax import data, report, rundir, train
+    from cgmq_jax import data
+    from cgmq_jax.runs import report, rundir, train
 
     try:
         # 2. The data, checked before any training.

@@ -26,7 +26,7 @@ from flax import nnx
 
 from cgmq_jax import certify, constrained_update, cost, data, quantizer
 from cgmq_jax import nnx as cnnx
-from cgmq_jax.train import batches
+from cgmq_jax.runs.train import batches
 
 
 class LeNet5(nnx.Module):

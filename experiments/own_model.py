@@ -25,7 +25,7 @@ import optax
 
 import cgmq_jax
 from cgmq_jax import certify, cost, data
-from cgmq_jax.train import batches
+from cgmq_jax.runs.train import batches
 
 
 class Net(nn.Module):

@@ -71,7 +71,8 @@ def check_args(args: argparse.Namespace) -> Path:
       ValueError: the first bad flag, with a one-line message (an infeasible budget raises
         :class:`cgmq_jax.certify.InfeasibleBudgetError`, a ``ValueError``).
     """
-    from cgmq_jax import cost, data, models, sweep, train
+    from cgmq_jax import cost, data, models
+    from cgmq_jax.runs import sweep, train
 
     unknown = [m for m in args.methods if m not in train.METHODS]
     if unknown:
@@ -138,7 +139,8 @@ def _error(error: Exception) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cgmq_jax import data, files, sweep, train
+    from cgmq_jax import data, files
+    from cgmq_jax.runs import sweep, train
 
     try:
         out = check_args(args)
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
 
 
 def _summary(name: str, preset: dict, rows: list[dict], dataset: str = "mnist") -> str:
-    from cgmq_jax import sweep
+    from cgmq_jax.runs import sweep
 
     pretrain, epochs = preset["pretrain_epochs"], preset["epochs"]
     return (

@@ -17,7 +17,7 @@ they describe, so a kill never leaves a checkpoint without its digests. Reading 
 (:meth:`Checkpointer.latest_meta`) checks its digest; restoring the arrays
 (:meth:`Checkpointer.restore_arrays`) recomputes and compares every array's digest
 before handing them out. A flipped bit, an edited field, a truncated or missing file is
-one :class:`CheckpointCorrupt` (a :class:`cgmq_jax.rundir.RunDirError`) naming the
+one :class:`CheckpointCorrupt` (a :class:`cgmq_jax.runs.rundir.RunDirError`) naming the
 checkpoint and the fix: the previous checkpoint (if kept) or ``--overwrite``. A
 checkpoint without digests (written before they existed) is refused the same way.
 The digests detect damage, not a forger who recomputes them (nothing here is secret).

@@ -8,14 +8,14 @@ Layout of ``OUT/`` (the CLI's ``--out``):
 * ``params.msgpack``, ``training.png``: written atomically before ``results.json``.
 * ``checkpoints/``: Orbax checkpoints of the full training state (and the run's flags,
   so that ``--resume`` can refuse different ones) while the run is unfinished (see
-  :mod:`cgmq_jax.checkpoint`); removed once the run is published.
+  :mod:`cgmq_jax.runs.checkpoint`); removed once the run is published.
 * ``.lock``: ``flock``-ed by the live run (the kernel releases it when the process dies,
   even by SIGKILL), so a second run into the same directory is refused.
 
 ``OUT`` must be new, empty, or a run directory (holding one of :data:`RUN_MARKERS`): an
 empty ``--out`` (which would mean the current directory) and a directory of other files
 (``--out .`` in a source tree) are refused. A checkpoint is verified against the SHA-256
-digests recorded when it was written (:mod:`cgmq_jax.checkpoint`) before it is used.
+digests recorded when it was written (:mod:`cgmq_jax.runs.checkpoint`) before it is used.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class RunDir:
             live run, holds a finished run (and not ``overwrite``), holds an unfinished one
             (and neither ``resume`` nor ``overwrite``), ``resume`` finds nothing to resume
             or different flags, or its latest checkpoint fails its digests
-            (:class:`cgmq_jax.checkpoint.CheckpointCorrupt`, naming the fix).
+            (:class:`cgmq_jax.runs.checkpoint.CheckpointCorrupt`, naming the fix).
         """
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other; pick one")
@@ -189,7 +189,7 @@ class RunDir:
 
     @functools.cached_property
     def checkpointer(self):
-        """The :class:`cgmq_jax.checkpoint.Checkpointer` of ``checkpoints/``."""
+        """The :class:`cgmq_jax.runs.checkpoint.Checkpointer` of ``checkpoints/``."""
         from cgmq_jax.runs import checkpoint
 
         return checkpoint.Checkpointer(self.checkpoint_dir)

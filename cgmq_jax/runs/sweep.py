@@ -1,9 +1,9 @@
 """Method comparison: a resumable grid of runs, one CSV row each, a summary and two plots.
 
-Every run goes through :func:`cgmq_jax.train.fit` with the same protocol. The quantized runs
+Every run goes through :func:`cgmq_jax.runs.train.fit` with the same protocol. The quantized runs
 of one seed share one float pretraining of ``pretrain_epochs`` epochs, then train
 ``epochs`` QAT epochs. The ``float`` row of a seed is a float network trained as long as
-they are, ``pretrain_epochs + epochs`` epochs, by a separate :func:`~cgmq_jax.train.fit`
+they are, ``pretrain_epochs + epochs`` epochs, by a separate :func:`~cgmq_jax.runs.train.fit`
 (not the shared checkpoint), so that the comparison does not favour the quantized runs by
 training them longer.
 
@@ -148,7 +148,7 @@ def run_grid(
     Quantized runs train ``epochs`` QAT epochs from their seed's shared float checkpoint of
     ``pretrain_epochs`` epochs (trained once, when first needed); the ``float`` row trains a
     float network for ``pretrain_epochs + epochs`` epochs on its own. ``fit`` defaults to
-    :func:`cgmq_jax.train.fit` (looked up at call time).
+    :func:`cgmq_jax.runs.train.fit` (looked up at call time).
 
     Raises:
       ValueError: ``csv_path`` is not a ``runs.csv`` of this version (:func:`check_csv`).
