@@ -26,6 +26,11 @@ pretraining, ``model.set_attributes(quantize=False)`` (the layers then compute e
 Its :class:`cgmq_jax.cost.LayerSpec` paths index the model's ``nnx.State``, so
 :func:`cgmq_jax.cost.bops`, :func:`cgmq_jax.cost.exact_bops` and
 :func:`cgmq_jax.constraint.constrained_update` work on NNX models unchanged.
+
+One name for linen and NNX: :func:`cgmq_jax.cost.layer_specs` and
+:func:`cgmq_jax.nn.init_quantizers` take an NNX module too and call :func:`layer_specs` /
+:func:`calibrate` here. :func:`cgmq_jax.rules.quantize_model` does not rewrite NNX modules
+(yet): build them with :class:`QuantLinear` / :class:`QuantConv`.
 """
 
 from __future__ import annotations
