@@ -1,9 +1,10 @@
 """Export a trainer's run directory: ``results.json`` + ``params.msgpack`` -> ``cgmq-int-npz``.
 
-This is the harness side of the export: it reads run directories (:mod:`cgmq_jax.runs.rundir`,
-:mod:`cgmq_jax.runs.report`), rebuilds the run's model (:mod:`cgmq_jax.models`) and its dataset's
-input shape (:mod:`cgmq_jax.data`), then hands the params to the library's lowering
-(:func:`cgmq_jax.lowering.build`), which knows nothing of run directories.
+This is the harness side of the export: it reads run directories
+(:func:`cgmq_jax.runs.rundir.load_run`), rebuilds the run's model (:mod:`cgmq_jax.models`)
+and its dataset's input shape (:mod:`cgmq_jax.data`), then hands the params to the
+library's lowering (:func:`cgmq_jax.lowering.build`), which knows nothing of run
+directories.
 
 The params file is read and its SHA-256 verified once per :func:`open_run`; pass the
 :class:`RunExport` it returns to :func:`derive_run` / :func:`export_run` (and its
@@ -112,11 +113,11 @@ def open_run(results_dir: str | os.PathLike) -> RunExport:
       ValueError: as :func:`export_run`.
     """
     from cgmq_jax import data, models
-    from cgmq_jax.runs import report
+    from cgmq_jax.runs import rundir
 
     results_dir = Path(results_dir)
     results = read_results(results_dir)
-    params = report.load_params(results_dir)  # verifies the params against results.json
+    _, params = rundir.load_run(results_dir, restore=True)  # verified against results.json
     config = results["config"]
     if config.get("method") == "float":
         raise ValueError(f"{results_dir}: a float run has no quantizers to export")
