@@ -122,6 +122,7 @@ class Checkpointer:
         # is reported once, below, as a CheckpointError. After a failure they stay quiet
         # (their event loops are torn down as the run stops).
         hook, threading.excepthook = threading.excepthook, _quiet
+        _silence_closed_loop_callbacks()
         try:
             self._manager.save(
                 index,
@@ -222,6 +223,37 @@ def _reason(error: Exception) -> str:
     text = str(error).strip().splitlines()
     reason = text[0] if text else type(error).__name__
     return reason.split(" See full TensorStore details")[0].rstrip(". ")[:160]
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """An orphaned TensorStore write's callback into Orbax's already closed event loop."""
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """Drop the closed-loop callbacks of a failed write; installed once, by the first save.
+
+    After a failed write (a full disk), TensorStore still completes the write's other
+    chunks and calls back into Orbax's event loop, closed by then; each callback's
+    ``RuntimeError: Event loop is closed`` reaches ``sys.unraisablehook`` (seen: up to 42
+    tracebacks around the one-line error). The failure is reported once, as a
+    :class:`CheckpointError`: drop exactly those, pass everything else on.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_cgmq_closed_loop_filter", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._cgmq_closed_loop_filter = True
+    sys.unraisablehook = hook
 
 
 def _silence_orphaned_reads() -> None:
