@@ -149,6 +149,32 @@ def tiny_mnist():
     return data.synthetic()
 
 
+# The flags of the shared finished run (``finished_run``): LeNet-5 on ``tiny_mnist`` that
+# learns (about 87% on the synthetic test split) in 5 epochs of 12 steps.
+FINISHED_RUN_FLAGS = [
+    "--epochs", "2", "--pretrain_epochs", "3", "--batch_size", "32", "--lr", "3e-3",
+    "--budget_bops", "2e6",
+]  # fmt: skip
+
+# Tests that read ``finished_run`` carry this mark: with ``--dist loadgroup`` (pytest-xdist)
+# they run on one worker, which trains the run once (each worker has its own session).
+FINISHED_RUN = pytest.mark.xdist_group("finished_run")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_mnist):
+    """A finished LeNet-5 run directory (``experiments/mnist.py`` with ``FINISHED_RUN_FLAGS``
+    on ``tiny_mnist``), trained once per session and shared: READ ONLY, copy it
+    (``shutil.copytree``) before changing or exporting anything in it."""
+    from cgmq_jax import data
+
+    run = tmp_path_factory.mktemp("finished_run") / "lenet5"
+    with pytest.MonkeyPatch.context() as patch, standard_promotion():  # optax.adam
+        patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
+        assert load_cli("mnist").main([*FINISHED_RUN_FLAGS, "--out", str(run)]) == 0
+    return run
+
+
 def load_cli(name: str):
     """An ``experiments/NAME.py`` script as a module (they are not a package)."""
     import importlib.util

@@ -178,6 +178,7 @@ def _one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
+@pytest.mark.slow
 def test_resume_from_a_damaged_checkpoint_exits_2_naming_it(
     name, unfinished, tmp_path, monkeypatch, tiny_mnist, capsys
 ):
@@ -195,6 +196,7 @@ def test_resume_from_a_damaged_checkpoint_exits_2_naming_it(
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_reported_without_resume_too(
     unfinished, tmp_path, no_train, capsys
 ):

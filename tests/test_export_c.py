@@ -492,6 +492,7 @@ def check(model, out_dir, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_c_logits_equal_the_engine(name, tmp_path):
     model = MODELS[name](tmp_path / f"{name}.npz")
     program, _, _ = check(model, tmp_path / "c", seed=sum(map(ord, name)))
@@ -504,6 +505,7 @@ def test_c_logits_equal_the_engine(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["conv2d", "conv1d", "residual"])
+@pytest.mark.slow
 def test_every_intermediate_tensor(name, tmp_path):
     """Each tensor in turn as the output (the graph cut after it): every op checked alone."""
     model = MODELS[name](tmp_path / "full.npz")
@@ -524,6 +526,7 @@ def test_dead_ops_are_skipped(tmp_path):
     assert "op 7 (relu): its result is never used; skipped" in program.source.read_text()
 
 
+@pytest.mark.slow
 def test_predict_is_the_first_argmax(tmp_path):
     model = conv2d_model(tmp_path / "m.npz")
     program = emit.emit_c(model, tmp_path / "c")
@@ -532,6 +535,7 @@ def test_predict_is_the_first_argmax(tmp_path):
     np.testing.assert_array_equal(emit.compile_and_run(program, x, predict=True), expected)
 
 
+@pytest.mark.slow
 def test_emit_from_a_path_with_a_prefix(tmp_path):
     model = conv1d_model(tmp_path / "m.npz")
     program = emit.emit_c(tmp_path / "m.npz", tmp_path / "c", prefix="net")

@@ -61,6 +61,7 @@ def _signed_inputs(model, n=200, seed=0):
 
 
 @needs_cc
+@pytest.mark.slow
 def test_signed_int8_input_compiles_to_int8_and_is_bit_exact(tmp_path):
     model = _export(tmp_path, input_bits=8, input_range=127 / 128, exponent=-7)
     first = model.layers[0]
@@ -82,6 +83,7 @@ def test_signed_int8_input_compiles_to_int8_and_is_bit_exact(tmp_path):
 
 
 @needs_cc
+@pytest.mark.slow
 def test_a_wider_signed_input_takes_a_wider_type(tmp_path):
     """A 12-bit signed quantizer at the input's exponent: ``int16_t``, negative values kept."""
     model = _export(tmp_path, input_bits=12, input_range=2047 / 2048, exponent=-11)
@@ -94,6 +96,7 @@ def test_a_wider_signed_input_takes_a_wider_type(tmp_path):
 
 
 @needs_cc
+@pytest.mark.slow
 def test_values_beyond_the_bounds_are_saturated_exactly(tmp_path):
     """Inputs beyond the type's range give the output of the nearer bound, like the engine."""
     model = _export(tmp_path, input_bits=8, input_range=127 / 128, exponent=-7)

@@ -14,23 +14,26 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import load_cli
+from conftest import FINISHED_RUN, load_cli
 
 from cgmq_jax import data, files
 from cgmq_jax import export as ex
 
-TINY = ["--epochs", "2", "--pretrain_epochs", "3", "--batch_size", "32", "--lr", "3e-3"]
-
-pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
+pytestmark = [
+    pytest.mark.usefixtures("standard_promotion_fixture"),  # optax.adam
+    pytest.mark.slow,  # trains a run (once per session), exports, compiles C
+    FINISHED_RUN,
+]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_mnist):
-    """A finished LeNet-5 run on the tiny synthetic MNIST, exported (``model_int.npz``)."""
+def exported(tmp_path_factory, tiny_mnist, finished_run):
+    """A finished LeNet-5 run on the tiny synthetic MNIST (a copy of conftest's shared
+    ``finished_run``), exported (``model_int.npz``)."""
     run = tmp_path_factory.mktemp("run") / "lenet5"
+    shutil.copytree(finished_run, run)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
-        assert load_cli("mnist").main([*TINY, "--budget_bops", "2e6", "--out", str(run)]) == 0
         assert load_cli("export").main([str(run)]) == 0
     return run
 

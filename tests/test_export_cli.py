@@ -17,32 +17,24 @@ import flax.serialization
 import jax
 import numpy as np
 import pytest
-from conftest import load_cli
+from conftest import FINISHED_RUN, load_cli
 
 from cgmq_jax import data
 
-TINY = [
-    "--epochs",
-    "2",
-    "--pretrain_epochs",
-    "3",
-    "--batch_size",
-    "32",
-    "--lr",
-    "3e-3",
-]  # learns: ~87%
+# The run: conftest's shared ``finished_run`` (LeNet-5 that learns, ~87%, on tiny_mnist).
 
-pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
+pytestmark = [
+    pytest.mark.usefixtures("standard_promotion_fixture"),  # optax.adam
+    pytest.mark.slow,  # trains a run (once per session), exports, compiles C
+    FINISHED_RUN,
+]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_mnist):
-    """A finished LeNet-5 run directory trained on the tiny synthetic MNIST."""
-    run = tmp_path_factory.mktemp("run") / "lenet5"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
-        assert load_cli("mnist").main([*TINY, "--budget_bops", "2e6", "--out", str(run)]) == 0
-    return run
+def tiny_run(finished_run):
+    """A finished LeNet-5 run directory trained on the tiny synthetic MNIST (shared: every
+    test copies it before changing it)."""
+    return finished_run
 
 
 @pytest.fixture

@@ -488,6 +488,7 @@ def memory_run(tmp_path_factory, tiny_mnist):
     return out
 
 
+@pytest.mark.slow
 def test_cli_memory_limits_are_certified(memory_run):
     results = json.loads((memory_run / "results.json").read_text())
     certificate = results["certificate"]
@@ -546,6 +547,7 @@ def test_cli_bad_memory_limits_fail_before_data_loading(
 # 5. Export -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_counts_the_certified_weight_memory(memory_run, tmp_path):
     certificate = json.loads((memory_run / "results.json").read_text())["certificate"]
     path = writer.export_run(memory_run, tmp_path / "model_int.npz")

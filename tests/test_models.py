@@ -345,6 +345,7 @@ def test_every_library_model_exports_exactly(name, tmp_path, tiny_mnist, set_bit
     }
 
 
+@pytest.mark.slow
 def test_dscnn_tiny_fit_is_certified_within_budget(tiny_mnist, standard_promotion_fixture):
     budget = 6e6  # 2.5x the minimum, 2,403,456
     config = TrainConfig(
@@ -359,6 +360,7 @@ def test_dscnn_tiny_fit_is_certified_within_budget(tiny_mnist, standard_promotio
     chex.assert_tree_all_finite(result.params)
 
 
+@pytest.mark.slow
 def test_dscnn_float_phase_checkpoints_batch_stats_and_resumes(
     tiny_mnist, tmp_path, standard_promotion_fixture
 ):

@@ -309,6 +309,7 @@ def _epochs(model, optimizer, split, epochs, *, first=0):
 
 
 @pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
+@pytest.mark.slow
 def test_nnx_model_trains_within_budget_with_nnx_optimizer(tiny_mnist):
     model = SmallCNN(nnx.Rngs(0))
     # Float pretraining: the quantizers stay out of the optimizer (selected by type).
@@ -345,6 +346,7 @@ def test_nnx_model_trains_within_budget_with_nnx_optimizer(tiny_mnist):
 
 
 @pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
+@pytest.mark.slow
 def test_the_readme_example_script_runs(tiny_mnist, monkeypatch, capsys):
     monkeypatch.setattr(data, "synthetic", lambda: tiny_mnist)
     argv = ["--synthetic", "--pretrain_epochs", "0", "--epochs", "1", "--budget_bops", "2e7"]

@@ -48,6 +48,7 @@ def test_readme_is_short():
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; the rest belongs in docs/"
 
 
+@pytest.mark.slow
 def test_readme_constrained_update_example_runs():
     blocks = _python_blocks(README)
     assert len(blocks) == 1, "the README has one python example: the constrained_update loop"
@@ -59,6 +60,7 @@ def test_readme_constrained_update_example_runs():
     assert namespace["opt_state"][-1].infeasible_steps > 0  # it started over budget
 
 
+@pytest.mark.slow
 def test_own_model_examples_run():
     page = DOCS / "own_model.md"
     blocks = _python_blocks(page)
@@ -92,6 +94,7 @@ def exported_file(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("page", ["docs/deployment.md", "docs/export.md"])
+@pytest.mark.slow
 def test_numpy_reader_examples_run(page, exported_file, monkeypatch, capsys):
     blocks = _python_blocks(ROOT / page)
     assert blocks, f"{page} has no python example"

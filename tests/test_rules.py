@@ -62,16 +62,17 @@ def test_quantize_model_computes_exactly_what_the_library_lenet5_computes():
     float_params = PlainLeNet5().init(jax.random.key(1), x)["params"]
     ours = models.LeNet5()
     wrapped = rules.quantize_model(PlainLeNet5(), UNSIGNED)
-    params = qnn.init_quantizers(ours, float_params, x)
-    params_wrapped = qnn.init_quantizers(wrapped, float_params, x)
+    # Jitted: one compilation each instead of LeNet-5's ops dispatched one by one.
+    params = jax.jit(functools.partial(qnn.init_quantizers, ours))(float_params, x)
+    params_wrapped = jax.jit(functools.partial(qnn.init_quantizers, wrapped))(float_params, x)
     jax.tree.map(np.testing.assert_array_equal, params, params_wrapped)
     np.testing.assert_array_equal(
-        ours.apply({"params": params}, x), wrapped.apply({"params": params}, x)
+        jax.jit(ours.apply)({"params": params}, x), jax.jit(wrapped.apply)({"params": params}, x)
     )
     assert cost.layer_specs(wrapped, x) == cost.layer_specs(ours, x)
     # Gradients flow to every quantizer leaf through the intercepted layers.
     loss = lambda p: jnp.sum(wrapped.apply({"params": p}, x) ** 2)  # noqa: E731
-    grads = jax.grad(loss)(params_wrapped)
+    grads = jax.jit(jax.grad(loss))(params_wrapped)
     assert all(
         float(jnp.sum(jnp.abs(grads[name]["weight_quantizer"]))) > 0
         for name in ("conv1", "conv2", "fc1", "fc2", "fc3")
@@ -262,6 +263,7 @@ def test_per_channel_weight_quantizers_have_gradients_and_per_channel_cost():
     assert certify.certify(repaired, specs, 5 * (2 + 2 + 2) * 8 + 40)["within_budget"]
 
 
+@pytest.mark.slow
 def test_own_model_example_runs_and_certifies(tiny_mnist, standard_promotion_fixture, capsys):
     from conftest import load_cli
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_cli
+from conftest import FINISHED_RUN, load_cli
 
 from cgmq_jax import certify, cost, data, files, models, report, rundir, train
 
@@ -114,9 +115,11 @@ def test_empty_splits_fail_before_training(
 # 2. A run directory is consistent or absent ----------------------------------------------
 
 
-def test_published_run_is_verified_and_strict_json(tmp_path, tiny_data):
+@pytest.mark.slow
+@FINISHED_RUN
+def test_published_run_is_verified_and_strict_json(tmp_path, finished_run, tiny_data):
     out = tmp_path / "run"
-    assert load_cli("mnist").main([*TINY, "--out", str(out)]) == 0
+    shutil.copytree(finished_run, out)  # conftest's shared run, published by the same CLI
     names = sorted(p.name for p in out.iterdir())
     assert names == [".lock", "params.msgpack", "results.json", "training.png"]
     text = (out / "results.json").read_text()
@@ -133,9 +136,13 @@ def test_published_run_is_verified_and_strict_json(tmp_path, tiny_data):
         report.load_params(out)
 
 
-def test_finished_run_is_not_overwritten_without_overwrite(tmp_path, tiny_data, capsys):
+@pytest.mark.slow
+@FINISHED_RUN
+def test_finished_run_is_not_overwritten_without_overwrite(
+    tmp_path, finished_run, tiny_data, capsys
+):
     out = tmp_path / "run"
-    assert load_cli("mnist").main([*TINY, "--out", str(out)]) == 0
+    shutil.copytree(finished_run, out)  # conftest's shared run (seed 0)
     before = (out / "results.json").read_bytes()
     capsys.readouterr()
     assert load_cli("mnist").main([*TINY, "--seed", "1", "--out", str(out)]) == 2
@@ -153,6 +160,7 @@ def test_a_live_run_locks_its_directory(tmp_path, no_data, capsys):
         pass
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_no_results_and_no_temporaries(tmp_path, tiny_data, monkeypatch):
     out = tmp_path / "run"
     real_fsync = os.fsync
@@ -232,6 +240,7 @@ def _same_run(resumed: dict, whole: dict) -> None:
     assert resumed["history"] == whole["history"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted):
     out = tmp_path / "run"
     # 6 steps per epoch: step 15 is the third batch of QAT epoch 2 (global epoch 3).
@@ -248,6 +257,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted)
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_mid_epoch_and_resumes_bit_identical(tmp_path, uninterrupted):
     out = tmp_path / "run"
     stopped = _run_cli(tmp_path, [*TINY, "--out", str(out)], SIGNAL_AT_STEP=16, SIGNAL="SIGINT")
@@ -266,6 +276,7 @@ def test_ctrl_c_checkpoints_mid_epoch_and_resumes_bit_identical(tmp_path, uninte
 # 4. Never certify a broken model --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_without_a_certificate(tmp_path, tiny_data, capsys):
     out = tmp_path / "run"
     assert (

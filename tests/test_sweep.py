@@ -48,6 +48,7 @@ def test_dq_penalty_is_zero_when_feasible_and_grows_when_not(sample_input):
 
 
 @pytest.mark.parametrize(("bits_w", "bits_a"), [(4, 4), (2, 3)])
+@pytest.mark.slow
 def test_fixed_keeps_its_bitwidths_and_reports_their_exact_bops(tiny_mnist, bits_w, bits_a):
     config = train.TrainConfig(
         method="fixed", bits_w=bits_w, bits_a=bits_a, epochs=1, pretrain_epochs=0, batch_size=64
@@ -59,6 +60,7 @@ def test_fixed_keeps_its_bitwidths_and_reports_their_exact_bops(tiny_mnist, bits
     }
 
 
+@pytest.mark.slow
 def test_sweep_resumes_without_redoing_finished_rows(tiny_mnist, tmp_path):
     calls, configs = [], []
 

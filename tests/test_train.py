@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import load_cli
+from conftest import FINISHED_RUN, load_cli
 
 from cgmq_jax import certify, cost, data, models, report, train
 
@@ -20,6 +20,7 @@ LENET_MACS = 281640
 pytestmark = pytest.mark.usefixtures("standard_promotion_fixture")  # optax.adam
 
 
+@pytest.mark.slow
 def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
     config = train.TrainConfig(budget_bops=2e6, epochs=1, pretrain_epochs=1, batch_size=64)
     result = train.fit(config, tiny_mnist, log=lambda _: None)
@@ -138,11 +139,10 @@ def test_missing_data_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error:") and len(err.splitlines()) == 1
 
 
-def test_cli_writes_results(tmp_path, tiny_mnist, monkeypatch):
-    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
-    out = tmp_path / "run"
-    argv = ["--budget_bops", "2e6", "--epochs", "1", "--pretrain_epochs", "0", "--out", str(out)]
-    assert load_cli("mnist").main(argv) == 0
+@pytest.mark.slow
+@FINISHED_RUN
+def test_cli_writes_results(finished_run, tiny_mnist):
+    out = finished_run  # conftest's shared run: the CLI with --budget_bops 2e6 (read only)
     results = json.loads((out / "results.json").read_text())
     assert results["certificate"]["within_budget"] and results["bops"] <= 2e6
     assert results["flags"]["budget_bops"] == 2e6 and results["seed"] == 0
@@ -184,6 +184,7 @@ def test_batches_validates_arguments():
         train.batches(x, y, 2, seed=-1)
 
 
+@pytest.mark.slow
 def test_cifar_shaped_model_trains_one_step():
     """CIFAR-10's 32x32x3 input goes through LeNet-5: check_config's costs, one step."""
     tiny = data.synthetic(32, 8, 8, image_shape=(32, 32, 3))
