@@ -17,14 +17,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _ours(w: warnings.WarningMessage) -> bool:
-    """A warning about our docs; not pdoc failing on chex's recursive ``ArrayTree`` alias.
+    """A warning about our docs; not one of pdoc's two known limits.
 
     ``optax.Params`` is ``chex.ArrayTree``, a recursive ``typing`` alias that pdoc cannot
-    evaluate wherever it appears; the annotation is still shown as written.
+    evaluate wherever it appears (the annotation is still shown as written); and the
+    ``_: dataclasses.KW_ONLY`` pseudo-field that makes the layers' option fields
+    keyword-only has no source line pdoc can find (it is private and not shown).
     """
     text = str(w.message)
     if "Error parsing type annotation" in text and "ArrayTree" in text:
         return False
+    if text.startswith("Cannot determine where ") and "._ is taken from" in text:
+        return False  # the ``_: dataclasses.KW_ONLY`` marker of the layers' option fields
     return "pdoc" in w.filename or "cgmq_jax" in text
 
 
