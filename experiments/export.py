@@ -77,6 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the run's dataset (default: the one it was trained on, as recorded)",
     )
     p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
+    for flag, unit in (("budget_bops", "BOPs"), ("budget_weight_kib", "KiB"),
+                       ("budget_activation_kib", "KiB")):  # fmt: skip
+        p.add_argument(
+            f"--{flag}",
+            type=float,
+            default=None,
+            help=f"with --check: YOUR limit ({unit}); the recount must be within it (the "
+            "file's and the run's budgets are only their claims)",
+        )
     p.add_argument("--data_dir", default=None, help="tfds data dir, IDX directory, or tarball")
     return p.parse_args(argv)
 
@@ -131,10 +140,14 @@ def _bops_text(counted: dict) -> str:
     return "\n".join(lines)
 
 
-def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[dict, bool]:
+def check(path: Path, run_dir: Path | None, args: argparse.Namespace, opened=None):
     """Compare with the run (or weigh the file's own claims), evaluate, and return
-    ``(summary, ok)``; each failed check is one line in ``summary["problems"]``."""
+    ``(summary, ok)``; each failed check is one line in ``summary["problems"]``.
+
+    ``opened``: the run already read (:func:`cgmq_jax.runs.export_run.open_run`), so that
+    its params are read and hashed once on the way from the run to the check and C."""
     from cgmq_jax import export as ex
+    from cgmq_jax.runs import export_run
 
     model = ex.load(path)
     counted = ex.count_bops(model)
@@ -154,7 +167,8 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
     problems: list[str] = []
     results = None
     if run is not None:
-        results = _against_run(model, run, summary, problems)
+        opened = opened if opened is not None else export_run.open_run(run)
+        results = _against_run(model, opened, summary, problems)
         if summary["differences"]:
             return _verdict(summary, problems)
         limits = _run_limits(results, run / "results.json", problems)
@@ -167,7 +181,8 @@ def check(path: Path, run_dir: Path | None, args: argparse.Namespace) -> tuple[d
         _certificate_checks(model.header.get("certificate"), limits, counted, "the file", problems)
     within = bool(limits) and all(_costs(counted)[n] <= v for n, v in limits.items())
     summary.update(limits=limits, within_budget=within)
-    _evaluate(model, path, run, results, args, summary, problems)
+    _your_limits(args, counted, summary, problems)
+    _evaluate(model, path, opened, args, summary, problems)
     return _verdict(summary, problems)
 
 
@@ -179,11 +194,12 @@ def _verdict(summary: dict, problems: list[str]) -> tuple[dict, bool]:
     return summary, not problems
 
 
-def _against_run(model, run: Path, summary: dict, problems: list[str]) -> dict:
+def _against_run(model, opened, summary: dict, problems: list[str]) -> dict:
     """Re-derive the file from the run's params and compare; returns ``results.json``."""
-    from cgmq_jax.export import writer
+    from cgmq_jax import lowering
+    from cgmq_jax.runs import export_run
 
-    results = writer.read_results(run)  # strict: duplicated keys, config, config.model
+    run, results = opened.path, opened.results  # strict: duplicated keys, config, model
     metadata = model.header.get("metadata")
     recorded = metadata.get("params_sha256") if isinstance(metadata, dict) else None
     matches = recorded == results.get("params_sha256")
@@ -194,11 +210,11 @@ def _against_run(model, run: Path, summary: dict, problems: list[str]) -> dict:
         f"{run / 'results.json'}"
     )
     scheme = model.header.get("bias_scheme")
-    if scheme not in writer.BIAS_SCHEMES:
+    if scheme not in lowering.BIAS_SCHEMES:
         differences = [f"header.bias_scheme: {scheme!r} is not one the writer produces"]
     else:
-        header, arrays = writer.derive_run(run, bias_scheme=scheme)
-        differences = writer.differences(model, header, arrays)
+        header, arrays = export_run.derive_run(opened, bias_scheme=scheme)
+        differences = lowering.differences(model, header, arrays)
     summary["differences"] = differences
     if differences:
         print(f"the file is NOT the export of {run}'s params:")
@@ -216,6 +232,22 @@ LIMIT_FLAGS = {
     "weight_memory_bits": ("budget_weight_kib", 8192),
     "activation_bits": ("budget_activation_kib", 8192),
 }
+
+
+def _your_limits(args: argparse.Namespace, counted: dict, summary: dict, problems) -> None:
+    """The recount against the limits the user states (``--budget_bops`` ...), if any."""
+    yours = {
+        name: getattr(args, flag) * scale
+        for name, (flag, scale) in LIMIT_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    summary["your_limits"] = yours
+    for name, limit in yours.items():
+        cost = _costs(counted)[name]
+        verdict = "within" if cost <= limit else "OVER"
+        print(f"your limit on {name}: {limit:,.0f}; recounted {cost:,}: {verdict}")
+        if cost > limit:
+            problems.append(f"recounted {name} {cost:,} is over your limit {limit:,.0f}")
 
 
 def _number(value) -> bool:
@@ -348,19 +380,20 @@ def _integer_inputs(model, images):
     return ints.astype(np.int64)
 
 
-def _evaluate(model, path, run, results, args, summary: dict, problems: list[str]) -> None:
+def _evaluate(model, path, opened, args, summary: dict, problems: list[str]) -> None:
     """Run the test set: the integer engine, the JAX model in a run, the C code if asked."""
     from cgmq_jax import data
     from cgmq_jax import export as ex
 
+    run = None if opened is None else opened.path
     name = trained_on(path, run, model, args.dataset)
     dataset = data.load(name, args.data, data_dir=args.data_dir)
     images, labels = dataset.test
     inputs = _integer_inputs(model, images)
     summary.update(test_examples=len(labels), dataset=dataset.name, data_source=dataset.source)
     if run is not None:
-        int_pred = _against_jax(model, run, results, images, labels, summary, problems)
-        claim = results.get("test_accuracy")
+        int_pred = _against_jax(model, opened, images, labels, summary, problems)
+        claim = opened.results.get("test_accuracy")
     else:
         int_pred = ex.predict(model, inputs)
         metadata = model.header.get("metadata")
@@ -373,17 +406,11 @@ def _evaluate(model, path, run, results, args, summary: dict, problems: list[str
         problems.append("the C logits differ from the integer engine's")
 
 
-def _against_jax(model, run, results, images, labels, summary, problems):
+def _against_jax(model, opened, images, labels, summary, problems):
     """Predictions and codes against the JAX model; its accuracy against the claim."""
     from cgmq_jax import export as ex
-    from cgmq_jax import models
-    from cgmq_jax.runs import report
 
-    config = results["config"]
-    params = report.load_params(run)
-    network = models.get_model(
-        config.get("model", "lenet5"), quantized=True, input_bits=config.get("input_bits")
-    )
+    results, params, network = opened.results, opened.params, opened.model
     compared = ex.compare_with_model(model, params, network, images)
     int_pred, jax_pred = compared["int_predictions"], compared["jax_predictions"]
     agree, n = compared["agree"], len(labels)
@@ -535,9 +562,16 @@ def run(args: argparse.Namespace) -> int:
     """Export (and check) what ``args`` asks; errors are exceptions (see :func:`main`)."""
     from cgmq_jax import export as ex
     from cgmq_jax import files
+    from cgmq_jax.runs import export_run
 
     if args.out == "" or args.c == "":
         raise ValueError("--out and --c take a path, not an empty string")
+    for flag, _ in LIMIT_FLAGS.values():
+        value = getattr(args, flag)
+        if value is not None and not _number(value):
+            raise ValueError(f"--{flag} {value!r}: give a finite positive number")
+        if value is not None and not args.check:
+            raise ValueError(f"--{flag} is a limit to check against: add --check")
     source = Path(args.source)
     if args.c is not None:  # cc later runs inside it: no path relative to the start
         args.c = Path(os.path.abspath(args.c))
@@ -547,24 +581,26 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.out) if args.out is not None else source / ex.DEFAULT_FILE
         _refuse_existing([path], args.overwrite, "or check it: export.py FILE.npz --check")
         _refuse_existing(c_files, args.overwrite, "or choose another --c directory")
+        opened = export_run.open_run(source)  # the run's params, read and hashed once
         with _writing(path):
-            path = ex.export_run(source, path, bias_scheme=args.bias_scheme)
+            path = ex.export_run(opened, path, bias_scheme=args.bias_scheme)
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     elif source.suffix == ".npz" and source.is_file():
-        run_dir, path = None, source
+        run_dir, path, opened = None, source, None
         if args.out is not None:
             raise ValueError("--out is for exporting a run directory, not a .npz file")
         _refuse_existing(c_files, args.overwrite, "or choose another --c directory")
     else:
         raise ValueError(f"{source}: not a run directory or an existing .npz file")
     if not args.check:
-        print(_bops_text(ex.count_bops(path)))
+        model = ex.load(path)  # read and verified once, for the count and for C
+        print(_bops_text(ex.count_bops(model)))
         if args.c is not None:
             with _writing(args.c):
-                program = ex.emit_c(path, args.c)
+                program = ex.emit_c(model, args.c)
             print(f"wrote {program.source}, {program.header}, {program.harness}")
         return 0
-    summary, ok = check(path, run_dir, args)
+    summary, ok = check(path, run_dir, args, opened)
     report = path.with_name(path.name + ".check.json")
     with _writing(report):
         files.write_text(report, json.dumps(summary, indent=2) + "\n")

@@ -306,3 +306,40 @@ def test_a_relative_c_directory_compiles(run, tmp_path, cli, capsys, monkeypatch
     summary = json.loads((run / "model_int.npz.check.json").read_text())
     assert summary["c"]["identical"] is True
     assert (tmp_path / "rel" / "c" / "model.c").is_file()
+
+
+# --------------------------------------------------------------------------- your limits
+
+
+def _raised_budget(header):
+    """A lone file whose budget a forger raised, the certificate rewritten to match."""
+    certificate = header["certificate"]
+    certificate["budget_bops"] = 1e9
+    certificate["limits"]["bops"].update(limit=1e9, within=True)
+    certificate["within_budget"] = True
+
+
+def test_your_budget_catches_a_lone_file_whose_budget_was_raised(run, tmp_path, cli, capsys):
+    try:
+        path = _alone(run, tmp_path, _raised_budget)
+    except ValueError:  # the reader refuses the forgery already
+        return
+    bops = ex.count_bops(path)["bops"]
+    assert cli([str(path), "--check"]) == 0  # its own claims agree with each other ...
+    capsys.readouterr()
+    assert cli([str(path), "--check", "--budget_bops", str(bops - 1)]) == 1  # ... not yours
+    out = capsys.readouterr().out
+    assert f"recounted bops {bops:,} is over your limit {bops - 1:,}" in out
+    assert cli([str(path), "--check", "--budget_bops", str(bops)]) == 0
+    assert f"recounted {bops:,}: within" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags", [["--budget_bops", "inf"], ["--budget_weight_kib", "0"], ["--budget_bops", "2e6"]]
+)
+def test_your_limits_must_be_positive_and_need_check(run, cli, capsys, flags):
+    args = [str(run / "model_int.npz"), *flags]
+    if flags[1] != "2e6":
+        args.append("--check")
+    assert cli(args) == 2
+    _one_line(capsys.readouterr().err)
