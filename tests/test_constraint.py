@@ -1,4 +1,4 @@
-"""Tests of cgmq_jax.constrained_update against CGMQ.md section 3."""
+"""Tests of cgmq_jax.constrained_update against docs/method.md section 3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of cgmq_jax.cost against CGMQ.md section 2 (BOPs of LeNet-5 and the MLP)."""
+"""Tests of cgmq_jax.cost against docs/method.md section 2 (BOPs of LeNet-5 and the MLP)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_mixed_bitwidths_and_layer_table(lenet, set_bits):
     weight_bits = {"conv1": 3, "conv2": 3, "fc1": 3, "fc2": 3, "fc3": 4}
     input_bits = {"conv1": 2, "conv2": 2, "fc1": 3, "fc2": 3, "fc3": 3}
     params = set_bits(lenet["params8"], specs, weight_bits, input_bits)
-    # CGMQ.md section 6's hand-picked allocation: 1,817,280 BOPs.
+    # docs/method.md section 6's hand-picked allocation: 1,817,280 BOPs.
     expected = 86400 * 3 * 2 + 153600 * 3 * 2 + 30720 * 3 * 3 + 10080 * 3 * 3 + 840 * 4 * 3
     assert expected == 1817280
     assert cost.exact_bops(params, specs) == expected

@@ -1,4 +1,4 @@
-"""Tests of issue 11: weight and activation memory limits (CGMQ.md section 8).
+"""Tests of issue 11: weight and activation memory limits (docs/method.md section 8).
 
 The traced costs against their exact versions and hand counts, ``constrained_update`` with
 several constraints, feasibility / repair / certificate per limit, the CLI flags

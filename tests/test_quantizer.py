@@ -1,4 +1,4 @@
-"""Tests of cgmq_jax.quantizer against CGMQ.md section 1."""
+"""Tests of cgmq_jax.quantizer against docs/method.md section 1."""
 
 from __future__ import annotations
 
