@@ -110,6 +110,16 @@ def mlp(sample_input, calibration_batch):
     return _model_bundle(models.MLP, sample_input, calibration_batch)
 
 
+@pytest.fixture(scope="session")
+def lenet_init_params(sample_input):
+    """``LeNet5().init(key(0), one zero image)["params"]``, jitted once per session (compiling
+    LeNet-5's init costs seconds): 8 bits everywhere, uncalibrated."""
+    from cgmq_jax import models
+
+    with strict_promotion():
+        return jax.jit(models.LeNet5().init)(jax.random.key(0), sample_input)["params"]
+
+
 def _set_bits(params, specs, weight_bits, input_bits):
     """Every quantizer of ``params`` at the given bit-widths, keeping its ``q_max``.
 

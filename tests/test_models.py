@@ -40,7 +40,10 @@ def test_float_model_has_the_same_weights_and_no_quantizers(name, request, sampl
     float_params = bundle["float_params"]
     labels = jax.tree.leaves(quantizer.param_labels(float_params))
     assert labels and set(labels) == {"weight"}
-    quantized = jax.jit(bundle["model"].init)(jax.random.key(0), sample_input)["params"]
+    if name == "lenet":  # the same init, compiled once per session
+        quantized = request.getfixturevalue("lenet_init_params")
+    else:
+        quantized = jax.jit(bundle["model"].init)(jax.random.key(0), sample_input)["params"]
     q_labels = jax.tree.leaves(quantizer.param_labels(quantized))
     assert q_labels.count("quantizer") == 2 * len(bundle["specs"])
     stripped = cnn.strip_quantizers(quantized)
@@ -279,6 +282,7 @@ def test_fold_batchnorm_refuses_a_batchnorm_that_follows_no_layer(sample_input):
         models.fold_batchnorm(model, variables, sample_input)
 
 
+@pytest.mark.slow
 def test_qat_starts_from_the_folded_weights(tiny_mnist, standard_promotion_fixture):
     config = TrainConfig(model="dscnn", budget_bops=5e6, epochs=1, pretrain_epochs=1)
     setup = train._make_setup(config, tiny_mnist, pretrained=False)
@@ -291,6 +295,7 @@ def test_qat_starts_from_the_folded_weights(tiny_mnist, standard_promotion_fixtu
     assert {(row["weight_bits"], row["input_bits"]) for row in rows} == {(8, 8)}
 
 
+@pytest.mark.slow
 def test_dscnn_qat_checkpoint_restores_through_the_folding(
     tiny_mnist, tmp_path, standard_promotion_fixture
 ):
@@ -325,6 +330,7 @@ def test_every_model_passes_the_checks_before_data(sample_input):
 
 
 @pytest.mark.parametrize("name", ["lenet5_bb", "dscnn"])
+@pytest.mark.slow
 def test_every_library_model_exports_exactly(name, tmp_path, tiny_mnist, set_bits):
     """The integer file of Bayesian Bits' LeNet-5 and of the DS-CNN (depthwise, residual
     adds, global average) reproduces the fake-quant model: every layer's input codes, every

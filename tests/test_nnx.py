@@ -297,6 +297,7 @@ def _loss(model, images, labels):
 
 
 @nnx.jit
+@nnx.jit  # one compilation, not every op of every step dispatched alone
 def _train_step(model, optimizer, images, labels):
     grads = nnx.grad(_loss)(model, images, labels)
     optimizer.update(model, grads)

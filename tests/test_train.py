@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from conftest import FINISHED_RUN, load_cli
@@ -40,10 +39,10 @@ def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
         assert certificate["bops"] + certificate["one_more_bit_bops"] > 2e6
 
 
-def test_repair_makes_an_over_budget_model_feasible():
+def test_repair_makes_an_over_budget_model_feasible(lenet_init_params):
     model = models.LeNet5()
     x = np.zeros((1, 28, 28, 1), np.float32)
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    params = lenet_init_params  # jax.jit(model.init)(jax.random.key(0), x)["params"]
     specs = cost.layer_specs(model, x)
     assert cost.exact_bops(params, specs) == LENET_MACS * 64
     repaired, removed = certify.greedy_repair(params, specs, 1e6)
@@ -55,10 +54,10 @@ def test_repair_makes_an_over_budget_model_feasible():
 
 
 @pytest.mark.parametrize("budget", [1e6, 2e6])
-def test_fill_uses_the_budget_until_no_single_bit_fits(budget):
+def test_fill_uses_the_budget_until_no_single_bit_fits(budget, lenet_init_params):
     model = models.LeNet5()
-    x = np.random.default_rng(0).uniform(0, 1, (8, 28, 28, 1)).astype(np.float32)
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    params = lenet_init_params  # jax.jit(model.init)(jax.random.key(0), x)["params"]
     specs = cost.layer_specs(model, x)
     low, _ = certify.greedy_repair(params, specs, budget * 0.6)  # well within the budget
     filled, added = certify.greedy_fill(low, specs, budget)
@@ -78,10 +77,10 @@ def test_fill_uses_the_budget_until_no_single_bit_fits(budget):
     assert certify.greedy_fill(filled, specs, budget)[1] == 0  # a fixed point
 
 
-def test_one_more_bit_bops_is_the_cheapest_single_bit():
+def test_one_more_bit_bops_is_the_cheapest_single_bit(lenet_init_params):
     model = models.LeNet5()
     x = np.zeros((1, 28, 28, 1), np.float32)
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    params = lenet_init_params  # jax.jit(model.init)(jax.random.key(0), x)["params"]
     specs = cost.layer_specs(model, x)
     table = cost.layer_table(params, specs)  # 8 bits everywhere
     # fc3 (840 MACs): one more weight or input bit adds 840 * 8.
@@ -90,7 +89,7 @@ def test_one_more_bit_bops_is_the_cheapest_single_bit():
     assert pinned[0].input_bits == 8 and all(s.input_bits is None for s in pinned[1:])
 
 
-def test_input_bits_pins_the_network_input_and_counts_it():
+def test_input_bits_pins_the_network_input_and_counts_it(lenet_init_params):
     x = np.zeros((1, 28, 28, 1), np.float32)
     specs = cost.layer_specs(models.get_model("lenet5_bb", input_bits=8), x)
     # Bayesian Bits' convention: the minimum is 14,985,216 BOPs = 0.343% of 32-bit.
@@ -99,7 +98,7 @@ def test_input_bits_pins_the_network_input_and_counts_it():
     learned = cost.layer_specs(models.get_model("lenet5_bb"), x)
     assert cost.min_cost(learned) == 8_534_016  # the image at 1 bit
     model = models.get_model("lenet5", input_bits=8)
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    params = lenet_init_params  # the same tree: pinning the input changes the specs only
     lenet_specs = cost.layer_specs(model, x)
     report = certify.cost_report(quantizer_at_min(params), lenet_specs, 2e6)
     assert report["layers"][0]["input_bits"] == 8
