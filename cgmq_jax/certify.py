@@ -393,6 +393,22 @@ def certify(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_red
       CertificateRefused: (an ``AssertionError``) if any parameter or quantizer latent is
         not finite, if the exact cost is below the network's minimum cost (the latents are
         broken), or if any limit is exceeded (never for a repaired model).
+
+    Examples:
+      >>> import jax
+      >>> from cgmq_jax import certify, cost, models
+      >>> model = models.MLP(hidden=(), num_classes=4)  # one dense layer, 16 -> 4
+      >>> x = jax.numpy.ones((1, 4, 4, 1))
+      >>> params = model.init(jax.random.key(0), x)["params"]  # quantizers start at 8 bits
+      >>> specs = cost.layer_specs(model, x)
+      >>> report = certify.certify(params, specs, 5000)  # 64 MACs * 8 * 8 = 4096 BOPs
+      >>> report["bops"], report["within_budget"], report["weight_memory_bits"]
+      (4096, True, 640)
+      >>> limits = {"bops": 5000, "weight_memory_bits": 600}  # 64 * 8 + 4 * 32 bits > 600
+      >>> certify.certify(params, specs, limits)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      cgmq_jax.certify.CertificateRefused: ... over a limit: weight_memory_bits 640 > 600
     """
     bad = [
         "/".join(str(getattr(k, "key", k)) for k in path)

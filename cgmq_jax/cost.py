@@ -49,6 +49,7 @@ class LayerSpec:
 
     @property
     def name(self) -> str:
+        """The layer's ``path`` joined by ``/`` (e.g. ``"Dense_0"`` or ``"blocks/0/conv"``)."""
         return "/".join(map(str, self.path))
 
 
@@ -84,6 +85,19 @@ def layer_specs(model, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
     Raises:
       ValueError: no quantized layer, a layer whose MACs cannot be counted, or a layer
         inside ``nn.scan`` / ``nn.vmap`` (its calls cannot be counted from one trace).
+
+    Examples:
+      >>> import jax
+      >>> from cgmq_jax import cost, models
+      >>> x = jax.ShapeDtypeStruct((1, 28, 28, 1), jax.numpy.float32)  # shapes suffice
+      >>> specs = cost.layer_specs(models.MLP(), x)
+      >>> for s in specs:
+      ...     print(s.name, s.macs, s.input_signed, s.weights, s.biases)
+      fc1 235200 False 235200 300
+      fc2 30000 False 30000 100
+      fc3 1000 False 1000 10
+      >>> cost.total_macs(specs)
+      266200
     """
     from cgmq_jax import graph
     from cgmq_jax import nn as qnn
@@ -217,6 +231,18 @@ def bops(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
     Its value equals :func:`exact_bops` (up to float32 rounding above 2**24); its gradient
     w.r.t. the quantizer latents is that of the relaxed bit-widths, zero for quantizers at
     their minimum bit-width.
+
+    Examples:
+      >>> import jax
+      >>> from cgmq_jax import cost, models
+      >>> model = models.MLP(hidden=(), num_classes=4)  # one dense layer, 16 -> 4
+      >>> x = jax.numpy.ones((1, 4, 4, 1))
+      >>> params = model.init(jax.random.key(0), x)["params"]  # quantizers start at 8 bits
+      >>> specs = cost.layer_specs(model, x)
+      >>> cost.bops(params, specs)  # 64 MACs * 8 * 8
+      Array(4096., dtype=float32)
+      >>> cost.exact_bops(params, specs)
+      4096
     """
     total = jnp.float32(0.0)
     for spec in specs:
@@ -342,7 +368,16 @@ def validate_budget(budget: float) -> None:
 
 def min_cost(specs: tuple[LayerSpec, ...]) -> int:
     """The smallest achievable BOPs: ``min_costs(specs)["bops"]`` (:func:`min_costs`, which
-    gives every cost's minimum; kept as the short name for the BOP one)."""
+    gives every cost's minimum; kept as the short name for the BOP one).
+
+    Examples:
+      >>> import jax
+      >>> from cgmq_jax import cost, models
+      >>> x = jax.ShapeDtypeStruct((1, 28, 28, 1), jax.numpy.float32)
+      >>> specs = cost.layer_specs(models.MLP(), x)
+      >>> cost.min_cost(specs)  # 2-bit signed weights, 1-bit unsigned inputs: 266200 * 2 * 1
+      532400
+    """
     return min_costs(specs)["bops"]
 
 

@@ -57,18 +57,22 @@ class Layer:
 
     @property
     def name(self) -> str:
+        """The layer's ``path`` joined by ``/``, as :class:`cgmq_jax.cost.LayerSpec` names it."""
         return "/".join(map(str, self.path))
 
     @property
     def quantized(self) -> bool:
+        """Whether the layer has quantizers (``False``: a float layer, counted at 32 x 32 bits)."""
         return self.options is not None and self.options.quantize
 
     @property
     def kind(self) -> str:
+        """``"conv"`` for an ``nn.Conv`` (or subclass), else ``"dense"``."""
         return "conv" if isinstance(self.module, nn.Conv) else "dense"
 
     @property
     def macs(self) -> int:
+        """Multiply-accumulates per example, by :func:`macs` from the traced shapes."""
         return macs(self.output_shape, self.kernel_shape)
 
 

@@ -131,6 +131,7 @@ class DSCNN(nn.Module):
 
     @property
     def has_batch_norm(self) -> bool:
+        """Whether BatchNorm follows the convolutions: ``batch_norm`` and not ``quantized``."""
         return self.batch_norm and not self.quantized
 
     def _conv_bn(

@@ -85,6 +85,7 @@ class QuantizedModel(nn.Module):
     quantized: bool = True
 
     def setup(self):
+        """Shares ``model``'s scope, so the parameters keep the wrapped model's names."""
         nn.share_scope(self, self.model)  # the model's parameter names, no extra level
 
     def __call__(self, *args, **kwargs):

@@ -47,6 +47,7 @@ class DatasetInfo:
 
     @property
     def offline_source(self) -> str:
+        """The source that fetches and caches the data without TFDS: ``sources[0]``."""
         return self.sources[0]
 
 

@@ -79,6 +79,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_dir_or_default(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """``cache_dir`` as a ``Path`` (``~`` expanded), else :func:`default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
@@ -94,6 +95,7 @@ def one_line(err: BaseException) -> str:
 
 
 def sha256(data: bytes) -> str:
+    """The SHA-256 digest of ``data``, as 64 lowercase hex digits."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -73,10 +73,12 @@ def installed() -> bool:
 
 
 def prepared_dir(root: Path, spec: TfdsDataset) -> Path:
+    """Where TFDS keeps ``spec``'s prepared copy under ``root``: ``root/name/version``."""
     return root / spec.name / spec.version
 
 
 def is_prepared(root: Path, spec: TfdsDataset) -> bool:
+    """Whether :func:`prepared_dir` holds a prepared copy (its ``dataset_info.json``)."""
     return (prepared_dir(root, spec) / "dataset_info.json").is_file()
 
 

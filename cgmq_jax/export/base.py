@@ -105,6 +105,8 @@ class LayerRow:
         return self.input_elements * self.input_bits
 
     def as_dict(self) -> dict:
+        """The row as a JSON-ready dict: layer, kind (if known), MACs, bits and BOPs
+        (per-channel weight bits as a list)."""
         bits = self.weight_bits
         kind = {"kind": self.kind} if self.kind else {}
         return {
@@ -139,6 +141,7 @@ class Validated:
 
     @property
     def weight_memory_bits(self) -> int:
+        """Every layer's kernel codes and biases together, in bits (sum of the rows)."""
         return sum(row.weight_memory_bits for row in self.rows)
 
     @property
@@ -163,6 +166,7 @@ class IntegerModel:
 
     @property
     def ops(self) -> list[dict]:
+        """The header's op records, in the order the engine runs them."""
         return self.header["ops"]
 
     def weight(self, index: int) -> np.ndarray:

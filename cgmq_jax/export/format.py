@@ -308,6 +308,28 @@ def load(path: str | os.PathLike) -> IntegerModel:
 
     Raises:
       ExportError: with a one-line message naming the file and the problem.
+
+    Examples:
+      A model exported by :func:`cgmq_jax.lowering.export` (needs JAX; loading does not):
+
+      >>> import pathlib, tempfile, jax
+      >>> from cgmq_jax import lowering, models
+      >>> from cgmq_jax.export import load
+      >>> model = models.MLP(hidden=(), num_classes=4)  # one dense layer, 16 -> 4
+      >>> params = model.init(jax.random.key(0), jax.numpy.ones((1, 4, 4, 1)))["params"]
+      >>> folder = pathlib.Path(tempfile.mkdtemp())
+      >>> path = lowering.export(params, model, folder / "m.npz", input_shape=(4, 4, 1))
+      >>> integer = load(path)
+      >>> [(layer["name"], layer["weight_bits"], layer["input_bits"]) for layer in integer.layers]
+      [('fc1', 8, 8)]
+      >>> [op["op"] for op in integer.ops]
+      ['reshape', 'dense']
+      >>> _ = (folder / "broken.npz").write_bytes(b"not a zip")
+      >>> load(folder / "broken.npz")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      cgmq_jax.export.base.ExportError: ...broken.npz: not a readable .npz archive ...
+      >>> import shutil; shutil.rmtree(folder)
     """
     path = Path(path)
     if not path.is_file():
@@ -350,6 +372,27 @@ def count_bops(path: str | os.PathLike | IntegerModel) -> dict:
 
     Raises:
       ExportError: an unreadable file, or a header that contradicts itself.
+
+    Examples:
+      The recount of a file exported with its certificate (:func:`cgmq_jax.certify.certify`):
+
+      >>> import pathlib, tempfile, jax
+      >>> from cgmq_jax import certify, cost, lowering, models
+      >>> from cgmq_jax.export import count_bops
+      >>> model = models.MLP(hidden=(), num_classes=4)  # one dense layer, 16 -> 4
+      >>> x = jax.numpy.ones((1, 4, 4, 1))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> certificate = certify.certify(params, cost.layer_specs(model, x), 5000)
+      >>> folder = pathlib.Path(tempfile.mkdtemp())
+      >>> path = folder / "m.npz"
+      >>> _ = lowering.export(params, model, path, input_shape=(4, 4, 1), certificate=certificate)
+      >>> counted = count_bops(path)
+      >>> counted["macs"], counted["bops"], counted["budget_bops"], counted["matches_certificate"]
+      (64, 4096, 5000, True)
+      >>> counted["layers"]  # doctest: +NORMALIZE_WHITESPACE
+      [{'layer': 'fc1', 'kind': 'dense', 'macs': 64, 'weight_bits': 8, 'input_bits': 8,
+        'bops': 4096}]
+      >>> import shutil; shutil.rmtree(folder)
     """
     model = path if isinstance(path, IntegerModel) else load(path)
     rows = [row.as_dict() for row in model.facts.rows]

@@ -216,6 +216,7 @@ class Checkpointer:
         return CheckpointCorrupt(f"checkpoint {step} cannot be used: {what}; {advice}")
 
     def close(self) -> None:
+        """Closes the Orbax checkpoint manager (waits for its pending writes)."""
         self._manager.close()
 
 

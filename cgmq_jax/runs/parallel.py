@@ -73,10 +73,12 @@ class Placement:
 
     @property
     def replicated(self) -> NamedSharding:
+        """A whole copy on every device of the mesh (params, optimizer state)."""
         return NamedSharding(self.mesh, PartitionSpec())
 
     @property
     def batch(self) -> NamedSharding:
+        """The leading (batch) axis split over the mesh's ``"batch"`` axis."""
         return NamedSharding(self.mesh, PartitionSpec("batch"))
 
     def put_batch(self, *arrays: np.ndarray):

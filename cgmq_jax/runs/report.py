@@ -20,6 +20,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy")
 
 
 def package_versions() -> dict[str, str]:
+    """Python's and the :data:`PACKAGES`' versions (``"not installed"`` where missing)."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -61,6 +62,9 @@ def limits_text(certificate: dict) -> str:
 
 
 def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
+    """The contents of ``results.json`` for ``result``: flags (default: its config), config,
+    seed, data source, package versions, history, test accuracy, BOPs, budget verdict, wall
+    time and certificate."""
     return {
         "flags": flags if flags is not None else dataclasses.asdict(result.config),
         "config": dataclasses.asdict(result.config),

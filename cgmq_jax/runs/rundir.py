@@ -185,6 +185,7 @@ class RunDir:
 
     @property
     def checkpoint_dir(self) -> Path:
+        """The run's checkpoint directory, ``<run>/checkpoints``."""
         return self.path / CHECKPOINT_DIR
 
     @functools.cached_property

@@ -65,6 +65,8 @@ class Run:
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
+        """``(method, budget_bops, lam, bits, seed)`` as the CSV writes them (``""``: unset);
+        a run whose key has a row is skipped on resume."""
         bits = "" if self.bits is None else f"W{self.bits[0]}A{self.bits[1]}"
         return (
             self.method,
