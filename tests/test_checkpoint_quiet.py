@@ -16,8 +16,11 @@ def _unraisable(error_from):
         error_from()
     except BaseException as error:  # noqa: BLE001 - the unraisable of a callback
         return types.SimpleNamespace(
-            exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
-            err_msg=None, object=None,
+            exc_type=type(error),
+            exc_value=error,
+            exc_traceback=error.__traceback__,
+            err_msg=None,
+            object=None,
         )
     raise AssertionError("expected an exception")
 
