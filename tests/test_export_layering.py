@@ -119,3 +119,11 @@ def test_old_names_resolve_to_their_new_homes(monkeypatch):
     assert lowering.build == "patched"
     monkeypatch.undo()
     assert callable(lowering.build)
+
+
+def test_the_readers_limit_names_are_the_costs():
+    """The numpy-only reader keeps its own copy of the cost names (it cannot import JAX)."""
+    from cgmq_jax import certify, cost
+    from cgmq_jax.export import format as fmt
+
+    assert tuple(fmt.LIMIT_NAMES) == tuple(cost.COSTS) == tuple(certify.LIMIT_FLAGS)
