@@ -243,9 +243,12 @@ def test_patch_conv_is_the_direct_convolution_bit_for_bit_when_quantized(name, m
     def loss(params, x):
         return jnp.sum(jnp.sin(layer.apply({"params": params}, x)))
 
-    fast = layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    def both(params, x):  # jitted afresh for each path: the flag is read when tracing
+        return layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+    fast = jax.jit(both)(params, x)
     monkeypatch.setattr(cnn, "PATCH_CONV_MAX_CHANNELS", 0)
-    direct = layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    direct = jax.jit(lambda params, x: both(params, x))(params, x)
     np.testing.assert_array_equal(fast[0], direct[0])
     for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(direct[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
