@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -166,22 +168,33 @@ FINISHED_RUN_FLAGS = [
     "--budget_bops", "2e6",
 ]  # fmt: skip
 
-# Tests that read ``finished_run`` carry this mark: with ``--dist loadgroup`` (pytest-xdist)
-# they run on one worker, which trains the run once (each worker has its own session).
+# Tests that read ``finished_run`` carry this mark. (``--dist loadgroup`` would keep them on one
+# worker, but pytest-xdist 3.8's loadgroup does not group under pytest 9.2, which no longer
+# reads ``item._nodeid``; the file lock in ``finished_run`` shares the run across workers.)
 FINISHED_RUN = pytest.mark.xdist_group("finished_run")
 
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tiny_mnist):
     """A finished LeNet-5 run directory (``experiments/mnist.py`` with ``FINISHED_RUN_FLAGS``
-    on ``tiny_mnist``), trained once per session and shared: READ ONLY, copy it
+    on ``tiny_mnist``), trained once per test session and shared by every pytest-xdist worker
+    (the first trains it under a file lock, the others wait and reuse it): READ ONLY, copy it
     (``shutil.copytree``) before changing or exporting anything in it."""
+    import fcntl
+
     from cgmq_jax import data
 
-    run = tmp_path_factory.mktemp("finished_run") / "lenet5"
-    with pytest.MonkeyPatch.context() as patch, standard_promotion():  # optax.adam
-        patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
-        assert load_cli("mnist").main([*FINISHED_RUN_FLAGS, "--out", str(run)]) == 0
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the basetemp every worker's basetemp is made in
+    run = shared / "finished_run" / "lenet5"
+    with open(shared / "finished_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (run / "results.json").is_file():
+            shutil.rmtree(run.parent, ignore_errors=True)  # a worker that failed half-way
+            with pytest.MonkeyPatch.context() as patch, standard_promotion():  # optax.adam
+                patch.setattr(data, "load", lambda *a, **k: tiny_mnist)
+                assert load_cli("mnist").main([*FINISHED_RUN_FLAGS, "--out", str(run)]) == 0
     return run
 
 
