@@ -128,9 +128,19 @@ UINT8_INPUT = InputType("uint8_t", "uint8", 0, 255, "8-bit pixels")
 
 
 def _raw_range(layer: dict, exponent: int) -> tuple[int, int]:
-    """The input values at ``2**exponent`` that layer's quantizer maps to distinct codes."""
+    """The input values at ``2**exponent`` that layer's quantizer maps to distinct codes.
+
+    ``hi`` is the smallest value whose code is the top level ``n`` (every larger value
+    saturates to it): ``code = round(v / 2**shift)``, halves to even, so with ``shift >= 1``
+    the value ``n * 2**shift - 2**(shift - 1)`` already rounds to ``n`` when ``n`` is even
+    and one more is needed when it is odd. MNIST's pixels (0..255) at a quantizer whose top
+    level is 1.0 (``n * 2**shift == 256``) thus still fit ``uint8_t``.
+    """
     levels, shift = int(layer["input_levels"]), int(layer["input_exponent"]) - exponent
-    hi = levels << shift if shift >= 0 else -(-levels >> -shift)
+    if shift >= 1:
+        hi = (levels << shift) - (1 << (shift - 1)) + (levels & 1)
+    else:
+        hi = levels << shift if shift >= 0 else -(-levels >> -shift)
     return (-hi if layer["input_signed"] else 0), hi
 
 
