@@ -126,3 +126,28 @@ def test_unsigned_pixels_stay_uint8(tmp_path):
     path = ex.export(params, model, tmp_path / "u.npz", input_shape=(10,))
     kind = emit.input_type(ex.load(path))
     assert (kind.ctype, kind.lo, kind.hi) == ("uint8_t", 0, 255)
+
+
+def test_the_input_range_ends_at_the_first_value_of_the_top_code():
+    """MNIST's uint8 pixels at a quantizer whose top level is 1.0 keep a ``uint8_t`` input:
+    the range ends where the top code is first reached (halves round to even), checked
+    against brute force."""
+    from fractions import Fraction
+
+    from cgmq_jax.export.c import _raw_range
+
+    def code(value: int, shift: int, levels: int) -> int:
+        exact = Fraction(value) / Fraction(2) ** shift
+        floor, rest = divmod(exact, 1)
+        up = rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2 == 1)
+        return min(int(floor) + up, levels)
+
+    for shift in range(-3, 9):
+        for levels in range(1, 40):
+            layer = {"input_levels": levels, "input_exponent": shift, "input_signed": True}
+            lo, hi = _raw_range(layer, 0)
+            first = next(v for v in range(0, (levels + 2) << max(shift, 0)) if
+                         code(v, shift, levels) == levels)  # fmt: skip
+            assert (lo, hi) == (-first, first), (shift, levels)
+    mnist = {"input_levels": 4, "input_exponent": -2, "input_signed": False}
+    assert _raw_range(mnist, -8) == (0, 224)
