@@ -42,6 +42,8 @@ import os
 import sys
 from pathlib import Path
 
+from cgmq_jax import certify
+
 #: Minimum fraction of test predictions on which the file must agree with the JAX model.
 MIN_AGREEMENT = 0.999
 #: How far (a fraction) the integer-only test accuracy may fall below the recorded one.
@@ -77,10 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the run's dataset (default: the one it was trained on, as recorded)",
     )
     p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
-    for flag, unit in (("budget_bops", "BOPs"), ("budget_weight_kib", "KiB"),
-                       ("budget_activation_kib", "KiB")):  # fmt: skip
+    for flag, unit, _ in certify.LIMIT_FLAGS.values():
         p.add_argument(
-            f"--{flag}",
+            flag,
             type=float,
             default=None,
             help=f"with --check: YOUR limit ({unit}); the recount must be within it (the "
@@ -226,11 +227,10 @@ def _against_run(model, opened, summary: dict, problems: list[str]) -> dict:
     return results
 
 
-#: The trainer's limit flags: cost name -> (flag, bits per flag unit).
+#: The trainer's limit flags: cost name -> (flag without dashes, bits per flag unit).
 LIMIT_FLAGS = {
-    "bops": ("budget_bops", 1),
-    "weight_memory_bits": ("budget_weight_kib", 8192),
-    "activation_bits": ("budget_activation_kib", 8192),
+    name: (flag.removeprefix("--"), per_unit)
+    for name, (flag, _, per_unit) in certify.LIMIT_FLAGS.items()
 }
 
 
