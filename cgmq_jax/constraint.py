@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cgmq_jax import admission as admission_rules
 from cgmq_jax import cost as cost_module
 from cgmq_jax import quantizer
 
@@ -35,7 +36,7 @@ class ConstrainedUpdateState(NamedTuple):
 
     cost: jax.Array  # exact cost (BOPs) of the params the last update was computed at
     infeasible_steps: jax.Array  # int32: steps taken while the cost was over budget
-    guard_steps: jax.Array  # int32: feasible steps whose cost-raising components were zeroed
+    guard_steps: jax.Array  # int32: feasible steps whose whole proposal would break a limit
     scale_floor: jax.Array  # largest quantizer-update norm seen; keeps the constraint alive
 
 
@@ -124,6 +125,7 @@ def constrained_update(
     rescale: float = DEFAULT_RESCALE,
     min_scale: float = DEFAULT_MIN_SCALE,
     is_quantizer: Callable[[Any], Any] | None = None,
+    admission: str = "gain",
 ) -> optax.GradientTransformationExtraArgs:
     """Keep a quantized network's cost within ``budget``, CGGD-style, with no penalty weight.
 
@@ -137,8 +139,15 @@ def constrained_update(
 
     * feasible, and the exact cost after the proposed update is still within budget:
       pass through;
-    * feasible, but the proposed update would leave the budget (the *guard*): the
-      cost-raising components are set to zero, so the cost cannot rise;
+    * feasible, but the proposed update would leave the budget (the *guard*): each
+      quantizer's cost-raising components form one candidate move; moves that add no
+      cost pass, and the others are admitted in order of expected loss gain per unit of
+      the room they take (the gain is ``-g . r``, ``g`` the loss gradient passed as
+      ``tx.update(updates, state, params, loss_grads=grads)``; without it the incoming
+      update stands in for ``-g``), each only if the exact cost with it stays within
+      every limit (:func:`cgmq_jax.admission.by_gain`). So bits move between quantizers
+      while the budget is full. ``admission="all_or_nothing"`` is the rule of releases
+      up to 0.3: every cost-raising component is set to zero, so the cost cannot rise;
     * infeasible: the cost-raising components are set to zero and the constraint direction
       ``-L * g / ||g||`` is added, with ``g`` the floor-aware gradient of ``cost_fn``
       w.r.t. the ``log2 d`` latents and the length ``L = max(rescale * s, L_bit)``:
@@ -182,6 +191,8 @@ def constrained_update(
       min_scale: the smallest ``s`` (in the log2 units of the latents), > 0.
       is_quantizer: ``params -> tree of bools`` marking quantizer leaves; by default
         leaves named ``*_quantizer`` (:func:`cgmq_jax.quantizer.param_labels`).
+      admission: what the guard admits, ``"gain"`` (the default) or
+        ``"all_or_nothing"`` (:mod:`cgmq_jax.admission`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -228,6 +239,12 @@ def constrained_update(
     """
     names, constraints = _constraints(cost_fn, budget)
     _check_hyperparameters(names, constraints, rescale, min_scale)
+    if admission not in admission_rules.RULES:
+        raise ValueError(
+            f"admission must be one of {', '.join(map(repr, admission_rules.ADMISSIONS))}, "
+            f"got {admission!r}"
+        )
+    admit_rule = admission_rules.RULES[admission]
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
 
@@ -241,7 +258,7 @@ def constrained_update(
             scale_floor=jnp.asarray(min_scale, jnp.float32),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, loss_grads=None, **extra_args):
         del extra_args
         if params is None:
             raise ValueError(
@@ -256,7 +273,14 @@ def constrained_update(
         corrected = _infeasible_step(
             masked, params, grads, violated, quantizer_mask, rescale * scale_floor
         )
-        new_updates = _admit(updates, masked, corrected, feasible, guard)
+        admitted = jax.lax.cond(
+            guard,
+            lambda: admit_rule(
+                updates, masked, params, constraints, quantizer_mask, loss_grads=loss_grads
+            ),
+            lambda: updates,
+        )
+        new_updates = _admit(admitted, corrected, feasible)
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
         )
@@ -355,15 +379,10 @@ def _infeasible_step(masked, params, grads, violated, quantizer_mask, scaled_flo
     return corrected
 
 
-def _admit(updates, masked, corrected, feasible, guard):
-    """Which update passes: all of it (feasible, no break), ``masked`` (the guard: no
-    cost-raising component admitted), or ``corrected`` (infeasible)."""
-    return jax.tree.map(
-        lambda u, m, c: jnp.where(feasible, jnp.where(guard, m, u), c),
-        updates,
-        masked,
-        corrected,
-    )
+def _admit(admitted, corrected, feasible):
+    """Which update passes: ``admitted`` (feasible: all of the proposal, or what the guard
+    admits of it) or ``corrected`` (infeasible)."""
+    return jax.tree.map(lambda a, c: jnp.where(feasible, a, c), admitted, corrected)
 
 
 def _next_state(state, names, costs, violated, guard, scale_floor) -> ConstrainedUpdateState:
@@ -487,6 +506,7 @@ def cgmq_optimizer(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     quantizer_learning_rate: optax.ScalarOrSchedule = 1e-2,
     rescale: float = DEFAULT_RESCALE,
+    admission: str = "gain",
 ) -> optax.GradientTransformationExtraArgs:
     """The recommended CGMQ chain, the one :func:`cgmq_jax.train.fit` trains with.
 
@@ -504,9 +524,11 @@ def cgmq_optimizer(
       quantizer_learning_rate: the quantizer latents' Adam learning rate (or schedule),
         in log2 units.
       rescale: CGGD's ``R`` (> 1).
+      admission: what the guard admits (:func:`constrained_update`).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` (and
+      takes the loss gradient as ``loss_grads``).
 
     Examples:
       >>> import functools, jax, optax
@@ -522,5 +544,5 @@ def cgmq_optimizer(
     """
     return optax.chain(
         partitioned_adam(learning_rate, quantizer_learning_rate),
-        constrained_update(cost_fn, budget, rescale=rescale),
+        constrained_update(cost_fn, budget, rescale=rescale, admission=admission),
     )

@@ -67,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="quantizer learning rate (Adam, log2 units)",
     )
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
+    p.add_argument(
+        "--admission",
+        choices=("gain", "all_or_nothing"),
+        default=defaults.admission,
+        help="cgmq: what the guard admits when the whole proposal would cross a limit",
+    )
     p.add_argument("--lam", type=float, default=defaults.lam, help="dq penalty weight")
     p.add_argument("--lam_weight", type=float, default=None, help="dq: weight-memory term")
     p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")

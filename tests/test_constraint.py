@@ -174,10 +174,10 @@ def _is_q(params):
     return jax.tree.map(lambda label: label == "quantizer", _labels(params))
 
 
-def test_guard_zeroes_cost_raising_components_when_crossing(lenet, cost_fn):
+def test_all_or_nothing_guard_zeroes_cost_raising_components_when_crossing(lenet, cost_fn):
     params, specs = lenet["params8"], lenet["specs"]
     budget = cost.exact_bops(params, specs)  # feasible now, exactly at the budget
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget), admission="all_or_nothing")
     updates = _noise(params, jax.random.key(0), 1e-3)
     # One clearly bit-raising step: conv1's weight step halved (twice the levels, +1 bit).
     updates["conv1"]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
@@ -195,6 +195,92 @@ def test_guard_zeroes_cost_raising_components_when_crossing(lenet, cost_fn):
     np.testing.assert_array_equal(np.asarray(out["conv1"]["weight_quantizer"]), [0.0, 0.0])
     np.testing.assert_array_equal(np.asarray(out["fc3"]["input_quantizer"]), [0.5, -0.25])
     assert cost.exact_bops(optax.apply_updates(params, out), specs) <= budget
+
+
+def _crossing_updates(params):
+    """Tiny noise (no quantizer crosses a rounding boundary), conv1's weight step halved
+    (+1 bit, 2 * 8 * conv1's MACs more), fc3's input step raised (cost-lowering)."""
+    updates = _noise(params, jax.random.key(0), 1e-3)
+    updates["conv1"]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
+    updates["fc3"]["input_quantizer"] = jnp.asarray([0.5, -0.25], jnp.float32)
+    return updates
+
+
+def test_gain_guard_refuses_only_the_move_that_does_not_fit(lenet, cost_fn):
+    params, specs = lenet["params8"], lenet["specs"]
+    budget = cost.exact_bops(params, specs)  # full: no bit fits
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    updates = _crossing_updates(params)
+    out, state = _update(tx, updates, params)
+    assert int(state.guard_steps) == 1 and int(state.infeasible_steps) == 0
+    _assert_weights_unchanged(out, updates)
+    q_in = _quantizer_leaves(updates)
+    for key, u in _quantizer_leaves(out).items():
+        if key == "['conv1']['weight_quantizer']":  # its bit does not fit: refused
+            np.testing.assert_array_equal(u, [0.0, 0.0])
+        else:  # free moves (no bit added) and cost-lowering ones pass untouched
+            np.testing.assert_array_equal(u, q_in[key], err_msg=key)
+    assert cost.exact_bops(optax.apply_updates(params, out), specs) <= budget
+
+
+def _two_bits(lenet):
+    """LeNet-5 at 8 bits, a budget with room for exactly one of two proposed bits (fc1's
+    weights or fc2's, each +1 bit), and the update proposing both."""
+    params, specs = lenet["params8"], lenet["specs"]
+    table = {row["layer"]: row for row in cost.layer_table(params, specs)}
+    extra = {name: table[name]["macs"] * table[name]["input_bits"] for name in ("fc1", "fc2")}
+    budget = cost.exact_bops(params, specs) + max(extra.values())
+    updates = jax.tree.map(jnp.zeros_like, params)
+    for name in ("fc1", "fc2"):
+        updates[name]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
+    return params, specs, budget, updates, extra
+
+
+@pytest.mark.parametrize("favoured", ["fc1", "fc2"])
+def test_gain_guard_admits_the_best_gain_per_bop(lenet, cost_fn, favoured):
+    params, specs, budget, updates, extra = _two_bits(lenet)
+    assert extra["fc1"] != extra["fc2"]
+    other = "fc2" if favoured == "fc1" else "fc1"
+    # The loss gradient: the favoured layer's bit gains more per BOP than the other's.
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads[favoured]["weight_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
+    grads[other]["weight_quantizer"] = jnp.asarray([1e-3, 0.0], jnp.float32)
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    out, state = jax.jit(functools.partial(tx.update, loss_grads=grads))(
+        updates, tx.init(params), params
+    )
+    assert int(state.guard_steps) == 1
+    np.testing.assert_array_equal(np.asarray(out[favoured]["weight_quantizer"]), [-1.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(out[other]["weight_quantizer"]), [0.0, 0.0])
+    after = cost.exact_bops(optax.apply_updates(params, out), specs)
+    assert after == cost.exact_bops(params, specs) + extra[favoured] <= budget
+
+
+def test_gain_guard_pays_for_no_move_that_the_loss_does_not_want(lenet, cost_fn):
+    params, specs, budget, updates, _ = _two_bits(lenet)
+    grads = jax.tree.map(jnp.zeros_like, params)  # the loss gains nothing from either bit
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    out, _ = _update_with(tx, updates, params, grads)
+    for name in ("fc1", "fc2"):
+        np.testing.assert_array_equal(np.asarray(out[name]["weight_quantizer"]), [0.0, 0.0])
+
+
+def test_gain_guard_without_loss_grads_weighs_the_update_itself(lenet, cost_fn):
+    params, specs, budget, updates, extra = _two_bits(lenet)
+    cheaper = min(extra, key=extra.get)  # equal moves: the gain per BOP is the cheaper bit's
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    out, _ = _update(tx, updates, params)
+    after = cost.exact_bops(optax.apply_updates(params, out), specs)
+    assert after == cost.exact_bops(params, specs) + extra[cheaper]
+
+
+def _update_with(tx, updates, params, grads):
+    return jax.jit(functools.partial(tx.update, loss_grads=grads))(updates, tx.init(params), params)
+
+
+def test_admission_must_be_known(cost_fn):
+    with pytest.raises(ValueError, match="admission must be one of 'gain', 'all_or_nothing'"):
+        cgmq_jax.constrained_update(cost_fn, BUDGET, admission="greedy")
 
 
 def test_guard_steps_count_every_guarded_step(lenet, cost_fn):

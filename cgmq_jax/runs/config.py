@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
-from cgmq_jax import certify, constraint, cost, models
+from cgmq_jax import admission, certify, constraint, cost, models
 
 METHODS = ("cgmq", "dq", "fixed", "float")
 MAX_BITS = 16
@@ -68,6 +68,7 @@ class TrainConfig:
     lr: float = 1e-3  # weights (Adam, cosine-decayed over QAT)
     quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
     rescale: float = constraint.DEFAULT_RESCALE
+    admission: str = "gain"  # cgmq only: what the guard admits (cgmq_jax.admission)
     init_bits: int = 8
     lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
     lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)
@@ -84,6 +85,10 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad field and its valid range."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.admission not in admission.ADMISSIONS:
+            raise ValueError(
+                f"unknown admission {self.admission!r}; choose one of {admission.ADMISSIONS}"
+            )
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
         _check_limits(self)

@@ -199,6 +199,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
             learning_rate=learning_rate,
             quantizer_learning_rate=config.quantizer_lr,
             rescale=config.rescale,
+            admission=config.admission,
         )
     else:
         tx = constraint.partitioned_adam(learning_rate, config.quantizer_lr)

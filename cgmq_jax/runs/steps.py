@@ -97,9 +97,9 @@ def make_train_step(
             (loss, batch_stats), grads = jax.value_and_grad(batch_norm_loss, has_aux=True)(
                 state.params, state.batch_stats, images, labels
             )
-            return state.apply_gradients(grads=grads).replace(batch_stats=batch_stats), loss
+            return _apply_gradients(state, grads).replace(batch_stats=batch_stats), loss
         loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels)
-        return state.apply_gradients(grads=grads), loss
+        return _apply_gradients(state, grads), loss
 
     donated = (0,) if donate else ()
     if placement is None:
@@ -110,6 +110,18 @@ def make_train_step(
         in_shardings=(replicated, batch, batch),
         out_shardings=replicated,
         donate_argnums=donated,
+    )
+
+
+def _apply_gradients(state, grads):
+    """``state.apply_gradients(grads=grads)``, with the loss gradient also passed to the
+    optimizer as ``loss_grads`` when it takes extra arguments (the guard of
+    :func:`cgmq_jax.constraint.constrained_update` weighs its moves by it)."""
+    if not isinstance(state.tx, optax.GradientTransformationExtraArgs):
+        return state.apply_gradients(grads=grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, loss_grads=grads)
+    return state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
     )
 
 
