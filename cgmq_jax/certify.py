@@ -384,10 +384,23 @@ class CertificateRefused(AssertionError):
     """A model that must not be certified: over budget, non-finite, or below the minimum."""
 
 
-def certify(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_reduce="max") -> dict:
+def certify(
+    params,
+    specs: tuple[cost.LayerSpec, ...],
+    budget,
+    *,
+    activation_reduce="max",
+    float_accuracy: float | None = None,
+    accuracy: float | None = None,
+) -> dict:
     """The certificate of a model: :func:`cost_report`, asserting every limit holds.
 
     ``budget``: the BOP budget, or ``{cost name: limit}`` (:func:`limits_of`).
+
+    Given the float network's ``float_accuracy`` and this model's ``accuracy`` (fractions,
+    on the same validation set), the certificate also says whether the model collapsed:
+    ``"collapsed"`` and ``"collapse"`` (:func:`collapse_check`). A collapsed model is still
+    certified (its cost is what it is), but it is not a result.
 
     Raises:
       CertificateRefused: (an ``AssertionError``) if any parameter or quantizer latent is
@@ -435,4 +448,67 @@ def certify(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation_red
                 f"{report['budget_bops']:,.0f}"
             )
         raise CertificateRefused(f"certificate refused: over a limit: {'; '.join(over)}")
+    if float_accuracy is not None and accuracy is not None:
+        report["collapse"] = collapse_check(report, float_accuracy, accuracy)
+        report["collapsed"] = report["collapse"]["collapsed"]
     return report
+
+
+#: A quantized model whose validation accuracy is more than this many points (percent)
+#: below its float network's has collapsed.
+COLLAPSE_POINTS = 5.0
+
+
+def collapse_check(report: dict, float_accuracy: float, accuracy: float) -> dict:
+    """Whether a model collapsed: its accuracy more than :data:`COLLAPSE_POINTS` points below
+    the float network's (both fractions, on the same validation set).
+
+    ``report`` is a :func:`cost_report` / :func:`certify` result. The returned dict holds
+    ``collapsed``, both accuracies, the drop in points, the rule, the *binding* limit (the
+    one set closest to its minimum, as a multiple of it) and ``message``, one line that says
+    what happened and what to do.
+
+    Examples:
+      >>> report = {"limits": {"bops": {"limit": 4e6, "minimum": 2403456, "cost": 3932928}}}
+      >>> check = collapse_check(report, float_accuracy=0.8896, accuracy=0.3663)
+      >>> check["collapsed"], check["binding"]["name"], round(check["binding"]["times_minimum"], 2)
+      (True, 'bops', 1.66)
+      >>> collapse_check(report, 0.8896, 0.86)["collapsed"]
+      False
+    """
+    drop = 100.0 * (float(float_accuracy) - float(accuracy))
+    collapsed = drop > COLLAPSE_POINTS
+    limits = report.get("limits") or {}
+    binding = None
+    if limits:
+        name, verdict = min(
+            limits.items(), key=lambda item: item[1]["limit"] / max(item[1]["minimum"], 1)
+        )
+        binding = {
+            "name": name,
+            "limit": verdict["limit"],
+            "minimum": verdict["minimum"],
+            "times_minimum": verdict["limit"] / max(verdict["minimum"], 1),
+        }
+    message = (
+        f"validation accuracy {100 * accuracy:.2f}% is {drop:.2f} points below the float "
+        f"network's {100 * float_accuracy:.2f}%"
+    )
+    if collapsed:
+        message = f"COLLAPSED: {message} (more than {COLLAPSE_POINTS:g} points)"
+        if binding is not None:
+            message += (
+                f"; the binding limit {binding['name']} {binding['limit']:,.0f} is "
+                f"{binding['times_minimum']:.2f}x its minimum {binding['minimum']:,}: raise it, "
+                "or train longer"
+            )
+        message += ". The model is certified within its limits but is not a usable result."
+    return {
+        "collapsed": collapsed,
+        "float_accuracy": float(float_accuracy),
+        "accuracy": float(accuracy),
+        "drop_points": drop,
+        "rule": f"collapsed when more than {COLLAPSE_POINTS:g} points below the float network",
+        "binding": binding,
+        "message": message,
+    }

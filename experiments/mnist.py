@@ -306,6 +306,8 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
         f"{'' if input8 == relative else f'; {input8:.3f}% with the input counted at 8 bits'})  "
         f"wall {result.wall_seconds:.0f} s  data {result.data_source}"
     )
+    if result.collapsed:
+        print(f"WARNING: {result.certificate['collapse']['message']}", file=sys.stderr)
     print(f"wrote {run.path}/results.json, params.msgpack, training.png")
     return 0
 

@@ -176,3 +176,12 @@ class FitResult:
     #: (validation after each epoch), ``other`` (setup, checkpoints, the fill and its
     #: weight training, certificate, test).
     timings: dict = dataclasses.field(default_factory=dict)
+    #: The returned model's validation accuracy, and its float network's (quantized runs).
+    val_accuracy: float | None = None
+    float_val_accuracy: float | None = None
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether the returned model collapsed (:func:`cgmq_jax.certify.collapse_check`):
+        certified, but more than 5 points below its float network on validation."""
+        return bool(self.certificate.get("collapsed", False))

@@ -131,6 +131,8 @@ def fit(
         train("float")
         if config.method != "float":
             _to_qat(setup, run)
+    elif run.progress.float_val_accuracy is None and float_params is not None:
+        run.progress.float_val_accuracy = _float_accuracy(setup, float_params, dataset)
     if run.progress.phase == "qat":
         train("qat")
     state = parallel.local_copy(run.state)
@@ -274,9 +276,24 @@ def _evaluated(setup, run, evaluate, loss, split, accuracy_fn, log) -> dict:
 
 def _to_qat(setup: _Setup, run: _Run) -> None:
     """From the float phase to QAT: the trained float network, quantized and calibrated."""
-    run.progress = dataclasses.replace(run.progress, phase="qat", epoch=setup.qat_epochs.start)
+    float_rows = [row for row in run.progress.history if row.get("phase") == "float"]
+    run.progress = dataclasses.replace(
+        run.progress,
+        phase="qat",
+        epoch=setup.qat_epochs.start,
+        float_val_accuracy=float_rows[-1]["val_accuracy"] if float_rows else None,
+    )
     variables = parallel.local_copy(_float_variables(run.state))
     run.state = setup.placement.replicate(_qat_state(setup, variables, run.calibration))
+
+
+def _float_accuracy(setup: _Setup, float_params, dataset) -> float:
+    """The validation accuracy of a given float network (params, or variables with
+    BatchNorm statistics)."""
+    variables = float_params if "batch_stats" in float_params else {"params": float_params}
+    return make_accuracy(setup.float_model)(
+        variables["params"], *dataset.validation, batch_stats=variables.get("batch_stats")
+    )
 
 
 def _restore(setup: _Setup, checkpointer, state, variables, calibration):
@@ -317,11 +334,21 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
             params, repaired_bits = certify.greedy_repair(params, specs, limits)
             log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
     fill = None
+    float_accuracy = progress.float_val_accuracy
     if config.method == "cgmq":
         params, fill = _fill(setup, params, dataset.validation, log, tune)
-        certificate = certify.certify(params, specs, limits)
+        accuracy = make_accuracy(setup.model)(params, *dataset.validation)
+        certificate = certify.certify(
+            params, specs, limits, float_accuracy=float_accuracy, accuracy=accuracy
+        )
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
+        accuracy = make_accuracy(setup.model)(params, *dataset.validation)
         certificate = certify.cost_report(params, specs, limits or None)
+        if float_accuracy is not None:
+            certificate["collapse"] = certify.collapse_check(certificate, float_accuracy, accuracy)
+            certificate["collapsed"] = certificate["collapse"]["collapsed"]
+    if certificate.get("collapsed"):
+        log(certificate["collapse"]["message"])
     certificate["selected_epoch"] = progress.best_epoch
     certificate["repaired_bits"] = repaired_bits
     certificate["fill"] = fill
@@ -334,6 +361,8 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
         wall_seconds=0.0,  # set by fit
         data_source=dataset.source,
         specs=specs,
+        val_accuracy=accuracy,
+        float_val_accuracy=float_accuracy,
     )
 
 

@@ -162,6 +162,7 @@ class _Progress:
     best_epoch: int | None = None
     best_val_accuracy: float = -1.0
     seconds: float = 0.0  # training time spent before this process (resumed runs)
+    float_val_accuracy: float | None = None  # the float network's, when QAT started
 
 
 def _epoch_name(setup: _Setup, progress: _Progress) -> str:
