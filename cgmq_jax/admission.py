@@ -70,7 +70,9 @@ def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=Non
     base = costs(jnp.zeros(count))
     added = jax.vmap(costs)(jnp.eye(count)) - base[None, :]  # (candidates, limits)
     room = limits - base
-    fraction = jnp.where(added > 0, added / jnp.maximum(room, jnp.finfo(jnp.float32).tiny)[None, :], 0.0)
+    fraction = jnp.where(
+        added > 0, added / jnp.maximum(room, jnp.finfo(jnp.float32).tiny)[None, :], 0.0
+    )
     price = jnp.max(fraction, axis=1)
     gradient = jax.tree.leaves(loss_grads) if loss_grads is not None else None
     gain = jnp.stack(
