@@ -25,16 +25,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cgmq_jax import quantizer
+
 ADMISSIONS = ("gain", "all_or_nothing")
+# How far past a rounding boundary of log2 d a bit-losing step lands (as the infeasible
+# step's): far above float32 error in exp2/log2, far below a power-of-two step.
+PAST_THE_BOUNDARY = 2.0**-10
+# The decay of the running mean of each quantizer's bit value (``bit_values``) that the
+# trades weigh: about the last 100 steps.
+BIT_VALUE_DECAY = 0.99
 
 
-def all_or_nothing(updates, masked, params, constraints, quantizer_mask, loss_grads=None):
+def all_or_nothing(
+    updates, masked, params, constraints, quantizer_mask, loss_grads=None, bit_value=None
+):
     """``masked``: every cost-raising component refused."""
-    del updates, params, constraints, quantizer_mask, loss_grads
+    del updates, params, constraints, quantizer_mask, loss_grads, bit_value
     return masked
 
 
-def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=None):
+def bit_values(updates, quantizer_mask, loss_grads=None) -> jax.Array:
+    """Per quantizer leaf (in ``jax.tree.leaves`` order), how much the loss wants a finer
+    step: ``dL/d log2 d`` summed over the leaf (from ``loss_grads``; without them the
+    incoming update's ``-u[..., 0]`` stands in). Positive: a bit more would lower the loss,
+    a bit less would raise it, by about this much (a bit is one unit of ``log2 d``)."""
+    source = jax.tree.leaves(loss_grads) if loss_grads is not None else None
+    leaves = jax.tree.leaves(updates)
+    values = [
+        jnp.sum(source[i][..., 0]) if source is not None else -jnp.sum(leaves[i][..., 0])
+        for i, q in enumerate(jax.tree.leaves(quantizer_mask))
+        if q
+    ]
+    return jnp.stack(values).astype(jnp.float32) if values else jnp.zeros([0], jnp.float32)
+
+
+def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=None, bit_value=None):
     """The update with the cost-raising moves admitted by gain per price (module docstring).
 
     Args:
@@ -94,7 +119,85 @@ def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=Non
         return jnp.where(fits, trial, selected), None
 
     selected, _ = jax.lax.scan(consider, jnp.zeros(count), jnp.argsort(-priority))
-    return with_moves(selected)
+    admitted = with_moves(selected)
+    if bit_value is None:
+        return admitted
+    return _trade(
+        admitted,
+        params,
+        chosen,
+        raising,
+        costs_of=lambda update: jnp.stack(
+            [
+                jnp.asarray(fn(optax.apply_updates(params, update)), jnp.float32)
+                for fn, _ in constraints
+            ]
+        ),
+        limits=limits,
+        blocked=(selected == 0) & (price > 0) & (gain > 0),
+        paid=(selected > 0) & (price > 0),
+        added=added,
+        fraction=fraction,
+        bit_value=bit_value,
+    )
+
+
+def _trade(
+    admitted,
+    params,
+    chosen,
+    raising,
+    *,
+    costs_of,
+    limits,
+    blocked,
+    paid,
+    added,
+    fraction,
+    bit_value,
+):
+    """``admitted``, or ``admitted`` with one more bit where it is worth most per unit of
+    cost and one bit less where it is worth least, when that is a gain and fits.
+
+    The refused move worth most per unit of the limit it strains most (``bit_value`` per
+    added cost) is weighed against every other quantizer losing a bit (its ``log2 d`` just
+    past the boundary, as the infeasible step moves it): the donor is the one whose bit is
+    worth least per unit of cost freed, among those with which the traded proposal is
+    within every limit (exact costs). The trade is made when the move's worth per cost is
+    the higher.
+    """
+    tiny = jnp.finfo(jnp.float32).tiny
+    count = len(chosen)
+    strained = jnp.argmax(fraction, axis=1)  # the limit each move strains most
+    need = added[jnp.arange(count), strained]
+    want = jnp.where(blocked & (bit_value > 0), bit_value / jnp.maximum(need, tiny), -jnp.inf)
+    best = jnp.argmax(want)
+    leaves, treedef = jax.tree.flatten(admitted)
+    proposal = jax.tree.leaves(optax.apply_updates(params, admitted))
+    drops = []
+    for i in chosen:
+        rise = quantizer.step_rise_to_lose_a_bit(proposal[i]) + PAST_THE_BOUNDARY
+        rise = jnp.where(jnp.isfinite(rise), rise, 0.0).astype(leaves[i].dtype)
+        drops.append(jnp.stack([rise, jnp.zeros_like(rise)], axis=-1))
+    can_drop = jnp.stack([jnp.any(d[..., 0] > 0) for d in drops])
+
+    def traded(donor):  # ``admitted`` + the best move + ``donor`` (one-hot) a bit lower
+        out = list(leaves)
+        for k, i in enumerate(chosen):
+            raise_k = (k == best).astype(leaves[i].dtype)
+            out[i] = leaves[i] + raise_k * raising[k] + donor[k].astype(leaves[i].dtype) * drops[k]
+        return jax.tree.unflatten(treedef, out)
+
+    raised = costs_of(traded(jnp.zeros(count)))
+    with_donor = jax.vmap(lambda donor: costs_of(traded(donor)))(jnp.eye(count))
+    fits = jnp.all(with_donor <= limits[None, :], axis=1)
+    limit = strained[best]
+    freed = raised[limit] - with_donor[:, limit]
+    eligible = fits & can_drop & (jnp.arange(count) != best) & ~paid & (freed > 0)
+    worth = jnp.where(eligible, bit_value / jnp.maximum(freed, tiny), jnp.inf)
+    donor = jnp.argmin(worth)
+    trade = jnp.isfinite(want[best]) & jnp.isfinite(worth[donor]) & (want[best] > worth[donor])
+    return jax.lax.cond(trade, lambda: traded(jax.nn.one_hot(donor, count)), lambda: admitted)
 
 
 RULES = {"gain": by_gain, "all_or_nothing": all_or_nothing}

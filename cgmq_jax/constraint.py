@@ -38,6 +38,9 @@ class ConstrainedUpdateState(NamedTuple):
     infeasible_steps: jax.Array  # int32: steps taken while the cost was over budget
     guard_steps: jax.Array  # int32: feasible steps whose whole proposal would break a limit
     scale_floor: jax.Array  # largest quantizer-update norm seen; keeps the constraint alive
+    # Per quantizer leaf, a running mean of dL/d log2 d: what a bit is worth to the loss,
+    # weighed by the guard's trades (cgmq_jax.admission.bit_values).
+    bit_value: jax.Array = None
 
 
 def _cost_raising(updates: optax.Updates, is_quantizer) -> optax.Updates:
@@ -251,11 +254,13 @@ def constrained_update(
     def init_fn(params):
         _require_feasible_at_minimum(params, names, constraints, is_quantizer)
         zeros = [jnp.zeros([], jnp.float32) for _ in constraints]
+        count = sum(bool(q) for q in jax.tree.leaves(is_quantizer(params)))
         return ConstrainedUpdateState(
             cost=_pack(names, zeros),
             infeasible_steps=_pack(names, [jnp.zeros([], jnp.int32) for _ in constraints]),
             guard_steps=jnp.zeros([], jnp.int32),
             scale_floor=jnp.asarray(min_scale, jnp.float32),
+            bit_value=jnp.zeros([count], jnp.float32),
         )
 
     def update_fn(updates, state, params=None, *, loss_grads=None, **extra_args):
@@ -273,10 +278,20 @@ def constrained_update(
         corrected = _infeasible_step(
             masked, params, grads, violated, quantizer_mask, rescale * scale_floor
         )
+        decay = admission_rules.BIT_VALUE_DECAY
+        bit_value = decay * state.bit_value + (1.0 - decay) * admission_rules.bit_values(
+            updates, quantizer_mask, loss_grads
+        )
         admitted = jax.lax.cond(
             guard,
             lambda: admit_rule(
-                updates, masked, params, constraints, quantizer_mask, loss_grads=loss_grads
+                updates,
+                masked,
+                params,
+                constraints,
+                quantizer_mask,
+                loss_grads=loss_grads,
+                bit_value=bit_value,
             ),
             lambda: updates,
         )
@@ -284,7 +299,9 @@ def constrained_update(
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
         )
-        return new_updates, _next_state(state, names, costs, violated, guard, scale_floor)
+        return new_updates, _next_state(state, names, costs, violated, guard, scale_floor)._replace(
+            bit_value=bit_value
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -399,6 +416,7 @@ def _next_state(state, names, costs, violated, guard, scale_floor) -> Constraine
         ),
         guard_steps=state.guard_steps + guard.astype(jnp.int32),
         scale_floor=scale_floor,
+        bit_value=state.bit_value,
     )
 
 

@@ -211,7 +211,8 @@ def test_gain_guard_refuses_only_the_move_that_does_not_fit(lenet, cost_fn):
     budget = cost.exact_bops(params, specs)  # full: no bit fits
     tx = cgmq_jax.constrained_update(cost_fn, float(budget))
     updates = _crossing_updates(params)
-    out, state = _update(tx, updates, params)
+    # A loss indifferent to every step: no bit is worth a trade.
+    out, state = _update_with(tx, updates, params, jax.tree.map(jnp.zeros_like, params))
     assert int(state.guard_steps) == 1 and int(state.infeasible_steps) == 0
     _assert_weights_unchanged(out, updates)
     q_in = _quantizer_leaves(updates)
@@ -221,6 +222,39 @@ def test_gain_guard_refuses_only_the_move_that_does_not_fit(lenet, cost_fn):
         else:  # free moves (no bit added) and cost-lowering ones pass untouched
             np.testing.assert_array_equal(u, q_in[key], err_msg=key)
     assert cost.exact_bops(optax.apply_updates(params, out), specs) <= budget
+
+
+def _bits(params, specs):
+    return {
+        (row["layer"], kind): row[f"{kind}_bits"]
+        for row in cost.layer_table(params, specs)
+        for kind in ("weight", "input")
+    }
+
+
+def test_gain_guard_trades_a_bit_from_where_it_is_worth_least(lenet, cost_fn):
+    params, specs = lenet["params8"], lenet["specs"]
+    budget = cost.exact_bops(params, specs)  # full: conv1's bit fits only by a trade
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    updates = jax.tree.map(jnp.zeros_like, params)
+    updates["conv1"]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
+    grads = jax.tree.map(jnp.zeros_like, params)  # only conv1's weight bit is worth anything
+    grads["conv1"]["weight_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
+    out, state = _update_with(tx, updates, params, grads)
+    assert int(state.guard_steps) == 1
+    new = optax.apply_updates(params, out)
+    assert cost.exact_bops(new, specs) <= budget
+    before, after = _bits(params, specs), _bits(new, specs)
+    changed = {k: after[k] - before[k] for k in before if after[k] != before[k]}
+    assert changed.pop(("conv1", "weight")) == 1
+    assert list(changed.values()) == [-1], changed  # one donor, one bit
+    # A donor worth more per BOP than conv1's bit: no trade.
+    for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+        for kind in ("weight", "input"):
+            grads[name][f"{kind}_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
+    grads["conv1"]["weight_quantizer"] = jnp.asarray([1e-6, 0.0], jnp.float32)
+    out, _ = _update_with(tx, updates, params, grads)
+    assert _bits(optax.apply_updates(params, out), specs) == before
 
 
 def _two_bits(lenet):
@@ -241,8 +275,14 @@ def test_gain_guard_admits_the_best_gain_per_bop(lenet, cost_fn, favoured):
     params, specs, budget, updates, extra = _two_bits(lenet)
     assert extra["fc1"] != extra["fc2"]
     other = "fc2" if favoured == "fc1" else "fc1"
-    # The loss gradient: the favoured layer's bit gains more per BOP than the other's.
-    grads = jax.tree.map(jnp.zeros_like, params)
+    # The loss gradient: the favoured layer's bit gains more per BOP than the other's, and
+    # every other bit is worth too much to give up for either (no trade).
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, p: (
+            jnp.asarray([1e3, 0.0], jnp.float32) if _is_quantizer_leaf(path) else jnp.zeros_like(p)
+        ),
+        params,
+    )
     grads[favoured]["weight_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
     grads[other]["weight_quantizer"] = jnp.asarray([1e-3, 0.0], jnp.float32)
     tx = cgmq_jax.constrained_update(cost_fn, float(budget))
@@ -270,8 +310,10 @@ def test_gain_guard_without_loss_grads_weighs_the_update_itself(lenet, cost_fn):
     cheaper = min(extra, key=extra.get)  # equal moves: the gain per BOP is the cheaper bit's
     tx = cgmq_jax.constrained_update(cost_fn, float(budget))
     out, _ = _update(tx, updates, params)
-    after = cost.exact_bops(optax.apply_updates(params, out), specs)
-    assert after == cost.exact_bops(params, specs) + extra[cheaper]
+    new = optax.apply_updates(params, out)
+    assert _bits(new, specs)[(cheaper, "weight")] == 9
+    # The other bit came, if at all, by a trade: the cost stays within the budget.
+    assert cost.exact_bops(new, specs) <= budget
 
 
 def _update_with(tx, updates, params, grads):
