@@ -83,9 +83,12 @@ def _model_bundle(model_cls, sample, batch):
 
     model = model_cls()
     float_model = model_cls(quantized=False)
+    # Eager, not jitted: XLA:CPU takes seconds to compile a jitted init (the random
+    # initialisers), and an init or a calibration pass is never persistently cached (the
+    # unsigned-input check is a host callback); its eager ops are cached.
     with strict_promotion():  # session fixtures are set up outside the autouse fixture
-        float_params = jax.jit(float_model.init)(jax.random.key(0), sample)["params"]
-        params8 = jax.jit(functools.partial(cnn.init_quantizers, model))(float_params, batch)
+        float_params = float_model.init(jax.random.key(0), sample)["params"]
+        params8 = cnn.init_quantizers(model, float_params, batch)
         specs = cost.layer_specs(model, sample)
     return {
         "model": model,
@@ -114,12 +117,12 @@ def mlp(sample_input, calibration_batch):
 
 @pytest.fixture(scope="session")
 def lenet_init_params(sample_input):
-    """``LeNet5().init(key(0), one zero image)["params"]``, jitted once per session (compiling
-    LeNet-5's init costs seconds): 8 bits everywhere, uncalibrated."""
+    """``LeNet5().init(key(0), one zero image)["params"]``, once per session (eager: see
+    ``_model_bundle``): 8 bits everywhere, uncalibrated."""
     from cgmq_jax import models
 
     with strict_promotion():
-        return jax.jit(models.LeNet5().init)(jax.random.key(0), sample_input)["params"]
+        return models.LeNet5().init(jax.random.key(0), sample_input)["params"]
 
 
 def _set_bits(params, specs, weight_bits, input_bits):

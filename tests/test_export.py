@@ -7,7 +7,6 @@ compared with the real Flax layers (``QuantConv`` / ``QuantDense``, i.e. the tra
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -101,15 +100,11 @@ def _random_biases(params, seed, scale=0.3):
     )
 
 
-@functools.cache
-def _init_jit(model):
-    return jax.jit(model.init)
-
-
 def _init(model, shape):
-    """Random parameters (one compilation per model and shape)."""
+    """Random parameters (eager: a jitted init takes XLA:CPU seconds to compile, see
+    conftest.py)."""
     sample = jnp.zeros((1, *shape), jnp.float32)
-    return _init_jit(model)(jax.random.key(0), sample)["params"]
+    return model.init(jax.random.key(0), sample)["params"]
 
 
 # --------------------------------------------------------------------------- integer helpers

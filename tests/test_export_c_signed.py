@@ -38,7 +38,7 @@ class SignedDense(nn.Module):
 def _export(tmp_path, *, input_bits, input_range, exponent):
     """The writer's file of a ``SignedDense`` whose first input quantizer is signed."""
     model = SignedDense()
-    params = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 10), jnp.float32))["params"]
+    params = model.init(jax.random.key(3), jnp.zeros((1, 10), jnp.float32))["params"]
     params = jax.tree.map(lambda v: v, params)
     for name, bits, signed, top in (("fc1", input_bits, True, input_range), ("fc2", 4, False, 2.0)):
         node = params[name]
@@ -117,7 +117,7 @@ class UnsignedDense(nn.Module):
 def test_unsigned_pixels_stay_uint8(tmp_path):
     """MNIST's convention (unsigned 8-bit quantizer at 2**-8) keeps the ``uint8_t`` API."""
     model = UnsignedDense()
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 10), jnp.float32))["params"]
+    params = model.init(jax.random.key(0), jnp.zeros((1, 10), jnp.float32))["params"]
     params = jax.tree.map(lambda v: v, params)
     for name in ("fc1", "fc2"):
         params[name]["input_quantizer"] = quantizer.latents(

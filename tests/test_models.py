@@ -40,10 +40,10 @@ def test_float_model_has_the_same_weights_and_no_quantizers(name, request, sampl
     float_params = bundle["float_params"]
     labels = jax.tree.leaves(quantizer.param_labels(float_params))
     assert labels and set(labels) == {"weight"}
-    if name == "lenet":  # the same init, compiled once per session
+    if name == "lenet":  # the same init, once per session
         quantized = request.getfixturevalue("lenet_init_params")
-    else:
-        quantized = jax.jit(bundle["model"].init)(jax.random.key(0), sample_input)["params"]
+    else:  # eager: a jitted init takes XLA:CPU seconds to compile (see conftest.py)
+        quantized = bundle["model"].init(jax.random.key(0), sample_input)["params"]
     q_labels = jax.tree.leaves(quantizer.param_labels(quantized))
     assert q_labels.count("quantizer") == 2 * len(bundle["specs"])
     stripped = cnn.strip_quantizers(quantized)
@@ -201,7 +201,7 @@ def test_dscnn_macs_are_the_hand_count(sample_input):
 
 def _bn_variables(model, x, seed: int = 0):
     """Float variables with BatchNorm statistics and affine parameters far from identity."""
-    variables = jax.jit(model.init)(jax.random.key(seed), x)
+    variables = model.init(jax.random.key(seed), x)  # eager: see conftest.py
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
 
     def perturb(path, leaf):

@@ -62,9 +62,8 @@ def test_quantize_model_computes_exactly_what_the_library_lenet5_computes():
     float_params = PlainLeNet5().init(jax.random.key(1), x)["params"]
     ours = models.LeNet5()
     wrapped = rules.quantize_model(PlainLeNet5(), UNSIGNED)
-    # Jitted: one compilation each instead of LeNet-5's ops dispatched one by one.
-    params = jax.jit(functools.partial(qnn.init_quantizers, ours))(float_params, x)
-    params_wrapped = jax.jit(functools.partial(qnn.init_quantizers, wrapped))(float_params, x)
+    params = qnn.init_quantizers(ours, float_params, x)
+    params_wrapped = qnn.init_quantizers(wrapped, float_params, x)
     jax.tree.map(np.testing.assert_array_equal, params, params_wrapped)
     np.testing.assert_array_equal(
         jax.jit(ours.apply)({"params": params}, x), jax.jit(wrapped.apply)({"params": params}, x)
