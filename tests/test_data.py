@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from cgmq_jax import data
-from cgmq_jax.data import bundled, cifar, debian, pickles
+from cgmq_jax.data import bundled, cifar, debian, pickles, tfds_io
 from cgmq_jax.data import core as data_core
 from cgmq_jax.data.__main__ import main as data_main
 from cgmq_jax.data.core import DataError, MnistData, carve_validation
@@ -644,6 +644,8 @@ def test_cifar_malicious_batch_refused(tmp_path, cifar_u8):
 # ------------------------------------------------------------------------- tfds / auto
 
 
+# The tests that prepare or read a TFDS copy import TensorFlow (about 10 s): slow tier
+# (``make test`` installs TFDS and runs them; ``make test-unit`` does not install it).
 @pytest.fixture(scope="module")
 def tfds_module():
     return pytest.importorskip("tensorflow_datasets")
@@ -666,6 +668,7 @@ def tiny_tfds_dir(tfds_module, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_tfds_tiny_roundtrip(tiny_tfds_dir, tfds_module, u8):
     _assert_tiny(data.load_mnist("tfds", data_dir=tiny_tfds_dir, verbose=False), u8, "tfds")
     ds = tfds_module.load("mnist", split="test", data_dir=str(tiny_tfds_dir), download=False)
@@ -677,6 +680,7 @@ def test_tfds_tiny_roundtrip(tiny_tfds_dir, tfds_module, u8):
     assert again == tiny_tfds_dir / "mnist" / "3.0.1"
 
 
+@pytest.mark.slow
 def test_tfds_cifar10_roundtrip(tmp_path, tfds_module, cifar_u8):
     images, labels = _train_plus_validation(cifar_u8)
     target = data.prepare_tfds(
@@ -688,7 +692,8 @@ def test_tfds_cifar10_roundtrip(tmp_path, tfds_module, cifar_u8):
     assert md.name == "cifar10"
 
 
-def test_tfds_not_prepared(tmp_path, tfds_module):
+@pytest.mark.skipif(not tfds_io.installed(), reason="tensorflow_datasets is not installed")
+def test_tfds_not_prepared(tmp_path):  # refused before TensorFlow is imported: unit tier
     with pytest.raises(DataError, match="prepare-tfds --dataset mnist --data_dir .*download=True"):
         data.load_mnist("tfds", data_dir=tmp_path / "empty", verbose=False)
 
@@ -699,6 +704,7 @@ def test_tfds_not_installed(tmp_path, monkeypatch):
         data.load_mnist("tfds", data_dir=tmp_path, verbose=False)
 
 
+@pytest.mark.slow
 def test_auto_prefers_prepared_tfds(tiny_tfds_dir, u8, capsys):
     md = data.load_mnist(data_dir=tiny_tfds_dir)
     _assert_tiny(md, u8, "tfds")

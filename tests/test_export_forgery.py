@@ -673,6 +673,9 @@ def _content(path) -> tuple:
     return rows, costs, arrays, layers, graph, logits.tolist(), exponent
 
 
+# Over a thousand forged headers, each re-signed and read: slow tier (the named forgeries
+# above are the unit tier's).
+@pytest.mark.slow
 def test_header_fuzz_accepts_no_different_model(tiny, tmp_path):
     """Every field of a full header mutated (a seeded sample of type swaps, numbers changed,
     fields deleted or duplicated, non-finite numbers), the header re-signed: each file is

@@ -260,15 +260,24 @@ def test_init_at_bits_gives_exactly_that_many_bits(case):
     assert float(d) > 0 and float(q) > 0
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _init_bits_batched(q_values, bits, signed, through_leaf):
-    def one(q):
-        d, q_max = quantizer.init_at_bits(q, bits, signed=signed)
-        if through_leaf:
-            d, q_max = quantizer.from_latents(quantizer.latents(d, q_max))
-        return quantizer.exact_bitwidth(d, q_max, signed=signed)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_bits_batched(qs_by_width, widths, signed):
+    """Under jit, for each width: ``exact_bitwidth(*init_at_bits(q, bits))`` for each ``q``,
+    directly and after the round trip through the stored leaf. One compilation per
+    signedness (``bits`` must be static: a program per width would be 15 compilations)."""
+    out = []
+    for qs, bits in zip(qs_by_width, widths, strict=True):
 
-    return jax.vmap(one)(q_values)
+        def one(q, bits=bits):
+            d, q_max = quantizer.init_at_bits(q, bits, signed=signed)
+            leaf = quantizer.from_latents(quantizer.latents(d, q_max))
+            return (
+                quantizer.exact_bitwidth(d, q_max, signed=signed),
+                quantizer.exact_bitwidth(*leaf, signed=signed),
+            )
+
+        out.append(jax.vmap(one)(qs))
+    return out
 
 
 def _init_at_bits_widths(qs, bits, signed):
@@ -286,7 +295,9 @@ def test_init_at_bits_every_width_over_many_ranges():
     rng = np.random.default_rng(0)
     q_values = np.float32(2.0 ** rng.uniform(-16, 10, 200))
     for signed in (True, False):
-        for bits in range(quantizer.min_bitwidth(signed=signed), 9):
+        widths = tuple(range(quantizer.min_bitwidth(signed=signed), 9))
+        by_width = []
+        for bits in widths:
             top = _top(bits, signed)
             powers = np.float32(top * 2.0 ** np.arange(-16, 10))
             qs = np.concatenate(
@@ -297,13 +308,15 @@ def test_init_at_bits_every_width_over_many_ranges():
                     np.nextafter(powers, np.float32(0)),
                 ]
             )
+            by_width.append(qs)
             # One vmapped call per width (not 304 scalar calls dispatched one by one).
             got = np.asarray(_init_at_bits_widths(qs, bits, signed))
             assert np.all(got == bits), (signed, bits, qs[got != bits])
-            # The same vectorised under jit, and after the round trip through the stored leaf.
-            for through_leaf in (False, True):
-                got = np.asarray(_init_bits_batched(qs, bits, signed, through_leaf))
-                assert np.all(got == bits), (signed, bits, through_leaf, qs[got != bits])
+        # The same vectorised under jit, and after the round trip through the stored leaf.
+        batched = _init_bits_batched(by_width, widths, signed)
+        for qs, bits, (direct, through_leaf) in zip(by_width, widths, batched, strict=True):
+            for leaf, got in ((False, np.asarray(direct)), (True, np.asarray(through_leaf))):
+                assert np.all(got == bits), (signed, bits, leaf, qs[got != bits])
 
 
 def test_init_at_bits_rejects_too_few_bits():
