@@ -132,15 +132,16 @@ def test_the_input_range_ends_at_the_first_value_of_the_top_code():
     """MNIST's uint8 pixels at a quantizer whose top level is 1.0 keep a ``uint8_t`` input:
     the range ends where the top code is first reached (halves round to even), checked
     against brute force."""
-    from fractions import Fraction
-
     from cgmq_jax.export.c import _raw_range
 
     def code(value: int, shift: int, levels: int) -> int:
-        exact = Fraction(value) / Fraction(2) ** shift
-        floor, rest = divmod(exact, 1)
-        up = rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2 == 1)
-        return min(int(floor) + up, levels)
+        """``round_half_even(value / 2**shift)`` clipped to ``levels``, in exact integers."""
+        if shift <= 0:
+            return min(value << -shift, levels)
+        floor, rest = value >> shift, value & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        up = rest > half or (rest == half and floor % 2 == 1)
+        return min(floor + up, levels)
 
     for shift in range(-3, 9):
         for levels in range(1, 40):
