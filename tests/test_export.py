@@ -903,6 +903,8 @@ def _flip_offsets(data, text):
         yield offset, (0xFF, 0x01, 0x80)[offset % 3], inside
 
 
+# About 1,500 loads: slow tier (the unit tier keeps the CLI's 60 flips below).
+@pytest.mark.slow
 def test_every_single_byte_flip_is_refused_or_harmless(small_file, tmp_path):
     """Flip the bytes of a real export (``_flip_offsets``: about 1,500 loads, a few
     seconds): ``load`` either returns the same model (a flip in zip metadata it does not
