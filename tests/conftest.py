@@ -20,6 +20,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The same for the Python subprocesses that the tests start (JAX reads these flags from the
+# environment): a subprocess that trains otherwise compiles every program afresh.
+JAX_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 # Strict dtype promotion and no implicit rank promotion, as in equinox's tests/conftest.py:
 # the core (cgmq_jax) passes under both (nn.py reshapes the bias before adding it).

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import JAX_CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,8 @@ class Stalled(Exception):
 def _python(script: str, env: dict, args=()):
     """Start ``python -c script``; its output goes to files (processes that wait for each
     other must never block on a full pipe)."""
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env}
+    environ = {**os.environ, **JAX_CACHE_ENV, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    environ.update(env)
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
         [sys.executable, "-c", STACKS + script, *args],
