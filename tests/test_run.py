@@ -225,12 +225,24 @@ def _run_cli(tmp_path, args, **env):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("whole")
-    done = _run_cli(tmp_path, [*TINY, "--out", str(tmp_path / "run")])
-    assert done.returncode == 0, done.stderr
-    return json.loads((tmp_path / "run" / "results.json").read_text())
+    """The results of the uninterrupted run, trained once per session and shared by the
+    pytest-xdist workers (the first trains it under a file lock, as ``finished_run``)."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the basetemp every worker's basetemp is made in
+    whole = shared / "uninterrupted"
+    with open(shared / "uninterrupted.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (whole / "run" / "results.json").is_file():
+            shutil.rmtree(whole, ignore_errors=True)  # a worker that failed half-way
+            whole.mkdir()
+            done = _run_cli(whole, [*TINY, "--out", str(whole / "run")])
+            assert done.returncode == 0, done.stderr
+    return json.loads((whole / "run" / "results.json").read_text())
 
 
 def _same_run(resumed: dict, whole: dict) -> None:
