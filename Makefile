@@ -54,6 +54,7 @@ docs: setup
 test: setup-tfds lint docs
 	$(PY) -m pytest -n 2 --durations=25
 
-# The unit tier alone (everything not marked slow): about a minute.
+# The unit tier alone (everything not marked slow, TFDS not needed): the fast check while
+# editing; fits, kill and resume, meshes, C compiles, TFDS and the big fuzz loops are slow.
 test-unit: setup
 	$(PY) -m pytest -n 2 -m "not slow" --durations=10
