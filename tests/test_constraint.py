@@ -206,13 +206,12 @@ def _crossing_updates(params):
     return updates
 
 
-def test_gain_guard_refuses_only_the_move_that_does_not_fit(lenet, cost_fn):
+def test_gain_guard_refuses_only_the_move_that_does_not_fit(lenet, guarded):
     params, specs = lenet["params8"], lenet["specs"]
     budget = cost.exact_bops(params, specs)  # full: no bit fits
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
     updates = _crossing_updates(params)
     # A loss indifferent to every step: no bit is worth a trade.
-    out, state = _update_with(tx, updates, params, jax.tree.map(jnp.zeros_like, params))
+    out, state = guarded(updates, params, float(budget), jax.tree.map(jnp.zeros_like, params))
     assert int(state.guard_steps) == 1 and int(state.infeasible_steps) == 0
     _assert_weights_unchanged(out, updates)
     q_in = _quantizer_leaves(updates)
@@ -232,15 +231,14 @@ def _bits(params, specs):
     }
 
 
-def test_gain_guard_trades_a_bit_from_where_it_is_worth_least(lenet, cost_fn):
+def test_gain_guard_trades_a_bit_from_where_it_is_worth_least(lenet, guarded):
     params, specs = lenet["params8"], lenet["specs"]
-    budget = cost.exact_bops(params, specs)  # full: conv1's bit fits only by a trade
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    budget = float(cost.exact_bops(params, specs))  # full: conv1's bit fits only by a trade
     updates = jax.tree.map(jnp.zeros_like, params)
     updates["conv1"]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
     grads = jax.tree.map(jnp.zeros_like, params)  # only conv1's weight bit is worth anything
     grads["conv1"]["weight_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
-    out, state = _update_with(tx, updates, params, grads)
+    out, state = guarded(updates, params, budget, grads)
     assert int(state.guard_steps) == 1
     new = optax.apply_updates(params, out)
     assert cost.exact_bops(new, specs) <= budget
@@ -253,7 +251,7 @@ def test_gain_guard_trades_a_bit_from_where_it_is_worth_least(lenet, cost_fn):
         for kind in ("weight", "input"):
             grads[name][f"{kind}_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
     grads["conv1"]["weight_quantizer"] = jnp.asarray([1e-6, 0.0], jnp.float32)
-    out, _ = _update_with(tx, updates, params, grads)
+    out, _ = guarded(updates, params, budget, grads)
     assert _bits(optax.apply_updates(params, out), specs) == before
 
 
@@ -271,7 +269,7 @@ def _two_bits(lenet):
 
 
 @pytest.mark.parametrize("favoured", ["fc1", "fc2"])
-def test_gain_guard_admits_the_best_gain_per_bop(lenet, cost_fn, favoured):
+def test_gain_guard_admits_the_best_gain_per_bop(lenet, guarded, favoured):
     params, specs, budget, updates, extra = _two_bits(lenet)
     assert extra["fc1"] != extra["fc2"]
     other = "fc2" if favoured == "fc1" else "fc1"
@@ -285,10 +283,7 @@ def test_gain_guard_admits_the_best_gain_per_bop(lenet, cost_fn, favoured):
     )
     grads[favoured]["weight_quantizer"] = jnp.asarray([1.0, 0.0], jnp.float32)
     grads[other]["weight_quantizer"] = jnp.asarray([1e-3, 0.0], jnp.float32)
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
-    out, state = jax.jit(functools.partial(tx.update, loss_grads=grads))(
-        updates, tx.init(params), params
-    )
+    out, state = guarded(updates, params, float(budget), grads)
     assert int(state.guard_steps) == 1
     np.testing.assert_array_equal(np.asarray(out[favoured]["weight_quantizer"]), [-1.0, 0.0])
     np.testing.assert_array_equal(np.asarray(out[other]["weight_quantizer"]), [0.0, 0.0])
@@ -296,11 +291,10 @@ def test_gain_guard_admits_the_best_gain_per_bop(lenet, cost_fn, favoured):
     assert after == cost.exact_bops(params, specs) + extra[favoured] <= budget
 
 
-def test_gain_guard_pays_for_no_move_that_the_loss_does_not_want(lenet, cost_fn):
+def test_gain_guard_pays_for_no_move_that_the_loss_does_not_want(lenet, guarded):
     params, specs, budget, updates, _ = _two_bits(lenet)
     grads = jax.tree.map(jnp.zeros_like, params)  # the loss gains nothing from either bit
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
-    out, _ = _update_with(tx, updates, params, grads)
+    out, _ = guarded(updates, params, float(budget), grads)
     for name in ("fc1", "fc2"):
         np.testing.assert_array_equal(np.asarray(out[name]["weight_quantizer"]), [0.0, 0.0])
 
@@ -316,8 +310,17 @@ def test_gain_guard_without_loss_grads_weighs_the_update_itself(lenet, cost_fn):
     assert cost.exact_bops(new, specs) <= budget
 
 
-def _update_with(tx, updates, params, grads):
-    return jax.jit(functools.partial(tx.update, loss_grads=grads))(updates, tx.init(params), params)
+@pytest.fixture(scope="module")
+def guarded(cost_fn):
+    """``(updates, params, budget, loss_grads) -> (updates, state)``: one step of a fresh
+    ``constrained_update(cost_fn, budget)``, jitted once with the budget traced."""
+
+    @jax.jit
+    def step(updates, params, budget, grads):
+        tx = cgmq_jax.constrained_update(cost_fn, budget)
+        return tx.update(updates, tx.init(params), params, loss_grads=grads)
+
+    return step
 
 
 def test_admission_must_be_known(cost_fn):
