@@ -5,7 +5,7 @@ proposed update, taken whole, would leave some limit (the *guard*). Each returns
 update to apply; neither ever admits a move that leaves a limit, since every candidate set
 is priced with the exact cost functions themselves (docs/method.md section 3):
 
-* :func:`by_gain` (the default, ``admission="gain"``): each quantizer's cost-raising
+* :func:`by_gain` (``admission="gain"``): each quantizer's cost-raising
   components form one candidate. Its *price* is the exact cost it adds alone, as a
   fraction of the room left under each limit (the largest fraction over the limits); its
   *gain* is the first-order loss decrease ``-g . r`` of its move ``r`` (``g`` the loss
@@ -13,10 +13,17 @@ is priced with the exact cost functions themselves (docs/method.md section 3):
   ``-g``, which makes the gain ``|r|^2``). A move that adds no cost (it crosses no rounding
   boundary) is free and always admitted; the others are admitted in order of gain per
   price, skipping any that no longer fits, each checked against every limit with the
-  moves already admitted. A move with no gain is not paid for.
-* :func:`all_or_nothing` (``admission="all_or_nothing"``, the rule of releases up to
-  0.3): every cost-raising component is refused, so in a budget that is full, bits can
-  only fall.
+  moves already admitted. A move with no gain is not paid for. Then one *trade*: the
+  refused move worth most per unit of cost (a running mean of ``dL/d log2 d``, see
+  :func:`bit_values`) takes a bit from the quantizer whose bit is worth least per unit of
+  cost freed, when that is a gain and the result is within every limit.
+* :func:`all_or_nothing` (``admission="all_or_nothing"``, the default): every
+  cost-raising component is refused, so in a budget that is full, bits can only fall.
+
+Measured (docs/method.md section 3): LeNet-5 at 2e6 BOPs, seeds 0-2 on the 2-core CPU,
+``gain`` used 99.9% of the budget with no fill needed but tested 98.71 / 98.60 / 98.66%
+against 98.85 / 98.79 / 98.73% for ``all_or_nothing``: its first-order worth per BOP
+gives the cheap last layer 8-9 bits and the convolutions' inputs 1 bit.
 """
 
 from __future__ import annotations

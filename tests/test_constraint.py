@@ -177,7 +177,7 @@ def _is_q(params):
 def test_all_or_nothing_guard_zeroes_cost_raising_components_when_crossing(lenet, cost_fn):
     params, specs = lenet["params8"], lenet["specs"]
     budget = cost.exact_bops(params, specs)  # feasible now, exactly at the budget
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget), admission="all_or_nothing")
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget))  # all or nothing, the default
     updates = _noise(params, jax.random.key(0), 1e-3)
     # One clearly bit-raising step: conv1's weight step halved (twice the levels, +1 bit).
     updates["conv1"]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
@@ -302,7 +302,7 @@ def test_gain_guard_pays_for_no_move_that_the_loss_does_not_want(lenet, guarded)
 def test_gain_guard_without_loss_grads_weighs_the_update_itself(lenet, cost_fn):
     params, specs, budget, updates, extra = _two_bits(lenet)
     cheaper = min(extra, key=extra.get)  # equal moves: the gain per BOP is the cheaper bit's
-    tx = cgmq_jax.constrained_update(cost_fn, float(budget))
+    tx = cgmq_jax.constrained_update(cost_fn, float(budget), admission="gain")
     out, _ = _update(tx, updates, params)
     new = optax.apply_updates(params, out)
     assert _bits(new, specs)[(cheaper, "weight")] == 9
@@ -317,7 +317,7 @@ def guarded(cost_fn):
 
     @jax.jit
     def step(updates, params, budget, grads):
-        tx = cgmq_jax.constrained_update(cost_fn, budget)
+        tx = cgmq_jax.constrained_update(cost_fn, budget, admission="gain")
         return tx.update(updates, tx.init(params), params, loss_grads=grads)
 
     return step
@@ -382,11 +382,12 @@ def test_keep_levels_never_adds_a_bit():
 # --- driven from 8 bits to a 1e6 budget, then held there ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runner(lenet, cost_fn):
-    """``run(params, state, key, noise, push_up) -> ((params, state), exact bits per step)``."""
+@pytest.fixture(scope="module", params=["all_or_nothing", "gain"])
+def runner(lenet, cost_fn, request):
+    """``run(params, state, key, noise, push_up) -> ((params, state), exact bits per step)``,
+    for each admission rule of the guard."""
     specs = lenet["specs"]
-    tx = cgmq_jax.constrained_update(cost_fn, BUDGET)
+    tx = cgmq_jax.constrained_update(cost_fn, BUDGET, admission=request.param)
 
     def body(carry, key, noise, push_up):
         params, state = carry

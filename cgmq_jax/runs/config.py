@@ -68,7 +68,7 @@ class TrainConfig:
     lr: float = 1e-3  # weights (Adam, cosine-decayed over QAT)
     quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
     rescale: float = constraint.DEFAULT_RESCALE
-    admission: str = "gain"  # cgmq only: what the guard admits (cgmq_jax.admission)
+    admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     init_bits: int = 8
     lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
     lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)
