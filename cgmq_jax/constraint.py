@@ -280,23 +280,27 @@ def constrained_update(
         corrected = _infeasible_step(
             masked, params, grads, violated, quantizer_mask, rescale * scale_floor
         )
-        decay = admission_rules.BIT_VALUE_DECAY
-        bit_value = decay * state.bit_value + (1.0 - decay) * admission_rules.bit_values(
-            updates, quantizer_mask, loss_grads
-        )
-        admitted = jax.lax.cond(
-            guard,
-            lambda: admit_rule(
-                updates,
-                masked,
-                params,
-                constraints,
-                quantizer_mask,
-                loss_grads=loss_grads,
-                bit_value=bit_value,
-            ),
-            lambda: updates,
-        )
+        if admission == "all_or_nothing":  # the graph of releases up to 0.3, op for op
+            bit_value = state.bit_value
+            admitted = jax.tree.map(lambda u, m: jnp.where(guard, m, u), updates, masked)
+        else:
+            decay = admission_rules.BIT_VALUE_DECAY
+            bit_value = decay * state.bit_value + (1.0 - decay) * admission_rules.bit_values(
+                updates, quantizer_mask, loss_grads
+            )
+            admitted = jax.lax.cond(
+                guard,
+                lambda: admit_rule(
+                    updates,
+                    masked,
+                    params,
+                    constraints,
+                    quantizer_mask,
+                    loss_grads=loss_grads,
+                    bit_value=bit_value,
+                ),
+                lambda: updates,
+            )
         new_updates = _admit(admitted, corrected, feasible)
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
