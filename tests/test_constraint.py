@@ -382,7 +382,9 @@ def test_keep_levels_never_adds_a_bit():
 # --- driven from 8 bits to a 1e6 budget, then held there ------------------------------------
 
 
-@pytest.fixture(scope="module", params=["all_or_nothing", "gain"])
+@pytest.fixture(
+    scope="module", params=["all_or_nothing", pytest.param("gain", marks=pytest.mark.slow)]
+)
 def runner(lenet, cost_fn, request):
     """``run(params, state, key, noise, push_up) -> ((params, state), exact bits per step)``,
     for each admission rule of the guard."""
