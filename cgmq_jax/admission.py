@@ -76,9 +76,12 @@ def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=Non
       constraints: ``[(cost_fn, limit), ...]``.
       quantizer_mask: tree of bools, True at quantizer leaves.
       loss_grads: the loss gradient w.r.t. ``params`` (optional).
+      bit_value: per quantizer leaf, the running mean of :func:`bit_values` (optional;
+        without it no trade is made).
 
     Returns:
-      ``masked`` plus the admitted quantizers' cost-raising components.
+      ``masked`` plus the admitted quantizers' cost-raising components (and, after a
+      trade, one more bit in one quantizer and one less in another).
     """
     leaves, treedef = jax.tree.flatten(updates)
     masked_leaves = jax.tree.leaves(masked)
