@@ -170,7 +170,10 @@ def load_mnist(
 
 def _load_idx(dataset: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Dataset:
     if data_dir is None:
-        raise DataError(f"source='idx' needs data_dir=DIR holding {', '.join(idx.FILES.values())}")
+        raise DataError(
+            f"source='idx' needs data_dir=DIR (--data_dir DIR) holding "
+            f"{', '.join(idx.FILES.values())}"
+        )
     splits = idx.read_directory(Path(data_dir))
     splits = with_validation(splits, dataset.tfds.validation_size, what=f"IDX files in {data_dir}")
     return finish(splits, dataset.image_shape, source="idx", name=dataset.name)

@@ -138,7 +138,8 @@ def read_directory(directory: Path) -> dict[str, Split]:
     """The ``train`` and ``test`` splits from a directory of the four IDX files."""
     if not directory.is_dir():
         raise DataError(
-            f"IDX directory {directory} does not exist; pass data_dir=DIR with the files"
+            f"IDX directory {directory} does not exist; pass data_dir=DIR (--data_dir DIR on "
+            "the command line) holding the files"
         )
     paths = {key: find_file(directory, name) for key, name in FILES.items()}
     return read_splits(paths, {key: read_bytes(path) for key, path in paths.items()})
