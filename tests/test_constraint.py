@@ -857,3 +857,42 @@ def test_fixed_bit_qat_loss_falls_with_the_tied_range():
     assert max(b - a for a, b in itertools.pairwise(w4)) <= 1e-6  # never rises at W4
     assert w2[-1] < 0.5 * w2[0]
     assert untied[-1] > untied[0]  # the bug this guards against: the loss rises
+
+
+@pytest.mark.slow
+def test_gain_guard_keeps_three_limits_at_every_step(lenet):
+    """The gain rule under BOPs, weight memory and activation memory at once: from 8 bits
+    to within all three, then 200 steps of updates pushing every quantizer up (with the
+    loss gradient given), every step's exact costs within every limit."""
+    params, specs = lenet["params8"], lenet["specs"]
+    functions = cost.cost_functions(specs)
+    limits = {"bops": 4e6, "weight_memory_bits": 150_000, "activation_bits": 3000}
+    tx = cgmq_jax.constrained_update(
+        {name: (functions[name], limit) for name, limit in limits.items()}, admission="gain"
+    )
+
+    def body(carry, key):
+        params, state = carry
+        updates = _push_bits_up(_noise(params, key, 1e-2))
+        grads = jax.tree.map(lambda u: -u, updates)  # the loss wants every bit
+        updates, state = tx.update(updates, state, params, loss_grads=grads)
+        params = optax.apply_updates(params, updates)
+        return (params, state), params
+
+    @jax.jit
+    def run(params, state, key):
+        return jax.lax.scan(body, (params, state), jax.random.split(key, 100))
+
+    state = tx.init(params)
+    history = []
+    for seed in range(3):
+        (params, state), trajectory = run(params, state, jax.random.key(seed))
+        history += [jax.tree.map(lambda x, t=t: x[t], trajectory) for t in range(100)]
+    costs = [cost.exact_costs(p, specs) for p in history]
+    first = next(t for t, c in enumerate(costs) if all(c[n] <= v for n, v in limits.items()))
+    assert first < 100
+    for t, c in enumerate(costs[first:], start=first):
+        for name, limit in limits.items():
+            assert c[name] <= limit, (t, name, c[name])
+    assert int(state.guard_steps) > 0  # the pushes did try to cross
+    assert len({tuple(sorted(c.items())) for c in costs[first:]}) > 1  # and bits moved
