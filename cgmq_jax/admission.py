@@ -22,7 +22,7 @@ is priced with the exact cost functions themselves (docs/method.md section 3):
 
 Measured (docs/method.md section 3): LeNet-5 at 2e6 BOPs, seeds 0-2 on the 2-core CPU,
 ``gain`` used 99.9% of the budget with no fill needed but tested 98.71 / 98.60 / 98.66%
-against 98.85 / 98.79 / 98.73% for ``all_or_nothing``: its first-order worth per BOP
+against 98.91 / 98.99 / 99.04% for ``all_or_nothing`` (same machine): its first-order worth per BOP
 gives the cheap last layer 8-9 bits and the convolutions' inputs 1 bit.
 """
 

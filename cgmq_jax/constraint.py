@@ -152,7 +152,7 @@ def constrained_update(
       (:func:`cgmq_jax.admission.by_gain`; the gain is ``-g . r``, ``g`` the loss
       gradient passed as ``tx.update(updates, state, params, loss_grads=grads)``, or the
       incoming update standing in for ``-g``). Measured on LeNet-5 at 2e6 BOPs it filled
-      99.9% of the budget but was 0.13 points worse (docs/method.md section 3);
+      99.9% of the budget but was 0.33 points worse (docs/method.md section 3);
     * infeasible: the cost-raising components are set to zero and the constraint direction
       ``-L * g / ||g||`` is added, with ``g`` the floor-aware gradient of ``cost_fn``
       w.r.t. the ``log2 d`` latents and the length ``L = max(rescale * s, L_bit)``:
