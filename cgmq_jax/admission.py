@@ -1,9 +1,9 @@
 """Which cost-raising quantizer moves pass when the whole proposal would break a limit.
 
-:func:`cgmq_jax.constraint.constrained_update` calls one of these on a feasible step whose
-proposed update, taken whole, would leave some limit (the *guard*). Each returns the
-update to apply; neither ever admits a move that leaves a limit, since every candidate set
-is priced with the exact cost functions themselves (docs/method.md section 3):
+:func:`cgmq_jax.constraint.constrained_update` calls :func:`guarded` on every feasible
+step; the rule matters where the proposed update, taken whole, would leave some limit (the
+*guard*). Neither rule ever admits a move that leaves a limit, since every candidate set is
+priced with the exact cost functions themselves (docs/method.md section 3):
 
 * :func:`by_gain` (``admission="gain"``): each quantizer's cost-raising
   components form one candidate. Its *price* is the exact cost it adds alone, as a
@@ -17,8 +17,8 @@ is priced with the exact cost functions themselves (docs/method.md section 3):
   refused move worth most per unit of cost (a running mean of ``dL/d log2 d``, see
   :func:`bit_values`) takes a bit from the quantizer whose bit is worth least per unit of
   cost freed, when that is a gain and the result is within every limit.
-* :func:`all_or_nothing` (``admission="all_or_nothing"``, the default): every
-  cost-raising component is refused, so in a budget that is full, bits can only fall.
+* ``admission="all_or_nothing"`` (the default): every cost-raising component is
+  refused, so in a budget that is full, bits can only fall.
 
 Measured (docs/method.md section 3): LeNet-5 at 2e6 BOPs, seeds 0-2 on the 2-core CPU,
 ``gain`` used 99.9% of the budget with no fill needed but tested 98.71 / 98.60 / 98.66%
@@ -43,12 +43,31 @@ PAST_THE_BOUNDARY = 2.0**-10
 BIT_VALUE_DECAY = 0.99
 
 
-def all_or_nothing(
-    updates, masked, params, constraints, quantizer_mask, loss_grads=None, bit_value=None
-):
-    """``masked``: every cost-raising component refused."""
-    del updates, params, constraints, quantizer_mask, loss_grads, bit_value
-    return masked
+def guarded(
+    admission, updates, masked, guard, *, params, constraints, quantizer_mask, bit_value,
+    loss_grads=None,
+):  # fmt: skip
+    """``(update, bit_value)``: what passes of ``updates`` (``masked`` is it with every
+    cost-raising component zeroed) on a feasible step, and the running bit values.
+
+    ``guard`` says whether the whole proposal would break a limit; where it does not,
+    ``updates`` passes. ``"all_or_nothing"`` then passes ``masked`` (computed op for op as
+    releases up to 0.3 did; the bit values are not kept); ``"gain"`` passes
+    :func:`by_gain`'s choice (only evaluated on guarded steps) and keeps the running mean
+    of :func:`bit_values`.
+    """
+    if admission == "all_or_nothing":
+        return jax.tree.map(lambda u, m: jnp.where(guard, m, u), updates, masked), bit_value
+    new = bit_values(updates, quantizer_mask, loss_grads)
+    bit_value = BIT_VALUE_DECAY * bit_value + (1.0 - BIT_VALUE_DECAY) * new
+    admitted = jax.lax.cond(
+        guard,
+        lambda: by_gain(
+            updates, masked, params, constraints, quantizer_mask, loss_grads, bit_value
+        ),
+        lambda: updates,
+    )
+    return admitted, bit_value
 
 
 def bit_values(updates, quantizer_mask, loss_grads=None) -> jax.Array:
@@ -98,8 +117,7 @@ def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=Non
         return jax.tree.unflatten(treedef, out)
 
     def costs(selected):
-        proposal = optax.apply_updates(params, with_moves(selected))
-        return jnp.stack([jnp.asarray(fn(proposal), jnp.float32) for fn, _ in constraints])
+        return _costs(params, constraints, with_moves(selected))
 
     count = len(chosen)
     base = costs(jnp.zeros(count))
@@ -137,12 +155,7 @@ def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=Non
         params,
         chosen,
         raising,
-        costs_of=lambda update: jnp.stack(
-            [
-                jnp.asarray(fn(optax.apply_updates(params, update)), jnp.float32)
-                for fn, _ in constraints
-            ]
-        ),
+        costs_of=lambda update: _costs(params, constraints, update),
         limits=limits,
         blocked=(selected == 0) & (price > 0) & (gain > 0),
         paid=(selected > 0) & (price > 0),
@@ -150,6 +163,12 @@ def by_gain(updates, masked, params, constraints, quantizer_mask, loss_grads=Non
         fraction=fraction,
         bit_value=bit_value,
     )
+
+
+def _costs(params, constraints, update) -> jax.Array:
+    """Every constraint's cost (float32) after ``update``, in order."""
+    proposal = optax.apply_updates(params, update)
+    return jnp.stack([jnp.asarray(fn(proposal), jnp.float32) for fn, _ in constraints])
 
 
 def _trade(
@@ -208,6 +227,3 @@ def _trade(
     donor = jnp.argmin(worth)
     trade = jnp.isfinite(want[best]) & jnp.isfinite(worth[donor]) & (want[best] > worth[donor])
     return jax.lax.cond(trade, lambda: traded(jax.nn.one_hot(donor, count)), lambda: admitted)
-
-
-RULES = {"gain": by_gain, "all_or_nothing": all_or_nothing}

@@ -449,8 +449,15 @@ def certify(
             )
         raise CertificateRefused(f"certificate refused: over a limit: {'; '.join(over)}")
     if float_accuracy is not None and accuracy is not None:
-        report["collapse"] = collapse_check(report, float_accuracy, accuracy)
-        report["collapsed"] = report["collapse"]["collapsed"]
+        with_collapse(report, float_accuracy, accuracy)
+    return report
+
+
+def with_collapse(report: dict, float_accuracy: float, accuracy: float) -> dict:
+    """``report`` (a :func:`cost_report` / :func:`certify` result) with ``"collapse"``
+    (:func:`collapse_check`) and ``"collapsed"`` added, in place; returned."""
+    report["collapse"] = collapse_check(report, float_accuracy, accuracy)
+    report["collapsed"] = report["collapse"]["collapsed"]
     return report
 
 

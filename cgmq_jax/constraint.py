@@ -244,12 +244,11 @@ def constrained_update(
     """
     names, constraints = _constraints(cost_fn, budget)
     _check_hyperparameters(names, constraints, rescale, min_scale)
-    if admission not in admission_rules.RULES:
+    if admission not in admission_rules.ADMISSIONS:
         raise ValueError(
             f"admission must be one of {', '.join(map(repr, admission_rules.ADMISSIONS))}, "
             f"got {admission!r}"
         )
-    admit_rule = admission_rules.RULES[admission]
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
 
@@ -280,27 +279,17 @@ def constrained_update(
         corrected = _infeasible_step(
             masked, params, grads, violated, quantizer_mask, rescale * scale_floor
         )
-        if admission == "all_or_nothing":  # the graph of releases up to 0.3, op for op
-            bit_value = state.bit_value
-            admitted = jax.tree.map(lambda u, m: jnp.where(guard, m, u), updates, masked)
-        else:
-            decay = admission_rules.BIT_VALUE_DECAY
-            bit_value = decay * state.bit_value + (1.0 - decay) * admission_rules.bit_values(
-                updates, quantizer_mask, loss_grads
-            )
-            admitted = jax.lax.cond(
-                guard,
-                lambda: admit_rule(
-                    updates,
-                    masked,
-                    params,
-                    constraints,
-                    quantizer_mask,
-                    loss_grads=loss_grads,
-                    bit_value=bit_value,
-                ),
-                lambda: updates,
-            )
+        admitted, bit_value = admission_rules.guarded(
+            admission,
+            updates,
+            masked,
+            guard,
+            params=params,
+            constraints=constraints,
+            quantizer_mask=quantizer_mask,
+            bit_value=state.bit_value,
+            loss_grads=loss_grads,
+        )
         new_updates = _admit(admitted, corrected, feasible)
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask

@@ -334,19 +334,15 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
             params, repaired_bits = certify.greedy_repair(params, specs, limits)
             log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
     fill = None
-    float_accuracy = progress.float_val_accuracy
     if config.method == "cgmq":
         params, fill = _fill(setup, params, dataset.validation, log, tune)
-        accuracy = make_accuracy(setup.model)(params, *dataset.validation)
-        certificate = certify.certify(
-            params, specs, limits, float_accuracy=float_accuracy, accuracy=accuracy
-        )
+        certificate = certify.certify(params, specs, limits)
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
-        accuracy = make_accuracy(setup.model)(params, *dataset.validation)
         certificate = certify.cost_report(params, specs, limits or None)
-        if float_accuracy is not None:
-            certificate["collapse"] = certify.collapse_check(certificate, float_accuracy, accuracy)
-            certificate["collapsed"] = certificate["collapse"]["collapsed"]
+    accuracy_fn = make_accuracy(setup.model)
+    accuracy, float_accuracy = accuracy_fn(params, *dataset.validation), progress.float_val_accuracy
+    if float_accuracy is not None:
+        certify.with_collapse(certificate, float_accuracy, accuracy)
     if certificate.get("collapsed"):
         log(certificate["collapse"]["message"])
     certificate["selected_epoch"] = progress.best_epoch
@@ -356,7 +352,7 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
         config=config,
         params=params,
         history=progress.history,
-        test_accuracy=make_accuracy(setup.model)(params, *dataset.test),
+        test_accuracy=accuracy_fn(params, *dataset.test),
         certificate=certificate,
         wall_seconds=0.0,  # set by fit
         data_source=dataset.source,
