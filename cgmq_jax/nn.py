@@ -176,11 +176,15 @@ def _mark(x: jax.Array, end: str) -> jax.Array:
     return checkpoint_name(x, f"cgmq:{end}:{len(_MARKING[-1])}")
 
 
-def _report(module, options, x, kernel, y, quantized_input=None) -> None:
+def _report(module, options, x, kernel, y, quantized_input=None, path=None) -> None:
+    """Append the layer's :class:`LayerRecord` to every open :func:`record_layers`.
+
+    ``path`` is the layer's path where the module does not know it (an NNX layer).
+    """
     for found in _RECORDERS:
         found.append(
             LayerRecord(
-                tuple(module.path),
+                tuple(module.path) if path is None else tuple(path),
                 options,
                 tuple(jnp.shape(x)),
                 tuple(jnp.shape(kernel)),
@@ -249,7 +253,7 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
         pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
         x = jnp.pad(x, pads, mode=geometry["pad_mode"])
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-    y = _convolution(module, options, x, geometry)(
+    y = convolution(module, options, x, geometry)(
         x,
         kernel,
         geometry["strides"],
@@ -287,11 +291,16 @@ def _conv_kernel(module: nn.Conv, kernel_size, in_features: int) -> jax.Array:
     return kernel if module.mask is None else kernel * module.mask
 
 
-def _convolution(module: nn.Conv, options: QuantOptions, x: jax.Array, geometry: dict):
-    """The layer's ``conv_general_dilated``: its own, else :func:`patch_conv` where it pays."""
-    if module.conv_general_dilated_cls is not None:
+def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
+    """The layer's ``conv_general_dilated``: its own, else :func:`patch_conv` where it pays.
+
+    One rule for the linen and the NNX convolutions (``module`` is either), so that both
+    compute, and differentiate, the same program.
+    """
+    # linen's fields; an NNX Conv has only ``conv_general_dilated`` (the same rule applies).
+    if getattr(module, "conv_general_dilated_cls", None) is not None:
         return module.conv_general_dilated_cls()
-    conv = module.conv_general_dilated or jax.lax.conv_general_dilated
+    conv = getattr(module, "conv_general_dilated", None) or jax.lax.conv_general_dilated
     if options.quantize and conv is jax.lax.conv_general_dilated:
         if _patches_pay(module, x, geometry):
             return patch_conv
@@ -312,7 +321,8 @@ PATCH_CONV_MAX_CHANNELS = 1
 def _patches_pay(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
     """Whether :func:`patch_conv` computes this convolution (see the constant above)."""
     groups, channels = module.feature_group_count, x.shape[-1]
-    depthwise = groups == channels == module.features and groups > 1
+    features = getattr(module, "features", None) or module.out_features  # linen / NNX
+    depthwise = groups == channels == features and groups > 1
     return (
         channels // groups <= PATCH_CONV_MAX_CHANNELS
         and (groups == 1 or depthwise)

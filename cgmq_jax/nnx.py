@@ -50,7 +50,6 @@ from cgmq_jax import conv, cost, graph, operands, quantizer
 from cgmq_jax import nn as qnn
 
 DEFAULT_PERCENTILE = qnn.DEFAULT_PERCENTILE
-_DEFAULTS = qnn.QuantOptions()  # the options' defaults, declared once by QuantOptions
 NOT_CALIBRATED = 0.0  # the value of ``input_signedness`` before calibrate()
 # Flax NNX layers that multiply-accumulate: left unquantized, their cost would go uncounted.
 _MAC_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
@@ -141,24 +140,64 @@ def _check_calibrated(layer, stored: jax.Array) -> None:
     jax.debug.callback(check, missing)
 
 
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(qnn.QuantOptions))
+_PATHS: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar(
+    "cgmq_nnx_paths", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting_paths(model: nnx.Module) -> Iterator[None]:
+    """While open, the quantized layers of ``model`` report their paths in ``model`` to
+    :func:`cgmq_jax.nn.record_layers` (an NNX layer does not know its own path)."""
+    token = _PATHS.set({id(module): path for path, module in nnx.iter_modules(model)})
+    try:
+        yield
+    finally:
+        _PATHS.reset(token)
+
+
+def _pop_options(kwargs: dict) -> qnn.QuantOptions:
+    """The quantizer options among a layer's keyword arguments (removed from them)."""
+    return qnn.QuantOptions(**{name: kwargs.pop(name) for name in _OPTION_NAMES if name in kwargs})
+
+
 class _QuantizedLayer:
     """What :class:`QuantLinear` and :class:`QuantConv` share (put before the Flax class)."""
 
-    def _add_quantizers(self, options: qnn.QuantOptions) -> None:
-        self.quantize = options.quantize
-        self.input_signed = options.input_signed
-        self.calibration_percentile = options.calibration_percentile
+    def _add_quantizers(self, options: qnn.QuantOptions, *, keep_float: bool = False) -> None:
+        for name in _OPTION_NAMES:
+            setattr(self, name, getattr(options, name))
+        # A layer a rule keeps in float (quantize_model): no quantizers, counted at 32 bits.
+        self.keep_float = keep_float
+        if keep_float:
+            self.quantize = False
+            return
         self.weight_quantizer = Quantizer(self._weight_quantizer_at(8))
         # A placeholder: calibrate() sets the range from data (the forward refuses until then).
         self.input_quantizer = Quantizer(operands.initial_quantizer(1.0, signed=True))
         self.input_signedness = InputSignedness(jnp.float32(NOT_CALIBRATED))
 
+    @property
+    def options(self) -> qnn.QuantOptions:
+        """The layer's quantizer options, as :class:`cgmq_jax.nn.QuantOptions`."""
+        return qnn.options_of(self)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the forward pass quantizes (``quantize``, unless a rule keeps it float)."""
+        return bool(self.quantize) and not self.keep_float
+
     def _kernel(self) -> jax.Array:
         return self.kernel[...]
 
     def _weight_quantizer_at(self, bits: int) -> jax.Array:
-        kernel = jnp.asarray(self._kernel(), jnp.float32)
-        return operands.initial_quantizer(jnp.max(jnp.abs(kernel)), signed=True, bits=bits)
+        """The weight quantizer at ``bits`` (or the pinned ``weight_bits``) from ``max|W|``."""
+        return operands.initial_quantizer(
+            operands.weight_range(self._kernel(), self.per_channel),
+            signed=True,
+            bits=self.weight_bits or bits,
+        )
 
     def _input_signed(self):
         """A Python bool (explicit ``input_signed``) or a traced one (decided by the data)."""
@@ -172,9 +211,15 @@ class _QuantizedLayer:
         signed = self._input_signed()
         x = jnp.asarray(inputs, jnp.float32)
         kernel = jnp.asarray(kernel, jnp.float32)
+        input_theta = operands.effective_quantizer(
+            self.input_quantizer[...], self.input_bits, signed=signed
+        )
+        weight_theta = operands.effective_quantizer(
+            self.weight_quantizer[...], self.weight_bits, signed=True
+        )
         return (
-            operands.quantize_tensor(self.input_quantizer[...], x, signed=signed),
-            operands.quantize_tensor(self.weight_quantizer[...], kernel, signed=True),
+            operands.quantize_tensor(input_theta, x, signed=signed),
+            operands.quantize_tensor(weight_theta, kernel, signed=True),
         )
 
     def _observe(self, inputs: jax.Array) -> _Observation:
@@ -192,17 +237,24 @@ class _QuantizedLayer:
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         recorder = _RECORDER.get()
         calibrating = recorder is not None and recorder.calibrating
-        if calibrating:
+        if calibrating and not self.keep_float:
             observation = self._observe(inputs)
             if id(self) in recorder.observed:
                 observation = recorder.observed[id(self)][1].merge(observation)
             recorder.observed[id(self)] = (self, observation)
-        if self.quantize and not calibrating:
-            y = self._quantized_call(inputs, out_sharding)
+        x = inputs if calibrating else qnn._mark(inputs, "in")  # for cgmq_jax.graph.trace
+        quantized_input = None
+        if self.quantized and not calibrating:
+            y, quantized_input = self._quantized_call(x, out_sharding)
         else:
-            y = super().__call__(inputs, out_sharding)  # Flax's own float layer
+            y = super().__call__(x, out_sharding)  # Flax's own float layer
         if recorder is not None:
             recorder.calls.append((self, tuple(inputs.shape), tuple(y.shape)))
+        if not calibrating:
+            y = qnn._mark(y, "out")
+            path = (_PATHS.get() or {}).get(id(self), ())
+            options = dataclasses.replace(self.options, quantize=self.quantized)
+            qnn._report(self, options, inputs, self.kernel, y, quantized_input, path=path)
         return y
 
 
@@ -218,53 +270,38 @@ class QuantLinear(_QuantizedLayer, nnx.Linear):
     """``y = Q(x) @ Q(W) + b``: :class:`flax.nnx.Linear` with quantizers.
 
     Takes ``flax.nnx.Linear``'s arguments (``in_features, out_features, *, use_bias, dtype,
-    param_dtype, ..., rngs``) and, keyword-only, the quantizer options. With
-    ``quantize=False`` it computes exactly ``flax.nnx.Linear``.
+    param_dtype, ..., rngs``) and, keyword-only, the quantizer options of the linen layers.
+    With ``quantize=False`` it computes exactly ``flax.nnx.Linear``.
 
     Args:
       in_features: the number of input features.
       out_features: the number of output features.
-      quantize: quantize the input and the kernel; settable later with
-        ``model.set_attributes(quantize=...)``. The quantizer variables exist either way.
-      input_signed: ``True`` / ``False`` for a signed / unsigned input quantizer; ``None``
-        (default): decided by :func:`calibrate`'s data, signed iff an input is negative.
-        ``False`` with negative calibration inputs makes :func:`calibrate` raise.
-      calibration_percentile: the percentile of ``|x|`` (signed) or ``max(x, 0)``
-        (unsigned) that sets the input quantizer's range at calibration.
-      **kwargs: ``flax.nnx.Linear``'s keyword arguments (``rngs`` required).
+      **kwargs: ``flax.nnx.Linear``'s keyword arguments (``rngs`` required) and the options
+        quantize, input_signed, calibration_percentile, per_channel, input_bits,
+        weight_bits of :class:`cgmq_jax.nn.QuantOptions` (``per_channel=True``: a weight
+        quantizer of shape ``(out_features, 2)``; ``input_bits=8``: the input pinned at 8
+        bits). ``input_signed=False`` with negative calibration inputs makes
+        :func:`calibrate` raise.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from cgmq_jax.nnx import QuantLinear, calibrate
-      >>> layer = QuantLinear(8, 10, rngs=nnx.Rngs(0))
+      >>> layer = QuantLinear(8, 10, per_channel=True, input_bits=8, rngs=nnx.Rngs(0))
       >>> x = jnp.linspace(-1.0, 1.0, 8)[None]
       >>> calibrate(layer, x)
-      >>> layer(x).shape, layer.kernel.shape, float(layer.input_signedness[...])
-      ((1, 10), (8, 10), 1.0)
+      >>> layer(x).shape, layer.weight_quantizer.shape, float(layer.input_signedness[...])
+      ((1, 10), (10, 2), 1.0)
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        quantize: bool = _DEFAULTS.quantize,
-        input_signed: bool | None = _DEFAULTS.input_signed,
-        calibration_percentile: float = _DEFAULTS.calibration_percentile,
-        **kwargs,
-    ):
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        options = _pop_options(kwargs)
         super().__init__(in_features, out_features, **kwargs)
-        self._add_quantizers(
-            qnn.QuantOptions(
-                quantize=quantize,
-                input_signed=input_signed,
-                calibration_percentile=calibration_percentile,
-            )
-        )
+        self._add_quantizers(options)
 
-    def _quantized_call(self, inputs: jax.Array, out_sharding) -> jax.Array:
+    def _quantized_call(self, inputs: jax.Array, out_sharding):
         x, kernel = self._quantized_operands(inputs, self._kernel())
+        quantized_input = x
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
         y = self.dot_general(
@@ -276,7 +313,7 @@ class QuantLinear(_QuantizedLayer, nnx.Linear):
         )
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return y, quantized_input
 
 
 class QuantConv(_QuantizedLayer, nnx.Conv):
@@ -288,7 +325,8 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
     padding form Flax accepts) and, keyword-only, the quantizer options of
     :class:`QuantLinear`. With ``quantize=False`` it computes exactly ``flax.nnx.Conv``. The
     input is quantized before any padding (padded zeros are the code 0); a ``mask`` is
-    applied to the kernel before it is quantized.
+    applied to the kernel before it is quantized. The convolution itself is chosen by the
+    linen layer's rule (:func:`cgmq_jax.nn.convolution`), so both compute the same program.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -307,26 +345,17 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
         out_features: int,
         kernel_size: int | tuple[int, ...],
         strides: int | tuple[int, ...] | None = 1,
-        *,
-        quantize: bool = _DEFAULTS.quantize,
-        input_signed: bool | None = _DEFAULTS.input_signed,
-        calibration_percentile: float = _DEFAULTS.calibration_percentile,
         **kwargs,
     ):
+        options = _pop_options(kwargs)
         super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
-        self._add_quantizers(
-            qnn.QuantOptions(
-                quantize=quantize,
-                input_signed=input_signed,
-                calibration_percentile=calibration_percentile,
-            )
-        )
+        self._add_quantizers(options)
 
     def _kernel(self) -> jax.Array:
         kernel = self.kernel[...]
         return kernel if self.mask is None else kernel * self.mask
 
-    def _quantized_call(self, inputs: jax.Array, out_sharding) -> jax.Array:
+    def _quantized_call(self, inputs: jax.Array, out_sharding):
         geometry = conv.conv_geometry(self)  # Flax's rules: nnx.Conv has the fields
         # Flax's batch handling: any number of leading batch axes, or none.
         batch_shape = inputs.shape[: inputs.ndim - (len(geometry["kernel_size"]) + 1)]
@@ -338,12 +367,15 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
                 f"Shapes are: {self.mask.shape}, {self.kernel_shape}"
             )
         x, kernel = self._quantized_operands(inputs, self._kernel())
+        quantized_input = x
         bias = self.bias[...] if self.bias is not None else None
         if geometry["pre_padding"] is not None:
             pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
             x = jnp.pad(x, pads, mode=geometry["pad_mode"])
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = self.conv_general_dilated(
+        convolve = qnn.convolution(self, self.options, x, geometry)
+        extra = {} if convolve is qnn.patch_conv else _product_kwargs(self, out_sharding)
+        y = convolve(
             x,
             kernel,
             geometry["strides"],
@@ -353,16 +385,58 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
             dimension_numbers=conv.conv_dimension_numbers(x.shape),
             feature_group_count=self.feature_group_count,
             precision=self.precision,
-            **_product_kwargs(self, out_sharding),
+            **extra,
         )
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         if len(batch_shape) != 1:
             y = jnp.reshape(y, (*batch_shape, *y.shape[1:]))
-        return y
+        return y, quantized_input
 
 
 QUANTIZED_LAYERS = (QuantLinear, QuantConv)
+#: The plain Flax layers :func:`quantize_layers` replaces, and what by.
+_REPLACEMENTS = ((nnx.Conv, QuantConv), (nnx.Linear, QuantLinear))
+
+
+def _replacement(module) -> type | None:
+    """The quantized class for a plain ``nnx.Linear`` / ``nnx.Conv`` (not a subclass with
+    its own ``__call__``, nor one already quantized), else ``None``."""
+    if isinstance(module, QUANTIZED_LAYERS):
+        return None
+    for plain, quantized in _REPLACEMENTS:
+        if isinstance(module, plain) and type(module).__call__ is plain.__call__:
+            return quantized
+    return None
+
+
+def quantize_layers(model: nnx.Module, rule_for) -> nnx.Module:
+    """A copy of ``model`` whose plain ``nnx.Linear`` / ``nnx.Conv`` layers are quantized.
+
+    The NNX side of :func:`cgmq_jax.rules.quantize_model` (use that): each replaced layer
+    keeps its ``kernel`` and ``bias`` (the same values, so a trained float model stays
+    trained) and takes the options of ``rule_for(path)`` (a
+    :class:`cgmq_jax.rules.QuantRule`, or ``None``: kept in float, counted at 32 x 32 bits).
+    ``model`` itself is not modified.
+    """
+    copy = nnx.merge(*nnx.split(model))
+    for path, module in list(nnx.iter_modules(copy)):
+        quantized_class = _replacement(module)
+        if quantized_class is None or not path:
+            continue
+        rule = rule_for(_name(path))
+        options = rule.options if rule is not None else qnn.QuantOptions(quantize=False)
+        layer = object.__new__(quantized_class)  # the same attributes, a quantized class
+        layer.__dict__.update(vars(module))
+        layer._add_quantizers(options, keep_float=not options.quantize)
+        parent = copy
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = layer
+        else:
+            setattr(parent, path[-1], layer)
+    return copy
 
 
 def _name(path: tuple) -> str:
@@ -384,8 +458,10 @@ def calibrate(model: nnx.Module, *args, input_bits: int = 8, weight_bits: int = 
     Args:
       model: an NNX module holding :class:`QuantLinear` / :class:`QuantConv` layers.
       *args: the model's call arguments: a calibration batch (and any other inputs).
-      input_bits: the bit-width of every input quantizer.
-      weight_bits: the bit-width of every weight quantizer.
+      input_bits: the bit-width of every input quantizer (a layer's pinned ``input_bits``
+        wins).
+      weight_bits: the bit-width of every weight quantizer (a layer's pinned
+        ``weight_bits`` wins; a ``per_channel`` layer's range is per output channel).
       **kwargs: the model's keyword call arguments (e.g. ``train=False``).
     """
     with _recording(calibrating=True) as recorder:
@@ -400,7 +476,7 @@ def calibrate(model: nnx.Module, *args, input_bits: int = 8, weight_bits: int = 
             raise operands.unsigned_error(_name(paths[id(layer)]))
     for layer, observation in recorder.observed.values():
         layer.input_quantizer[...] = operands.initial_quantizer(
-            observation.input_range, signed=observation.signed, bits=input_bits
+            observation.input_range, signed=observation.signed, bits=layer.input_bits or input_bits
         )
         layer.input_signedness[...] = quantizer.signedness_leaf(observation.signed)
         layer.weight_quantizer[...] = layer._weight_quantizer_at(weight_bits)
@@ -430,20 +506,11 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
       One :class:`cgmq_jax.cost.LayerSpec` per call of a quantized layer, in call order;
       its ``path`` indexes ``nnx.state(model)`` (and its pure and ``nnx.Param`` states).
     """
-    plain = [
-        _name(path)
-        for path, module in nnx.iter_modules(model)
-        if isinstance(module, _MAC_LAYERS) and not isinstance(module, QUANTIZED_LAYERS)
-    ]
-    if plain:
-        raise ValueError(
-            f"layers {plain} are plain Flax layers that multiply-accumulate: their cost would "
-            "not be counted; build them as cgmq_jax.nnx.QuantLinear / QuantConv"
-        )
+    _refuse_plain_layers(model)
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     traced_at = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
-    calls: list[tuple[tuple, bool, int, dict]] = []  # (path, quantize, MACs, sizes) per call
+    calls: list[tuple[tuple, Any, int, dict]] = []  # (path, layer, MACs, sizes) per call
 
     def forward(state, traced):
         given = list(leaves)
@@ -458,22 +525,51 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
             kernel_shape = tuple(layer.kernel.shape)
             macs = graph.macs(output_shape, kernel_shape)
             sizes = cost.layer_sizes(kernel_shape, input_shape)
-            calls.append((paths[id(layer)], layer.quantize, macs, sizes))
+            calls.append((paths[id(layer)], layer, macs, sizes))
 
     shapes = [jax.ShapeDtypeStruct(jnp.shape(leaves[i]), leaves[i].dtype) for i in traced_at]
     jax.eval_shape(forward, state, shapes)
     if not calls:
         raise ValueError(f"{type(model).__name__} called no QuantLinear / QuantConv layer")
-    float_layers = sorted({_name(path) for path, quantize, _, _ in calls if not quantize})
+    float_layers = sorted(
+        {_name(path) for path, layer, _, _ in calls if not layer.quantize and not layer.keep_float}
+    )
     if float_layers:
         raise ValueError(
             f"layers {float_layers} run with quantize=False, so they would not be counted: "
             "model.set_attributes(quantize=True) before layer_specs"
         )
     modules = dict(nnx.iter_modules(model))
-    return tuple(
-        cost.LayerSpec(path, macs, _calibrated_signedness(modules[path], path), **sizes)
-        for path, _, macs, sizes in calls
+    return tuple(_spec(path, modules[path], macs, sizes) for path, _, macs, sizes in calls)
+
+
+def _refuse_plain_layers(model: nnx.Module) -> None:
+    """Raise for a plain Flax layer that multiply-accumulates (its cost would be free)."""
+    plain = [
+        _name(path)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, _MAC_LAYERS) and not isinstance(module, QUANTIZED_LAYERS)
+    ]
+    if plain:
+        raise ValueError(
+            f"layers {plain} are plain Flax layers that multiply-accumulate: their cost would "
+            "not be counted; build them as cgmq_jax.nnx.QuantLinear / QuantConv, or quantize "
+            "the model with cgmq_jax.quantize_model"
+        )
+
+
+def _spec(path: tuple, layer, macs: int, sizes: dict) -> cost.LayerSpec:
+    """One call's :class:`cgmq_jax.cost.LayerSpec`, as the linen one is made."""
+    if layer.keep_float:  # kept in float by a rule: counted at 32 x 32 bits, as in linen
+        return cost.LayerSpec(path, macs, False, quantized=False, **sizes)
+    return cost.LayerSpec(
+        path,
+        macs,
+        _calibrated_signedness(layer, path),
+        input_bits=layer.input_bits,
+        weight_bits=layer.weight_bits,
+        channels=layer.kernel.shape[-1] if layer.per_channel else 1,
+        **sizes,
     )
 
 

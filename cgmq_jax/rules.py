@@ -95,13 +95,18 @@ class QuantizedModel(nn.Module):
             return self.model(*args, **kwargs)
 
 
+def _rule_for(rules: tuple[QuantRule, ...], path: str) -> QuantRule | None:
+    """The first rule whose ``module_path`` matches ``path``, or ``None``."""
+    return next((rule for rule in rules if rule.matches(path)), None)
+
+
 def _interceptor(rules: tuple[QuantRule, ...], quantized: bool):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not _intercepted(module):
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        rule = next((rule for rule in rules if rule.matches(path)), None)
+        rule = _rule_for(rules, path)
         if rule is None:
             return next_fun(*args, **kwargs)
         if kwargs or len(args) != 1:
@@ -115,24 +120,33 @@ def _interceptor(rules: tuple[QuantRule, ...], quantized: bool):
     return intercept
 
 
-def quantize_model(
-    model: nn.Module, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),)
-) -> QuantizedModel:
-    """Quantize an unmodified linen model's ``Dense`` / ``Conv`` layers by rules.
+def quantize_model(model, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),)):
+    """Quantize an unmodified linen or NNX model's ``Dense`` / ``Conv`` layers by rules.
+
+    One name for both (dispatched on the model's type), with the same rules:
+
+    * a linen model is wrapped: every call of a plain ``nn.Dense`` / ``nn.Conv`` is
+      intercepted (see the module docstring); BatchNorm right after such a layer is folded
+      into it in the quantized model (see :class:`QuantizedModel`);
+    * an NNX model is copied (the original is not modified) with every plain
+      ``nnx.Linear`` / ``nnx.Conv`` replaced by a :class:`cgmq_jax.nnx.QuantLinear` /
+      :class:`cgmq_jax.nnx.QuantConv` holding the same ``kernel`` and ``bias`` and the
+      first matching rule's options; one no rule quantizes is kept in float (no
+      quantizers, counted at 32 x 32 bits). Then :func:`cgmq_jax.nnx.calibrate` (or
+      ``init_quantizers(model, batch)``) sets the quantizers from data.
 
     Args:
-      model: any ``flax.linen.Module`` (unbound).
+      model: any ``flax.linen.Module`` (unbound), or a ``flax.nnx.Module``.
       rules: :class:`QuantRule` s, the first match wins; the default quantizes every
         ``Dense`` and ``Conv`` with learned bit-widths and data-decided input signedness.
 
     Returns:
-      A :class:`QuantizedModel` (``quantized=True``); ``.clone(quantized=False)`` is the
-      float model, whose parameters are the original model's.
+      Linen: a :class:`QuantizedModel` (``quantized=True``); ``.clone(quantized=False)`` is
+      the float model, whose parameters are the original model's. NNX: the quantized copy.
 
     Raises:
-      TypeError: ``model`` is not a linen module. A Flax NNX module is refused with a
-        message naming the NNX way today, :class:`cgmq_jax.nnx.QuantLinear` /
-        :class:`cgmq_jax.nnx.QuantConv` layers.
+      TypeError: ``model`` is neither a linen nor an NNX module, or a rule is not a
+        :class:`QuantRule`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -162,10 +176,9 @@ def quantize_model(
         if not isinstance(rule, QuantRule):
             raise TypeError(f"rules must be QuantRule instances, got {type(rule).__name__}")
     if qnn.is_nnx_module(model):
-        raise TypeError(
-            "quantize_model takes a flax.linen model; it does not rewrite a Flax NNX module "
-            "(not yet): build its layers as cgmq_jax.nnx.QuantLinear / cgmq_jax.nnx.QuantConv"
-        )
+        from cgmq_jax import nnx as cnnx
+
+        return cnnx.quantize_layers(model, lambda path: _rule_for(rules, path))
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model takes a flax.linen.Module, got {type(model).__name__}")
     if model.scope is not None:
