@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BUDGET ?= 2e6
 
-.PHONY: setup setup-tfds setup-peers data demo bench test test-unit lint docs
+.PHONY: setup setup-tfds setup-onnx setup-peers data demo bench test test-unit lint docs
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(VENV)/.installed-tfds: $(VENV)/.installed requirements-tfds.txt
 setup: $(VENV)/.installed
 
 setup-tfds: $(VENV)/.installed-tfds
+
+# The optional ONNX export and ONNX Runtime (CPU): the tests cover them.
+$(VENV)/.installed-onnx: $(VENV)/.installed requirements-onnx.txt
+	$(PY) -m pip install --quiet -r requirements-onnx.txt
+	touch $@
+
+setup-onnx: $(VENV)/.installed-onnx
 
 # The PyTorch peer of the benchmark, in its own venv (never a dependency of cgmq-jax).
 PEERS ?= .venv-peers
@@ -51,7 +58,7 @@ docs: setup
 	$(PY) docs/build_api.py
 
 # Both tiers on two workers (pytest-xdist), the 25 slowest tests listed: what CI runs.
-test: setup-tfds lint docs
+test: setup-tfds setup-onnx lint docs
 	$(PY) -m pytest -n 2 --durations=25
 
 # The unit tier alone (everything not marked slow, TFDS not needed): the fast check while
