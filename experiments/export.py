@@ -2,6 +2,7 @@
 
     python experiments/export.py RESULTS_DIR [--out FILE] [--check] [--c OUT_DIR] [--overwrite]
     python experiments/export.py FILE.npz --check [--c OUT_DIR]   # an existing file
+    python experiments/export.py RESULTS_DIR --onnx OUT.onnx [--check]   # and as ONNX
 
 Export writes ``RESULTS_DIR/model_int.npz`` (or ``--out``) from ``results.json`` and
 ``params.msgpack``; an existing file (or C file in ``OUT_DIR``) is never replaced without
@@ -26,7 +27,11 @@ Export writes ``RESULTS_DIR/model_int.npz`` (or ``--out``) from ``results.json``
 
 ``--c OUT_DIR`` writes the network as self-contained C99 (``model.c``, ``model.h``, a test
 harness ``main.c``); with ``--check`` it is compiled with ``cc`` and its logits on the test
-images must be bit-identical to the integer engine's. The check's numbers go to
+images must be bit-identical to the integer engine's. ``--onnx OUT.onnx`` writes the model as
+an ONNX QDQ graph (``cgmq_jax.export.onnx``; needs ``pip install -r requirements-onnx.txt``)
+and recounts its BOPs from the ONNX file alone; with ``--check`` ONNX Runtime runs it on
+the test images, and its recount must equal the certificate and its predictions agree with
+the integer engine's on at least 99.9% of them. The check's numbers go to
 ``FILE.check.json``.
 
 Exit status: 0 on success, 1 when a check fails, 2 on bad input (no run, unreadable or
@@ -68,9 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--c", default=None, metavar="OUT_DIR", help="also write the network as C99")
     p.add_argument(
+        "--onnx",
+        default=None,
+        metavar="OUT.onnx",
+        help="also write the model as ONNX (QDQ); needs pip install -r requirements-onnx.txt",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing export file (and C files in OUT_DIR)",
+        help="replace an existing export file (and C files in OUT_DIR, the --onnx file)",
     )
     p.add_argument(
         "--dataset",
@@ -391,8 +402,9 @@ def _evaluate(model, path, opened, args, summary: dict, problems: list[str]) -> 
     images, labels = dataset.test
     inputs = _integer_inputs(model, images)
     summary.update(test_examples=len(labels), dataset=dataset.name, data_source=dataset.source)
+    jax_pred = None
     if run is not None:
-        int_pred = _against_jax(model, opened, images, labels, summary, problems)
+        int_pred, jax_pred = _against_jax(model, opened, images, labels, summary, problems)
         claim = opened.results.get("test_accuracy")
     else:
         int_pred = ex.predict(model, inputs)
@@ -404,6 +416,9 @@ def _evaluate(model, path, opened, args, summary: dict, problems: list[str]) -> 
     _baseline(accuracy, labels, problems)
     if args.c is not None and not _check_c(model, inputs, args.c, summary):
         problems.append("the C logits differ from the integer engine's")
+    if args.onnx is not None:
+        real = inputs * 2.0 ** model.header["input"]["exponent"]
+        _check_onnx(Path(args.onnx), real, labels, int_pred, jax_pred, summary, problems)
 
 
 def _against_jax(model, opened, images, labels, summary, problems):
@@ -439,7 +454,7 @@ def _against_jax(model, opened, images, labels, summary, problems):
             f"results.json: test_accuracy {claim!r}, the JAX model measures {jax_accuracy!r} "
             f"(more than {100 * MAX_ACCURACY_DROP:.1f} point apart)"
         )
-    return int_pred
+    return int_pred, jax_pred
 
 
 def _accuracy(value) -> bool:
@@ -526,6 +541,60 @@ def _check_c(model, pixels, out_dir: Path, summary: dict) -> bool:
     return identical
 
 
+def _write_onnx(model, path: Path) -> dict:
+    """Write the ONNX graph of ``model`` and recount its BOPs from the ONNX file alone."""
+    from cgmq_jax.export import onnx as ox
+
+    with _writing(path):
+        ox.to_onnx(model, path)
+    counted = ox.recount_onnx(path)
+    verdict = {True: "EQUAL to", False: "DIFFERENT from", None: "no certificate to compare with"}
+    certificate = counted["certificate_bops"]
+    print(
+        f"wrote {path} ({path.stat().st_size:,} bytes, ONNX opset {counted['opset']}); "
+        f"recounted from the ONNX file: {counted['bops']:,} BOPs, "
+        f"{verdict[counted['matches_certificate']]}"
+        + ("" if certificate is None else f" the certificate's {certificate:,}")
+    )
+    return counted
+
+
+def _check_onnx(path: Path, real, labels, int_pred, jax_pred, summary: dict, problems) -> None:
+    """ONNX Runtime on the test set: accuracy, agreement with the engine (and JAX)."""
+    import time
+
+    from cgmq_jax.export import onnx as ox
+
+    counted = ox.recount_onnx(path)
+    start = time.perf_counter()
+    logits = ox.run_onnx(path, real)
+    seconds = time.perf_counter() - start
+    pred = logits.argmax(axis=-1)
+    n = len(labels)
+    agree = int((pred == int_pred).sum())
+    summary["onnx"] = {
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "opset": counted["opset"],
+        "bops_recounted": counted["bops"],
+        "matches_certificate": counted["matches_certificate"],
+        "graph_intact": counted["graph_intact"],
+        "test_accuracy": float((pred == labels).mean()),
+        "agree_with_engine": agree,
+        "agree_with_jax": None if jax_pred is None else int((pred == jax_pred).sum()),
+        "seconds": seconds,
+    }
+    also = "" if jax_pred is None else f", with JAX {summary['onnx']['agree_with_jax']:,}"
+    print(
+        f"ONNX Runtime: test accuracy {100 * summary['onnx']['test_accuracy']:.2f}%; "
+        f"predictions agreeing with the integer engine {agree:,} of {n:,}{also} ({seconds:.1f} s)"
+    )
+    if not counted["ok"]:
+        problems.append(f"{path}: the ONNX recount differs from the certificate or its metadata")
+    if agree < MIN_AGREEMENT * n:
+        problems.append(f"only {agree:,} of {n:,} ONNX Runtime predictions agree with the engine")
+
+
 #: The files ``--c`` writes.
 C_FILES = ("model.h", "model.c", "main.c")
 
@@ -564,8 +633,8 @@ def run(args: argparse.Namespace) -> int:
     from cgmq_jax import files
     from cgmq_jax.runs import export_run
 
-    if args.out == "" or args.c == "":
-        raise ValueError("--out and --c take a path, not an empty string")
+    if args.out == "" or args.c == "" or args.onnx == "":
+        raise ValueError("--out, --c and --onnx take a path, not an empty string")
     for flag, _ in LIMIT_FLAGS.values():
         value = getattr(args, flag)
         if value is not None and not _number(value):
@@ -576,6 +645,12 @@ def run(args: argparse.Namespace) -> int:
     if args.c is not None:  # cc later runs inside it: no path relative to the start
         args.c = Path(os.path.abspath(args.c))
     c_files = [] if args.c is None else [args.c / name for name in C_FILES]
+    if args.onnx is not None:
+        _refuse_existing([Path(args.onnx)], args.overwrite, "or choose another --onnx path")
+        from cgmq_jax.export import onnx as ox
+
+        ox.require("onnx")  # before any work: a missing package is one line with the fix
+        ox.require("onnxruntime")
     if source.is_dir():
         run_dir = source
         path = Path(args.out) if args.out is not None else source / ex.DEFAULT_FILE
@@ -592,6 +667,8 @@ def run(args: argparse.Namespace) -> int:
         _refuse_existing(c_files, args.overwrite, "or choose another --c directory")
     else:
         raise ValueError(f"{source}: not a run directory or an existing .npz file")
+    if args.onnx is not None:
+        _write_onnx(ex.load(path), Path(args.onnx))
     if not args.check:
         model = ex.load(path)  # read and verified once, for the count and for C
         print(_bops_text(ex.count_bops(model)))

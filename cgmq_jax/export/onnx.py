@@ -219,9 +219,9 @@ def _weight(g: _Graph, model: IntegerModel, index: int, stem: str) -> str:
     if layer["kind"] == "conv":  # (*window, in / groups, out) -> (out, in / groups, *window)
         rank = kernel.ndim - 2
         kernel = kernel.transpose(rank + 1, rank, *range(rank))
-        axis = 0
-    else:
-        axis = 1
+    else:  # (in, out) -> (out, in): the left operand of the MatMul (see _dense)
+        kernel = kernel.T
+    axis = 0
     exponents = np.atleast_1d(layer["weight_exponent"])
     codes = g.const(f"{stem}.weight", kernel, type_name)
     attrs = {}
@@ -249,6 +249,24 @@ def _bias(g: _Graph, model: IntegerModel, index: int, stem: str) -> str:
     return g.node("DequantizeLinear", [codes, scale, zero], f"{stem}/bias_dq")
 
 
+def _dense(g: _Graph, x: str, w: str, shape: list[int], features: int, stem: str) -> str:
+    """``x @ kernel`` over the last axis as ``MatMul(kernel.T, x.T)``, one example at a time.
+
+    ``x`` (``[N, *lead, in]``) goes to ``[N, in, L]`` (``L = prod(lead)``), the weight
+    ``[out, in]`` is the left operand, the product ``[N, out, L]`` comes back to
+    ``[N, *lead, out]``. With the weight on the right, ONNX Runtime 1.30 (extended level
+    and up) turns ``DequantizeLinear`` -> ``MatMul`` into ``MatMulNBits`` whose default
+    ``accuracy_level`` 4 requantizes the activations to int8 per block of 32: not exact
+    (logits off by up to 0.4 in a probe). On the left it stays a float ``MatMul``."""
+    lead = math.prod(shape[:-1])
+    x = g.node("Reshape", [x, g.i64(g.name(f"{stem}/rows"), [0, lead, shape[-1]])], f"{stem}/rows")
+    x = g.node("Transpose", [x], f"{stem}/columns", perm=[0, 2, 1])
+    y = g.node("MatMul", [w, x], f"{stem}/matmul")
+    y = g.node("Transpose", [y], f"{stem}/rows_out", perm=[0, 2, 1])
+    out = [0, *shape[:-1], features]
+    return g.node("Reshape", [y, g.i64(g.name(f"{stem}/shape"), out)], f"{stem}/shape")
+
+
 def _layer(g: _Graph, model: IntegerModel, index: int, x: str, shape: list[int]) -> str:
     """One quantized layer: input QDQ, weight DQ, ``Conv`` / ``MatMul``, ``+`` bias DQ."""
     layer = model.layers[index]
@@ -256,7 +274,7 @@ def _layer(g: _Graph, model: IntegerModel, index: int, x: str, shape: list[int])
     xq = _quantize_input(g, layer, x, stem)
     w = _weight(g, model, index, stem)
     if layer["kind"] == "dense":
-        y = g.node("MatMul", [xq, w], f"{stem}/matmul")
+        y = _dense(g, xq, w, shape, model.weight(index).shape[-1], stem)
     else:
         rank = len(shape) - 1
         first, back = _nchw(rank)
@@ -463,7 +481,8 @@ def to_onnx(
     Every layer: its input quantizer as ``QuantizeLinear`` -> ``DequantizeLinear`` (scale
     ``2**e``, zero point 0, the narrowest type holding ``[lo, n]``: :func:`code_type`) ->
     ``Clip(lo * 2**e, n * 2**e)``; its weight codes as an integer initializer through
-    ``DequantizeLinear`` (per-axis scales for a per-channel layer); ``Conv`` / ``MatMul``;
+    ``DequantizeLinear`` (per-axis scales for a per-channel layer); ``Conv`` / ``MatMul``
+    (the weight its left operand: :func:`_dense`);
     ``+`` its ``int32`` bias through ``DequantizeLinear`` at ``2**bias_exponent``. The other
     ops: ``Relu``, ``Clip``, ``MaxPool``, a sum pool as a ``Conv`` with a kernel of ones,
     ``ReduceSum``, ``Div``, ``Add``, ``Concat``, ``Reshape``. ``onnx.checker`` (full check)

@@ -1,16 +1,17 @@
 """Recount MACs, bits and BOPs from an exported ONNX file alone (``onnx`` and numpy; no JAX).
 
-A quantized layer of the graph is a ``Conv`` or ``MatMul`` whose weight is a
-``DequantizeLinear`` of an integer initializer and whose input, through layout-only nodes
-(``Transpose``, ``Unsqueeze``, ``Pad``, ``Reshape``, ``Slice``), is a ``QuantizeLinear``
--> ``DequantizeLinear`` -> ``Clip`` chain. From the graph: the input quantizer's
-levels and sign (its ``Clip`` bounds over its scale), every scale (a power of two, or the
-file is refused), the codes' ONNX types (which must hold the clip range), the MACs (from
-the shapes ONNX's shape inference gives: output elements x the kernel's inputs per output).
-The weight quantizer's levels are the one claim taken from ``metadata_props`` (ONNX has no
-2- to 16-bit weight range besides the codes' type), checked: every stored code lies within
-them and the type holds them. Everything is compared with the certificate and the layer
-table in ``metadata_props`` and the graph's SHA-256.
+A quantized layer of the graph is a ``Conv`` or ``MatMul`` whose weight (a ``MatMul``'s
+left operand, a ``Conv``'s second) is a ``DequantizeLinear`` of an integer initializer and
+whose input, through layout-only nodes (``Transpose``, ``Unsqueeze``, ``Pad``,
+``Reshape``, ``Slice``), is a ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``Clip`` chain.
+From the graph: the input quantizer's levels and sign (its ``Clip`` bounds over its
+scale), every scale (a power of two, or the file is refused), the codes' ONNX types (which
+must hold the clip range), the MACs (from the shapes ONNX's shape inference gives: output
+elements x the kernel's inputs per output). The weight quantizer's levels are the one claim
+taken from ``metadata_props`` (ONNX has no 2- to 16-bit weight range besides the codes'
+type), checked: every stored code lies within them and the type holds them. Everything is
+compared with the certificate and the layer table in ``metadata_props`` and the graph's
+SHA-256.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class _Reader:
 
 def _input_quantizer(r: _Reader, layer_node, what: str) -> dict:
     """The ``Q`` -> ``DQ`` -> ``Clip`` feeding a layer: levels, sign, exponent, elements."""
-    name = layer_node.input[0]
+    name = layer_node.input[0 if layer_node.op_type == "Conv" else 1]
     clip = r.producer.get(name)
     while clip is not None and clip.op_type in LAYOUT_OPS:
         name = clip.input[0]
@@ -138,7 +139,7 @@ def _input_quantizer(r: _Reader, layer_node, what: str) -> dict:
 def _weight(r: _Reader, layer_node, what: str):
     """``(codes, exponents, type)`` of a layer's weight ``DequantizeLinear``, or ``None`` for
     a sum pool (a float ``Conv`` kernel of ones)."""
-    name = layer_node.input[1]
+    name = layer_node.input[1 if layer_node.op_type == "Conv" else 0]
     if name in r.init and layer_node.op_type == "Conv":
         if np.all(r.array(name) == 1) and r.type_name(name) == "FLOAT":
             return None  # a sum pool: not a layer
@@ -159,14 +160,10 @@ def _layer_row(r: _Reader, node, claim: dict | None, what: str) -> tuple[LayerRo
     codes, w_exponents, w_type = weight
     x = _input_quantizer(r, node, what)
     out = r.shape(node.output[0])
-    if node.op_type == "Conv":  # codes (out, in / groups, *window)
-        cout, per_output = codes.shape[0], math.prod(codes.shape[1:])
-        channel_axis = 0
-    else:  # MatMul: codes (in, out)
-        if codes.ndim != 2:
-            raise r.fail(f"{what}: a MatMul weight of rank {codes.ndim}")
-        cout, per_output = codes.shape[1], codes.shape[0]
-        channel_axis = 1
+    if node.op_type == "MatMul" and codes.ndim != 2:
+        raise r.fail(f"{what}: a MatMul weight of rank {codes.ndim}")
+    # Conv: codes (out, in / groups, *window); MatMul: (out, in), the left operand
+    cout, per_output = codes.shape[0], math.prod(codes.shape[1:])
     macs = math.prod(out) * per_output
     if claim is None:
         raise r.fail(f"{what}: metadata_props states no weight levels for it")
@@ -175,7 +172,7 @@ def _layer_row(r: _Reader, node, claim: dict | None, what: str) -> tuple[LayerRo
     if per_channel and len(levels) != cout:
         raise r.fail(f"{what}: {len(levels)} weight levels stated for {cout} channels")
     bound = np.broadcast_to(levels, (cout,))
-    moved = np.moveaxis(codes, channel_axis, -1).reshape(-1, cout)
+    moved = np.moveaxis(codes, 0, -1).reshape(-1, cout)
     if moved.size and np.any(np.abs(moved) > bound):
         raise r.fail(f"{what}: a weight code lies outside the stated levels {levels.tolist()}")
     low, high = TYPE_RANGES[w_type]
