@@ -88,7 +88,7 @@ class _Reader:
         for value in scale:
             mantissa, e = math.frexp(float(value))
             if mantissa != 0.5:
-                raise self.fail(f"{what}: scale {value!r} is not a power of two")
+                raise self.fail(f"{what}: scale {float(value):.9g} is not a power of two")
             out.append(e - 1)
         return out
 
