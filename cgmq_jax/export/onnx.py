@@ -250,20 +250,19 @@ def _bias(g: _Graph, model: IntegerModel, index: int, stem: str) -> str:
 
 
 def _dense(g: _Graph, x: str, w: str, shape: list[int], features: int, stem: str) -> str:
-    """``x @ kernel`` over the last axis as ``MatMul(kernel.T, x.T)``, one example at a time.
+    """``x @ kernel`` over the last axis as ``MatMul(kernel.T, x.T)``: one GEMM per batch.
 
-    ``x`` (``[N, *lead, in]``) goes to ``[N, in, L]`` (``L = prod(lead)``), the weight
-    ``[out, in]`` is the left operand, the product ``[N, out, L]`` comes back to
+    ``x`` (``[N, *lead, in]``) goes to ``[in, N * L]`` (``L = prod(lead)``), the weight
+    ``[out, in]`` is the left operand, the product ``[out, N * L]`` comes back to
     ``[N, *lead, out]``. With the weight on the right, ONNX Runtime 1.30 (extended level
     and up) turns ``DequantizeLinear`` -> ``MatMul`` into ``MatMulNBits`` whose default
     ``accuracy_level`` 4 requantizes the activations to int8 per block of 32: not exact
     (logits off by up to 0.4 in a probe). On the left it stays a float ``MatMul``."""
-    lead = math.prod(shape[:-1])
-    x = g.node("Reshape", [x, g.i64(g.name(f"{stem}/rows"), [0, lead, shape[-1]])], f"{stem}/rows")
-    x = g.node("Transpose", [x], f"{stem}/columns", perm=[0, 2, 1])
+    x = g.node("Reshape", [x, g.i64(g.name(f"{stem}/rows"), [-1, shape[-1]])], f"{stem}/rows")
+    x = g.node("Transpose", [x], f"{stem}/columns", perm=[1, 0])
     y = g.node("MatMul", [w, x], f"{stem}/matmul")
-    y = g.node("Transpose", [y], f"{stem}/rows_out", perm=[0, 2, 1])
-    out = [0, *shape[:-1], features]
+    y = g.node("Transpose", [y], f"{stem}/rows_out", perm=[1, 0])
+    out = [-1, *shape[:-1], features]
     return g.node("Reshape", [y, g.i64(g.name(f"{stem}/shape"), out)], f"{stem}/shape")
 
 

@@ -6,10 +6,11 @@ whose input, through layout-only nodes (``Transpose``, ``Unsqueeze``, ``Pad``,
 ``Reshape``, ``Slice``), is a ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``Clip`` chain.
 From the graph: the input quantizer's levels and sign (its ``Clip`` bounds over its
 scale), every scale (a power of two, or the file is refused), the codes' ONNX types (which
-must hold the clip range), the MACs (from the shapes ONNX's shape inference gives: output
-elements x the kernel's inputs per output). The weight quantizer's levels are the one claim
-taken from ``metadata_props`` (ONNX has no 2- to 16-bit weight range besides the codes'
-type), checked: every stored code lies within them and the type holds them. Everything is
+must hold the clip range), the MACs (from the shapes ONNX's shape inference gives: a
+``Conv``'s output elements x the kernel's inputs per output; a ``MatMul``'s quantized input
+elements x its outputs per row). The weight quantizer's levels are the one claim taken from
+``metadata_props`` (ONNX has no 2- to 16-bit weight range besides the codes' type),
+checked: every stored code lies within them and the type holds them. Everything is
 compared with the certificate and the layer table in ``metadata_props`` and the graph's
 SHA-256.
 """
@@ -132,8 +133,15 @@ def _input_quantizer(r: _Reader, layer_node, what: str) -> dict:
     low, high = TYPE_RANGES.get(type_name, (0, -1))
     if not (low <= lo and hi <= high):
         raise r.fail(f"{what}: input clip [{lo:g}, {hi:g}] does not fit its type {type_name}")
-    elements = math.prod(r.shape(q.input[0]))
-    return dict(levels=levels, signed=signed, exponent=e, type=type_name, elements=elements)
+    shape = r.shape(q.input[0])
+    return dict(
+        levels=levels,
+        signed=signed,
+        exponent=e,
+        type=type_name,
+        elements=math.prod(shape),
+        last=shape[-1] if shape else 1,
+    )
 
 
 def _weight(r: _Reader, layer_node, what: str):
@@ -159,12 +167,18 @@ def _layer_row(r: _Reader, node, claim: dict | None, what: str) -> tuple[LayerRo
         return None
     codes, w_exponents, w_type = weight
     x = _input_quantizer(r, node, what)
-    out = r.shape(node.output[0])
-    if node.op_type == "MatMul" and codes.ndim != 2:
-        raise r.fail(f"{what}: a MatMul weight of rank {codes.ndim}")
     # Conv: codes (out, in / groups, *window); MatMul: (out, in), the left operand
     cout, per_output = codes.shape[0], math.prod(codes.shape[1:])
-    macs = math.prod(out) * per_output
+    if node.op_type == "Conv":  # output elements x the inputs of each
+        macs = math.prod(r.shape(node.output[0])) * per_output
+    else:  # the quantized input's rows (its elements / in) x in x out
+        if codes.ndim != 2:
+            raise r.fail(f"{what}: a MatMul weight of rank {codes.ndim}")
+        if x["last"] != codes.shape[1]:
+            raise r.fail(
+                f"{what}: its input's last axis {x['last']} is not the weight's {codes.shape[1]}"
+            )
+        macs = x["elements"] * cout
     if claim is None:
         raise r.fail(f"{what}: metadata_props states no weight levels for it")
     levels = np.atleast_1d(np.asarray(claim["weight_levels"], np.int64))
