@@ -67,8 +67,8 @@ class Layer:
 
     @property
     def kind(self) -> str:
-        """``"conv"`` for an ``nn.Conv`` (or subclass), else ``"dense"``."""
-        return "conv" if isinstance(self.module, nn.Conv) else "dense"
+        """``"conv"`` for an ``nn.Conv`` / ``nnx.Conv`` (or subclass), else ``"dense"``."""
+        return "conv" if qnn.is_conv(self.module) else "dense"
 
     @property
     def macs(self) -> int:
@@ -91,6 +91,7 @@ class Graph:
     variables: Any  # the (abstract) variables the trace used
     num_variable_leaves: int
     input_shapes: tuple[tuple[int, ...], ...]
+    wrapped: bool = False  # a quantize_model wrapper: its name-stack level is not the user's
 
 
 def _abstract(value):
@@ -104,17 +105,20 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
     """Trace ``model.apply`` once: its layers (in call order) and its jaxpr.
 
     Args:
-      model: a Flax linen model.
+      model: a Flax linen model, or a Flax NNX module (traced as
+        ``nnx.merge(graphdef, state)(*args)``; its quantized layers report their paths).
       *args: its inputs (arrays or ``jax.ShapeDtypeStruct``), each with a leading batch axis.
       params: its parameters (abstract ones from ``model.init`` under ``jax.eval_shape``
-        when ``None``).
+        when ``None``); for an NNX module its own state is used and ``params`` is ignored.
       **kwargs: further call arguments (e.g. ``train=False``).
 
     Raises:
       ValueError: a layer whose MACs cannot be counted (``nn.DenseGeneral``, ``nn.Einsum``,
-        ``nn.ConvTranspose``, ``nn.ConvLocal``).
+        ``nn.ConvTranspose``, ``nn.ConvLocal``; in NNX any plain MAC layer).
     """
     abstract_args = [_abstract(a) for a in args]
+    if qnn.is_nnx_module(model):
+        return _trace_nnx(model, abstract_args, kwargs)
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     if params is None:
         variables = jax.eval_shape(lambda *a: model.init(rngs, *a, **kwargs), *abstract_args)
@@ -137,6 +141,40 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
     ordered = sorted(layers + floats, key=lambda item: item[0])  # a float layer first
     return Graph(
         layers=tuple(layer for _, layer in ordered),
+        jaxpr=jaxpr,
+        variables=variables,
+        num_variable_leaves=len(jax.tree.leaves(variables)),
+        input_shapes=tuple(tuple(a.shape) for a in abstract_args),
+        wrapped=_is_wrapper(model),
+    )
+
+
+def _is_wrapper(model) -> bool:
+    """Whether ``model`` is :func:`cgmq_jax.rules.quantize_model`'s wrapper of a linen model."""
+    from cgmq_jax import rules
+
+    return isinstance(model, rules.QuantizedModel)
+
+
+def _trace_nnx(model, abstract_args: list, kwargs: dict) -> Graph:
+    """:func:`trace` for a Flax NNX module: its whole state is the jaxpr's first inputs."""
+    from flax import nnx
+
+    from cgmq_jax import nnx as cnnx
+
+    cnnx._refuse_plain_layers(model)
+    graphdef, state = nnx.split(model)
+    variables = jax.tree.map(_abstract, state)
+
+    def apply(variables, *inputs):
+        copy = nnx.merge(graphdef, variables)
+        with cnnx.reporting_paths(copy):
+            return copy(*inputs, **kwargs)
+
+    with qnn.record_layers(mark=True) as records:
+        jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
+    return Graph(
+        layers=tuple(_layer_of(record) for record in records),
         jaxpr=jaxpr,
         variables=variables,
         num_variable_leaves=len(jax.tree.leaves(variables)),
@@ -220,9 +258,11 @@ _CALLS = (
 )
 
 
-def _module_path(eqn) -> str:
+def _module_path(eqn, skip: int = 1) -> str:
+    """The module path an equation was traced in, less the first ``skip`` levels (the
+    traced model itself, and :func:`cgmq_jax.rules.quantize_model`'s wrapper)."""
     parts = str(eqn.source_info.name_stack).split("/")
-    kept = [p for p in parts[1:] if p and "." not in p and not p.startswith(("jvp(", "vmap("))]
+    kept = [p for p in parts[skip:] if p and "." not in p and not p.startswith(("jvp(", "vmap("))]
     return "/".join(kept) or "<top level>"
 
 
@@ -279,10 +319,14 @@ class _Walker:
             value = self.constants.get(var)
         return value
 
+    def path(self, eqn) -> str:
+        """The user's module path of ``eqn`` (the wrapper of ``quantize_model`` left out)."""
+        return _module_path(eqn, 2 if self.graph.wrapped else 1)
+
     def fail(self, eqn, why: str):
         prim = eqn.primitive.name
         raise UnsupportedOp(
-            f"cannot export op {prim!r} in module {_module_path(eqn)!r}: {why}; the integer "
+            f"cannot export op {prim!r} in module {self.path(eqn)!r}: {why}; the integer "
             "export runs quantized Dense / Conv layers, ReLU / ReLU6 / clip, max and average "
             "pooling, means, residual adds, concatenation and reshapes"
         )
@@ -310,11 +354,11 @@ class _Walker:
         if index not in self.layer_inputs:
             self.fail(eqn, "a layer output without its input")
         layer = self._layer_index(index)
+        path = self.path(eqn)
+        if path == "<top level>" and self.graph.layers[layer].name:
+            path = self.graph.layers[layer].name  # an NNX layer: no name stack, its own path
         env[eqn.outvars[0]] = self.emit(
-            self.graph.layers[layer].kind,
-            [self.layer_inputs[index]],
-            _module_path(eqn),
-            layer=layer,
+            self.graph.layers[layer].kind, [self.layer_inputs[index]], path, layer=layer
         )
 
     def eqn(self, eqn, active: list[int], env: dict) -> None:
@@ -370,7 +414,7 @@ def _alias(w: _Walker, eqn, x: int, active, env) -> int:
 
 def _relu_or_clip(w: _Walker, eqn, x: int, active, env) -> int:
     """``max(x, c)`` / ``min(x, c)``: a ReLU (``max`` with 0) or a one-sided clip."""
-    prim, path = eqn.primitive.name, _module_path(eqn)
+    prim, path = eqn.primitive.name, w.path(eqn)
     if len(active) != 1:
         w.fail(eqn, "it combines two activations")
     other = w.constant(eqn.invars[1 - active[0]])
@@ -384,7 +428,7 @@ def _relu_or_clip(w: _Walker, eqn, x: int, active, env) -> int:
 
 
 def _clamp(w: _Walker, eqn, x: int, active, env) -> int:
-    path = _module_path(eqn)
+    path = w.path(eqn)
     if active != [1]:
         w.fail(eqn, "its bounds are not constants")
     lo, hi = w.constant(eqn.invars[0]), w.constant(eqn.invars[2])
@@ -409,14 +453,14 @@ def _pool(w: _Walker, eqn, x: int, active, env) -> int:
         "padding": [[int(a), int(b)] for a, b in p["padding"][1:]],
     }
     kind = "maxpool" if eqn.primitive.name == "reduce_window_max" else "sumpool"
-    return w.emit(kind, [x], _module_path(eqn), attrs)
+    return w.emit(kind, [x], w.path(eqn), attrs)
 
 
 def _sum(w: _Walker, eqn, x: int, active, env) -> int:
     axes = [int(a) for a in eqn.params["axes"]]
     if 0 in axes:
         w.fail(eqn, "it sums over the batch axis")
-    return w.emit("sum", [x], _module_path(eqn), {"axes": sorted(a - 1 for a in axes)})
+    return w.emit("sum", [x], w.path(eqn), {"axes": sorted(a - 1 for a in axes)})
 
 
 def _div(w: _Walker, eqn, x: int, active, env) -> int:
@@ -425,7 +469,7 @@ def _div(w: _Walker, eqn, x: int, active, env) -> int:
     by = w.constant(eqn.invars[1])
     if by is None or by < 1 or by != int(by):
         w.fail(eqn, f"it divides by {by!r}, not by a constant positive integer")
-    return w.emit("div", [x], _module_path(eqn), {"by": int(by)})
+    return w.emit("div", [x], w.path(eqn), {"by": int(by)})
 
 
 def _add(w: _Walker, eqn, x: int, active, env) -> int:
@@ -438,7 +482,7 @@ def _add(w: _Walker, eqn, x: int, active, env) -> int:
         )
     if tuple(ins[0].aval.shape) != tuple(ins[1].aval.shape):
         w.fail(eqn, "its operands have different shapes (broadcasting)")
-    return w.emit("add", [x, env[ins[active[1]]]], _module_path(eqn))
+    return w.emit("add", [x, env[ins[active[1]]]], w.path(eqn))
 
 
 def _concat(w: _Walker, eqn, x: int, active, env) -> int:
@@ -448,7 +492,7 @@ def _concat(w: _Walker, eqn, x: int, active, env) -> int:
     axis = int(eqn.params["dimension"])
     if axis == 0:
         w.fail(eqn, "it concatenates along the batch axis")
-    return w.emit("concat", [env[v] for v in ins], _module_path(eqn), {"axis": axis - 1})
+    return w.emit("concat", [env[v] for v in ins], w.path(eqn), {"axis": axis - 1})
 
 
 def _reshape(w: _Walker, eqn, x: int, active, env) -> int:
@@ -458,7 +502,7 @@ def _reshape(w: _Walker, eqn, x: int, active, env) -> int:
     before = tuple(eqn.invars[active[0]].aval.shape)
     if not shape or shape[0] != before[0] or math.prod(shape) != math.prod(before):
         w.fail(eqn, f"it changes the batch axis or the size ({before} -> {shape})")
-    return w.emit("reshape", [x], _module_path(eqn), {"shape": [int(n) for n in shape[1:]]})
+    return w.emit("reshape", [x], w.path(eqn), {"shape": [int(n) for n in shape[1:]]})
 
 
 _TRANSLATE = {

@@ -368,6 +368,7 @@ def build(
 
     if bias_scheme not in BIAS_SCHEMES:
         raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
+    model, params = _model_and_params(model, params)
     sample = jax.ShapeDtypeStruct((graph.TRACE_BATCH, *input_shape), jnp.float32)
     traced = graph.trace(model, sample, params=params, **call_kwargs)
     ops, output = graph.ops(traced)
@@ -388,13 +389,38 @@ def build(
             e_bias = e_acc - LOGIT_BIAS_BITS if not nxt else min(e_acc, min(nxt) - 1) - 1
         layers.append(_layer_record(op.layer, f, e_bias, bias_scheme, arrays))
     header = _graph_header(ops, output, layers, input_shape, int(input_exponent))
-    header["model"] = type(model).__name__
+    header["model"] = _model_name(model)
     header["bias_scheme"] = bias_scheme
     if certificate is not None:
         header["certificate"] = {key: certificate[key] for key in CERTIFIED if key in certificate}
     if metadata is not None:
         header["metadata"] = metadata
     return header, arrays
+
+
+def _model_and_params(model: Any, params: Any) -> tuple[Any, Any]:
+    """``(model, params tree)`` to lower: an NNX module (with ``params``, an ``nnx.State``
+    of it, merged into a copy) gives its parameters as the linen tree
+    (:func:`cgmq_jax.nnx.linen_params`); a linen model's are ``params`` as given."""
+    from cgmq_jax import nn as qnn
+
+    if not qnn.is_nnx_module(model):
+        return model, params
+    from flax import nnx
+
+    from cgmq_jax import nnx as cnnx
+
+    if params is not None:
+        model = nnx.merge(*nnx.split(model))
+        nnx.update(model, params)
+    return model, cnnx.linen_params(model)
+
+
+def _model_name(model: Any) -> str:
+    """The user's model class name (that of the model :func:`cgmq_jax.quantize_model` wraps)."""
+    from cgmq_jax import rules
+
+    return type(model.model if isinstance(model, rules.QuantizedModel) else model).__name__
 
 
 #: The keys of the trainer's certificate that the header keeps.

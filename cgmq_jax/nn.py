@@ -396,6 +396,12 @@ def is_nnx_module(model) -> bool:
     return nnx is not None and isinstance(model, nnx.Module)
 
 
+def is_conv(module) -> bool:
+    """Whether ``module`` is a linen ``nn.Conv`` or an NNX ``nnx.Conv`` (or a subclass)."""
+    nnx = sys.modules.get("flax.nnx")
+    return isinstance(module, nn.Conv) or (nnx is not None and isinstance(module, nnx.Conv))
+
+
 def init_quantizers(
     model: nn.Module,
     params,

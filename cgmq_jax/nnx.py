@@ -149,8 +149,10 @@ _PATHS: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar
 @contextlib.contextmanager
 def reporting_paths(model: nnx.Module) -> Iterator[None]:
     """While open, the quantized layers of ``model`` report their paths in ``model`` to
-    :func:`cgmq_jax.nn.record_layers` (an NNX layer does not know its own path)."""
-    token = _PATHS.set({id(module): path for path, module in nnx.iter_modules(model)})
+    :func:`cgmq_jax.nn.record_layers` (an NNX layer does not know its own path), as
+    strings, the keys of :func:`linen_params`."""
+    paths = {id(module): tuple(map(str, path)) for path, module in nnx.iter_modules(model)}
+    token = _PATHS.set(paths)
     try:
         yield
     finally:
@@ -571,6 +573,28 @@ def _spec(path: tuple, layer, macs: int, sizes: dict) -> cost.LayerSpec:
         channels=layer.kernel.shape[-1] if layer.per_channel else 1,
         **sizes,
     )
+
+
+def linen_params(model: nnx.Module) -> dict:
+    """The model's parameters as the linen layers' tree (what the export reads).
+
+    ``nnx.Param`` values as a plain nested dict with string keys (a list item's index as
+    a string, as :func:`reporting_paths` names it), plus, for a layer that decides its input
+    signedness from data, the leaf ``input_signed`` (+1.0 / -1.0) that a linen layer stores
+    (from its calibrated ``input_signedness``).
+    """
+
+    def strings(node):
+        return {str(k): strings(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+    params = strings(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for path, layer in nnx.iter_modules(model):
+        if isinstance(layer, QUANTIZED_LAYERS) and layer.quantized and layer.input_signed is None:
+            node = params
+            for key in path:
+                node = node[str(key)]
+            node[quantizer.INPUT_SIGNED] = jnp.float32(_calibrated_signedness(layer, path) * 2 - 1)
+    return params
 
 
 def _calibrated_signedness(layer, path: tuple) -> bool:

@@ -84,9 +84,29 @@ def test_init_quantizers_on_linen_is_unchanged():
     assert sorted(params["conv"]) == ["bias", "input_quantizer", "kernel", "weight_quantizer"]
 
 
-def test_quantize_model_refuses_nnx_naming_the_nnx_layers():
-    with pytest.raises(TypeError, match=r"cgmq_jax\.nnx\.QuantLinear / cgmq_jax\.nnx\.QuantConv"):
-        rules.quantize_model(_NnxNet(nnx.Rngs(0)))
+def test_quantize_model_takes_an_nnx_model_and_leaves_it_unmodified():
+    class Plain(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+            self.head = nnx.Linear(4 * 6 * 6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
+
+    plain, x = Plain(nnx.Rngs(0)), _image()
+    rule = rules.QuantRule(module_path="conv", input_signed=False, input_bits=8)
+    model = rules.quantize_model(plain, [rule, rules.QuantRule(module_path="head", quantize=False)])
+    assert (type(plain.conv), type(model.conv)) == (nnx.Conv, cnnx.QuantConv)
+    np.testing.assert_array_equal(model.conv.kernel[...], plain.conv.kernel[...])
+    qnn.init_quantizers(model, x)
+    specs = cost.layer_specs(model, x)
+    assert [(s.name, s.quantized, s.input_bits) for s in specs] == [
+        ("conv", True, 8),
+        ("head", False, None),  # kept in float by its rule: counted at 32 x 32 bits
+    ]
+    assert not hasattr(model.head, "weight_quantizer")
+    with pytest.raises(TypeError, match="QuantRule instances"):
+        rules.quantize_model(plain, ["conv"])
 
 
 def test_min_cost_is_min_costs_bops():
