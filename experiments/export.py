@@ -120,8 +120,10 @@ def trained_on(path: Path, run_dir: Path | None, model, asked: str | None) -> st
 def _bops_text(counted: dict) -> str:
     lines = [f"{'layer':<8} {'kind':<6} {'w bits':>6} {'in bits':>7} {'MACs':>9} {'BOPs':>11}"]
     for row in counted["layers"]:
+        bits = row["weight_bits"]  # per channel: a list, shown as its range
+        bits = f"{min(bits)}-{max(bits)}" if isinstance(bits, list) else str(bits)
         lines.append(
-            f"{row['layer']:<8} {row['kind']:<6} {row['weight_bits']:>6} {row['input_bits']:>7} "
+            f"{row['layer']:<8} {row['kind']:<6} {bits:>6} {row['input_bits']:>7} "
             f"{row['macs']:>9,} {row['bops']:>11,}"
         )
     lines.append(

@@ -562,3 +562,53 @@ print(onnx.recount_onnx({str(path)!r})["bops"])
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == format.count_bops(exported["conv1d"][0])["bops"]
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_writes_onnx_from_a_file(exported, tmp_path, capsys, monkeypatch):
+    """``export.py FILE.npz --onnx OUT.onnx``: written and recounted; an existing file is
+    refused without --overwrite; without onnx, one line naming the fix (exit 2)."""
+    from conftest import load_cli
+
+    main = load_cli("export").main
+    model, _ = exported["depthwise"]
+    out = tmp_path / "m.onnx"
+    assert main([str(model.path), "--onnx", str(out)]) == 0
+    bops = format.count_bops(model)["bops"]
+    text = capsys.readouterr().out
+    assert f"recounted from the ONNX file: {bops:,} BOPs, EQUAL to the certificate's" in text
+    assert ox.recount_onnx(out)["ok"]
+    assert main([str(model.path), "--onnx", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([str(model.path), "--onnx", str(out), "--overwrite"]) == 0
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main([str(model.path), "--onnx", str(tmp_path / "n.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: onnx is not installed: pip install -r requirements-onnx.txt"
+
+
+def test_check_onnx_reports_agreement(exported, tmp_path):
+    """``--check``'s ONNX step: accuracy, agreement with the engine and JAX, the recount."""
+    from conftest import load_cli
+
+    cli = load_cli("export")
+    model, path = exported["lenet"]
+    ints = _examples(model, seed=7)
+    real = (ints * 2.0**-8).astype(np.float32)
+    int_pred = engine.predict(model, ints)
+    labels = (int_pred + np.arange(len(ints)) % 2) % 10  # half of them right
+    summary, problems = {}, []
+    jax_pred = int_pred.copy()
+    jax_pred[0] = (jax_pred[0] + 1) % 10
+    cli._check_onnx(path, real, labels, int_pred, jax_pred, summary, problems)
+    assert problems == []
+    assert summary["onnx"]["agree_with_engine"] == len(ints)
+    assert summary["onnx"]["agree_with_jax"] == len(ints) - 1
+    assert summary["onnx"]["test_accuracy"] == 0.5
+    assert summary["onnx"]["matches_certificate"] and summary["onnx"]["graph_intact"]
+    wrong = int_pred.copy()
+    wrong[:2] = (wrong[:2] + 1) % 10  # 62 of 64 agree: below 99.9%
+    cli._check_onnx(path, real, labels, wrong, None, {}, problems)
+    assert problems == ["only 62 of 64 ONNX Runtime predictions agree with the engine"]
