@@ -208,11 +208,16 @@ def folded(model: nn.Module) -> nn.Module:
     return model.clone(batch_norm=False) if hasattr(model, "batch_norm") else model
 
 
-def _batchnorm_inputs(model: nn.Module, sample_input) -> dict:
-    """``{BatchNorm path: (path of the conv / dense layer it normalises, epsilon)}``.
+def batchnorm_pairs(model: nn.Module, *inputs, **call_kwargs) -> dict:
+    """``{BatchNorm path: (path of the Conv / Dense layer it normalises, epsilon)}``.
 
-    Traced from shapes: a BatchNorm is folded into the layer whose output it receives
-    (the very array, not a copy); any other BatchNorm cannot be folded.
+    Traced from shapes (``inputs`` may be arrays or ``jax.ShapeDtypeStruct``; the call's
+    other arguments, e.g. ``train=False``, as ``call_kwargs``): a BatchNorm is folded into
+    the layer whose output it receives (the very array, not a copy).
+
+    Raises:
+      ValueError: a BatchNorm that cannot be folded (it does not directly follow a Conv or
+        Dense layer, or it normalises another axis than the features), naming its path.
     """
     producers, kept, found = {}, [], {}
 
@@ -226,8 +231,9 @@ def _batchnorm_inputs(model: nn.Module, sample_input) -> dict:
             source = producers.get(id(args[0]) if args else None)
             if source is None:
                 raise ValueError(
-                    f"BatchNorm {name!r} does not directly follow a Conv or Dense layer; "
-                    "only such a BatchNorm can be folded"
+                    f"BatchNorm {name!r} does not directly follow a Conv or Dense layer, so it "
+                    "cannot be folded into one for quantization: put it right after its layer "
+                    "(conv -> BatchNorm -> activation), or remove it"
                 )
             if module.axis not in (-1, args[0].ndim - 1) or module.axis_name is not None:
                 raise ValueError(f"BatchNorm {name!r}: only a feature-axis (-1) BatchNorm folds")
@@ -237,13 +243,16 @@ def _batchnorm_inputs(model: nn.Module, sample_input) -> dict:
             kept.append(out)  # alive, so that no other array reuses its id
         return out
 
-    sample = jax.ShapeDtypeStruct(jnp.shape(sample_input), jnp.float32)
+    shapes = [
+        jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) if hasattr(x, "shape") else x
+        for x in inputs
+    ]
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), sample)
+        jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x, **call_kwargs), *shapes)
     return found
 
 
-def fold_batchnorm(model: nn.Module, variables, sample_input) -> dict:
+def fold_batchnorm(model: nn.Module, variables, *sample_inputs, **call_kwargs) -> dict:
     """The float network's variables with every BatchNorm folded into the layer before it.
 
     For a BatchNorm with scale ``gamma``, offset ``beta``, running mean and variance
@@ -259,8 +268,9 @@ def fold_batchnorm(model: nn.Module, variables, sample_input) -> dict:
     Args:
       model: the float network with BatchNorm (e.g. ``DSCNN(quantized=False)``).
       variables: its variables, ``{"params": ..., "batch_stats": ...}``.
-      sample_input: an input batch (or a ``jax.ShapeDtypeStruct``): the shapes to trace
-        which layer each BatchNorm follows.
+      *sample_inputs: the model's inputs (arrays or ``jax.ShapeDtypeStruct``): the shapes
+        to trace which layer each BatchNorm follows.
+      **call_kwargs: further call arguments of the model (e.g. ``train=False``).
 
     Returns:
       The parameters of :func:`folded` ``(model)``: the BatchNorm entries removed, each
@@ -268,10 +278,13 @@ def fold_batchnorm(model: nn.Module, variables, sample_input) -> dict:
 
     Raises:
       ValueError: a BatchNorm that does not directly follow a Conv or Dense layer.
+
+    A user's own model does not need this: :func:`cgmq_jax.init_quantizers` folds the float
+    variables it is given (``{"params", "batch_stats"}``) itself.
     """
     params = flax.core.unfreeze(variables["params"])
     stats = flax.core.unfreeze(variables.get("batch_stats", {}))
-    pairs = _batchnorm_inputs(model, sample_input)
+    pairs = batchnorm_pairs(model, *sample_inputs, **call_kwargs)
     flat = flax.traverse_util.flatten_dict(params)
     flat_stats = flax.traverse_util.flatten_dict(stats)
     for norm, (layer, epsilon) in pairs.items():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+from collections.abc import Mapping
 
 import flax
 import flax.linen as nn
@@ -196,13 +197,17 @@ def _report(module, options, x, kernel, y, quantized_input=None, path=None) -> N
         )
 
 
-def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) -> jax.Array:
+def dense_forward(
+    module: nn.Dense, options: QuantOptions, inputs: jax.Array, *, use_bias: bool | None = None
+) -> jax.Array:
     """``flax.linen.Dense.__call__`` with the operands quantized as ``options`` say.
 
     ``module`` is any bound ``nn.Dense`` (a :class:`QuantDense`, or a plain one intercepted
     by :func:`cgmq_jax.rules.quantize_model`): its fields and its scope are used, so the
-    parameter names and initial values are those of ``flax.linen.Dense``.
+    parameter names and initial values are those of ``flax.linen.Dense``. ``use_bias``
+    overrides the module's (``True``: a layer a BatchNorm was folded into has a bias).
     """
+    use_bias = module.use_bias if use_bias is None else use_bias
     inputs = _mark(inputs, "in")
     kernel = module.param(
         "kernel", module.kernel_init, (jnp.shape(inputs)[-1], module.features), module.param_dtype
@@ -211,7 +216,7 @@ def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) ->
     quantized_input = x
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
-        if module.use_bias
+        if use_bias
         else None
     )
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
@@ -228,12 +233,15 @@ def dense_forward(module: nn.Dense, options: QuantOptions, inputs: jax.Array) ->
     return y
 
 
-def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> jax.Array:
+def conv_forward(
+    module: nn.Conv, options: QuantOptions, inputs: jax.Array, *, use_bias: bool | None = None
+) -> jax.Array:
     """``flax.linen.Conv.__call__`` with the operands quantized as ``options`` say.
 
-    As :func:`dense_forward`, for any bound ``nn.Conv``. The input is quantized before any
-    padding (padded zeros are the code 0).
+    As :func:`dense_forward` (``use_bias`` too), for any bound ``nn.Conv``. The input is
+    quantized before any padding (padded zeros are the code 0).
     """
+    use_bias = module.use_bias if use_bias is None else use_bias
     inputs = _mark(inputs, "in")
     geometry = conv_geometry(module)
     kernel_size = geometry["kernel_size"]
@@ -246,7 +254,7 @@ def conv_forward(module: nn.Conv, options: QuantOptions, inputs: jax.Array) -> j
     quantized_input = x
     bias = (
         module.param("bias", module.bias_init, (module.features,), module.param_dtype)
-        if module.use_bias
+        if use_bias
         else None
     )
     if geometry["pre_padding"] is not None:
@@ -459,10 +467,8 @@ def init_quantizers(
 
 def _init_linen_quantizers(model, params, args, kwargs, input_bits, weight_bits):
     """:func:`init_quantizers` for a linen model."""
-    float_model = model.clone(quantized=False)
-    weights = strip_quantizers(params)
-    _, state = float_model.apply({"params": weights}, *args, mutable=[CALIBRATION], **kwargs)
-    observed = flax.traverse_util.flatten_dict(flax.core.unfreeze(state[CALIBRATION]))
+    model, weights = _float_weights(model, params, args, kwargs)
+    observed = _observe_float(model, weights, args, kwargs)
     quantized = model.clone(quantized=True)
     with record_layers() as records:
         template = jax.eval_shape(lambda: quantized.init(jax.random.key(0), *args, **kwargs))[
@@ -474,6 +480,9 @@ def _init_linen_quantizers(model, params, args, kwargs, input_bits, weight_bits)
     result = {}
     for path in flat:
         layer, name = path[:-1], path[-1]
+        if name in ("input_quantizer", quantizer.INPUT_SIGNED):
+            if (*layer, "input_range") not in observed:
+                raise _not_observed_error(layer, observed)
         if name == "input_quantizer":
             input_range = observed[(*layer, "input_range")]
             signed = observed[(*layer, "input_signed")]  # a bool, or the data's decision
@@ -491,6 +500,52 @@ def _init_linen_quantizers(model, params, args, kwargs, input_bits, weight_bits)
         else:
             result[path] = weights_flat[path]
     return flax.traverse_util.unflatten_dict(result)
+
+
+def _is_float_variables(params) -> bool:
+    """Whether ``params`` are a float network's variables with BatchNorm statistics."""
+    return isinstance(params, Mapping) and "params" in params and "batch_stats" in params
+
+
+def _float_weights(model, params, args: tuple, kwargs: dict):
+    """``(model without BatchNorm, its float weights)``: float variables with
+    ``batch_stats`` are folded first (:func:`cgmq_jax.models.fold_batchnorm`)."""
+    if not _is_float_variables(params):
+        return model, strip_quantizers(params)
+    from cgmq_jax import models  # BatchNorm folding lives with the models (imported lazily)
+
+    folded = models.fold_batchnorm(model.clone(quantized=False), params, *args, **kwargs)
+    return models.folded(model), strip_quantizers(folded)
+
+
+def _observe_float(model, weights, args: tuple, kwargs: dict) -> dict:
+    """The calibration facts each layer sows in the float network's pass on ``args``."""
+    float_model = model.clone(quantized=False)
+    try:
+        _, state = float_model.apply({"params": weights}, *args, mutable=[CALIBRATION], **kwargs)
+    except flax.errors.ScopeCollectionNotFound as error:
+        if "batch_stats" not in str(error):
+            raise
+        raise ValueError(
+            f"{type(getattr(model, 'model', model)).__name__} has BatchNorm but "
+            "init_quantizers got parameters "
+            "without its statistics: pass the float network's variables "
+            '{"params": ..., "batch_stats": ...} (what its init and float training give); '
+            "each BatchNorm is then folded into the layer before it"
+        ) from None
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(state.get(CALIBRATION, {})))
+
+
+def _not_observed_error(layer: tuple, observed: dict) -> ValueError:
+    """A layer that saw no input in the float pass: it runs inside a lifted transform."""
+    name = "/".join(map(str, layer))
+    lifted = sorted({"/".join(map(str, path[:-1])) for path in observed} - {name})
+    return ValueError(
+        f"layer {name!r} runs inside nn.scan (or another lifted transform: nn.vmap, "
+        "nn.map_variables), whose calls init_quantizers cannot calibrate one by one"
+        + (f" (its input facts were stored elsewhere: {lifted[:3]})" if lifted else "")
+        + "; unroll nn.scan into a Python for loop over the blocks (one module per block)"
+    )
 
 
 def strip_quantizers(params):

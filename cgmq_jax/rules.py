@@ -21,10 +21,14 @@ are not seen at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import threading
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from cgmq_jax import nn as qnn
 
@@ -78,21 +82,76 @@ class QuantizedModel(nn.Module):
     :mod:`cgmq_jax.models`, so :func:`cgmq_jax.nn.init_quantizers`,
     :func:`cgmq_jax.cost.layer_specs` and :func:`cgmq_jax.train.fit`'s steps take it.
     ``quantized=False`` is the original float model (same parameters, no quantizers).
+
+    BatchNorm, as in :class:`cgmq_jax.models.DSCNN`, is part of the float network only:
+    with ``quantized=True`` (or ``batch_norm=False``) every ``nn.BatchNorm`` right after a
+    ``Dense`` / ``Conv`` is folded into that layer (the BatchNorm computes nothing, the
+    layer gets a ``bias`` if it had none), so the quantizers quantize the folded weights and
+    the export sees no BatchNorm. :func:`cgmq_jax.nn.init_quantizers` given the float
+    variables ``{"params": ..., "batch_stats": ...}`` folds them
+    (:func:`cgmq_jax.models.fold_batchnorm`). A BatchNorm after anything else is an error
+    naming it.
     """
 
     model: nn.Module
     rules: tuple[QuantRule, ...] = (QuantRule(),)
     quantized: bool = True
+    batch_norm: bool = True  # BatchNorm in the float network (folded when quantized)
+
+    @property
+    def has_batch_norm(self) -> bool:
+        """Whether the BatchNorm layers run: ``batch_norm`` and not ``quantized``."""
+        return self.batch_norm and not self.quantized
 
     def setup(self):
         """Shares ``model``'s scope, so the parameters keep the wrapped model's names."""
         nn.share_scope(self, self.model)  # the model's parameter names, no extra level
 
     def __call__(self, *args, **kwargs):
+        folds = {} if self.has_batch_norm else _folds(self.model.clone(parent=None), args, kwargs)
         # A plain function, not a method: a module method would itself be intercepted.
-        interceptor = _interceptor(self.rules, self.quantized)
+        interceptor = _interceptor(self.rules, self.quantized, folds)
         with nn.intercept_methods(interceptor):
             return self.model(*args, **kwargs)
+
+
+def _folds(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
+    """``{BatchNorm path: path of the layer it folds into}`` of the unbound ``model``.
+
+    Traced from shapes in a thread of its own: Flax's interceptors are thread-local, so the
+    caller's (e.g. :func:`cgmq_jax.graph.trace`'s) do not see this second trace.
+    """
+    shapes = tuple(
+        jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) if hasattr(x, "shape") else x for x in args
+    )
+    try:
+        return _cached_folds(model, shapes, tuple(sorted(kwargs.items())))
+    except TypeError:  # an unhashable argument: not cached
+        return _traced_folds(model, shapes, kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_folds(model: nn.Module, shapes: tuple, kwargs: tuple) -> dict[str, str]:
+    return _traced_folds(model, shapes, dict(kwargs))
+
+
+def _traced_folds(model: nn.Module, shapes: tuple, kwargs: dict) -> dict[str, str]:
+    from cgmq_jax import models
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["pairs"] = models.batchnorm_pairs(model, *shapes, **kwargs)
+        except Exception as error:  # raised in the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return {"/".join(norm): "/".join(layer) for norm, (layer, _) in outcome["pairs"].items()}
 
 
 def _rule_for(rules: tuple[QuantRule, ...], path: str) -> QuantRule | None:
@@ -100,22 +159,35 @@ def _rule_for(rules: tuple[QuantRule, ...], path: str) -> QuantRule | None:
     return next((rule for rule in rules if rule.matches(path)), None)
 
 
-def _interceptor(rules: tuple[QuantRule, ...], quantized: bool):
+def _interceptor(rules: tuple[QuantRule, ...], quantized: bool, folds: dict[str, str]):
+    """Computes each ``Dense`` / ``Conv`` by its rule; folded BatchNorm layers pass through."""
+    folded_layers = set(folds.values())
+
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not _intercepted(module):
+        if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        rule = _rule_for(rules, path)
-        if rule is None:
+        if isinstance(module, nn.BatchNorm) and path in folds:
+            return args[0]  # folded into the layer before it
+        folded = path in folded_layers
+        if isinstance(module, qnn.QuantDense | qnn.QuantConv):
+            options = qnn.options_of(module)  # quantized by its own options
+        elif _intercepted(module):
+            rule = _rule_for(rules, path)
+            if rule is None and not folded:
+                return next_fun(*args, **kwargs)
+            options = rule.options if rule is not None else qnn.QuantOptions(quantize=False)
+            if not quantized:
+                options = dataclasses.replace(options, quantize=False)
+        else:
+            return next_fun(*args, **kwargs)
+        if not folded and isinstance(module, qnn.QuantDense | qnn.QuantConv):
             return next_fun(*args, **kwargs)
         if kwargs or len(args) != 1:
             raise TypeError(f"layer {path!r}: expected one input array")
-        options = rule.options
-        if not quantized:
-            options = dataclasses.replace(options, quantize=False)
-        forward = qnn.dense_forward if isinstance(module, nn.Dense) else qnn.conv_forward
-        return forward(module, options, args[0])
+        forward = qnn.conv_forward if qnn.is_conv(module) else qnn.dense_forward
+        return forward(module, options, args[0], use_bias=True if folded else None)
 
     return intercept
 

@@ -177,18 +177,17 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     """Quantizers at ``init_bits`` (fixed: ``bits_w`` / ``bits_a``), the method's optimizer.
 
     ``variables`` are the float network's; BatchNorm, if any, is folded into the layers
-    before it first (:func:`cgmq_jax.models.fold_batchnorm`), so the quantizers are
-    calibrated on, and quantize, the folded weights.
+    before it first (by :func:`cgmq_jax.nn.init_quantizers`, given the variables with
+    their ``batch_stats``: the public way a user's own model takes too), so the quantizers
+    are calibrated on, and quantize, the folded weights.
     """
     config = setup.config
     if config.method == "fixed":
         bits = {"input_bits": config.bits_a, "weight_bits": config.bits_w}
     else:
         bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
-    float_params = variables["params"]
-    if "batch_stats" in variables:
-        float_params = models.fold_batchnorm(setup.float_model, variables, calibration[:1])
-    params = nn.init_quantizers(models.folded(setup.model), float_params, calibration, **bits)
+    float_params = variables if "batch_stats" in variables else variables["params"]
+    params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
     steps = len(setup.qat_epochs) * setup.steps_per_epoch
     learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
     if config.method == "cgmq":
