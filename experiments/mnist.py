@@ -89,7 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fill_epochs",
         type=int,
         default=defaults.fill_epochs,
-        help="cgmq: epochs of weight training after the bits that still fit are added (0: none)",
+        help="cgmq: epochs of weight training after the bits that still fit are added; ptq: "
+        "after the bits are allocated (0: none)",
+    )
+    p.add_argument(
+        "--float_checkpoint",
+        default=None,
+        help="start from the float network of a finished --method float run (its directory) "
+        "instead of training one (--pretrain_epochs is then not used)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dataset", choices=tuple(DATASETS), default=None, help="default mnist")
@@ -221,6 +228,24 @@ def _load(args, config):
     return dataset
 
 
+def _float_params(args, config):
+    """The float network of ``--float_checkpoint`` (None without it); ``ValueError`` if the
+    directory holds no finished float run of ``--model`` (``RunDirError`` is one)."""
+    if args.float_checkpoint is None:
+        return None
+    from cgmq_jax.runs import rundir
+
+    results, params = rundir.load_run(args.float_checkpoint, restore=True)
+    trained = results.get("config") or {}
+    if trained.get("method") != "float" or trained.get("model") != config.model:
+        raise ValueError(
+            f"--float_checkpoint {args.float_checkpoint}: not a --method float run of "
+            f"--model {config.model} (it is --method {trained.get('method')} of --model "
+            f"{trained.get('model')})"
+        )
+    return params
+
+
 def _train_only(args, config) -> int:
     """A process other than 0 of a multi-process run: it trains its share, writes nothing."""
     from cgmq_jax import data
@@ -230,7 +255,7 @@ def _train_only(args, config) -> int:
         dataset = _load(args, config)
     except (ValueError, data.DataError) as error:
         return _error(error, 2)
-    result = train.fit(config, dataset)
+    result = train.fit(config, dataset, float_params=_float_params(args, config))
     print(f"process {args.process_id}: test accuracy {100 * result.test_accuracy:.2f}%")
     return 0
 
@@ -243,6 +268,7 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
         # 2. The data, checked before any training.
         try:
             dataset = _load(args, config)
+            float_params = _float_params(args, config)
         except (ValueError, data.DataError) as error:
             return _error(error, 2)
         # 3. Training, checkpointed after every epoch (and at Ctrl-C).
@@ -256,6 +282,7 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
                     resume=args.resume,
                     checkpoint_meta={"flags": flags},
                     should_stop=stop,
+                    float_params=float_params,
                 )
         except train.Interrupted as stopped:
             saved = "checkpoint saved" if stopped.saved else "nothing saved"
@@ -306,10 +333,25 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
         f"{'' if input8 == relative else f'; {input8:.3f}% with the input counted at 8 bits'})  "
         f"wall {result.wall_seconds:.0f} s  data {result.data_source}"
     )
+    if "ptq" in result.certificate:
+        print(_ptq_times(result))
     if result.collapsed:
         print(f"WARNING: {result.certificate['collapse']['message']}", file=sys.stderr)
     print(f"wrote {run.path}/results.json, params.msgpack, training.png")
     return 0
+
+
+def _ptq_times(result) -> str:
+    """One line: the run's wall time split into the float phase and PTQ's parts."""
+    record = result.certificate["ptq"]
+    before, parts = record["float_seconds"], record["timings"]
+    return (
+        f"float phase {before:.0f} s (setup and float training; 0 epochs with "
+        f"--float_checkpoint), PTQ {result.wall_seconds - before:.0f} s: calibrate "
+        f"{parts['calibrate']:.1f} s, allocate {parts['allocate']:.1f} s "
+        f"({record['loss_evaluations']} loss evaluations), weight training {parts['tune']:.1f} s"
+        f", certify and test {result.wall_seconds - before - sum(parts.values()):.1f} s"
+    )
 
 
 if __name__ == "__main__":

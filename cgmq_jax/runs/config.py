@@ -13,8 +13,10 @@ from typing import Any
 
 from cgmq_jax import admission, certify, constraint, cost, models
 
-METHODS = ("cgmq", "dq", "fixed", "float")
+METHODS = ("cgmq", "dq", "fixed", "float", "ptq")
 MAX_BITS = 16
+#: The methods that work under the limits (the others are only measured against them).
+LIMITED_METHODS = ("cgmq", "dq", "ptq")
 
 #: Bits per KiB of memory (the CLI's memory limits are in KiB; see
 #: :data:`cgmq_jax.certify.LIMIT_FLAGS`).
@@ -76,7 +78,7 @@ class TrainConfig:
     bits_w: int = 4  # fixed only
     bits_a: int = 4  # fixed only
     input_bits: int | None = None  # the network input pinned at these bits (None: learned)
-    fill_epochs: int = 1  # cgmq only: the filled network's weights trained this many epochs
+    fill_epochs: int = 1  # cgmq, ptq: epochs of weight training with the bits frozen
     calibration_size: int = 2048
     seed: int = 0
     devices: int = 1  # data parallel over this many devices (of all processes' devices)
@@ -103,9 +105,9 @@ class TrainConfig:
 
     @property
     def guarded_limits(self) -> dict:
-        """The limits the method trains under: :attr:`limits` for ``cgmq`` and ``dq``, else
-        ``{}`` (``fixed`` and ``float`` are only measured against them)."""
-        return self.limits if self.method in ("cgmq", "dq") else {}
+        """The limits the method works under: :attr:`limits` for ``cgmq``, ``dq`` and
+        ``ptq``, else ``{}`` (``fixed`` and ``float`` are only measured against them)."""
+        return self.limits if self.method in LIMITED_METHODS else {}
 
 
 def _check_limits(config: TrainConfig) -> None:
@@ -113,7 +115,7 @@ def _check_limits(config: TrainConfig) -> None:
         value = getattr(config, flag.removeprefix("--"))
         if value is not None and not _positive_finite(value):
             raise ValueError(f"{flag} must be a positive finite number, got {value!r}")
-    if config.method in ("cgmq", "dq") and not config.limits:
+    if config.method in LIMITED_METHODS and not config.limits:
         raise ValueError(
             f"method {config.method!r} needs a limit: --budget_bops, --budget_weight_kib "
             "and / or --budget_activation_kib"

@@ -16,7 +16,9 @@ Methods (``TrainConfig.method``):
   ``optax.chain(partition(adam), constrained_update(cost, budget))``;
 * ``dq``: DQ's penalty, loss ``+ lam * max(0, C / budget - 1) ** 2``, no constrained update;
 * ``fixed``: uniform ``bits_w`` / ``bits_a`` with learned power-of-two steps (no budget);
-* ``float``: the unquantized network.
+* ``float``: the unquantized network;
+* ``ptq``: no QAT: the float network calibrated, its bits allocated by measured
+  sensitivity and its weights trained with the bits frozen (:mod:`cgmq_jax.runs.ptq`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cgmq_jax import certify, data
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import FitResult, TrainConfig
 from cgmq_jax.runs.fill import _fill, _tune_weights
+from cgmq_jax.runs.ptq import post_train
 from cgmq_jax.runs.setup import (
     _calibration_batch,
     _float_state,
@@ -129,7 +132,7 @@ def fit(
     )
     if run.progress.phase == "float":
         train("float")
-        if config.method != "float":
+        if config.method not in ("float", "ptq"):
             _to_qat(setup, run)
     elif run.progress.float_val_accuracy is None and float_params is not None:
         run.progress.float_val_accuracy = _float_accuracy(setup, float_params, dataset)
@@ -147,7 +150,12 @@ def fit(
             saved=checkpointer is not None,
             timings=run.timings,
         )
-        result = _finish_qat(setup, state.params, run.best_params, run.progress, dataset, log, tune)
+        if config.method == "ptq":
+            result = _finish_ptq(setup, run, float_params, dataset, log, tune)
+        else:
+            result = _finish_qat(
+                setup, state.params, run.best_params, run.progress, dataset, log, tune
+            )
     result.wall_seconds = run.progress.seconds + time.perf_counter() - started
     other = time.perf_counter() - started - sum(run.timings.values())
     result.timings = {**run.timings, "other": other}
@@ -167,7 +175,7 @@ def _start(setup: _Setup, images, float_params, checkpointer, log) -> _Run:
     calibration = _calibration_batch(setup, images)
     progress = _Progress(epoch=setup.float_epochs.start if setup.float_epochs else 0)
     state, best_params = _float_state(setup, variables), None
-    if not setup.float_epochs and config.method != "float":
+    if not setup.float_epochs and config.method not in ("float", "ptq"):
         progress = _Progress(phase="qat", epoch=setup.qat_epochs.start)
         state = _qat_state(setup, variables, calibration)
     if checkpointer is not None:
@@ -336,6 +344,7 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
     fill = None
     if config.method == "cgmq":
         params, fill = _fill(setup, params, dataset.validation, log, tune)
+    if config.method in ("cgmq", "ptq"):
         certificate = certify.certify(params, specs, limits)
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
         certificate = certify.cost_report(params, specs, limits or None)
@@ -360,6 +369,25 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
         val_accuracy=accuracy,
         float_val_accuracy=float_accuracy,
     )
+
+
+def _finish_ptq(setup, run, float_params, dataset, log, tune) -> FitResult:
+    """PTQ from the float network (:func:`cgmq_jax.runs.ptq.post_train`), certified as
+    :func:`_finish_qat` certifies; the certificate's ``ptq`` holds its record, with
+    ``float_seconds`` (the run's time before PTQ: setup, and the float training unless a
+    float network was given)."""
+    float_seconds = run.progress.seconds + time.perf_counter() - run.started
+    float_rows = [row for row in run.progress.history if row.get("phase") == "float"]
+    run.progress.float_val_accuracy = (
+        float_rows[-1]["val_accuracy"]
+        if float_rows
+        else _float_accuracy(setup, float_params, dataset)
+    )
+    variables = _float_variables(parallel.local_copy(run.state))
+    params, record = post_train(setup, variables, dataset, log, tune)
+    result = _finish_qat(setup, params, params, run.progress, dataset, log, tune)
+    result.certificate["ptq"] = {**record, "float_seconds": float_seconds}
+    return result
 
 
 def _checkpoint_arrays(state, best_params) -> dict:
