@@ -6,7 +6,10 @@ The package is split by job:
   :func:`save`, the validator and :func:`count_bops`); numpy only;
 * :mod:`~cgmq_jax.export.engine`: integer-only reference inference (:func:`run_integer`,
   :func:`predict`); numpy only;
-* :mod:`~cgmq_jax.export.c`: the C99 emitter (:func:`emit_c`); numpy only.
+* :mod:`~cgmq_jax.export.c`: the C99 emitter (:func:`emit_c`); numpy only;
+* :mod:`~cgmq_jax.export.onnx`: the ONNX QDQ writer (:func:`to_onnx`), ONNX Runtime runner
+  and the recount from an ONNX file alone (:func:`recount_onnx`); numpy at import, ``onnx``
+  and ``onnxruntime`` when used (``pip install -r requirements-onnx.txt``).
 
 The JAX side lives outside this package: :mod:`cgmq_jax.lowering` (:func:`export`,
 :func:`compare_with_model`: a Flax model and its parameters to a file) and, for a trainer's
@@ -73,6 +76,8 @@ __all__ = [
     "export",
     "export_run",
     "round_to_odd",
+    "recount_onnx",
+    "to_onnx",
 ]
 
 #: Public names imported on first use: name -> the module that owns it.
@@ -84,6 +89,8 @@ _LAZY = {
     "export_run": "cgmq_jax.runs.export_run",
     "round_to_odd": "cgmq_jax.lowering",
     "emit_c": "cgmq_jax.export.c",
+    "recount_onnx": "cgmq_jax.export.onnx",
+    "to_onnx": "cgmq_jax.export.onnx",
 }
 
 
