@@ -92,6 +92,8 @@ class Graph:
     num_variable_leaves: int
     input_shapes: tuple[tuple[int, ...], ...]
     wrapped: bool = False  # a quantize_model wrapper: its name-stack level is not the user's
+    #: ``{module path: class name}`` of every module called ("" the traced model), for messages
+    module_types: dict = dataclasses.field(default_factory=dict)
 
 
 def _abstract(value):
@@ -134,8 +136,9 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
         return out[0] if mutable else out
 
     floats: list[tuple[int, Layer]] = []
+    module_types = {"": type(model.model if _is_wrapper(model) else model).__name__}
     with qnn.record_layers(mark=True) as records:
-        with nn.intercept_methods(_float_layer_finder(records, floats)):
+        with nn.intercept_methods(_float_layer_finder(records, floats, module_types)):
             jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
     layers = [(i, _layer_of(record)) for i, record in enumerate(records)]
     ordered = sorted(layers + floats, key=lambda item: item[0])  # a float layer first
@@ -146,7 +149,12 @@ def trace(model: nn.Module, *args, params=None, **kwargs) -> Graph:
         num_variable_leaves=len(jax.tree.leaves(variables)),
         input_shapes=tuple(tuple(a.shape) for a in abstract_args),
         wrapped=_is_wrapper(model),
+        module_types=module_types,
     )
+
+
+def _name_of(path: tuple) -> str:
+    return "/".join(map(str, path))
 
 
 def _is_wrapper(model) -> bool:
@@ -173,7 +181,9 @@ def _trace_nnx(model, abstract_args: list, kwargs: dict) -> Graph:
 
     with qnn.record_layers(mark=True) as records:
         jaxpr = jax.make_jaxpr(apply)(variables, *abstract_args)
+    module_types = {_name_of(path): type(m).__name__ for path, m in nnx.iter_modules(model)}
     return Graph(
+        module_types=module_types,
         layers=tuple(_layer_of(record) for record in records),
         jaxpr=jaxpr,
         variables=variables,
@@ -195,13 +205,15 @@ def _layer_of(record: qnn.LayerRecord) -> Layer:
     )
 
 
-def _float_layer_finder(records: list, floats: list[tuple[int, Layer]]):
+def _float_layer_finder(records: list, floats: list[tuple[int, Layer]], module_types: dict):
     """An interceptor that appends ``(records so far, Layer)`` to ``floats`` for every call
     of an ``nn.Dense`` / ``nn.Conv`` that ran no quantized forward (so reported no record),
-    and refuses a layer kind whose MACs cannot be counted."""
+    refuses a layer kind whose MACs cannot be counted, and notes every module's class."""
 
     def find_float_layers(next_fun, call_args, call_kwargs, context):
         module = context.module
+        if module.path:
+            module_types.setdefault("/".join(map(str, module.path)), type(module).__name__)
         if context.method_name != "__call__" or not isinstance(module, _COUNTED + _UNCOUNTED):
             return next_fun(*call_args, **call_kwargs)
         before = len(records)
@@ -299,6 +311,31 @@ def _dyadic(value: float, path: str) -> list[int]:
     return [m, 0 if m == 0 else e]
 
 
+#: Primitives of activation functions the integer engine does not run (GELU, SiLU, ...).
+_ACTIVATION_PRIMITIVES = ("integer_pow", "pow", "tanh", "erf", "logistic", "exp", "log", "sin")
+
+
+def _fix(primitive: str, kind: str | None) -> str:
+    """What the user can do about an unsupported op, from the module's class and the op."""
+    if kind and "Norm" in kind and kind != "BatchNorm":
+        return (
+            f"a {kind} normalises each example by its own statistics, which integers cannot "
+            "compute: exclude it (remove it from the model you export) or fold it (use a "
+            "BatchNorm right after the Dense / Conv instead: quantize_model folds that one); "
+        )
+    if kind == "BatchNorm":
+        return (
+            "a BatchNorm is exported only folded into the Dense / Conv right before it: "
+            "export the quantize_model model, whose quantized network folds it; "
+        )
+    if primitive in _ACTIVATION_PRIMITIVES:
+        return (
+            "an activation such as GELU, SiLU, sigmoid or tanh computes it: use a supported "
+            "activation (nn.relu, nn.relu6, or a clip with constant bounds); "
+        )
+    return ""
+
+
 class _Walker:
     """Reads a jaxpr into :class:`Op`\\ s, following the activations from the inputs.
 
@@ -324,9 +361,12 @@ class _Walker:
         return _module_path(eqn, 2 if self.graph.wrapped else 1)
 
     def fail(self, eqn, why: str):
-        prim = eqn.primitive.name
+        prim, path = eqn.primitive.name, self.path(eqn)
+        where = "" if path == "<top level>" else path
+        kind = self.graph.module_types.get(where)
+        module = f"module {path!r}" + (f" (a {kind})" if kind else "")
         raise UnsupportedOp(
-            f"cannot export op {prim!r} in module {self.path(eqn)!r}: {why}; the integer "
+            f"cannot export op {prim!r} in {module}: {why}; {_fix(prim, kind)}the integer "
             "export runs quantized Dense / Conv layers, ReLU / ReLU6 / clip, max and average "
             "pooling, means, residual adds, concatenation and reshapes"
         )

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -369,8 +370,9 @@ def build(
     if bias_scheme not in BIAS_SCHEMES:
         raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
     model, params = _model_and_params(model, params)
+    _check_finite(params)
     sample = jax.ShapeDtypeStruct((graph.TRACE_BATCH, *input_shape), jnp.float32)
-    traced = graph.trace(model, sample, params=params, **call_kwargs)
+    traced = _trace(model, sample, params, input_shape, call_kwargs)
     ops, output = graph.ops(traced)
     facts = {i: _layer_facts(params, layer) for i, layer in enumerate(traced.layers)}
     order = [op.layer for op in ops if op.op in LAYER_OPS]
@@ -396,6 +398,50 @@ def build(
     if metadata is not None:
         header["metadata"] = metadata
     return header, arrays
+
+
+def _check_finite(params: Any) -> None:
+    """Refuse a diverged run: no integer file reproduces a NaN or infinite parameter."""
+    import jax
+
+    bad = [
+        jax.tree_util.keystr(path, simple=True, separator="/")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if not np.all(np.isfinite(np.asarray(leaf, np.float64)))
+    ]
+    if bad:
+        shown = ", ".join(repr(name) for name in bad[:4]) + (" ..." if len(bad) > 4 else "")
+        raise ValueError(
+            f"the run diverged: non-finite parameters at {shown} ({len(bad)} in all), so no "
+            "integer file can reproduce the model; export an earlier checkpoint, or retrain "
+            "(a lower learning rate, or fit's divergence check)"
+        )
+
+
+def _trace(model: Any, sample: Any, params: Any, input_shape, call_kwargs: dict):
+    """:func:`cgmq_jax.graph.trace`, with the likely cause of a shape mismatch named."""
+    import flax
+
+    from cgmq_jax import graph
+
+    try:
+        return graph.trace(model, sample, params=params, **call_kwargs)
+    except flax.errors.ScopeParamShapeError as error:
+        found = re.search(
+            r'parameter "(\w+)" in "/?([^"]*)".*generate shape (\([^)]*\)).*has shape (\([^)]*\))',
+            str(error),
+        )
+        head = f"the parameters do not fit input_shape={tuple(input_shape)} ({error})"
+        if found:
+            name, path, expected, stored = found.groups()
+            head = (
+                f"layer {path!r}: its {name} has shape {stored}, which does not fit "
+                f"input_shape={tuple(input_shape)} (that input needs {expected})"
+            )
+        raise ValueError(
+            f"{head}: pass export(..., input_shape=...) with one example's shape, without the "
+            "batch axis (the default, (28, 28, 1), is an MNIST image)"
+        ) from None
 
 
 def _model_and_params(model: Any, params: Any) -> tuple[Any, Any]:

@@ -482,7 +482,7 @@ def _init_linen_quantizers(model, params, args, kwargs, input_bits, weight_bits)
         layer, name = path[:-1], path[-1]
         if name in ("input_quantizer", quantizer.INPUT_SIGNED):
             if (*layer, "input_range") not in observed:
-                raise _not_observed_error(layer, observed)
+                raise _not_observed_error(layer)
         if name == "input_quantizer":
             input_range = observed[(*layer, "input_range")]
             signed = observed[(*layer, "input_signed")]  # a bool, or the data's decision
@@ -536,15 +536,12 @@ def _observe_float(model, weights, args: tuple, kwargs: dict) -> dict:
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(state.get(CALIBRATION, {})))
 
 
-def _not_observed_error(layer: tuple, observed: dict) -> ValueError:
-    """A layer that saw no input in the float pass: it runs inside a lifted transform."""
-    name = "/".join(map(str, layer))
-    lifted = sorted({"/".join(map(str, path[:-1])) for path in observed} - {name})
+def _not_observed_error(layer: tuple) -> ValueError:
+    """A layer whose input the float pass did not record: it runs inside a lifted transform."""
     return ValueError(
-        f"layer {name!r} runs inside nn.scan (or another lifted transform: nn.vmap, "
-        "nn.map_variables), whose calls init_quantizers cannot calibrate one by one"
-        + (f" (its input facts were stored elsewhere: {lifted[:3]})" if lifted else "")
-        + "; unroll nn.scan into a Python for loop over the blocks (one module per block)"
+        f"layer {'/'.join(map(str, layer))!r} runs inside nn.scan (or another lifted "
+        "transform, e.g. nn.vmap), whose repeated calls init_quantizers cannot calibrate: "
+        "unroll nn.scan into a Python for loop over the blocks (one module per block)"
     )
 
 
