@@ -1,7 +1,11 @@
-"""CGMQ vs DQ's penalty vs fixed-bit QAT vs float, across budgets and seeds.
+"""CGMQ vs DQ's penalty vs fixed-bit QAT vs float (and PTQ), across budgets and seeds.
 
     python experiments/sweep.py --preset quick      # about 20 minutes on 2 cores
     python experiments/sweep.py --preset full       # the README's numbers
+    python experiments/sweep.py --preset full --methods cgmq ptq --budgets 2e6 4e6 8e6
+
+``ptq`` (post-training quantization, no QAT: on request) quantizes the same shared float
+network as the QAT rows start from; its rows' wall time is the PTQ's.
 
 The quantized runs of a seed share one float pretraining (``pretrain_epochs``) and then
 train ``epochs`` QAT epochs; the ``float`` row is a float network trained as long,
@@ -32,6 +36,7 @@ PRESETS = {
 BUDGETS = [1e6, 2e6, 4e6, 8e6]
 LAMS = [0.01, 0.1, 1.0, 10.0]
 FIXED_BITS = [(8, 8), (4, 4), (2, 2)]
+DEFAULT_METHODS = ("float", "fixed", "cgmq", "dq")  # cgmq_jax.runs.sweep.DEFAULT_METHODS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     p.add_argument("--lams", type=float, nargs="+", default=LAMS)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--methods", nargs="+", default=["float", "fixed", "cgmq", "dq"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="float, fixed, cgmq, dq, ptq (post-training: on request)",
+    )
     p.add_argument("--model", default="lenet5", help="lenet5, lenet5_bb, mlp or dscnn")
     p.add_argument(
         "--fixed_bits",
@@ -181,10 +191,12 @@ def _summary(name: str, preset: dict, rows: list[dict], dataset: str = "mnist") 
     from cgmq_jax.runs import sweep
 
     pretrain, epochs = preset["pretrain_epochs"], preset["epochs"]
+    ptq = any(r["method"] == "ptq" for r in rows)
     return (
         f"Preset `{name}` on {dataset}: quantized runs {pretrain} float epochs (shared per seed) + "
         f"{epochs} QAT epochs; float runs {pretrain + epochs} float epochs; "
-        f"seeds {sorted({int(r['seed']) for r in rows})}.\n\n"
+        + ("ptq runs: the shared float network, no QAT; " if ptq else "")
+        + f"seeds {sorted({int(r['seed']) for r in rows})}.\n\n"
         + sweep.summarize(rows)
         + "\n\n"
         + sweep.dq_search_cost(rows)

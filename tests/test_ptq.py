@@ -163,3 +163,32 @@ def test_the_cli_runs_ptq_from_a_float_checkpoint_certified_and_exportable(
     assert results["float_val_accuracy"] is not None and "collapsed" in results
     export = load_cli("export")
     assert export.main([str(out), "--check"]) == 0
+
+
+def test_the_sweep_runs_ptq_beside_cgmq_from_the_shared_float_network(tiny_mnist, tmp_path):
+    from cgmq_jax.runs import sweep, train
+
+    calls = []
+
+    def fake_fit(config, dataset, *, log=print, float_params=None):
+        calls.append((config.method, float_params is not None))
+        certificate = {"bops": 100, "relative_bops_percent": 1.0, "within_budget": True}
+        return train.FitResult(
+            config=config,
+            params={"kernel": 1.0},
+            history=[],
+            test_accuracy=0.9,
+            certificate={**certificate, "layers": []},
+            wall_seconds=1.0,
+            data_source="synthetic",
+        )
+
+    assert "ptq" not in sweep.DEFAULT_METHODS  # on request: the default grid is unchanged
+    runs = sweep.grid(budgets=[2e6], seeds=[0], lams=[], fixed_bits=[], methods=["cgmq", "ptq"])
+    rows = sweep.run_grid(
+        runs, tiny_mnist, tmp_path / "runs.csv", epochs=2, pretrain_epochs=1, fit=fake_fit,
+        log=lambda _: None,
+    )  # fmt: skip
+    assert calls == [("float", False), ("cgmq", True), ("ptq", True)]
+    assert [(r["method"], r["epochs"]) for r in rows] == [("cgmq", "2"), ("ptq", "0")]
+    assert "| ptq | 2e+06 |  | 1 | 90.00" in sweep.summarize(rows)

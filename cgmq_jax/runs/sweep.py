@@ -7,6 +7,11 @@ they are, ``pretrain_epochs + epochs`` epochs, by a separate :func:`~cgmq_jax.ru
 (not the shared checkpoint), so that the comparison does not favour the quantized runs by
 training them longer.
 
+``ptq`` rows (on request: :data:`DEFAULT_METHODS` leaves them out) start from the same
+shared float network and quantize it without QAT (:mod:`cgmq_jax.runs.ptq`); their
+``epochs`` are 0 and their wall time is the PTQ's (the float network is given), as the
+other quantized rows' is their QAT's.
+
 Each row records the training loss of every epoch of its run (``epoch_losses``: QAT epochs
 for the quantized methods, float epochs for ``float``); :func:`plot_losses` draws them.
 """
@@ -46,7 +51,10 @@ STYLES = {  # method -> (marker, colour), shared by the plots
     "dq": ("x", "tab:orange"),
     "fixed": ("s", "tab:green"),
     "float": ("*", "tab:gray"),
+    "ptq": ("D", "tab:purple"),
 }
+#: The methods of a grid unless others are asked for (``ptq`` only when named).
+DEFAULT_METHODS = ("float", "fixed", "cgmq", "dq")
 
 
 def _print_now(line: str) -> None:
@@ -83,9 +91,9 @@ def grid(
     seeds: Iterable[int],
     lams: Iterable[float],
     fixed_bits: Iterable[tuple[int, int]],
-    methods: Iterable[str] = train.METHODS,
+    methods: Iterable[str] = DEFAULT_METHODS,
 ) -> list[Run]:
-    """All runs, seed by seed: float first, then fixed, then cgmq and dq per budget."""
+    """All runs, seed by seed: float first, then fixed, then cgmq, dq and ptq per budget."""
     methods, budgets, lams, fixed_bits = list(methods), list(budgets), list(lams), list(fixed_bits)
     runs = []
     for seed in seeds:
@@ -98,6 +106,8 @@ def grid(
                 runs.append(Run("cgmq", seed, budget_bops=budget))
             if "dq" in methods:
                 runs += [Run("dq", seed, budget_bops=budget, lam=lam) for lam in lams]
+            if "ptq" in methods:
+                runs.append(Run("ptq", seed, budget_bops=budget))
     return runs
 
 
@@ -180,7 +190,7 @@ def run_grid(
             )
             result = fit(config, dataset, log=lambda _: None)
         else:
-            run_epochs = epochs
+            run_epochs = 0 if run.method == "ptq" else epochs  # ptq trains no QAT epoch
             config = dataclasses.replace(
                 base,
                 method=run.method,
