@@ -2,12 +2,12 @@
 
 :func:`to_onnx` turns a ``cgmq-int-npz`` model (:func:`cgmq_jax.export.format.load`) into an
 ONNX model whose every quantizer is a ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``Clip``
-chain at its own power-of-two scale, the codes in the narrowest ONNX integer type that holds
-them and clipped to the quantizer's levels; weights are integer initializers (each layer's
-codes) with a ``DequantizeLinear`` at their scale (per channel where the layer is), biases
-``int32`` at ``2**bias_exponent``. Between the quantizers the graph computes in float32 what
-the integer engine computes in integers (``docs/export.md``, "ONNX"). The bit-widths, the
-certificate and a SHA-256 of the graph go into ``metadata_props``. :func:`recount_onnx`
+chain at its own power-of-two scale, clipped to the quantizer's levels; weights are integer
+initializers (each layer's codes, in the narrowest ONNX integer type that holds them) with a
+``DequantizeLinear`` at their scale (per channel where the layer is), biases ``int32`` at
+``2**bias_exponent``. Between the quantizers the graph computes in float32 what the integer
+engine computes in integers (``docs/export.md``, "ONNX"). The bit-widths, the certificate
+and a SHA-256 of the graph go into ``metadata_props``. :func:`recount_onnx`
 (:mod:`cgmq_jax.export.onnx_recount`) recounts MACs, bits and BOPs from an ONNX file alone.
 
 The graph keeps the file's channels-last layout: a convolution or pool is wrapped in two
@@ -16,9 +16,11 @@ value, float32, ``[N, *input.shape]`` (MNIST: ``pixels / 256``); the output ``lo
 the logits' real value.
 
 Opset 25 by default: the first with ``int2`` / ``uint2`` (ONNX Runtime 1.30 runs
-``QuantizeLinear`` / ``DequantizeLinear`` of them on CPU), so a 1- or 2-bit quantizer's
-codes are 2-bit; opsets 21 to 24 are accepted (4-bit types at the least; 2-bit codes stored
-as 4-bit, the clip unchanged). The IR version is 13, the newest ONNX Runtime 1.30 loads.
+``QuantizeLinear`` / ``DequantizeLinear`` of them on CPU), so a 2-bit weight is stored as
+``int2``; opsets 21 to 24 are accepted (2-bit codes then stored as 4-bit). Activation codes
+are 8- or 16-bit types by default, clipped to their levels: ONNX Runtime 1.30 does not load
+4- or 2-bit activation QDQ at its default optimization level (``narrow_activations=True``
+writes them anyway). The IR version is 13, the newest ONNX Runtime 1.30 loads.
 
 Numpy and the standard library at import; ``onnx`` and ``onnxruntime`` are imported when
 first needed (``pip install -r requirements-onnx.txt``), never JAX.
@@ -29,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,6 @@ def code_type(
         f"a {bits}-bit {what} quantizer: ONNX QDQ holds at most {widths[-1]}-bit {what} codes "
         "(export a model with narrower quantizers)"
     )
-
-
-def _exponent(value: float) -> int:
-    """``e`` with ``value == 2**e`` (``OnnxError`` if ``value`` is not a power of two)."""
-    mantissa, e = math.frexp(float(value))
-    if mantissa != 0.5:
-        raise OnnxError(f"scale {value!r} is not a power of two")
-    return e - 1
 
 
 def graph_sha256(model) -> str:
