@@ -290,15 +290,17 @@ def export(
 ) -> Path:
     """Write a quantized model's parameters as a ``cgmq-int-npz`` file (needs JAX).
 
-    Any linen model whose layers are quantized (:class:`~cgmq_jax.nn.QuantDense` /
-    ``QuantConv``, or plain ``nn.Dense`` / ``nn.Conv`` under
-    :func:`~cgmq_jax.rules.quantize_model`) and whose other ops are ReLU / ReLU6 / clip,
-    max / average pooling, means, residual adds, concatenation and reshapes exports; its
-    graph comes from one trace of ``model.apply`` (:func:`cgmq_jax.graph.trace`).
+    Any linen or NNX model whose layers are quantized (:class:`~cgmq_jax.nn.QuantDense` /
+    ``QuantConv``, :class:`~cgmq_jax.nnx.QuantLinear` / ``QuantConv``, or plain Flax layers
+    under :func:`~cgmq_jax.rules.quantize_model`) and whose other ops are ReLU / ReLU6 /
+    clip, max / average pooling, means, residual adds, concatenation and reshapes exports;
+    its graph comes from one trace of the model (:func:`cgmq_jax.graph.trace`).
 
     Args:
-      params: the quantized parameter tree (``report.load_params`` of a run, or ``fit``'s).
-      model: the Flax model (``quantized=True``), e.g. ``models.get_model("lenet5")``.
+      params: the quantized parameter tree (``report.load_params`` of a run, or ``fit``'s);
+        for an NNX model ``None`` (its own state) or an ``nnx.State`` of it.
+      model: the Flax model (``quantized=True``), e.g. ``models.get_model("lenet5")``, or
+        an NNX module.
       path: the ``.npz`` file to write.
       input_shape: one example's input shape (no batch axis).
       input_exponent: the exponent of the integer network input the file expects
@@ -331,8 +333,10 @@ def export(
 
     Raises:
       ValueError: an unknown ``bias_scheme``; an op the integer engine does not run, or a
-        layer that is not quantized (:class:`cgmq_jax.graph.UnsupportedOp`, naming the op
-        and the module path); a quantizer whose step is not a power of two.
+        layer that is not quantized (:class:`cgmq_jax.graph.UnsupportedOp`, naming the op,
+        the module path and class, and what to do); parameters that do not fit
+        ``input_shape`` (naming the layer); a non-finite parameter (the run diverged,
+        naming its path); a quantizer whose step is not a power of two.
     """
     header, arrays = build(
         params,
@@ -552,6 +556,31 @@ def _jitted_forward():
     return jax.jit(forward, static_argnums=0)
 
 
+def _is_nnx(model: Any) -> bool:
+    from cgmq_jax import nn as qnn
+
+    return qnn.is_nnx_module(model)
+
+
+def _nnx_forward(model, params, x):
+    """``(logits, {layer: Q(x)})`` of an NNX model (``params``: an ``nnx.State`` of it, or
+    ``None`` for its own), eagerly, as :func:`_jitted_forward` for linen."""
+    from flax import nnx
+
+    from cgmq_jax import nn as qnn
+    from cgmq_jax import nnx as cnnx
+
+    if params is not None:
+        model = nnx.merge(*nnx.split(model))
+        nnx.update(model, params)
+    with qnn.record_layers() as records, cnnx.reporting_paths(model):
+        logits = model(x)
+    quantized = {
+        "/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None
+    }
+    return logits, quantized
+
+
 def compare_with_model(
     path: str | os.PathLike | IntegerModel,
     params: Any,
@@ -564,8 +593,9 @@ def compare_with_model(
 
     Args:
       path: the exported file (or a loaded :class:`IntegerModel`).
-      params: the quantized parameters it was exported from.
-      model: the Flax model.
+      params: the quantized parameters it was exported from (an NNX model: ``None``, or
+        an ``nnx.State`` of it).
+      model: the Flax model (linen or NNX).
       images: float inputs, exact multiples of ``2**header["input"]["exponent"]``
         (MNIST: ``uint8 / 256``); the integer side gets them as integers at that exponent.
       batch_size: examples per batch.
@@ -581,7 +611,7 @@ def compare_with_model(
     exported = path if isinstance(path, IntegerModel) else load(path)
     header = exported.header
     exponent, divisor = header["input"]["exponent"], header["output"]["divisor"]
-    forward = _jitted_forward()
+    forward = _nnx_forward if _is_nnx(model) else _jitted_forward()
     images = np.asarray(images)
     scaled = images.astype(np.float64) * 2.0**-exponent
     integers = np.round(scaled)

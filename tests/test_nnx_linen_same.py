@@ -171,6 +171,10 @@ def test_the_same_integer_file_and_c(trained, tmp_path):
     exported = export_format.load(nnx_file)
     assert [layer["name"] for layer in exported.layers] == ["stem", "body", "head"]
     assert exported.layers[1]["per_channel"] and exported.layers[0]["input_bits"] == 8
+    images = np.asarray(jax.random.uniform(jax.random.key(2), (8, *SHAPE)) * 256) // 1 / 256
+    checked = lowering.compare_with_model(nnx_file, None, nnx_model, images)
+    assert checked["agree"] == 8 and all(row[0] == 0 for row in checked["code_mismatches"].values())
+    assert checked["code_mismatches"].keys() == {"stem", "body", "head"}
     export_c.emit_c(nnx_file, tmp_path / "nnx" / "c")  # C from the NNX model's file
     export_c.emit_c(linen_file, tmp_path / "linen" / "c")
     for name in ("model.h", "model.c", "main.c"):  # the same, but for the file's name
