@@ -326,7 +326,8 @@ def _fix(primitive: str, kind: str | None) -> str:
     if kind == "BatchNorm":
         return (
             "a BatchNorm is exported only folded into the Dense / Conv right before it: "
-            "export the quantize_model model, whose quantized network folds it; "
+            "export the model quantize_model made (given a sample input for NNX), which "
+            "folds it; "
         )
     if primitive in _ACTIVATION_PRIMITIVES:
         return (

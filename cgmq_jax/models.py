@@ -293,8 +293,17 @@ def fold_batchnorm(model: nn.Module, variables, *sample_inputs, **call_kwargs) -
         gamma = flat.pop((*norm, "scale"), jnp.ones(features, kernel.dtype))
         beta = flat.pop((*norm, "bias"), jnp.zeros(features, kernel.dtype))
         mean, var = flat_stats[(*norm, "mean")], flat_stats[(*norm, "var")]
-        scale = gamma * jax.lax.rsqrt(var + epsilon)
         bias = flat.get((*layer, "bias"), jnp.zeros(features, kernel.dtype))
-        flat[(*layer, "kernel")] = kernel * jnp.reshape(scale, (1,) * (kernel.ndim - 1) + (-1,))
-        flat[(*layer, "bias")] = beta + (bias - mean) * scale
+        flat[(*layer, "kernel")], flat[(*layer, "bias")] = folded_kernel_and_bias(
+            kernel, bias, gamma, beta, mean, var, epsilon
+        )
     return flax.traverse_util.unflatten_dict(flat)
+
+
+def folded_kernel_and_bias(kernel, bias, gamma, beta, mean, var, epsilon: float):
+    """``(W * s, beta + (b - mean) * s)`` with ``s = gamma / sqrt(var + eps)`` per output
+    channel (the last axis of ``kernel``): one BatchNorm folded into the layer before it.
+    The arithmetic of :func:`fold_batchnorm`, and of NNX's (:mod:`cgmq_jax.rules_nnx`)."""
+    scale = gamma * jax.lax.rsqrt(var + epsilon)
+    kernel = kernel * jnp.reshape(scale, (1,) * (kernel.ndim - 1) + (-1,))
+    return kernel, beta + (bias - mean) * scale

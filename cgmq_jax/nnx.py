@@ -3,9 +3,9 @@
 :class:`QuantLinear` and :class:`QuantConv` subclass ``flax.nnx.Linear`` and
 ``flax.nnx.Conv`` (same constructor, same ``kernel`` / ``bias``) and quantize their input
 and kernel with the functions the linen layers use (:mod:`cgmq_jax.nn`,
-:mod:`cgmq_jax.quantizer`). Their options are three of :class:`cgmq_jax.nn.QuantOptions`
-(``quantize``, ``input_signed``, ``calibration_percentile``; per-channel and pinned
-bit-widths are linen-only for now). Their extra state:
+:mod:`cgmq_jax.quantizer`). Their options are those of :class:`cgmq_jax.nn.QuantOptions`
+(all of them: ``quantize``, ``input_signed``, ``calibration_percentile``, ``per_channel``,
+``input_bits``, ``weight_bits``). Their extra state:
 
 * ``input_quantizer`` and ``weight_quantizer``: :class:`Quantizer` variables, each
   ``[log2 d, log2 q_max]``. ``Quantizer`` subclasses ``nnx.Param``, so the quantizers train
@@ -29,8 +29,11 @@ Its :class:`cgmq_jax.cost.LayerSpec` paths index the model's ``nnx.State``, so
 
 One name for linen and NNX: :func:`cgmq_jax.cost.layer_specs` and
 :func:`cgmq_jax.nn.init_quantizers` take an NNX module too and call :func:`layer_specs` /
-:func:`calibrate` here. :func:`cgmq_jax.rules.quantize_model` does not rewrite NNX modules
-(yet): build them with :class:`QuantLinear` / :class:`QuantConv`.
+:func:`calibrate` here; :func:`cgmq_jax.rules.quantize_model` turns the plain
+``nnx.Linear`` / ``nnx.Conv`` layers of an unmodified NNX model into these layers; and
+:func:`cgmq_jax.graph.trace` (so :func:`cgmq_jax.lowering.export`) traces an NNX model, its
+layers reporting their paths (:func:`reporting_paths`) and its parameters read as the
+linen tree (:func:`linen_params`).
 """
 
 from __future__ import annotations
@@ -397,50 +400,6 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
 
 
 QUANTIZED_LAYERS = (QuantLinear, QuantConv)
-#: The plain Flax layers :func:`quantize_layers` replaces, and what by.
-_REPLACEMENTS = ((nnx.Conv, QuantConv), (nnx.Linear, QuantLinear))
-
-
-def _replacement(module) -> type | None:
-    """The quantized class for a plain ``nnx.Linear`` / ``nnx.Conv`` (not a subclass with
-    its own ``__call__``, nor one already quantized), else ``None``."""
-    if isinstance(module, QUANTIZED_LAYERS):
-        return None
-    for plain, quantized in _REPLACEMENTS:
-        if isinstance(module, plain) and type(module).__call__ is plain.__call__:
-            return quantized
-    return None
-
-
-def quantize_layers(model: nnx.Module, rule_for) -> nnx.Module:
-    """A copy of ``model`` whose plain ``nnx.Linear`` / ``nnx.Conv`` layers are quantized.
-
-    The NNX side of :func:`cgmq_jax.rules.quantize_model` (use that): each replaced layer
-    keeps its ``kernel`` and ``bias`` (the same values, so a trained float model stays
-    trained) and takes the options of ``rule_for(path)`` (a
-    :class:`cgmq_jax.rules.QuantRule`, or ``None``: kept in float, counted at 32 x 32 bits).
-    ``model`` itself is not modified.
-    """
-    copy = nnx.merge(*nnx.split(model))
-    for path, module in list(nnx.iter_modules(copy)):
-        quantized_class = _replacement(module)
-        if quantized_class is None or not path:
-            continue
-        rule = rule_for(_name(path))
-        options = rule.options if rule is not None else qnn.QuantOptions(quantize=False)
-        layer = object.__new__(quantized_class)  # the same attributes, a quantized class
-        layer.__dict__.update(vars(module))
-        layer._add_quantizers(options, keep_float=not options.quantize)
-        parent = copy
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = layer
-        else:
-            setattr(parent, path[-1], layer)
-    return copy
-
-
 def _name(path: tuple) -> str:
     return "/".join(map(str, path))
 
@@ -573,6 +532,15 @@ def _spec(path: tuple, layer, macs: int, sizes: dict) -> cost.LayerSpec:
         channels=layer.kernel.shape[-1] if layer.per_channel else 1,
         **sizes,
     )
+
+
+def with_state(model: nnx.Module, state) -> nnx.Module:
+    """``model``, or (given an ``nnx.State`` of it) a copy of it holding ``state``."""
+    if state is None:
+        return model
+    copy = nnx.merge(*nnx.split(model))
+    nnx.update(copy, state)
+    return copy
 
 
 def linen_params(model: nnx.Module) -> dict:

@@ -192,7 +192,9 @@ def _interceptor(rules: tuple[QuantRule, ...], quantized: bool, folds: dict[str,
     return intercept
 
 
-def quantize_model(model, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),)):
+def quantize_model(
+    model, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),), *sample_inputs, **call_kwargs
+):
     """Quantize an unmodified linen or NNX model's ``Dense`` / ``Conv`` layers by rules.
 
     One name for both (dispatched on the model's type), with the same rules:
@@ -204,21 +206,28 @@ def quantize_model(model, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),
       ``nnx.Linear`` / ``nnx.Conv`` replaced by a :class:`cgmq_jax.nnx.QuantLinear` /
       :class:`cgmq_jax.nnx.QuantConv` holding the same ``kernel`` and ``bias`` and the
       first matching rule's options; one no rule quantizes is kept in float (no
-      quantizers, counted at 32 x 32 bits). Then :func:`cgmq_jax.nnx.calibrate` (or
-      ``init_quantizers(model, batch)``) sets the quantizers from data.
+      quantizers, counted at 32 x 32 bits); each ``nnx.BatchNorm`` right after such a
+      layer is folded into it first (its running averages: pass the trained float model),
+      which needs ``sample_inputs`` (:mod:`cgmq_jax.rules_nnx`). Then
+      :func:`cgmq_jax.nnx.calibrate` (or ``init_quantizers(model, batch)``) sets the
+      quantizers from data.
 
     Args:
       model: any ``flax.linen.Module`` (unbound), or a ``flax.nnx.Module``.
       rules: :class:`QuantRule` s, the first match wins; the default quantizes every
         ``Dense`` and ``Conv`` with learned bit-widths and data-decided input signedness.
+      *sample_inputs: NNX only, needed if the model has BatchNorm: its inputs (arrays or
+        ``jax.ShapeDtypeStruct``), to trace which layer each BatchNorm follows.
+      **call_kwargs: NNX only: further call arguments for that trace (``train=False``).
 
     Returns:
       Linen: a :class:`QuantizedModel` (``quantized=True``); ``.clone(quantized=False)`` is
       the float model, whose parameters are the original model's. NNX: the quantized copy.
 
     Raises:
-      TypeError: ``model`` is neither a linen nor an NNX module, or a rule is not a
-        :class:`QuantRule`.
+      TypeError: ``model`` is neither a linen nor an NNX module, a rule is not a
+        :class:`QuantRule`, or an NNX model has BatchNorm and no ``sample_inputs``.
+      ValueError: a BatchNorm that does not directly follow a layer (it cannot be folded).
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -248,9 +257,12 @@ def quantize_model(model, rules: Sequence[QuantRule] | QuantRule = (QuantRule(),
         if not isinstance(rule, QuantRule):
             raise TypeError(f"rules must be QuantRule instances, got {type(rule).__name__}")
     if qnn.is_nnx_module(model):
-        from cgmq_jax import nnx as cnnx
+        from cgmq_jax import rules_nnx
 
-        return cnnx.quantize_layers(model, lambda path: _rule_for(rules, path))
+        rule_for = functools.partial(_rule_for, rules)
+        return rules_nnx.quantize_model(model, rule_for, *sample_inputs, **call_kwargs)
+    if sample_inputs or call_kwargs:
+        raise TypeError("quantize_model takes sample inputs for an NNX model only")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model takes a flax.linen.Module, got {type(model).__name__}")
     if model.scope is not None:

@@ -1,7 +1,8 @@
 """BatchNorm in the user's own model (issue 28): an unmodified linen model with BatchNorm
 after its convolutions goes through the public API, ``quantize_model`` ->
 ``init_quantizers(model, float_variables, batch)`` -> ``layer_specs`` -> ``export``, with
-each BatchNorm folded into the layer before it; no helper, no second BatchNorm-free model."""
+each BatchNorm folded into the layer before it; no helper, no second BatchNorm-free model.
+An NNX model's BatchNorm is folded by ``quantize_model(model, rules, sample_input)``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import cgmq_jax
 from cgmq_jax import lowering
@@ -101,3 +103,37 @@ def test_missing_statistics_and_an_unfoldable_batchnorm_are_clear_errors(trained
     unfoldable = NormAfterAdd()
     with pytest.raises(ValueError, match=r"BatchNorm 'post_bn' does not directly follow"):
         cgmq_jax.quantize_model(unfoldable).init(jax.random.key(0), images)
+
+
+class NnxKwsNet(nnx.Module):
+    """The same in NNX: Conv (no bias) -> BatchNorm -> ReLU -> Linear."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(4, rngs=rngs)
+        self.head = nnx.Linear(4 * 36, 3, rngs=rngs)
+
+    def __call__(self, x, train: bool = False):
+        x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def test_nnx_batchnorm_is_folded_by_quantize_model(tmp_path):
+    images = jax.random.uniform(jax.random.key(0), (8, *SHAPE))
+    float_model = NnxKwsNet(nnx.Rngs(0))
+    float_model(images, train=True)  # statistics not trivial
+    expected = float_model(images)
+    with pytest.raises(TypeError, match="has BatchNorm: pass a sample input"):
+        cgmq_jax.quantize_model(float_model, RULES)
+    model = cgmq_jax.quantize_model(float_model, RULES, images)
+    assert isinstance(float_model.stem_bn, nnx.BatchNorm)  # the user's model is unchanged
+    assert float_model.stem.bias is None and model.stem.bias is not None
+    model.set_attributes(quantize=False)  # the folded float network: BatchNorm's function
+    np.testing.assert_allclose(model(images), expected, rtol=1e-5, atol=1e-5)
+    model.set_attributes(quantize=True)
+    cgmq_jax.init_quantizers(model, images, input_bits=16, weight_bits=16)
+    np.testing.assert_allclose(model(images), expected, atol=1e-2)
+    exported = export_format.load(
+        lowering.export(None, model, tmp_path / "m.npz", input_shape=SHAPE)
+    )
+    assert [op["op"] for op in exported.header["ops"]] == ["conv", "relu", "reshape", "dense"]

@@ -354,3 +354,21 @@ def test_the_readme_example_script_runs(tiny_mnist, monkeypatch, capsys):
     assert load_cli("nnx_example").main(argv) == 0
     out = capsys.readouterr().out
     assert "certified within budget 20,000,000" in out and "conv1" in out
+
+
+def test_nnx_layers_take_the_linen_options_and_compute_the_same():
+    """per_channel, input_bits and weight_bits (a TypeError before issue 28), as in linen."""
+    options = {"per_channel": True, "input_bits": 8, "weight_bits": 4, "input_signed": False}
+    x = jnp.abs(_signed_input((2, 6, 6, 1)))
+    linen_layer = linen_layers.QuantConv(3, (3, 3), **options)
+    params = linen_layer.init(jax.random.key(0), x)["params"]
+    layer = cnnx.QuantConv(1, 3, (3, 3), rngs=nnx.Rngs(0), **options)
+    layer.kernel[...], layer.bias[...] = params["kernel"], params["bias"]
+    cnnx.calibrate(layer, x)
+    assert layer.weight_quantizer.shape == (3, 2)
+    for name in ("input_quantizer", "weight_quantizer"):
+        np.testing.assert_array_equal(getattr(layer, name)[...], params[name])
+    np.testing.assert_array_equal(layer(x), linen_layer.apply({"params": params}, x))
+    (spec,) = cnnx.layer_specs(layer, x)
+    assert (spec.input_bits, spec.weight_bits, spec.channels) == (8, 4, 3)
+    assert spec == cost.layer_specs(linen_layer, x)[0]
