@@ -5,10 +5,13 @@ From a calibrated network (every learned quantizer at 8 bits,
 :func:`cgmq_jax.nn.init_quantizers`), :func:`allocate` removes one bit at a time, each
 time the one whose loss increase per unit of cost freed is smallest, until every limit
 holds; then it gives back, one at a time, the bits that still fit and lower the loss most
-per unit of cost. The loss is measured, not estimated: every candidate is the network with
-that one quantizer changed, its loss computed on a calibration set by one jitted function
-of the bit-width vector (compiled once, all of a step's candidates in one call), and its
-cost is the exact cost (:func:`cgmq_jax.cost.exact_costs`). Each quantizer at ``b`` bits
+per unit of cost. The loss is measured, not estimated: a candidate is the network with that
+one quantizer changed, its loss computed on a calibration set by one jitted function of
+the bit-width vector (compiled once: the bit-widths are traced), and its cost is exact
+(one :func:`cgmq_jax.cost.layer_table` per step, with the repair's exact one-bit savings).
+The search is lazy: a move measured at an earlier network is re-measured before it is
+taken (Minoux's accelerated greedy), so a step costs a few loss evaluations, not one per
+candidate. Each quantizer at ``b`` bits
 takes the best of a few ranges: the calibrated one (``q_max``), halved, or quartered, so
 that at 2 or 3 bits the range may clip the outliers rather than round most values to zero
 (:data:`RANGE_SHIFTS`); the step is the one :func:`cgmq_jax.quantizer.init_at_bits` gives
@@ -79,7 +82,7 @@ def _units(flat: dict, specs) -> list[_Unit]:
     return units
 
 
-def loss_of_choice(params, units: list[_Unit], loss_fn: Callable) -> Callable:
+def _loss_of_choice(params, units: list[_Unit], loss_fn: Callable) -> Callable:
     """``choice -> loss``: ``loss_fn`` at the network whose learned quantizers take the
     leaves ``choice`` selects (an int array ``(units, 2)``: per quantizer its bits above the
     floor and its range shift index). One jitted function, compiled once: the choice is a
@@ -237,6 +240,22 @@ def _greedy(search: _Search, choice, loss: float, direction: int):
     return choice, loss, moves
 
 
+def _record(search: _Search, choice, losses, removed, given_back, started) -> dict:
+    """What :func:`allocate` did, JSON-ready."""
+    return {
+        "bits_removed": removed,
+        "bits_given_back": given_back,
+        "loss_evaluations": search.evaluations,
+        "calibration_loss_start": losses[0],
+        "calibration_loss_end": losses[1],
+        "quantizers": {
+            unit.name: {"bits": int(choice[i, 0]) + unit.floor, "range_shift": int(choice[i, 1])}
+            for i, unit in enumerate(search.units)
+        },
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def allocate(
     params,
     specs: tuple[cost.LayerSpec, ...],
@@ -249,11 +268,11 @@ def allocate(
     """Bits for every learned quantizer of a calibrated network, by measured sensitivity,
     within every limit.
 
-    Greedy: repeatedly remove the bit whose loss increase per unit of cost freed is
-    smallest (all candidates re-measured at every step), until every limit holds; then give
-    back, one at a time, the bits that still fit and lower the loss most per unit of cost.
-    Each move also picks the quantizer's range among :data:`RANGE_SHIFTS`. Weights,
-    biases and pinned quantizers are not changed.
+    Greedy: repeatedly remove the bit whose measured loss increase per unit of cost freed
+    is smallest (a move is re-measured at the current network before it is taken), until
+    every limit holds; then give back, one at a time, the bits that still fit and lower the
+    loss most per unit of cost. Each move also picks the quantizer's range among
+    :data:`RANGE_SHIFTS`. Weights, biases and pinned quantizers are not changed.
 
     Args:
       params: the calibrated quantized parameters (:func:`cgmq_jax.nn.init_quantizers`,
@@ -297,25 +316,14 @@ def allocate(
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(params)))
     units = _units(flat, specs)
     search = _Search(
-        flat, units, loss_of_choice(params, units, loss_fn), specs, limits, activation_reduce
+        flat, units, _loss_of_choice(params, units, loss_fn), specs, limits, activation_reduce
     )
     choice = np.array([(u.start - u.floor, 0) for u in units], np.int64).reshape(-1, 2)
     first_loss = search.loss_at(choice)
     search.evaluations += 1
     choice, loss, removed = _greedy(search, choice, first_loss, -1)
     choice, loss, given_back = _greedy(search, choice, loss, +1)
-    record = {
-        "bits_removed": removed,
-        "bits_given_back": given_back,
-        "loss_evaluations": search.evaluations,
-        "calibration_loss_start": first_loss,
-        "calibration_loss_end": loss,
-        "quantizers": {
-            unit.name: {"bits": int(choice[i, 0]) + unit.floor, "range_shift": int(choice[i, 1])}
-            for i, unit in enumerate(units)
-        },
-        "seconds": time.perf_counter() - started,
-    }
+    record = _record(search, choice, (first_loss, loss), removed, given_back, started)
     if log is not None:
         log(
             f"PTQ allocation: {removed} bit(s) removed, {given_back} given back, "

@@ -2,8 +2,9 @@
 
 The code lives in :mod:`cgmq_jax.runs.config` (``TrainConfig``, ``FitResult``),
 :mod:`~cgmq_jax.runs.steps` (steps, batches, epochs, evaluation), :mod:`~cgmq_jax.runs.setup`
-(models, first states, optimizers, the guard's limits), :mod:`~cgmq_jax.runs.fill` and
-:mod:`~cgmq_jax.runs.fit` (``fit`` and its phases); this module re-exports them, and is the
+(models, first states, optimizers, the guard's limits), :mod:`~cgmq_jax.runs.fill`,
+:mod:`~cgmq_jax.runs.ptq` (post-training quantization) and :mod:`~cgmq_jax.runs.fit`
+(``fit`` and its phases); this module re-exports them, and is the
 module behind the old name ``cgmq_jax.train``.
 
 Setting one of its names (``monkeypatch.setattr(train, "make_train_step", ...)``, or
@@ -19,6 +20,7 @@ import types
 
 from cgmq_jax.runs.config import (
     KIB,
+    LIMITED_METHODS,
     MAX_BITS,
     METHODS,
     FitResult,
@@ -31,12 +33,14 @@ from cgmq_jax.runs.fit import (
     StopFlag,
     _checkpoint_arrays,
     _finish_float,
+    _finish_ptq,
     _finish_qat,
     _restore,
     _stop_never,
     fit,
     stop_on_sigint,
 )
+from cgmq_jax.runs.ptq import calibration_split, post_train
 from cgmq_jax.runs.setup import (
     _calibration_batch,
     _float_state,
@@ -70,6 +74,7 @@ from cgmq_jax.runs.steps import (
 
 __all__ = [
     "KIB",
+    "LIMITED_METHODS",
     "MAX_BITS",
     "METHODS",
     "BatchNormTrainState",
@@ -80,6 +85,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "batches",
+    "calibration_split",
     "check_config",
     "check_dataset",
     "dq_penalty",
@@ -88,6 +94,7 @@ __all__ = [
     "initial_step",
     "make_accuracy",
     "make_train_step",
+    "post_train",
     "stop_on_sigint",
 ]
 _PRIVATE = (  # reached by tests and tools through ``cgmq_jax.train``
@@ -101,6 +108,7 @@ _PRIVATE = (  # reached by tests and tools through ``cgmq_jax.train``
     _evaluate_qat,
     _fill,
     _finish_float,
+    _finish_ptq,
     _finish_qat,
     _float_state,
     _float_variables,
