@@ -13,7 +13,8 @@ This is library core: it imports :mod:`cgmq_jax.graph`, :mod:`cgmq_jax.cost`,
 :mod:`cgmq_jax.nn`, :mod:`cgmq_jax.quantizer` and the numpy-only :mod:`cgmq_jax.export`,
 never the run harness. Exporting a trainer's run directory is
 :mod:`cgmq_jax.runs.export_run`. (``cgmq_jax.export.writer`` is a deprecated alias of
-this module.)
+this module.) It runs a little over 600 lines: :func:`export` documents both bias schemes
+in full, and the input checks name the user's mistake.
 """
 
 from __future__ import annotations
@@ -408,23 +409,22 @@ def _check_finite(params: Any) -> None:
     """Refuse a diverged run: no integer file reproduces a NaN or infinite parameter."""
     import jax
 
+    leaves = jax.tree_util.tree_leaves_with_path(params)
     bad = [
         jax.tree_util.keystr(path, simple=True, separator="/")
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if not isinstance(leaf, jax.ShapeDtypeStruct)  # abstract: nothing to check
-        and not np.all(np.isfinite(np.asarray(leaf, np.float64)))
+        for path, leaf in leaves  # (abstract parameters: nothing to check)
+        if not isinstance(leaf, jax.ShapeDtypeStruct) and not np.all(np.isfinite(leaf))
     ]
     if bad:
-        shown = ", ".join(repr(name) for name in bad[:4]) + (" ..." if len(bad) > 4 else "")
         raise ValueError(
-            f"the run diverged: non-finite parameters at {shown} ({len(bad)} in all), so no "
-            "integer file can reproduce the model; export an earlier checkpoint, or retrain "
-            "(a lower learning rate, or fit's divergence check)"
+            f"the run diverged: non-finite parameters at {', '.join(map(repr, bad[:4]))}"
+            f"{' ...' if len(bad) > 4 else ''}, which no integer file reproduces; export an "
+            "earlier checkpoint, or retrain (a lower learning rate)"
         )
 
 
 def _trace(model: Any, sample: Any, params: Any, input_shape, call_kwargs: dict):
-    """:func:`cgmq_jax.graph.trace`, with the likely cause of a shape mismatch named."""
+    """:func:`cgmq_jax.graph.trace`, naming the likely cause of a parameter shape mismatch."""
     import flax
 
     from cgmq_jax import graph
@@ -432,38 +432,26 @@ def _trace(model: Any, sample: Any, params: Any, input_shape, call_kwargs: dict)
     try:
         return graph.trace(model, sample, params=params, **call_kwargs)
     except flax.errors.ScopeParamShapeError as error:
-        found = re.search(
-            r'parameter "(\w+)" in "/?([^"]*)".*generate shape (\([^)]*\)).*has shape (\([^)]*\))',
-            str(error),
-        )
-        head = f"the parameters do not fit input_shape={tuple(input_shape)} ({error})"
-        if found:
-            name, path, expected, stored = found.groups()
-            head = (
-                f"layer {path!r}: its {name} has shape {stored}, which does not fit "
-                f"input_shape={tuple(input_shape)} (that input needs {expected})"
-            )
+        found = re.search(r'"(\w+)" in "/?([^"]*)".*shape (\(.*?\)).*shape (\(.*?\))', str(error))
+        name, path, needed, stored = found.groups() if found else ("", "", "?", "?")
         raise ValueError(
-            f"{head}: pass export(..., input_shape=...) with one example's shape, without the "
-            "batch axis (the default, (28, 28, 1), is an MNIST image)"
+            f"layer {path!r}: its {name} has shape {stored}, which does not fit "
+            f"input_shape={tuple(input_shape)} (that input needs {needed}): pass "
+            "export(..., input_shape=...) with one example's shape, without the batch axis "
+            "(the default, (28, 28, 1), is an MNIST image)"
         ) from None
 
 
 def _model_and_params(model: Any, params: Any) -> tuple[Any, Any]:
-    """``(model, params tree)`` to lower: an NNX module (with ``params``, an ``nnx.State``
-    of it, merged into a copy) gives its parameters as the linen tree
-    (:func:`cgmq_jax.nnx.linen_params`); a linen model's are ``params`` as given."""
+    """An NNX module (``params``: ``None``, or an ``nnx.State`` of it) and its parameters as
+    the linen tree (:func:`cgmq_jax.nnx.linen_params`); a linen model and ``params``."""
     from cgmq_jax import nn as qnn
 
     if not qnn.is_nnx_module(model):
         return model, params
-    from flax import nnx
-
     from cgmq_jax import nnx as cnnx
 
-    if params is not None:
-        model = nnx.merge(*nnx.split(model))
-        nnx.update(model, params)
+    model = cnnx.with_state(model, params)
     return model, cnnx.linen_params(model)
 
 
@@ -556,29 +544,16 @@ def _jitted_forward():
     return jax.jit(forward, static_argnums=0)
 
 
-def _is_nnx(model: Any) -> bool:
-    from cgmq_jax import nn as qnn
-
-    return qnn.is_nnx_module(model)
-
-
 def _nnx_forward(model, params, x):
-    """``(logits, {layer: Q(x)})`` of an NNX model (``params``: an ``nnx.State`` of it, or
-    ``None`` for its own), eagerly, as :func:`_jitted_forward` for linen."""
-    from flax import nnx
-
+    """:func:`_jitted_forward`'s ``(logits, {layer: Q(x)})`` for an NNX model, eagerly."""
     from cgmq_jax import nn as qnn
     from cgmq_jax import nnx as cnnx
 
-    if params is not None:
-        model = nnx.merge(*nnx.split(model))
-        nnx.update(model, params)
+    model = cnnx.with_state(model, params)
     with qnn.record_layers() as records, cnnx.reporting_paths(model):
         logits = model(x)
-    quantized = {
-        "/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None
-    }
-    return logits, quantized
+    codes = {"/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None}
+    return logits, codes
 
 
 def compare_with_model(
@@ -611,7 +586,9 @@ def compare_with_model(
     exported = path if isinstance(path, IntegerModel) else load(path)
     header = exported.header
     exponent, divisor = header["input"]["exponent"], header["output"]["divisor"]
-    forward = _nnx_forward if _is_nnx(model) else _jitted_forward()
+    from cgmq_jax import nn as qnn
+
+    forward = _nnx_forward if qnn.is_nnx_module(model) else _jitted_forward()
     images = np.asarray(images)
     scaled = images.astype(np.float64) * 2.0**-exponent
     integers = np.round(scaled)
