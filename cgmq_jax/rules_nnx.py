@@ -34,6 +34,7 @@ class FoldedBatchNorm(nnx.Module):
     """Where a BatchNorm was: folded into the layer before it, it passes its input through."""
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """``x`` itself (BatchNorm's other arguments, e.g. ``use_running_average``, ignored)."""
         return x
 
 
