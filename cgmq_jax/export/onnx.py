@@ -350,28 +350,43 @@ def _op(g: _Graph, model: IntegerModel, j: int, op: dict, names: list[str], shap
 
 
 def float32_exact(model: IntegerModel) -> dict[str, bool]:
-    """Per layer: whether float32 computes its output exactly for every input.
+    """Per layer: whether float32 computes every value up to its output exactly, for every
+    input (given as float32 real values, as the ONNX graph takes it).
 
-    True when the accumulator's every partial sum (in any order: ``sum |w| * n_in`` per
-    channel), the bias and the layer's proven output range (:func:`prove_ranges`), all in
-    units of their scale, stay below ``2**24``: then every float32 product and sum of the
-    ``Conv`` / ``MatMul`` and the bias ``Add`` is exact, and so are the next quantizer's
-    codes. Where it is False a code may, in principle, differ (a sum rounded onto a rounding
-    boundary); ``docs/export.md`` gives the measured counts.
+    A tensor is exact when each of its values, and each partial sum computing it in any
+    order, is a multiple of its scale below ``2**24`` of them: a layer whose input is exact
+    and whose accumulator (``sum |w| * n_in`` per channel), bias and proven output range
+    (:func:`~cgmq_jax.export.ranges.prove_ranges`) stay below; a sum pool, sum or add of
+    exact tensors whose proven range stays below; ReLU, clip, max pool, reshape and concat
+    of exact tensors; a division by a power of two. Then ONNX Runtime's codes equal the
+    engine's, and its logits are the engine's real values. Where False, a float sum may be
+    rounded once more than the integer engine's: a code can differ only where a rounded
+    value lands on a rounding boundary of the next quantizer (``docs/export.md`` has the
+    measured counts).
     """
-    facts, exact = model.facts, {}
+    ranges = model.facts.ranges
+
+    def small(t: int) -> bool:
+        return bool(ranges) and max(-ranges[t][0], ranges[t][1]) < FLOAT32_EXACT
+
+    exact, layers = [True], {}
     for j, op in enumerate(model.ops):
-        if op["op"] not in LAYER_OPS:
-            continue
-        index = op["layer"]
-        layer = model.layers[index]
-        kernel = np.abs(np.asarray(model.weight(index), np.int64))
-        partial = int(kernel.reshape(-1, kernel.shape[-1]).sum(axis=0).max(initial=0))
-        accumulator = partial * layer["input_levels"]
-        bias = int(np.abs(np.asarray(model.bias(index), np.int64)).max(initial=0))
-        lo, hi = facts.ranges[j + 1] if facts.ranges else (-(1 << 63), 1 << 63)
-        exact[layer["name"]] = max(accumulator, bias, -lo, hi) < FLOAT32_EXACT
-    return exact
+        kind, ok = op["op"], all(exact[i] for i in op["inputs"])
+        if kind in LAYER_OPS:
+            index = op["layer"]
+            layer = model.layers[index]
+            kernel = np.abs(np.asarray(model.weight(index), np.int64))
+            partial = int(kernel.reshape(-1, kernel.shape[-1]).sum(axis=0).max(initial=0))
+            bias = int(np.abs(np.asarray(model.bias(index), np.int64)).max(initial=0))
+            largest = max(partial * layer["input_levels"], bias)
+            ok = ok and largest < FLOAT32_EXACT and small(j + 1)
+            layers[layer["name"]] = ok
+        elif kind in ("sumpool", "sum", "add"):
+            ok = ok and small(j + 1)
+        elif kind == "div":
+            ok = ok and op["by"] & (op["by"] - 1) == 0
+        exact.append(ok)
+    return layers
 
 
 def _metadata(model: IntegerModel) -> dict[str, str]:
