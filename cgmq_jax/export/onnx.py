@@ -134,14 +134,12 @@ class _Graph:
     def const(self, name: str, array: np.ndarray, type_name: str | None = None) -> str:
         """An initializer; ``type_name`` (``"INT4"``...) stores integers at that ONNX type."""
         array = np.asarray(array)
-        if type_name is None:
-            tensor = self.onnx.numpy_helper.from_array(array, name)
-        else:
-            data_type = getattr(self.tp, type_name)
-            tensor = self.helper.make_tensor(
-                name, data_type, list(array.shape), array.astype(np.int64).ravel().tolist()
-            )
-        self.initializers.append(tensor)
+        if type_name is not None:  # raw little-endian bytes, 2- and 4-bit codes packed
+            import ml_dtypes  # numpy's int2 / int4 (a dependency of onnx)
+
+            narrow = type_name in ("INT2", "UINT2", "INT4", "UINT4")
+            array = array.astype(getattr(ml_dtypes if narrow else np, type_name.lower()))
+        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 
     def f32(self, name: str, value) -> str:
