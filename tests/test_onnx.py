@@ -612,3 +612,12 @@ def test_check_onnx_reports_agreement(exported, tmp_path):
     wrong[:2] = (wrong[:2] + 1) % 10  # 62 of 64 agree: below 99.9%
     cli._check_onnx(path, real, labels, wrong, None, {}, problems)
     assert problems == ["only 62 of 64 ONNX Runtime predictions agree with the engine"]
+
+
+def test_float32_exact_follows_the_graph(exported):
+    """A division by 3 (an average pool) is not exact in float32, nor is all that follows;
+    a division by 4 is."""
+    lenet, depthwise, conv1d = (exported[name][0] for name in ("lenet", "depthwise", "conv1d"))
+    assert ox.float32_exact(lenet) == dict.fromkeys(["conv0", "conv1", "dense2", "dense3"], True)
+    assert ox.float32_exact(depthwise) == dict.fromkeys(["conv0", "conv1", "dense2"], True)
+    assert ox.float32_exact(conv1d) == {"conv0": True, "conv1": False, "dense2": False}
