@@ -68,12 +68,18 @@ def _loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _chain(specs, budget):
+    """SGD, then the constraint (a small program: the compilation is most of the test)."""
+    cost_fn = functools.partial(cost.bops, specs=specs)
+    return optax.chain(optax.sgd(0.05), cgmq_jax.constrained_update(cost_fn, budget))
+
+
 def _train_linen(images, labels, float_params, budget_fraction):
     model = cgmq_jax.quantize_model(LinenNet(), RULES)
     params = cgmq_jax.init_quantizers(model, float_params, images)
     specs = cgmq_jax.layer_specs(model, images[:1], params=params)
     budget = budget_fraction * cost.exact_bops(params, specs)
-    tx = cgmq_jax.cgmq_optimizer(functools.partial(cost.bops, specs=specs), budget)
+    tx = _chain(specs, budget)
     state = tx.init(params)
 
     @jax.jit
@@ -96,8 +102,7 @@ def _train_nnx(images, labels, float_params, budget_fraction):
     cgmq_jax.init_quantizers(model, images)
     specs = cgmq_jax.layer_specs(model, images[:1])
     budget = budget_fraction * cost.exact_bops(nnx.state(model, nnx.Param), specs)
-    tx = cgmq_jax.cgmq_optimizer(functools.partial(cost.bops, specs=specs), budget)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, _chain(specs, budget), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, optimizer):
