@@ -89,8 +89,13 @@ def test_unexportable_ops_name_the_module_and_the_fix(tmp_path, kind, fragments)
     assert "model/" not in str(info.value)  # the user's path, not quantize_model's wrapper
 
 
-def test_a_forgotten_input_shape_says_pass_input_shape(tmp_path):
-    model, params = _quantized("plain")
+@pytest.fixture(scope="module")
+def plain():
+    return _quantized("plain")
+
+
+def test_a_forgotten_input_shape_says_pass_input_shape(tmp_path, plain):
+    model, params = plain
     with pytest.raises(ValueError) as info:
         lowering.export(params, model, tmp_path / "m.npz")  # the default is MNIST's shape
     message = str(info.value)
@@ -99,9 +104,9 @@ def test_a_forgotten_input_shape_says_pass_input_shape(tmp_path):
     assert "ScopeParamShapeError" not in message
 
 
-def test_a_nan_parameter_says_the_run_diverged_at_its_path(tmp_path):
-    model, params = _quantized("plain")
-    params = jax.tree.map(lambda leaf: leaf, params)
+def test_a_nan_parameter_says_the_run_diverged_at_its_path(tmp_path, plain):
+    model, params = plain
+    params = jax.tree.map(lambda leaf: leaf, params)  # a copy: the fixture's stays finite
     params["head"]["weight_quantizer"] = jnp.full((2,), jnp.nan)
     with pytest.raises(ValueError) as info:
         lowering.export(params, model, tmp_path / "m.npz", input_shape=SHAPE)
