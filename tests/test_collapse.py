@@ -56,6 +56,7 @@ def test_certify_flags_a_collapse_only_when_given_both_accuracies(mlp):
         certify.certify(params, specs, 1e6, float_accuracy=0.98, accuracy=0.97)
 
 
+@pytest.mark.slow  # the shared finished run: the unit tier trains nothing end to end
 @FINISHED_RUN
 def test_results_json_records_both_accuracies_and_the_verdict(finished_run):
     results = json.loads((finished_run / "results.json").read_text())

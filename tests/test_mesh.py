@@ -144,7 +144,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_four_devices_match_one_device_for_the_first_16_steps():
-    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4"}
     (out,) = _run_once_more_if_stalled(lambda: [_python(_compare(), flags)])
     for method in ("float", "cgmq"):
         one, four = out[method]["1"], out[method]["4"]
@@ -220,7 +220,7 @@ def test_two_processes_train_as_one_two_device_run():
         return [_python(MULTIHOST, {}, args=(port, str(i))) for i in range(2)]
 
     results = _run_once_more_if_stalled(start)
-    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"}
     script = _compare(methods=("cgmq",), devices=(2,))
     (single,) = _run_once_more_if_stalled(lambda: [_python(script, flags)])
     single = single["cgmq"]["2"]
