@@ -357,8 +357,38 @@ def residual_model(path):
     return b.save(path)
 
 
+def conv3d_model(path):
+    """3-D conv with strides, asymmetric padding, kernel and input dilation; a max pool over
+    the three spatial axes with padding; a dense layer on the 4-D result (per position)."""
+    b = Builder([3, 4, 4, 2], seed=5)
+    t = b.layer(
+        "conv",
+        0,
+        [2, 2, 3, 2, 3],
+        in_exponent=-3,
+        in_levels=15,
+        strides=[1, 2, 1],
+        padding=[[1, 0], [0, 1], [1, 1]],
+        kernel_dilation=[1, 1, 2],
+        input_dilation=[2, 1, 1],
+        w_levels=3,
+        bias_max=30,
+    )
+    t = b.op(
+        "maxpool",
+        [t],
+        [3, 2, 2, 3],
+        window=[2, 1, 2, 1],
+        strides=[2, 1, 1, 1],
+        padding=[[1, 0], [0, 0], [0, 1], [0, 0]],
+    )
+    b.layer("dense", t, [3, 4], in_exponent=-4, in_levels=15, signed=True, w_levels=3)
+    return b.save(path)
+
+
 MODELS = {
     "lenet": lenet_model,
+    "conv3d": conv3d_model,
     "depthwise": depthwise_model,
     "conv1d": conv1d_model,
     "residual": residual_model,
@@ -537,6 +567,10 @@ def test_clear_errors(exported, tmp_path, monkeypatch):
     (tmp_path / "junk.onnx").write_bytes(b"\x00junk")
     with pytest.raises(ox.OnnxError, match="not a readable ONNX file"):
         ox.recount_onnx(tmp_path / "junk.onnx")
+    wide = Builder([4], seed=9)
+    wide.layer("dense", 0, [4, 2], in_exponent=-8, in_levels=1 << 17, signed=True)
+    with pytest.raises(ox.OnnxError, match="a 19-bit activation quantizer: ONNX QDQ holds"):
+        ox.to_onnx(wide.save(tmp_path / "wide.npz"))
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
     with pytest.raises(
         ox.OnnxError, match=r"onnx is not installed: pip install -r requirements-onnx.txt"
