@@ -198,9 +198,12 @@ def _summary(name: str, preset: dict, rows: list[dict], dataset: str = "mnist") 
         + ("ptq runs: the shared float network, no QAT; " if ptq else "")
         + f"seeds {sorted({int(r['seed']) for r in rows})}.\n\n"
         + sweep.summarize(rows)
-        + "\n\n"
-        + sweep.dq_search_cost(rows)
         + "\n"
+        + (
+            "\n" + sweep.dq_search_cost(rows) + "\n"
+            if any(r["method"] == "dq" for r in rows)
+            else ""
+        )
     )
 
 
