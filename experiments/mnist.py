@@ -345,9 +345,11 @@ def _ptq_times(result) -> str:
     """One line: the run's wall time split into the float phase and PTQ's parts."""
     record = result.certificate["ptq"]
     before, parts = record["float_seconds"], record["timings"]
+    epochs = sum(row.get("phase") == "float" for row in result.history)
+    trained = f"{epochs} float epoch(s)" if epochs else "the float network given"
     return (
-        f"float phase {before:.0f} s (setup and float training; 0 epochs with "
-        f"--float_checkpoint), PTQ {result.wall_seconds - before:.0f} s: calibrate "
+        f"float phase {before:.0f} s (setup, {trained}), PTQ {result.wall_seconds - before:.0f} s: "
+        "calibrate "
         f"{parts['calibrate']:.1f} s, allocate {parts['allocate']:.1f} s "
         f"({record['loss_evaluations']} loss evaluations), weight training {parts['tune']:.1f} s"
         f", certify and test {result.wall_seconds - before - sum(parts.values()):.1f} s"
