@@ -18,16 +18,20 @@ from cgmq_jax import nn as qnn
 
 class TwoBranch(nn.Module):
     """Two dense layers side by side on the same input, their outputs summed: the same
-    MACs each, so a bit costs the same in either."""
+    MACs each, so a bit costs the same in either. ``pinned``: the loud layer's weights per
+    channel, the quiet layer's input pinned at 4 bits."""
 
     quantized: bool = True
+    pinned: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
         options = {"quantize": self.quantized, "input_signed": False}
-        return qnn.QuantDense(4, name="loud", **options)(x) + qnn.QuantDense(
-            4, name="quiet", **options
+        loud = {"per_channel": True} if self.pinned else {}
+        quiet = {"input_bits": 4} if self.pinned else {}
+        return qnn.QuantDense(4, name="loud", **options, **loud)(x) + qnn.QuantDense(
+            4, name="quiet", **options, **quiet
         )(x)
 
 
@@ -43,8 +47,9 @@ def _distillation_loss(model, float_model, float_params, images):
 
 @pytest.fixture(scope="module")
 def two_branch():
-    """``(model, params at 8 bits, specs, loss)``; the quiet branch's weights 1000 times
-    smaller than the loud one's, so its quantization barely moves the output."""
+    """``(model, params at 8 bits, specs, loss, float params, images)``; the quiet branch's
+    weights 1000 times smaller than the loud one's, so its quantization barely moves the
+    output."""
     model = TwoBranch()
     float_model = model.clone(quantized=False)
     images = jax.random.uniform(jax.random.key(0), (32, 4, 4, 1))
@@ -53,7 +58,22 @@ def two_branch():
     float_params["quiet"] = jax.tree.map(lambda leaf: leaf * 1e-3, float_params["quiet"])
     params = jax.device_get(qnn.init_quantizers(model, float_params, images))
     specs = cost.layer_specs(model, images[:1], params=params)
-    return model, params, specs, _distillation_loss(model, float_model, float_params, images)
+    loss = _distillation_loss(model, float_model, float_params, images)
+    return model, params, specs, loss, float_params, images
+
+
+def test_pinned_quantizers_stay_and_per_channel_ones_move_together(two_branch):
+    float_params, images = two_branch[4:]
+    model = TwoBranch(pinned=True)
+    params = jax.device_get(qnn.init_quantizers(model, float_params, images))
+    specs = cost.layer_specs(model, images[:1], params=params)
+    loss = _distillation_loss(model, model.clone(quantized=False), float_params, images)
+    allocated, record = ptq.allocate(params, specs, 3_000, loss)
+    assert certify.certify(allocated, specs, 3_000)["within_budget"]
+    assert "quiet/input_quantizer" not in record["quantizers"]
+    loud, quiet = cost.layer_table(allocated, specs)
+    assert quiet["input_bits"] == 4 and len(set(loud["weight_bits"])) == 1
+    assert loud["weight_bits"][0] == record["quantizers"]["loud/weight_quantizer"]["bits"]
 
 
 def _bits(params, specs):
@@ -65,7 +85,7 @@ def _bits(params, specs):
 
 
 def test_a_more_sensitive_quantizer_keeps_more_bits(two_branch):
-    _, params, specs, loss = two_branch
+    _, params, specs, loss = two_branch[:4]
     minimum, start = cost.min_cost(specs), cost.exact_bops(params, specs)
     budget = (minimum + start) // 2  # half way: a cost-only rule would split the bits evenly
     allocated, record = ptq.allocate(params, specs, budget, loss)
@@ -85,7 +105,7 @@ LIMITS = {  # the network: 8,192 BOPs, 1,280 weight bits, 128 activation bits at
 
 @pytest.mark.parametrize("budget", LIMITS.values(), ids=LIMITS.keys())
 def test_within_every_limit_and_certified(two_branch, budget):
-    _, params, specs, loss = two_branch
+    _, params, specs, loss = two_branch[:4]
     allocated, record = ptq.allocate(params, specs, budget, loss)
     report = certify.certify(allocated, specs, budget)  # refuses anything over a limit
     limits = certify.limits_of(budget)
@@ -103,7 +123,7 @@ def test_within_every_limit_and_certified(two_branch, budget):
 
 
 def test_an_infeasible_budget_states_the_minimum_before_any_loss(two_branch):
-    _, params, specs, _ = two_branch
+    _, params, specs, _ = two_branch[:4]
 
     def never(_):
         raise AssertionError("no loss is computed for an infeasible budget")
