@@ -29,11 +29,12 @@ $(VENV)/.installed-onnx: $(VENV)/.installed requirements-onnx.txt
 
 setup-onnx: $(VENV)/.installed-onnx
 
-# The PyTorch peer of the benchmark, in its own venv (never a dependency of cgmq-jax).
+# The benchmark's peers (PyTorch, Qwix) in their own venv, never dependencies of cgmq-jax;
+# `-c requirements.txt`: Qwix runs on our very jax, jaxlib and flax (about 2 minutes).
 PEERS ?= .venv-peers
-$(PEERS)/.installed:
+$(PEERS)/.installed: requirements-peers.txt requirements.txt
 	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/pip install --quiet torch==2.13.0 numpy
+	$(PEERS)/bin/pip install --quiet -r requirements-peers.txt -c requirements.txt
 	touch $@
 
 setup-peers: $(PEERS)/.installed
@@ -44,11 +45,12 @@ data: setup
 demo: data
 	$(PY) experiments/mnist.py --budget_bops $(BUDGET)
 
-# Train-step throughput (float / cgmq / dq / fixed, the levers, PyTorch if `make
-# setup-peers` ran) and the headline fit's time split and peak memory.
+# Train-step throughput of LeNet-5, lenet5_bb and DS-CNN (float / cgmq / dq / fixed, the
+# levers; PyTorch and Qwix if `make setup-peers` ran, ratios paired per round) and the
+# headline fit's time split and peak memory.
 bench: data
-	$(PY) benchmarks/train_step.py --fit --json bench.json \
-		$(if $(wildcard $(PEERS)/bin/python),--torch_python $(PEERS)/bin/python)
+	$(PY) benchmarks/train_step.py --models lenet5,lenet5_bb,dscnn --fit --json bench.json \
+		$(if $(wildcard $(PEERS)/bin/python),--peers_python $(PEERS)/bin/python)
 
 lint: setup
 	$(VENV)/bin/ruff check cgmq_jax experiments tests benchmarks

@@ -15,10 +15,18 @@ donated to the step), ``flax-max-pool`` (``flax.linen.max_pool``'s gradient inst
 :func:`cgmq_jax.nn.max_pool`'s), and ``no-levers`` (all three undone: the step of
 the release before them).
 
-PyTorch peer: with ``--torch_python PATH`` (or ``CGMQ_TORCH_PYTHON``), a Python that has
-``torch`` (never a dependency of this project; a separate venv), each round also runs
-``benchmarks/torch_peer.py`` (float, and QAT with learnable fake quantizers) in its own
-process. Without it the peer is skipped with a message.
+Peers: with ``--peers_python PATH`` (or ``CGMQ_PEERS_PYTHON``; ``make setup-peers`` builds
+``.venv-peers``, never a dependency of this project), each round also times the peers, each
+in its own long-lived process (``benchmarks/peer_serve.py``: started and warmed up once, so
+neither its start nor its compile is timed): ``benchmarks/torch_peer.py`` (PyTorch eager,
+float and QAT with learnable fake quantizers) for each of lenet5, lenet5_bb and dscnn among
+``--models``, and ``benchmarks/qwix_peer.py`` (Qwix int8 QAT on a plain linen LeNet-5) for
+lenet5. The ratios to a peer are paired per round (ours / the peer's, in the same round),
+and their median over the rounds is printed with their range. PyTorch's OpenMP workers run
+with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: on a loaded 2-core machine
+its spinning workers made its LeNet-5 QAT step 9x slower (283 against 2,536 samples/s),
+which would flatter us. The load average is printed before and after the rounds. Without
+a peers' Python the peers are skipped with a message.
 
 ``--fit`` also runs the headline (``experiments/mnist.py --budget_bops 2e6``'s config) in a
 child process and prints its wall time split into compile / train / evaluate / other, the
@@ -97,15 +105,101 @@ def _time(entry: dict, steps: int, batch_size: int) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def _torch(python: str, mode: str, steps: int, batch_size: int) -> float:
-    out = subprocess.run(
-        [python, str(HERE / "torch_peer.py"), "--mode", mode, "--steps", str(steps)]
-        + ["--batch_size", str(batch_size)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_second"]
+#: (model, row) -> the peer script and its arguments; rows named ``<peer>-<mode>``.
+PEERS = {
+    (model, f"torch-{mode}"): ("torch_peer.py", "--model", model, "--mode", mode)
+    for model in ("lenet5", "lenet5_bb", "dscnn")
+    for mode in ("float", "qat")
+} | {("lenet5", "qwix-int8"): ("qwix_peer.py", "--mode", "int8")}
+
+
+class Peer:
+    """A peer's step in its own process (``benchmarks/peer_serve.py``'s protocol)."""
+
+    def __init__(self, python: str, script: str, *args: str, batch_size: int):
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.process = subprocess.Popen(
+            [python, str(HERE / script), *args, "--serve", "--batch_size", str(batch_size)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.info = None
+
+    def ready(self) -> dict | None:
+        """The peer's versions once it has warmed up; ``None`` (and a message) if it died."""
+        line = self.process.stdout.readline()
+        if not line:
+            error = self.process.stderr.read().strip().splitlines()
+            print(f"peer {self.process.args[1:4]} failed: {error[-1:]}", file=sys.stderr)
+            return None
+        self.info = json.loads(line)
+        return self.info
+
+    def time(self, steps: int) -> float:
+        self.process.stdin.write(f"{steps}\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["samples_per_second"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _start_peers(args) -> dict:
+    """The peers of ``args.models`` that ``args.peers`` names, started (not yet ready)."""
+    python = args.peers_python or os.environ.get("CGMQ_PEERS_PYTHON")
+    python = python or os.environ.get("CGMQ_TORCH_PYTHON")
+    if not python:
+        print(
+            "peers skipped: pass --peers_python .venv-peers/bin/python (make setup-peers: "
+            "PyTorch and Qwix; see benchmarks/torch_peer.py, benchmarks/qwix_peer.py)",
+            file=sys.stderr,
+        )
+        return {}
+    return {
+        row: Peer(python, *command, batch_size=args.batch_size)
+        for row, command in PEERS.items()
+        if row[0] in args.models and row[1].split("-")[0] in args.peers
+    }
+
+
+def _counts(args, python: str | None) -> None:
+    """Parameters and MACs of ours beside the PyTorch peer's networks (layer for layer)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cgmq_jax import cost, models
+
+    theirs = {}
+    if python:
+        out = subprocess.run(
+            [python, str(HERE / "torch_peer.py"), "--describe"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    print("\n| network | params ours (float / QAT) | PyTorch | MACs ours | PyTorch |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.models:
+        counts = []
+        for quantized in (False, True):
+            model = models.get_model(name, quantized=quantized)
+            shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+            leaves = jax.tree_util.tree_leaves_with_path(shapes)
+            counts.append(
+                sum(v.size for path, v in leaves if path[-1].key in ("kernel", "bias", "scale"))
+            )
+        macs = cost.total_macs(cost.layer_specs(models.get_model(name), x))
+        peer = [theirs.get(f"{name}:{mode}") for mode in ("float", "qat")]
+        peer_params = " / ".join(f"{p['params']:,}" for p in peer) if all(peer) else "-"
+        peer_macs = f"{peer[1]['macs']:,}" if all(peer) else "-"
+        ours = f"{counts[0]:,} / {counts[1]:,}"
+        print(f"| {name} | {ours} | {peer_params} | {macs:,} | {peer_macs} |")
 
 
 def _steps_for(model: str, steps: int) -> int:
@@ -124,31 +218,33 @@ def step_table(args) -> dict:
     dataset = data.load_mnist()
     rows = [(m, method) for m in args.models for method in args.methods]
     rows += [("lenet5", f"{m}:{v}") for v in args.variants for m in ("float", "cgmq")]
+    started = _start_peers(args)  # they start and compile while ours compile
     entries, steps = {}, {}
     for model, method in rows:
         print(f"compiling {model} {method} ...", file=sys.stderr, flush=True)
         entries[model, method] = _build(model, method, dataset, args.batch_size)
         steps[model, method] = _steps_for(model, args.steps)
-    torch_python = args.torch_python or os.environ.get("CGMQ_TORCH_PYTHON")
-    if torch_python:
-        rows += [("lenet5", "torch-float"), ("lenet5", "torch-qat")]
-        steps["lenet5", "torch-float"] = steps["lenet5", "torch-qat"] = args.steps
-    else:
-        print(
-            "PyTorch peer skipped: pass --torch_python /path/to/venv/bin/python (a Python "
-            "with torch; see benchmarks/torch_peer.py)",
-            file=sys.stderr,
-        )
+    peers = {row: peer for row, peer in started.items() if peer.ready() is not None}
+    for row in peers:
+        rows.append(row)
+        steps[row] = _steps_for(row[0], args.steps)
+    versions = {row[1].split("-")[0]: peer.info for row, peer in peers.items()}
+    for name, info in versions.items():
+        keys = ("torch", "threads") if name == "torch" else ("qwix", "jax", "flax")
+        print(f"peer {name}: " + ", ".join(f"{k} {info.get(k)}" for k in keys), file=sys.stderr)
+    load = [os.getloadavg()]
+    print(f"load average before the rounds: {_load(load[0])}", file=sys.stderr, flush=True)
     samples = {row: [] for row in rows}
     for r in range(args.repeats):
         for row in rows:
-            model, method = row
-            if method.startswith("torch-"):
-                mode = method.split("-")[1]
-                samples[row].append(_torch(torch_python, mode, steps[row], args.batch_size))
+            if row in peers:
+                samples[row].append(peers[row].time(steps[row]))
             else:
                 samples[row].append(_time(entries[row], steps[row], args.batch_size))
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    for peer in peers.values():
+        peer.close()
+    load.append(os.getloadavg())
     medians = {row: statistics.median(v) for row, v in samples.items()}
     print(f"\n| model | train step | steps | samples/s (median of {args.repeats}) | range |")
     print("|---|---|---:|---:|---|")
@@ -164,19 +260,46 @@ def step_table(args) -> dict:
                 if method != "float":
                     ratio = medians[model, "float"] / medians[model, method]
                     print(f"{model}: {method} step costs {ratio:.2f}x the float step")
-    if ("lenet5", "torch-qat") in medians and ("lenet5", "cgmq") in medians:
-        paired = [
-            ours / theirs
-            for ours, theirs in zip(
-                samples["lenet5", "cgmq"], samples["lenet5", "torch-qat"], strict=True
+    ratios = _paired_ratios(args, samples)
+    if ratios:
+        print(f"\n| model | ratio, paired per round | median of {args.repeats} | range |")
+        print("|---|---|---:|---|")
+        for (model, label), values in ratios.items():
+            print(
+                f"| {model} | {label} | {statistics.median(values):.2f}x | "
+                f"{min(values):.2f}-{max(values):.2f} |"
             )
-        ]
-        ratio = medians["lenet5", "cgmq"] / medians["lenet5", "torch-qat"]
-        print(
-            f"lenet5: cgmq runs at {ratio:.2f}x PyTorch's learnable fake-quant QAT "
-            f"(paired per round {min(paired):.2f}-{max(paired):.2f})"
-        )
-    return {"|".join(row): {"median": medians[row], "samples": samples[row]} for row in rows}
+    print(f"\nload average (1, 5, 15 min): before {_load(load[0])}, after {_load(load[1])}")
+    result = {"|".join(row): {"median": medians[row], "samples": samples[row]} for row in rows}
+    result["ratios"] = {f"{m}|{label}": values for (m, label), values in ratios.items()}
+    result["load_average"] = load
+    result["peers"] = versions
+    return result
+
+
+def _load(load: tuple[float, ...]) -> str:
+    return ", ".join(f"{x:.2f}" for x in load)
+
+
+#: (ours, theirs, label): a ratio of samples/s, paired per round; the QAT / float cost ratio
+#: is float's samples/s over QAT's (how much longer a QAT step takes).
+RATIOS = (
+    ("cgmq", "torch-qat", "CGMQ QAT / PyTorch QAT (speed)"),
+    ("cgmq", "qwix-int8", "CGMQ QAT / Qwix int8 QAT (speed)"),
+    ("float", "torch-float", "our float / PyTorch float (speed)"),
+    ("float", "cgmq", "CGMQ QAT / our float (step time)"),
+    ("torch-float", "torch-qat", "PyTorch QAT / PyTorch float (step time)"),
+)
+
+
+def _paired_ratios(args, samples: dict) -> dict:
+    ratios = {}
+    for model in args.models:
+        for ours, theirs, label in RATIOS:
+            if (model, ours) in samples and (model, theirs) in samples:
+                pairs = zip(samples[model, ours], samples[model, theirs], strict=True)
+                ratios[model, label] = [a / b for a, b in pairs]
+    return ratios
 
 
 FIT = """
@@ -229,16 +352,21 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="per timing, for lenet5")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--torch_python", default=None)
+    parser.add_argument(
+        "--peers_python", "--torch_python", default=None, help="a Python with torch and qwix"
+    )
+    parser.add_argument("--peers", default="torch,qwix", help="comma-separated, or ''")
     parser.add_argument("--fit", action="store_true", help="also run the headline fit")
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
+    args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    _counts(args, args.peers_python or os.environ.get("CGMQ_PEERS_PYTHON"))
     results = {"steps": step_table(args)}
     if args.fit:
         results["fit"] = fit_split(args)
