@@ -213,10 +213,17 @@ def layer_bitwidths(params, spec: LayerSpec, *, exact: bool = False):
     ``weight_bits`` has one entry per output channel for a per-channel layer (else it is a
     scalar); a float layer is ``FLOAT_BITS`` for both.
     """
+    return _layer_bits(_layer_params(params, spec.path) if spec.quantized else None, spec, exact)
+
+
+_QUANTIZER_LEAVES = ("weight_quantizer", "input_quantizer")
+
+
+def _layer_bits(layer, spec: LayerSpec, exact: bool):
+    """:func:`layer_bitwidths` from the layer's own parameters (``None`` for a float layer)."""
     if not spec.quantized:
         dtype = jnp.int32 if exact else jnp.float32
         return jnp.asarray(FLOAT_BITS, dtype), jnp.asarray(FLOAT_BITS, dtype)
-    layer = _layer_params(params, spec.path)
     weight_bits = _bits(
         layer["weight_quantizer"], spec.weight_bits, signed=spec.weight_signed, exact=exact
     )
@@ -297,27 +304,21 @@ def exact_bops(params, specs: tuple[LayerSpec, ...]) -> int:
     return sum(row["bops"] for row in layer_table(params, specs))
 
 
-def _quantizer_leaves(params, specs: tuple[LayerSpec, ...]) -> dict:
-    """The quantizer leaves of the quantized layers of ``specs``, in a tree of dicts that
-    :func:`layer_bitwidths` reads like ``params`` (no weights: nothing else is needed)."""
-    tree: dict = {}
-    for spec in specs:
-        if spec.quantized:
-            layer = _layer_params(params, spec.path)
-            node = tree
-            for key in spec.path[:-1]:
-                node = node.setdefault(key, {})
-            node[spec.path[-1]] = {
-                name: layer[name] for name in ("weight_quantizer", "input_quantizer")
-            }
-    return tree
+def _quantizer_leaves(params, specs: tuple[LayerSpec, ...]) -> tuple:
+    """Each layer's quantizer leaves (``None`` for a float layer): nothing else is needed."""
+    return tuple(
+        {name: _layer_params(params, spec.path)[name] for name in _QUANTIZER_LEAVES}
+        if spec.quantized
+        else None
+        for spec in specs
+    )
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _exact_bitwidths(quantizers: dict, specs: tuple[LayerSpec, ...]) -> list:
+def _exact_bitwidths(layers: tuple, specs: tuple[LayerSpec, ...]) -> list:
     """Every layer's exact ``(weight_bits, input_bits)`` in one compiled call (the certificate
     and the greedy repair and fill read bit-widths often; op by op it was most of their time)."""
-    return [layer_bitwidths(quantizers, spec, exact=True) for spec in specs]
+    return [_layer_bits(layer, spec, True) for layer, spec in zip(layers, specs, strict=True)]
 
 
 def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
