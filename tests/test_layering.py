@@ -62,6 +62,8 @@ NUMPY_ONLY = (
     "cgmq_jax.export.format",
     "cgmq_jax.export.engine",
     "cgmq_jax.export.c",
+    "cgmq_jax.export.onnx",  # onnx itself is imported on first use
+    "cgmq_jax.export.onnx_recount",
 )
 
 SCRIPT = """
