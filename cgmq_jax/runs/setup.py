@@ -38,11 +38,20 @@ def check_config(
     """
     config.validate()
     parallel.data_parallel_mesh(config.devices)  # as many devices as asked for
-    model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
-    specs = cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    specs = _named_model_specs(config.model, config.input_bits, tuple(input_shape))
     if config.guarded_limits:
         certify.check_budget(config.guarded_limits, specs)
     return specs
+
+
+@functools.lru_cache(maxsize=32)
+def _named_model_specs(
+    name: str, input_bits: int | None, input_shape: tuple[int, ...]
+) -> tuple[cost.LayerSpec, ...]:
+    """A named model's layer specs, traced once per process (a sweep checks every config
+    before it trains any; the specs of our own models depend on these three facts only)."""
+    model = models.get_model(name, quantized=True, input_bits=input_bits)
+    return cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
 
 
 def _lams(config: TrainConfig, limits: dict) -> dict:
