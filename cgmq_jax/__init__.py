@@ -27,6 +27,7 @@ _SUBMODULES = (
     "models",
     "nn",
     "nnx",
+    "ptq",
     "quantizer",
     "report",
     "rules",
