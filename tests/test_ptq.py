@@ -212,3 +212,21 @@ def test_the_sweep_runs_ptq_beside_cgmq_from_the_shared_float_network(tiny_mnist
     assert calls == [("float", False), ("cgmq", True), ("ptq", True)]
     assert [(r["method"], r["epochs"]) for r in rows] == [("cgmq", "2"), ("ptq", "0")]
     assert "| ptq | 2e+06 |  | 1 | 90.00" in sweep.summarize(rows)
+
+
+def test_the_weight_training_after_ptq_does_not_depend_on_the_qat_epochs(tiny_mnist):
+    from cgmq_jax.runs import ptq as run_ptq
+    from cgmq_jax.runs import train
+    from cgmq_jax.runs.setup import _make_setup
+
+    tuned = []
+    for epochs in (2, 25):
+        config = train.TrainConfig(method="ptq", model="mlp", epochs=epochs, batch_size=32)
+        setup = _make_setup(config, tiny_mnist, pretrained=True)
+        images, labels = run_ptq.tune_split(setup, tiny_mnist.train)
+        tuned.append((run_ptq._tune_setup(setup, images), images, labels))
+    (first, images, labels), (second, *other) = tuned
+    assert first.qat_epochs == second.qat_epochs == range(5, 5)  # epoch 5's batch order
+    assert first.steps_per_epoch == second.steps_per_epoch == len(labels) // 32
+    np.testing.assert_array_equal(images, other[0])
+    assert len(labels) == min(run_ptq.TUNE_IMAGES, len(tiny_mnist.train[1]))

@@ -144,15 +144,14 @@ def fit(
     else:
         tune = functools.partial(
             _tune_weights,
-            setup,
-            dataset.train,
             should_stop=should_stop,
             saved=checkpointer is not None,
             timings=run.timings,
         )
-        if config.method == "ptq":
+        if config.method == "ptq":  # its own setup and images (cgmq_jax.runs.ptq)
             result = _finish_ptq(setup, run, float_params, dataset, log, tune)
         else:
+            tune = functools.partial(tune, setup, dataset.train)
             result = _finish_qat(
                 setup, state.params, run.best_params, run.progress, dataset, log, tune
             )
@@ -329,8 +328,13 @@ def _restore(setup: _Setup, checkpointer, state, variables, calibration):
     return state, progress, best_params
 
 
-def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -> FitResult:
-    """The best feasible checkpoint, or the last one repaired (cgmq); filled; certified."""
+def _finish_qat(
+    setup, last_params, best_params, progress, dataset, log, tune, known=None
+) -> FitResult:
+    """The best feasible checkpoint, or the last one repaired (cgmq); filled; certified.
+
+    ``known``: ``(accuracy function, validation accuracy)`` of ``best_params`` already
+    measured (PTQ's), so that neither is compiled or measured again."""
     config, specs, limits = setup.config, setup.specs, setup.limits
     repaired_bits = 0
     if best_params is not None:
@@ -348,8 +352,10 @@ def _finish_qat(setup, last_params, best_params, progress, dataset, log, tune) -
         certificate = certify.certify(params, specs, limits)
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
         certificate = certify.cost_report(params, specs, limits or None)
-    accuracy_fn = make_accuracy(setup.model)
-    accuracy, float_accuracy = accuracy_fn(params, *dataset.validation), progress.float_val_accuracy
+    if known is None:
+        accuracy_fn = make_accuracy(setup.model)
+        known = accuracy_fn, accuracy_fn(params, *dataset.validation)
+    (accuracy_fn, accuracy), float_accuracy = known, progress.float_val_accuracy
     if float_accuracy is not None:
         certify.with_collapse(certificate, float_accuracy, accuracy)
     if certificate.get("collapsed"):
@@ -385,7 +391,8 @@ def _finish_ptq(setup, run, float_params, dataset, log, tune) -> FitResult:
     )
     variables = _float_variables(parallel.local_copy(run.state))
     params, record = post_train(setup, variables, dataset, log, tune)
-    result = _finish_qat(setup, params, params, run.progress, dataset, log, tune)
+    known = record.pop("accuracy"), record["val_accuracy"]
+    result = _finish_qat(setup, params, params, run.progress, dataset, log, tune, known)
     result.certificate["ptq"] = {**record, "float_seconds": float_seconds}
     return result
 
