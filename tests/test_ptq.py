@@ -230,3 +230,19 @@ def test_the_weight_training_after_ptq_does_not_depend_on_the_qat_epochs(tiny_mn
     assert first.steps_per_epoch == second.steps_per_epoch == len(labels) // 32
     np.testing.assert_array_equal(images, other[0])
     assert len(labels) == min(run_ptq.TUNE_IMAGES, len(tiny_mnist.train[1]))
+
+
+def test_a_loss_compiled_by_the_caller_gives_the_same_allocation(two_branch):
+    _, params, specs, loss = two_branch[:4]
+    calls = []
+    jitted = jax.jit(loss)
+
+    def compiled(params):  # called on each candidate's parameter tree, not traced
+        calls.append(1)
+        return jitted(params)
+
+    allocated, record = ptq.allocate(params, specs, 6_000, compiled, compiled=True)
+    expected, expected_record = ptq.allocate(params, specs, 6_000, loss)
+    assert len(calls) == record["loss_evaluations"] == expected_record["loss_evaluations"]
+    assert record["quantizers"] == expected_record["quantizers"]
+    assert _bits(allocated, specs) == _bits(expected, specs)
