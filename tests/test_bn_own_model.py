@@ -47,6 +47,7 @@ def trained():
     return images, variables, model, params
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_init_quantizers_folds_the_float_variables(trained):
     images, variables, model, params = trained
     assert sorted(params) == ["body", "head", "stem"]  # no BatchNorm left
@@ -67,6 +68,7 @@ def test_init_quantizers_folds_the_float_variables(trained):
     np.testing.assert_array_equal(float_out, KwsNet().apply(variables, images))
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_cost_and_export_see_the_folded_layers(trained, tmp_path):
     images, _, model, params = trained
     specs = cgmq_jax.layer_specs(model, images[:1], params=params)

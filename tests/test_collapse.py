@@ -43,6 +43,7 @@ def test_the_binding_limit_is_the_one_closest_to_its_minimum():
     assert "weight_memory_bits 32,768 is 2.05x its minimum 16,000" in check["message"]
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_certify_flags_a_collapse_only_when_given_both_accuracies(mlp):
     params, specs = mlp["params8"], mlp["specs"]
     plain = certify.certify(params, specs, 2e7)

@@ -87,6 +87,7 @@ def _update(tx, updates, params):
 # --- pass-through, guard, infeasible ---------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_feasible_updates_pass_through_bitwise(lenet, cost_fn):
     params = lenet["params8"]
     tx = cgmq_jax.constrained_update(cost_fn, 1e9)
@@ -108,6 +109,7 @@ def test_init_state(lenet, cost_fn):
     assert float(state.scale_floor) == pytest.approx(0.05)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_infeasible_update_has_no_cost_raising_component(lenet, cost_fn):
     params = lenet["params8"]  # 8 bits everywhere: q_max far above d_q, _keep_levels inactive
     tx = cgmq_jax.constrained_update(cost_fn, BUDGET)
@@ -147,6 +149,7 @@ def _just_before_losing_a_bit(params):
     )
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_scale_floor_keeps_the_constraint_alive(lenet, cost_fn):
     # Next to a boundary one short step loses a bit, so the CGGD scale sets the length.
     params = _just_before_losing_a_bit(lenet["params8"])
@@ -174,6 +177,7 @@ def _is_q(params):
     return jax.tree.map(lambda label: label == "quantizer", _labels(params))
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_all_or_nothing_guard_zeroes_cost_raising_components_when_crossing(lenet, cost_fn):
     params, specs = lenet["params8"], lenet["specs"]
     budget = cost.exact_bops(params, specs)  # feasible now, exactly at the budget
@@ -206,6 +210,7 @@ def _crossing_updates(params):
     return updates
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_gain_guard_refuses_only_the_move_that_does_not_fit(lenet, guarded):
     params, specs = lenet["params8"], lenet["specs"]
     budget = cost.exact_bops(params, specs)  # full: no bit fits
@@ -231,6 +236,7 @@ def _bits(params, specs):
     }
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_gain_guard_trades_a_bit_from_where_it_is_worth_least(lenet, guarded):
     params, specs = lenet["params8"], lenet["specs"]
     budget = float(cost.exact_bops(params, specs))  # full: conv1's bit fits only by a trade
@@ -299,6 +305,7 @@ def test_gain_guard_pays_for_no_move_that_the_loss_does_not_want(lenet, guarded)
         np.testing.assert_array_equal(np.asarray(out[name]["weight_quantizer"]), [0.0, 0.0])
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_gain_guard_without_loss_grads_weighs_the_update_itself(lenet, cost_fn):
     params, specs, budget, updates, extra = _two_bits(lenet)
     cheaper = min(extra, key=extra.get)  # equal moves: the gain per BOP is the cheaper bit's
@@ -343,6 +350,7 @@ def test_guard_steps_count_every_guarded_step(lenet, cost_fn):
     assert int(state.guard_steps) == 4 and int(state.infeasible_steps) == 0
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_quantizer_at_its_floor_is_not_pushed(lenet, cost_fn):
     params = jax.tree.map(lambda x: x, lenet["params8"])
     # conv1's weights at 2 bits with q_max == d_q (n = 1, and _keep_levels has nothing to do).
@@ -419,6 +427,7 @@ def runner(lenet, cost_fn, request):
 
 
 @pytest.mark.parametrize("noise", [0.0, 1e-2], ids=["zero_updates", "random_updates"])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_reaches_the_budget_then_stays_feasible_at_every_step(lenet, runner, noise):
     tx, run, exact_costs = runner
     specs = lenet["specs"]
@@ -561,6 +570,7 @@ def _tiny_params(bits: int = 8):
     }
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_budget_changed_during_training_with_inject_hyperparams():
     cost_fn = functools.partial(cost.bops, specs=TINY_SPECS)
     tx = optax.inject_hyperparams(cgmq_jax.constrained_update, static_args=("cost_fn",))(
@@ -624,6 +634,7 @@ def _steps_to_feasible(learning_rate: float, budget: float = 20_000.0, steps: in
     return first, costs
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_steps_to_feasible_do_not_depend_on_the_learning_rate():
     # Measured: 28 steps at 1e-4, 18 at 1e-1 (the loss's own bit-lowering components help
     # more at a large rate). With the CGGD scale alone (0.1.0): 867 at 1e-4, 24 at 1e-1.
@@ -639,6 +650,7 @@ def test_steps_to_feasible_do_not_depend_on_the_learning_rate():
 # --- the recommended chain ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_cgmq_optimizer_is_the_hand_built_chain(mlp):
     cost_fn = functools.partial(cost.bops, specs=mlp["specs"])
     schedule = optax.cosine_decay_schedule(1e-3, 10)
@@ -659,6 +671,7 @@ def test_cgmq_optimizer_is_the_hand_built_chain(mlp):
     chex.assert_trees_all_equal(state, hand_state)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_fit_trains_with_the_recommended_chain(lenet, calibration_batch, tiny_mnist):
     config = train.TrainConfig(budget_bops=2e6, epochs=2, pretrain_epochs=0, batch_size=64)
     setup = train._make_setup(config, tiny_mnist, pretrained=True)
@@ -758,6 +771,7 @@ def _run_chain(bundle, tx, steps=3):
 
 
 # The MLP (266,200 MACs, 17.0M BOPs at 8 bits) compiles faster than LeNet-5.
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_composes_after_clipping_and_adam(mlp):
     bundle = mlp
     cost_fn = functools.partial(cost.bops, specs=bundle["specs"])
@@ -784,6 +798,7 @@ def test_composes_after_clipping_and_adam(mlp):
         assert theta[0] > _quantizer_leaves(bundle["params8"])[key][0], key
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_composes_with_partition(mlp):
     cost_fn = functools.partial(cost.bops, specs=mlp["specs"])
     tx = optax.chain(

@@ -58,6 +58,7 @@ def test_float_bops_and_relative_bops(lenet, mlp):
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("name, total", [("lenet", 281640), ("mlp", 266200)])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_uniform_bitwidth_cost(name, total, bits, request, set_bits):
     bundle = request.getfixturevalue(name)
     specs = bundle["specs"]
@@ -92,6 +93,7 @@ def test_mixed_bitwidths_and_layer_table(lenet, set_bits):
         assert row["bops"] == macs * row["weight_bits"] * row["input_bits"]
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_layer_table_rows_sum_to_the_exact_cost_after_calibration(lenet, mlp):
     for bundle in (lenet, mlp):
         rows = cost.layer_table(bundle["params8"], bundle["specs"])
@@ -156,6 +158,7 @@ def test_changing_bitwidths_does_not_retrace_the_cost(lenet, set_bits):
     assert float(cost_fn(set_bits(lenet["params8"], specs, 2, 1))) == 281640 * 2
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_changing_bitwidths_does_not_retrace_a_train_step(lenet, set_bits, calibration_batch):
     model, specs = lenet["model"], lenet["specs"]
     batch = calibration_batch[:8]

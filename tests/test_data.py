@@ -537,6 +537,7 @@ def test_fashion_offline_error_names_the_manual_way(tmp_path, monkeypatch, missi
 @pytest.mark.skipif(
     not (REAL_CACHE_DIR / debian.CACHE_NAME).is_file(), reason="real Fashion-MNIST not fetched"
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_real_fashion_cache():
     md = data.load("fashion_mnist", "debian", cache_dir=REAL_CACHE_DIR, verbose=False)
     assert (md.name, md.source, md.image_shape) == ("fashion_mnist", "debian", (28, 28, 1))

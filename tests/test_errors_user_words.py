@@ -30,6 +30,7 @@ class Scanned(nn.Module):
         return nn.Dense(3, name="head")(x)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_nn_scan_in_init_quantizers_names_the_layer_and_says_unroll():
     x = jax.random.normal(jax.random.key(0), (4, 8))
     float_params = Scanned().init(jax.random.key(0), x)["params"]

@@ -214,6 +214,7 @@ CASES = [
 
 @pytest.mark.parametrize(("weight_bits", "input_bits", "signed", "exponent"), CASES)
 @pytest.mark.parametrize("kind", ["conv", "dense"])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_integer_inference_equals_fake_quant(
     tmp_path, kind, weight_bits, input_bits, signed, exponent
 ):
@@ -789,6 +790,7 @@ def _drop_the_logits_layer(h):
         (lambda h: h["output"].update(divisor=2), "disagree with the graph's"),
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_inconsistent_shapes_are_refused(conv_file, tmp_path, edit, fragment):
     header = _header(conv_file)
     edit(header)
@@ -803,6 +805,7 @@ def test_inconsistent_shapes_are_refused(conv_file, tmp_path, edit, fragment):
 @pytest.mark.parametrize(
     "field", ["weight_exponent", "input_exponent", "bias_exponent", "accumulator_exponent"]
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_exponents_must_be_integers(small_file, tmp_path, field, value):
     header = _header(small_file)
     header["layers"][0][field] = value
@@ -830,6 +833,7 @@ def test_input_and_output_exponents_must_be_integers(small_file, tmp_path, value
         ("divisor", bool),
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_output_exponent_and_divisor_must_be_json_integers(small_file, tmp_path, field, make):
     """The right value with the wrong JSON type (``-19.0`` for ``-19``, ``true`` for ``1``)."""
     header = _header(small_file)
@@ -862,6 +866,7 @@ def _zip_with(source, out, extra_name, *, inflated=1 << 30):
         ("header.json.npy", "claims 1,073,741,824 bytes"),
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_zip_bomb_is_refused_without_inflating(small_file, tmp_path, member, fragment):
     """A small file whose member inflates to 1 GiB: refused from the zip directory alone."""
     import time

@@ -466,6 +466,7 @@ def _npy_preamble(dtype: str, shape: tuple) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_an_unused_1_gib_array_is_refused_before_it_is_read(tiny, tmp_path):
     """The hostile trial's case: a small file listing an unused 1 GiB array (valid sizes and
     a matching checksum claim) cost 2.1 GB and 114 s; now refused from the header alone."""

@@ -368,6 +368,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_export_reproduces_the_model(tmp_path, name):
     """Identical input codes in every layer, all predictions, BOPs equal to the cost's; the
     file's ops, geometry, bit-widths and signedness are the model's."""
@@ -446,6 +447,7 @@ class Refused(nn.Module):
         ("float_dense", ["layer 'act/plain' is not quantized"]),
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_unsupported_ops_are_refused(tmp_path, kind, fragments):
     """``graph.ops`` and ``export`` raise a ValueError naming the primitive and the module."""
     model = Refused(kind)
@@ -500,6 +502,7 @@ LIBRARY_OPS = {
 LIBRARY_MACS = {"lenet5": 281_640, "lenet5_bb": 4_267_008, "mlp": 266_200, "dscnn": 1_201_728}
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_library_models_trace_cost_and_op_graph():
     """For every model of cgmq_jax.models: the trace's layers are the cost's (same names,
     same MACs), and the op graph is the expected one, each layer once and in order."""

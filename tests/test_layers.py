@@ -120,6 +120,7 @@ def test_float_dense_is_flax_dense(use_bias):
 
 
 @pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_conv_matches_flax_and_counts_macs(name):
     kwargs, shape, hand_macs = CONVS[name]
     x = _inputs(shape)
@@ -144,6 +145,7 @@ def test_conv_matches_flax_and_counts_macs(name):
     assert [(s.macs, s.input_signed) for s in specs] == [(hand_macs, True)]
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_bfloat16_layers_match_flax():
     x = _inputs((2, 6, 6, 3))
     for reference, ours in (
@@ -197,6 +199,7 @@ class _Net(nn.Module):
         return head(x)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_init_quantizers_decides_signedness_from_the_calibration_data():
     x = _inputs((16, 5), seed=4)
     model = _Net()
@@ -215,6 +218,7 @@ def test_init_quantizers_decides_signedness_from_the_calibration_data():
     assert set(cnn.strip_quantizers(params)["body"]) == {"kernel", "bias"}
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_explicit_unsigned_with_negative_inputs_raises_naming_the_layer():
     x = jnp.abs(_inputs((4, 5), seed=5))
     model = _Net(head_signed=False)
@@ -229,6 +233,7 @@ def test_explicit_unsigned_with_negative_inputs_raises_naming_the_layer():
 
 
 @pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_patch_conv_is_the_direct_convolution_bit_for_bit_when_quantized(name, monkeypatch):
     """One input channel: the quantized layer takes :func:`cnn.patch_conv`; its output is
     the direct convolution's exactly (exact sums of codes), its gradients to float
@@ -257,6 +262,7 @@ def test_patch_conv_is_the_direct_convolution_bit_for_bit_when_quantized(name, m
 @pytest.mark.parametrize("strides", [(1, 1), (2, 1), (2, 3)])
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1)), ((-1, 1), (2, 0))])
 @pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_patch_conv_matches_lax_conv_general_dilated(strides, padding, dilation):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(-3, 4, (2, 9, 8, 2)), jnp.float32)
@@ -275,6 +281,7 @@ def test_patch_conv_matches_lax_conv_general_dilated(strides, padding, dilation)
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1))])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_depthwise_patch_conv_matches_lax_and_the_quantized_layer(strides, padding, monkeypatch):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.integers(-3, 4, (2, 9, 8, 4)), jnp.float32)
@@ -311,6 +318,7 @@ def test_depthwise_patch_conv_matches_lax_and_the_quantized_layer(strides, paddi
         ((1, 4, 4, 4, 2), (2, 2, 2)),
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_max_pool_gradient_is_jaxs_first_maximum_rule(shape, window):
     """Same output as ``flax.linen.max_pool``, same gradient bit for bit, ties (ReLU zeros,
     repeated values) and cropped edges included."""

@@ -169,6 +169,7 @@ def _tiny(per_channel: bool, weight_bits, input_bits: int):
         ),
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_tiny_dense_by_hand(per_channel, weight_bits, expected):
     params, specs = _tiny(per_channel, weight_bits, 3)
     (spec,) = specs
@@ -203,6 +204,7 @@ def _key(layer: str, leaf: str) -> str:
 
 
 @pytest.mark.parametrize("which", ["params8", "mixed"])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_memory_gradients_reach_only_the_quantizers_they_should(which, lenet, mixed):
     params = lenet["params8"] if which == "params8" else mixed
     specs = lenet["specs"]
@@ -295,6 +297,7 @@ def constrained_runs(lenet):
 
 
 @pytest.mark.parametrize("key", ["two", "three"])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_several_constraints_reach_every_limit(key, constrained_runs, lenet):
     specs = lenet["specs"]
     limits, final, state, history = constrained_runs[key]
@@ -325,6 +328,7 @@ def test_several_constraints_reach_every_limit(key, constrained_runs, lenet):
         "three",  # names not in sorted order
     ],
 )
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_infeasible_steps_count_each_limit_under_jit(key, constrained_runs, lenet):
     """Each name's count is the number of steps its own cost was over its limit."""
     specs = lenet["specs"]
@@ -337,6 +341,7 @@ def test_infeasible_steps_count_each_limit_under_jit(key, constrained_runs, lene
     assert {name: int(n) for name, n in state.infeasible_steps.items()} == over
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_a_sequence_of_pairs_names_constraints_by_position(lenet):
     params, specs = lenet["params8"], lenet["specs"]
     functions = cost.cost_functions(specs)

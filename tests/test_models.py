@@ -35,6 +35,7 @@ def test_strict_promotion_is_on():
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_float_model_has_the_same_weights_and_no_quantizers(name, request, sample_input):
     bundle = request.getfixturevalue(name)
     float_params = bundle["float_params"]
@@ -217,6 +218,7 @@ def _bn_variables(model, x, seed: int = 0):
     }
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_fold_batchnorm_equals_batchnorm_in_eval_mode(calibration_batch):
     model = models.DSCNN(quantized=False)
     variables = _bn_variables(model, calibration_batch)
@@ -319,6 +321,7 @@ def test_dscnn_qat_checkpoint_restores_through_the_folding(
     chex.assert_trees_all_equal(state.opt_state, qat.opt_state)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_every_model_passes_the_checks_before_data(sample_input):
     for name in models.MODELS:
         specs = train.check_config(TrainConfig(model=name, budget_bops=1e9))

@@ -71,6 +71,7 @@ def test_float_linear_is_flax_linear():
 
 
 @pytest.mark.parametrize(("options", "shape"), CONVS.values(), ids=CONVS.keys())
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_float_conv_is_flax_conv(options, shape):
     layer = cnnx.QuantConv(shape[-1], OUT_FEATURES, quantize=False, rngs=nnx.Rngs(0), **options)
     flax_layer = nnx.Conv(shape[-1], OUT_FEATURES, rngs=nnx.Rngs(0), **options)
@@ -80,6 +81,7 @@ def test_float_conv_is_flax_conv(options, shape):
 
 
 @pytest.mark.parametrize(("options", "shape"), CONVS.values(), ids=CONVS.keys())
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_quantized_conv_computes_what_the_linen_layer_computes(options, shape):
     """The same kernel and calibration batch give the same quantizers and the same output."""
     x = _signed_input(shape)
@@ -153,6 +155,7 @@ def images():
     return jnp.asarray(data.synthetic(train=32, validation=1, test=1).train[0])
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_layer_specs_count_macs_by_hand_and_index_the_state(images):
     model = Net(nnx.Rngs(0))
     cnnx.calibrate(model, images, train=False)
@@ -356,6 +359,7 @@ def test_the_readme_example_script_runs(tiny_mnist, monkeypatch, capsys):
     assert "certified within budget 20,000,000" in out and "conv1" in out
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_nnx_layers_take_the_linen_options_and_compute_the_same():
     """per_channel, input_bits and weight_bits (a TypeError before issue 28), as in linen."""
     options = {"per_channel": True, "input_bits": 8, "weight_bits": 4, "input_signed": False}

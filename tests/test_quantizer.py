@@ -291,6 +291,7 @@ def _init_at_bits_widths(qs, bits, signed):
     return jax.vmap(width)(qs)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_init_at_bits_every_width_over_many_ranges():
     rng = np.random.default_rng(0)
     q_values = np.float32(2.0 ** rng.uniform(-16, 10, 200))
@@ -456,6 +457,7 @@ def test_jit_matches_eager():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_vmap_over_a_batch_of_quantizers():
     x = jnp.asarray([-1.0, -0.2, 0.0, 0.1, 0.3, 0.7, 2.0], jnp.float32)
     ds = np.asarray([0.25, 0.3, 0.1, 1.0, 2.0**-10, 1e-30], np.float32)
@@ -503,6 +505,7 @@ def test_latents_roundtrip_and_labels():
 
 
 @pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_tie_range_gives_the_total_lsq_derivative_of_the_step(bits):
     """Through ``tie_range`` (``q_max = n * d_q``), d fake_quant / d log2 d is LSQ's total
     derivative times ``d ln 2``: ``round(x/d) - x/d`` inside, ``+-n`` outside; no q_max part."""

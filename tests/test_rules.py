@@ -38,6 +38,7 @@ def _images(n=8, seed=0):
 UNSIGNED = rules.QuantRule(input_signed=False)
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_quantize_model_keeps_names_and_loads_the_float_checkpoint():
     x = _images()
     plain = PlainLeNet5()
@@ -57,6 +58,7 @@ def test_quantize_model_keeps_names_and_loads_the_float_checkpoint():
         np.testing.assert_array_equal(params[name]["kernel"], float_params[name]["kernel"])
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_quantize_model_computes_exactly_what_the_library_lenet5_computes():
     x = _images()
     float_params = PlainLeNet5().init(jax.random.key(1), x)["params"]
@@ -78,6 +80,7 @@ def test_quantize_model_computes_exactly_what_the_library_lenet5_computes():
     )
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_rules_pin_the_image_input_and_exclude_a_layer_counted_at_32_bits():
     x = _images()
     model = rules.quantize_model(
@@ -126,6 +129,7 @@ def test_rules_pin_the_image_input_and_exclude_a_layer_counted_at_32_bits():
     assert cost.exact_bops(params, specs) <= budget
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_unmatched_and_plain_layers_are_counted_at_32_bits_never_free():
     class Mixed(nn.Module):
         @nn.compact
@@ -198,6 +202,7 @@ class _Block(nn.Module):
         return nn.relu(qnn.QuantDense(8, input_signed=True)(x)), None
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_scan_and_vmap_give_a_clear_error_in_layer_specs():
     class Scanned(nn.Module):
         @nn.compact
@@ -229,6 +234,7 @@ def test_scan_and_vmap_give_a_clear_error_in_layer_specs():
         assert np.all(np.isfinite(model.apply(variables, inputs)))
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
 def test_per_channel_weight_quantizers_have_gradients_and_per_channel_cost():
     x = jax.random.normal(jax.random.key(0), (6, 5))
     layer = qnn.QuantDense(3, per_channel=True, input_signed=True)
