@@ -51,13 +51,19 @@ def test_readme_is_short():
 @pytest.mark.slow
 def test_readme_constrained_update_example_runs():
     blocks = _python_blocks(README)
-    assert len(blocks) == 1, "the README has one python example: the constrained_update loop"
-    assert len(blocks[0].splitlines()) <= 30, "the README's example is meant to be short"
-    namespace = _run(blocks, README)
+    assert len(blocks) == 2, "the README's python: the constrained_update loop, a BatchNorm model"
+    assert all(len(b.splitlines()) <= 30 for b in blocks), "the README's examples are short"
+    namespace = _run(blocks[:1], README)
     specs, params, cost = namespace["specs"], namespace["params"], namespace["cost"]
     assert cost.exact_bops(params, specs) <= 2e6
     assert namespace["certificate"]["within_budget"]
     assert namespace["opt_state"][-1].infeasible_steps > 0  # it started over budget
+    # The user's model with BatchNorm, after the loop (it reuses its images and imports).
+    namespace = _run(blocks[1:], README, namespace)
+    folded = namespace["params"]
+    assert "stem_bn" not in folded and {"kernel", "bias"} <= set(folded["stem"])
+    assert [spec.name for spec in namespace["specs"]] == ["stem", "head"]
+    assert namespace["certificate"]["within_budget"]
 
 
 @pytest.mark.slow
