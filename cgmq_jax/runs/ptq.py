@@ -122,7 +122,8 @@ def post_train(setup: _Setup, variables: dict, dataset, log, tune) -> tuple[dict
     Returns:
       ``(params, record)``: ``record`` is :func:`cgmq_jax.ptq.allocate`'s, with the
       validation accuracy before and after the weight training (``val_accuracy``: the
-      returned network's), ``tuned`` (whether the trained network was kept), ``accuracy``
+      returned network's), ``tuned`` (whether the trained network was kept), the number of
+      ``allocation_images`` and ``tune_images``, ``accuracy``
       (the compiled accuracy function, for the caller to reuse; not JSON) and ``timings``
       (wall seconds: ``calibrate``, ``allocate``, ``tune``).
     """
@@ -147,8 +148,10 @@ def post_train(setup: _Setup, variables: dict, dataset, log, tune) -> tuple[dict
     record.update(
         tune_epochs=setup.config.fill_epochs, tuned=False, val_accuracy=before, accuracy=accuracy
     )
+    record["allocation_images"] = size
     if setup.config.fill_epochs:
         split = tune_split(setup, dataset.train)
+        record["tune_images"] = len(split[1])
         tuned, diverged = tune(_tune_setup(setup, split[0]), split, params)
         if diverged:
             log(f"the weight training after PTQ is dropped: {diverged}")
