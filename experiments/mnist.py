@@ -90,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=defaults.fill_epochs,
         help="cgmq: epochs of weight training after the bits that still fit are added; ptq: "
-        "after the bits are allocated (0: none)",
+        "passes of 100 steps over 12,800 training images after the bits are allocated "
+        "(0: none)",
     )
     p.add_argument(
         "--float_checkpoint",
