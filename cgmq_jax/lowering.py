@@ -423,6 +423,11 @@ def _check_finite(params: Any) -> None:
         )
 
 
+class ParamShapeError(ValueError):
+    """A parameter's shape does not fit the model at ``input_shape`` (a forgotten
+    ``input_shape=``, or parameters of another model)."""
+
+
 def _trace(model: Any, sample: Any, params: Any, input_shape, call_kwargs: dict):
     """:func:`cgmq_jax.graph.trace`, naming the likely cause of a parameter shape mismatch."""
     import flax
@@ -434,7 +439,7 @@ def _trace(model: Any, sample: Any, params: Any, input_shape, call_kwargs: dict)
     except flax.errors.ScopeParamShapeError as error:
         found = re.search(r'"(\w+)" in "/?([^"]*)".*shape (\(.*?\)).*shape (\(.*?\))', str(error))
         name, path, needed, stored = found.groups() if found else ("", "", "?", "?")
-        raise ValueError(
+        raise ParamShapeError(
             f"layer {path!r}: its {name} has shape {stored}, which does not fit "
             f"input_shape={tuple(input_shape)} (that input needs {needed}): pass "
             "export(..., input_shape=...) with one example's shape, without the batch axis "

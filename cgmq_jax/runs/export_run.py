@@ -152,7 +152,8 @@ def derive_run(
             certificate=run.results.get("certificate"),
             metadata=run.metadata,
         )
-    except (KeyError, TypeError, IndexError, AttributeError) as error:
+    except (KeyError, TypeError, IndexError, AttributeError, lowering.ParamShapeError) as error:
+        # The input shape is the run's dataset's: a shape that does not fit is the params'.
         raise ValueError(_misfit(run.path, name, error)) from None
     except Exception as error:  # flax.errors.ScopeParamShapeError and kin
         if type(error).__module__.startswith("flax"):
