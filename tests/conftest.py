@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # XLA:CPU compiles with its backend (LLVM) optimizations off in the tests: most of a test's
 # time is compiling small programs that then run a few steps, and at level 0 they compile
-# about twice as fast (CPU seconds, measured on the compile-heavy tests; docs/cli.md, make test-unit).
+# about twice as fast (CPU seconds, measured on the compile-heavy tests; docs/cli.md).
 # The level changes how fast the generated code runs, not what it computes (no fast-math
 # either way). Set before JAX starts its backend; the subprocesses the tests start inherit
 # it. An ``XLA_FLAGS`` already in the environment is kept as it is (``XLA_FLAGS= make test``
