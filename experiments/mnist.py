@@ -73,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=defaults.admission,
         help="cgmq: what the guard admits when the whole proposal would cross a limit",
     )
+    p.add_argument(
+        "--trades",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.trades,
+        help="cgmq: after each QAT epoch, move bits between quantizers where the measured "
+        "loss says they pay (cgmq_jax.trades)",
+    )
     p.add_argument("--lam", type=float, default=defaults.lam, help="dq penalty weight")
     p.add_argument("--lam_weight", type=float, default=None, help="dq: weight-memory term")
     p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")

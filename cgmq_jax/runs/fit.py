@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgmq_jax import certify, data
+from cgmq_jax import certify, data, trades
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import FitResult, TrainConfig
 from cgmq_jax.runs.fill import _fill, _tune_weights
-from cgmq_jax.runs.ptq import post_train
+from cgmq_jax.runs.ptq import _evaluator, post_train
 from cgmq_jax.runs.setup import (
     _calibration_batch,
     _float_state,
@@ -81,6 +81,7 @@ class _Run:
     timings: dict = dataclasses.field(
         default_factory=lambda: {"compile": 0.0, "train": 0.0, "evaluate": 0.0}
     )
+    trade_loss: Any = None  # the trades' jitted loss (compiled once per run)
 
 
 def fit(
@@ -245,8 +246,48 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
         ):
             progress.best_val_accuracy, progress.best_epoch = row["val_accuracy"], epoch + 1
             run.best_params = parallel.local_copy(run.state.params)
+        if (
+            phase == "qat"
+            and setup.config.trades
+            and row["within_budget"]
+            and epoch + 1 < epochs.stop
+        ):
+            _trade(setup, run, dataset.train, row, log)
         progress.epoch, progress.step, progress.losses = epoch + 1, 0, []
         save(run.state, progress)
+
+
+#: The trades (:func:`cgmq_jax.trades.trade_bits`) measure the loss on this many training
+#: examples, drawn afresh after every QAT epoch from the run's seed and the epoch.
+TRADE_EXAMPLES = 1024
+
+
+def _trade(setup: _Setup, run: _Run, split, row: dict, log) -> None:
+    """Move bits where the measured loss says they pay (:mod:`cgmq_jax.trades`), between
+    two QAT epochs, on a network within every limit; the moves go into the epoch's ``row``."""
+    started = time.perf_counter()
+    images, labels = split
+    rng = np.random.default_rng([setup.config.seed, run.progress.epoch])
+    chosen = np.sort(rng.choice(len(labels), min(TRADE_EXAMPLES, len(labels)), replace=False))
+    x, y = jnp.asarray(images[chosen]), jnp.asarray(labels[chosen])
+    if run.trade_loss is None:
+        run.trade_loss = _evaluator(setup.model, len(chosen))
+    params = parallel.local_copy(run.state.params)
+    params, record = trades.trade_bits(
+        params, setup.specs, setup.limits, lambda p: run.trade_loss(p, x, y)[0] / len(y)
+    )
+    row["trades"] = record["moves"]
+    if record["moves"]:
+        run.state = setup.placement.replicate(run.state.replace(params=params))
+        moves = "; ".join(
+            "+".join(m["up"]) + (" <- " if m["up"] and m["down"] else "") + "-".join(m["down"])
+            for m in record["moves"]
+        )
+        log(
+            f"  trades: {moves} (loss {record['loss_before']:.4f} -> "
+            f"{record['loss_after']:.4f}, {record['evaluations']} evaluations)"
+        )
+    run.timings["evaluate"] += time.perf_counter() - started
 
 
 def _one_epoch(setup, run, split, phase, train_step, *, first, should_stop, save) -> float:
