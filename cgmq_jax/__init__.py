@@ -33,6 +33,7 @@ _SUBMODULES = (
     "rules",
     "runs",
     "sweep",
+    "trades",
     "train",
 )
 _NAMES = {
@@ -56,6 +57,7 @@ _NAMES = {
     "is_quantizer": "quantizer",
     "param_labels": "quantizer",
     "quantize": "quantizer",
+    "trade_bits": "trades",
 }
 __all__ = sorted((*_SUBMODULES, *_NAMES))
 

@@ -19,6 +19,9 @@ priced with the exact cost functions themselves (docs/method.md section 3):
   cost freed, when that is a gain and the result is within every limit.
 * ``admission="all_or_nothing"`` (the default): every cost-raising component is
   refused, so in a budget that is full, bits can only fall.
+* :func:`within_bits` (``admission="within_bits"``): a quantizer's whole move passes
+  where it gives that quantizer (or channel) no more bits, else its cost-raising
+  components are refused; no bit is gained, so no cost rises.
 
 Measured (docs/method.md section 3): LeNet-5 at 2e6 BOPs, seeds 0-2 on the 2-core CPU,
 ``gain`` used 99.9% of the budget with no fill needed but tested 98.71 / 98.60 / 98.66%
@@ -34,7 +37,7 @@ import optax
 
 from cgmq_jax import quantizer
 
-ADMISSIONS = ("gain", "all_or_nothing")
+ADMISSIONS = ("gain", "all_or_nothing", "within_bits")
 # How far past a rounding boundary of log2 d a bit-losing step lands (as the infeasible
 # step's): far above float32 error in exp2/log2, far below a power-of-two step.
 PAST_THE_BOUNDARY = 2.0**-10
@@ -58,6 +61,8 @@ def guarded(
     """
     if admission == "all_or_nothing":
         return jax.tree.map(lambda u, m: jnp.where(guard, m, u), updates, masked), bit_value
+    if admission == "within_bits":
+        return within_bits(updates, masked, guard, params, quantizer_mask), bit_value
     new = bit_values(updates, quantizer_mask, loss_grads)
     bit_value = BIT_VALUE_DECAY * bit_value + (1.0 - BIT_VALUE_DECAY) * new
     admitted = jax.lax.cond(
@@ -68,6 +73,31 @@ def guarded(
         lambda: updates,
     )
     return admitted, bit_value
+
+
+def _bit_length(theta) -> jax.Array:
+    """Per element (channel), the bit length of a leaf's level count (the bit-width less
+    the sign bit): what every cost rises with."""
+    return jnp.frexp(quantizer.levels(*quantizer.from_latents(theta)))[1]
+
+
+def within_bits(updates, masked, guard, params, quantizer_mask):
+    """On a guarded step, each quantizer (channel) moves as proposed where that gives it no
+    more bits, and as in ``masked`` (its cost-raising components zeroed) where it would.
+
+    No quantizer gains a bit, so no cost rises (every cost rises with every bit-width),
+    yet within its bit-width a step moves both ways: under ``all_or_nothing`` the refused
+    finer-step components leave only the coarser ones, so ``log2 d`` ratchets up on the
+    loss gradient's noise until a bit falls.
+    """
+
+    def pick(u, m, p, q):
+        if not q:
+            return u
+        rises = _bit_length(p + u) > _bit_length(p)
+        return jnp.where(guard & rises[..., None], m, u)
+
+    return jax.tree.map(pick, updates, masked, params, quantizer_mask)
 
 
 def bit_values(updates, quantizer_mask, loss_grads=None) -> jax.Array:

@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
     p.add_argument(
         "--admission",
-        choices=("gain", "all_or_nothing"),
+        choices=("gain", "all_or_nothing", "within_bits"),
         default=defaults.admission,
         help="cgmq: what the guard admits when the whole proposal would cross a limit",
     )

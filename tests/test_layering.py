@@ -45,6 +45,7 @@ CORE = (
     "cgmq_jax.conv",
     "cgmq_jax.admission",
     "cgmq_jax.ptq",
+    "cgmq_jax.trades",
     "cgmq_jax.graph",
     "cgmq_jax.cost",
     "cgmq_jax.constraint",

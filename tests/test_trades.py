@@ -4,8 +4,12 @@ a run with trades records them while a run without is unchanged."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import load_cli
 from test_ptq import LIMITS, TwoBranch, _distillation_loss
@@ -113,3 +117,57 @@ def test_a_run_with_trades_records_them_within_budget(
     assert traded and traded == [i for i, row in enumerate(qat[:-1]) if row["within_budget"]]
     assert all(row["within_budget"] for row in qat[traded[0] :])  # and every one after
     assert not any("trades" in row for row in without["history"])
+
+
+def test_within_bits_gains_no_bit_and_moves_both_ways(lenet):
+    """On a guarded step ``admission="within_bits"`` lets no quantizer (channel) gain a bit,
+    so the exact cost cannot rise; a quantizer whose finer step stays within its bit moves,
+    where the all-or-nothing guard would have refused it."""
+    import cgmq_jax
+    from cgmq_jax import admission
+
+    params = lenet["params8"]
+    cost_fn = functools.partial(cost.bops, specs=lenet["specs"])
+    budget = float(cost.exact_bops(params, lenet["specs"]))  # full: the guard fires
+    # Every step finer in log2: by 0.6 in the weight quantizers (past a rounding boundary:
+    # a bit more) and by 0.3 in the input quantizers (within their bit).
+    finer = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            jnp.zeros_like(x).at[..., 0].set(-0.6 if "weight" in str(path) else -0.3)
+            if quantizer.is_quantizer_path(path)
+            else jnp.zeros_like(x)
+        ),
+        params,
+    )
+    outs = {}
+    for rule in ("within_bits", "all_or_nothing"):
+        tx = cgmq_jax.constrained_update(cost_fn, budget, admission=rule)
+        state = tx.init(params)
+        outs[rule], state = tx.update(finer, state, params)
+        assert int(state.guard_steps) == 1
+    moved = optax.apply_updates(params, outs["within_bits"])
+    assert cost.exact_bops(moved, lenet["specs"]) <= budget
+    before, after = _lengths(params), _lengths(moved)
+    assert all(np.all(after[k] <= before[k]) for k in before)
+    steps = [np.asarray(leaf)[..., 0] for leaf in _quantizer_leaves(outs["within_bits"])]
+    assert any(np.any(s < 0) for s in steps)  # some step moved finer, within its bit
+    assert all(
+        np.all(np.asarray(leaf)[..., 0] >= 0) for leaf in _quantizer_leaves(outs["all_or_nothing"])
+    )
+    assert "within_bits" in admission.ADMISSIONS
+
+
+def _quantizer_leaves(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [leaf for path, leaf in flat if quantizer.is_quantizer_path(path)]
+
+
+def _lengths(params):
+    from cgmq_jax import admission
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {
+        jax.tree_util.keystr(path): np.asarray(admission._bit_length(leaf))
+        for path, leaf in flat
+        if quantizer.is_quantizer_path(path)
+    }
