@@ -7,6 +7,7 @@ quantizer parameters, made exact for the integer BOP cost (docs/method.md sectio
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +30,9 @@ _STEP_ONLY = np.array([1.0, 0.0], np.float32)
 # How far past a rounding boundary of log2 d the bit-losing step lands, in log2 units: far
 # above float32 error in exp2/log2 (about 1e-6 here), far below a power-of-two step (1.0).
 _PAST_THE_BOUNDARY = 2.0**-10
+# Whether cgmq_optimizer refits the range of a weight quantizer that loses bits (the
+# environment may override it for an A/B measurement: CGMQ_REFIT_WEIGHT_RANGES=0 or 1).
+REFIT_WEIGHT_RANGES = os.environ.get("CGMQ_REFIT_WEIGHT_RANGES", "0") == "1"
 
 
 class ConstrainedUpdateState(NamedTuple):
@@ -129,6 +133,7 @@ def constrained_update(
     min_scale: float = DEFAULT_MIN_SCALE,
     is_quantizer: Callable[[Any], Any] | None = None,
     admission: str = "all_or_nothing",
+    refit_weight_ranges: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Keep a quantized network's cost within ``budget``, CGGD-style, with no penalty weight.
 
@@ -172,6 +177,16 @@ def constrained_update(
     Finally each quantizer's ``q_max`` is kept at least at its rounded step ``d_q``, so
     ``n >= 1`` holds without dragging ``d`` down (this never adds a bit).
 
+    With ``refit_weight_ranges``, a weight quantizer (a ``weight_quantizer`` leaf next to
+    its ``kernel``) that this update leaves with fewer bits (a channel of a per-channel
+    one: that channel) gets, at its new bit-width, the range of least squared error on
+    its updated kernel (:func:`cgmq_jax.quantizer.least_squares_latents`) instead of the
+    range it had: the same bits, so the same exact cost (feasibility is untouched). The
+    constraint coarsens the step and keeps the range, and at ``max|W|`` a 2-bit weight
+    rounds most weights to zero; ``q_max`` learns only from clipped weights, of which
+    there are none (docs/method.md section 10, the DS-CNN). Not for weight quantizers
+    pinned by ``weight_bits=`` (their stored range is not their bit-width).
+
     Note the meaning of "mask" here: unlike ``optax.masked``, which lets masked leaves pass
     through unchanged, this transform *zeroes* the masked components.
 
@@ -198,6 +213,8 @@ def constrained_update(
         leaves named ``*_quantizer`` (:func:`cgmq_jax.quantizer.param_labels`).
       admission: what the guard admits, ``"all_or_nothing"`` (the default) or
         ``"gain"`` (:mod:`cgmq_jax.admission`).
+      refit_weight_ranges: a weight quantizer that loses bits gets the least-squares
+        range of its new bit-width (above).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -294,6 +311,8 @@ def constrained_update(
         new_updates = jax.tree.map(
             lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
         )
+        if refit_weight_ranges:
+            new_updates = refit_lost_weight_ranges(new_updates, params)
         return new_updates, _next_state(state, names, costs, violated, guard, scale_floor)._replace(
             bit_value=bit_value
         )
@@ -443,6 +462,43 @@ def _length_to_lose_a_bit(params, cost_grad, direction_norm, quantizer_mask) -> 
     return jnp.where(jnp.isfinite(shortest), shortest, 0.0)
 
 
+def refit_lost_weight_ranges(updates, params):
+    """``updates`` with every weight quantizer that they leave with fewer bits refitted.
+
+    For each mapping of ``params`` holding a ``weight_quantizer`` leaf and its ``kernel``
+    (a linen layer's parameters), where the updated leaf has fewer bits than the current
+    one (per channel for a per-channel leaf), its update is replaced by the one that
+    lands on :func:`cgmq_jax.quantizer.least_squares_latents` of the updated kernel at
+    the updated (smaller) bit-width. Bit-widths after the update are exactly those of
+    ``params + updates``: no cost changes. Everything else passes through.
+    """
+    if not isinstance(params, Mapping):
+        return updates
+    out = dict(updates)
+    for name, value in params.items():
+        if isinstance(value, Mapping):
+            out[name] = refit_lost_weight_ranges(updates[name], value)
+    theta, kernel = params.get("weight_quantizer"), params.get("kernel")
+    if (
+        theta is None
+        or kernel is None
+        or not hasattr(theta, "shape")
+        or not hasattr(kernel, "shape")
+        or theta.shape[-1:] != (2,)
+    ):
+        return out
+    update = updates["weight_quantizer"]
+    new_theta = theta + update
+    before = quantizer.exact_bitwidth(*quantizer.from_latents(theta), signed=True)
+    after = quantizer.exact_bitwidth(*quantizer.from_latents(new_theta), signed=True)
+    refitted = quantizer.least_squares_latents(
+        kernel + updates["kernel"], after, signed=True, per_channel=theta.ndim == 2
+    )
+    lost = (after < before)[..., None]
+    out["weight_quantizer"] = jnp.where(lost, refitted - theta, update)
+    return out
+
+
 def _default_is_quantizer(params):
     return quantizer.is_quantizer(params)
 
@@ -520,6 +576,7 @@ def cgmq_optimizer(
     quantizer_learning_rate: optax.ScalarOrSchedule = 1e-2,
     rescale: float = DEFAULT_RESCALE,
     admission: str = "all_or_nothing",
+    refit_weight_ranges: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The recommended CGMQ chain, the one :func:`cgmq_jax.train.fit` trains with.
 
@@ -538,6 +595,8 @@ def cgmq_optimizer(
         in log2 units.
       rescale: CGGD's ``R`` (> 1).
       admission: what the guard admits (:func:`constrained_update`).
+      refit_weight_ranges: refit the range of a weight quantizer that loses bits
+        (:func:`constrained_update`); ``None``: :data:`REFIT_WEIGHT_RANGES`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` (and
@@ -557,5 +616,13 @@ def cgmq_optimizer(
     """
     return optax.chain(
         partitioned_adam(learning_rate, quantizer_learning_rate),
-        constrained_update(cost_fn, budget, rescale=rescale, admission=admission),
+        constrained_update(
+            cost_fn,
+            budget,
+            rescale=rescale,
+            admission=admission,
+            refit_weight_ranges=(
+                REFIT_WEIGHT_RANGES if refit_weight_ranges is None else refit_weight_ranges
+            ),
+        ),
     )

@@ -555,3 +555,68 @@ def strip_quantizers(params):
         if not (k[-1].endswith(quantizer.QUANTIZER_SUFFIX) or k[-1] == quantizer.INPUT_SIGNED)
     }
     return flax.traverse_util.unflatten_dict(kept)
+
+
+def layer_inputs(model: nn.Module, params, *args, **kwargs) -> dict:
+    """``{layer path: its input}``: what each quantized layer of ``model`` receives (before
+    its input quantizer) when ``model`` is applied to ``args`` with ``params``."""
+    found = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, QuantDense | QuantConv):
+            found[tuple(module.path)] = jnp.asarray(call_args[0], jnp.float32)
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply({"params": params}, *args, **kwargs)
+    return found
+
+
+def refit_ranges(
+    model: nn.Module,
+    params,
+    *args,
+    weights: bool = True,
+    inputs: bool = True,
+    layers=None,
+    **kwargs,
+):
+    """``params`` with every learned quantizer's range refitted at its present bit-width.
+
+    Each learned quantizer (not pinned by ``input_bits`` / ``weight_bits``) of the layers
+    ``layers`` (paths; ``None``: all) keeps its exact bit-width, so every cost is
+    unchanged, and gets the power-of-two step, and the range ``top * d``, of least squared
+    error (:func:`cgmq_jax.quantizer.least_squares_latents`): on its kernel (per channel
+    for a per-channel layer), or on the layer's inputs in ``model`` applied to ``args``
+    (a calibration batch; the inputs as the quantized network computes them).
+
+    At ``max|W|`` or a high input percentile, a quantizer at 1-2 bits rounds most values
+    to zero (docs/method.md section 10); its range learns only from clipped values, of
+    which there are none there. A pure function of linen parameters.
+    """
+    from cgmq_jax import cost  # cost imports this module
+
+    params = flax.core.unfreeze(params)
+    specs = cost.layer_specs(model, *args, params=params, **kwargs)
+    table = cost.layer_table(params, specs)
+    observed = layer_inputs(model, params, *args, **kwargs) if inputs else {}
+    flat = flax.traverse_util.flatten_dict(params)
+    wanted = None if layers is None else {tuple(p) for p in layers}
+    for spec, row in zip(specs, table, strict=True):
+        path = tuple(spec.path)
+        if not spec.quantized or (wanted is not None and path not in wanted):
+            continue
+        if weights and spec.weight_bits is None:
+            leaf = flat[(*path, "weight_quantizer")]
+            flat[(*path, "weight_quantizer")] = quantizer.least_squares_latents(
+                flat[(*path, "kernel")],
+                jnp.asarray(row["weight_bits"], jnp.int32),
+                signed=True,
+                per_channel=jnp.ndim(leaf) == 2,
+            )
+        if inputs and spec.input_bits is None:
+            flat[(*path, "input_quantizer")] = quantizer.least_squares_latents(
+                observed[path], row["input_bits"], signed=spec.input_signed
+            )
+    return flax.traverse_util.unflatten_dict(flat)

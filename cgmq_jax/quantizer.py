@@ -211,6 +211,68 @@ def init_at_bits(q_max: ArrayLike, bits: int, *, signed: bool) -> tuple[jax.Arra
     return d, q_max
 
 
+#: How many power-of-two steps :func:`least_squares_latents` tries, the coarsest first: from
+#: the one whose top level covers ``max|x|`` down to 2**-(N - 1) of it.
+LEAST_SQUARES_STEPS = 12
+
+
+def least_squares_latents(
+    x: ArrayLike, bits: ArrayLike, *, signed: bool, per_channel: bool = False
+) -> jax.Array:
+    """The leaf at exactly ``bits`` bits whose range has the least squared error on ``x``.
+
+    The level count is the top of ``bits`` bits (``2**(bits-1) - 1`` signed, ``2**bits - 1``
+    unsigned), so the bit-width is exactly ``bits``; the power-of-two step is the one of
+    :data:`LEAST_SQUARES_STEPS` candidates (from the step whose top level covers ``max|x|``
+    down, halving) with the least ``sum((fake_quant(x) - x)**2)``, ties to the coarsest.
+    At ``max|x|`` a 2-bit weight quantizer (levels ``-max|W|, 0, max|W|``) rounds most
+    weights to zero; the least-squares step keeps them (docs/method.md section 10).
+
+    Args:
+      x: the tensor (a kernel, or a batch of a layer's inputs).
+      bits: the bit-width to keep, an int or (per channel) an int array over ``x``'s last
+        axis; at least :func:`min_bitwidth`.
+      signed: the quantizer's signedness (unsigned: codes ``[0, top]``).
+      per_channel: one step per channel of ``x``'s last axis: a ``(channels, 2)`` leaf.
+
+    Returns:
+      ``[log2 d, log2 q_max]`` with ``q_max = top * d``: shape ``(2,)``, or
+      ``(channels, 2)`` when ``per_channel``.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    axes = tuple(range(x.ndim - 1)) if per_channel else tuple(range(x.ndim))
+    # Everything below keeps x's rank (one entry per channel on its last axis, or one in
+    # all), so that it broadcasts against x without rank promotion.
+    shape = (1,) * (x.ndim - 1) + (-1,) if per_channel else (1,) * x.ndim
+    bits = jnp.reshape(jnp.asarray(bits, jnp.int32), shape)
+    top = jnp.where(
+        signed,
+        _exact_power_of_two(bits - 1) - 1.0,
+        _exact_power_of_two(bits) - 1.0,
+    )
+    top = jnp.maximum(top, 1.0)
+    largest = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    largest = jnp.maximum(largest, 2.0**LOG2_D_MIN * top)
+    # One step above the covering one too: float log2 may be one off.
+    coarsest = jnp.ceil(jnp.log2(largest / top)) + 1.0
+    lowest = -top if signed else jnp.zeros_like(top)
+    best_error = best_exponent = None
+    for k in range(LEAST_SQUARES_STEPS + 1):
+        exponent = jnp.clip(coarsest - k, LOG2_D_MIN, LOG2_D_MAX)
+        d = _exact_power_of_two(exponent)
+        quantized = d * jnp.clip(jnp.round(x / d), lowest, top)
+        error = jnp.sum(jnp.square(quantized - x), axis=axes, keepdims=True)
+        if best_error is None:
+            best_error, best_exponent = error, exponent
+        else:
+            better = error < best_error
+            best_error = jnp.where(better, error, best_error)
+            best_exponent = jnp.where(better, exponent, best_exponent)
+    d = _exact_power_of_two(best_exponent)
+    leaf = latents(d, top * d)  # x's rank, then the (2,) axis
+    return jnp.reshape(leaf, (-1, 2) if per_channel else (2,))
+
+
 # A quantizer lives in a parameter tree as one leaf of shape (2,): [log2 d, log2 q_max]
 # (a per-channel weight quantizer: shape (channels, 2), one row per output channel).
 # Storing logarithms keeps both positive and makes one learning rate mean the same relative

@@ -2,6 +2,7 @@
 uniform bit-widths and evaluated without any QAT, with per-layer statistics.
 
     python experiments/diagnose_dscnn.py [--train_examples 10000] [--pretrain_epochs 3]
+    python experiments/diagnose_dscnn.py --qat [--method cgmq] [--refit both] ...
 
 Prints per layer the spread of the folded kernel's per-output-channel ranges (max over min
 of max|W|) and the fraction of weights that round to zero at 2 bits with the range at
@@ -9,6 +10,16 @@ max|W| (what ``init_quantizers`` gives and the constraint keeps while it coarsen
 step); then, for uniform weight/input bits, the validation accuracy of the quantized float
 network with no QAT, and at 2-bit weights with each kernel's least-squares range instead.
 The numbers are in docs/results.md (DS-CNN).
+
+With ``--qat``: a short QAT run instead, from a float network trained once (cached under
+``--cache``), printing every ``--every`` steps the mean loss, the exact BOPs and each
+layer's weight/input bits, and the validation accuracy after each epoch: CGMQ under
+``--budget`` or fixed bits (``--bits_w`` / ``--bits_a``, or one ``--alloc`` per layer),
+with ranges of least squared error at the start (``--least_squares_init``) and/or
+refitted where bits are lost (``--refit``: ``weights`` by the optimizer,
+``constraint.constrained_update(refit_weight_ranges=True)``; ``inputs`` after each step
+that lost an input bit, ``nn.refit_ranges`` on 512 calibration images, as a trainer
+would call it).
 """
 
 from __future__ import annotations
@@ -24,12 +35,32 @@ UNIFORM_BITS = ((8, 8), (4, 4), (3, 3), (2, 2), (2, 8), (8, 2), (8, 1), (3, 1))
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--mnist"]:
+        return _mnist_with_input_refit(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", help="the dataset")
     p.add_argument("--train_examples", type=int, default=10000, help="training examples used")
     p.add_argument("--pretrain_epochs", type=int, default=3, help="float epochs")
     p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--qat", action="store_true", help="a short QAT run (below)")
+    p.add_argument("--method", default="cgmq", choices=("cgmq", "fixed"))
+    p.add_argument("--epochs", type=int, default=3, help="QAT epochs (--qat)")
+    p.add_argument("--budget", type=float, default=4e6, help="BOP budget (cgmq)")
+    p.add_argument("--bits_w", type=int, default=4, help="fixed: weight bits")
+    p.add_argument("--bits_a", type=int, default=4, help="fixed: input bits")
+    p.add_argument("--alloc", default="", help='fixed: "w/a w/a ..." one per layer')
+    p.add_argument("--least_squares_init", action="store_true", help="ranges at the start")
+    p.add_argument(
+        "--refit", default="none", choices=("none", "weights", "inputs", "both"),
+        help="ranges refitted where bits are lost",
+    )  # fmt: skip
+    p.add_argument("--quantizer_lr", type=float, default=1e-2)
+    p.add_argument("--every", type=int, default=10, help="steps between lines")
+    p.add_argument("--cache", default="/tmp/cgmq_diagnose_dscnn", help="float networks")
     args = p.parse_args(argv)
+    if args.qat:
+        return _qat(args)
 
     from cgmq_jax import data, models, nn
     from cgmq_jax.runs import train
@@ -76,6 +107,173 @@ def main(argv=None) -> int:
             f"{100 * accuracy(params, *dataset.validation):.2f}% (no QAT)"
         )
     return 0
+
+
+def _float_network(args, dataset):
+    """The float DS-CNN's variables after ``--pretrain_epochs``, trained once per setup."""
+    import os
+    import pickle
+
+    import jax
+
+    from cgmq_jax.runs import train
+
+    os.makedirs(args.cache, exist_ok=True)
+    name = f"{args.dataset}_{args.train_examples}_{args.pretrain_epochs}_{args.seed}.pkl"
+    path = os.path.join(args.cache, name)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    config = train.TrainConfig(
+        model="dscnn", method="float", epochs=args.pretrain_epochs, pretrain_epochs=0,
+        budget_bops=None, seed=args.seed,
+    )  # fmt: skip
+    variables = jax.device_get(train.fit(config, dataset, log=print).params)
+    with open(path, "wb") as f:
+        pickle.dump(variables, f)
+    return variables
+
+
+def _qat(args) -> int:
+    """The short QAT run of ``--qat`` (the module's docstring)."""
+    import time
+
+    import flax
+
+    from cgmq_jax import constraint, cost, data, nn, quantizer
+    from cgmq_jax.runs import setup as run_setup
+    from cgmq_jax.runs import steps, train
+
+    dataset = data.load(args.dataset)
+    dataset = dataclasses.replace(
+        dataset, train=tuple(a[: args.train_examples] for a in dataset.train)
+    )
+    variables = _float_network(args, dataset)
+    config = train.TrainConfig(
+        model="dscnn", method=args.method, epochs=args.epochs,
+        pretrain_epochs=args.pretrain_epochs, seed=args.seed,
+        budget_bops=args.budget if args.method == "cgmq" else None,
+        bits_w=args.bits_w, bits_a=args.bits_a, quantizer_lr=args.quantizer_lr,
+    )  # fmt: skip
+    constraint.REFIT_WEIGHT_RANGES = args.refit in ("weights", "both")
+    setup = run_setup._make_setup(config, dataset, pretrained=True)
+    calibration = run_setup._calibration_batch(setup, dataset.train[0])
+    state = run_setup._qat_state(setup, variables, calibration)
+    model, specs = setup.model, setup.specs
+    params = flax.core.unfreeze(state.params)
+    for spec, bits in zip(specs, args.alloc.split(), strict=False):
+        weight_bits, input_bits = map(int, bits.split("/"))
+        layer = params[spec.path[0]]
+        for leaf, b, signed in (
+            ("weight_quantizer", weight_bits, True),
+            ("input_quantizer", input_bits, spec.input_signed),
+        ):
+            _, q_max = quantizer.from_latents(layer[leaf])
+            layer[leaf] = quantizer.latents(*quantizer.init_at_bits(q_max, b, signed=signed))
+    if args.least_squares_init:
+        params = nn.refit_ranges(model, params, calibration[:512])
+    state = state.replace(params=params)
+    step = steps.make_train_step(model, run_setup._qat_loss(setup))
+    accuracy = steps.make_accuracy(model)
+
+    def bits_of(params):
+        return [(row["weight_bits"], row["input_bits"]) for row in cost.layer_table(params, specs)]
+
+    def line(params):
+        bits = " ".join(f"{w}/{a}" for w, a in bits_of(params))
+        return f"BOPs {cost.exact_bops(params, specs):>11,}  bits {bits}"
+
+    print("layers:", " ".join(spec.name for spec in specs))
+    print(
+        f"start: val {100 * accuracy(state.params, *dataset.validation):.2f}%  {line(state.params)}"
+    )
+    started, count, val, losses = time.time(), 0, 0.0, []
+    for epoch in setup.qat_epochs:
+        losses = []
+        for x, y in steps.batches(*dataset.train, config.batch_size, seed=args.seed, epoch=epoch):
+            before = bits_of(state.params) if args.refit in ("inputs", "both") else None
+            state, loss = step(state, x, y)
+            losses.append(float(loss))
+            count += 1
+            if before is not None:
+                after = bits_of(state.params)
+                lost = [
+                    spec.path
+                    for spec, (_, a), (_, b) in zip(specs, before, after, strict=True)
+                    if b < a
+                ]
+                if lost:
+                    refitted = nn.refit_ranges(
+                        model, state.params, calibration[:512], weights=False, layers=lost
+                    )
+                    state = state.replace(params=refitted)
+            if count % args.every == 0:
+                recent = np.mean(losses[-args.every :])
+                print(f"  step {count:4d}  loss {recent:.3f}  {line(state.params)}")
+        val = accuracy(state.params, *dataset.validation)
+        print(
+            f"QAT epoch {epoch + 1 - args.pretrain_epochs}: loss {np.mean(losses):.4f}  "
+            f"val {100 * val:.2f}%  {line(state.params)}  ({time.time() - started:.0f} s)",
+            flush=True,
+        )
+    print(f"final: val {100 * val:.2f}%  last epoch's loss {np.mean(losses):.4f}")
+    return 0
+
+
+def _mnist_with_input_refit(argv: list[str]) -> int:
+    """``experiments/mnist.py argv`` with the inputs' ranges refitted where bits are lost.
+
+    What the trainer would do with the fix for inputs (docs/method.md section 10): after
+    each QAT step that left an input quantizer with fewer bits, ``nn.refit_ranges`` on
+    512 training images (``weights=False``; the weights' ranges are refitted by the
+    optimizer, ``constraint.REFIT_WEIGHT_RANGES``), at the same bits, so at the same
+    cost. Done here by wrapping the QAT step that ``cgmq_jax.runs.fit`` builds.
+    """
+    import importlib.util
+    import pathlib
+
+    import jax
+
+    from cgmq_jax import cost, data, nn
+    from cgmq_jax.runs import fit
+
+    spec = importlib.util.spec_from_file_location(
+        "mnist_cli", pathlib.Path(__file__).with_name("mnist.py")
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(argv)
+    images = data.load(args.dataset or "mnist").train[0]
+    order = np.random.default_rng(args.seed).permutation(len(images))
+    calibration = jnp.asarray(images[order[:512]])
+    original = fit.make_train_step
+
+    def make_train_step(model, loss_fn=None, **kwargs):
+        step = original(model, loss_fn, **kwargs)
+        if loss_fn is None or not getattr(model, "quantized", False):
+            return step  # the float phase
+        specs = cost.layer_specs(model, calibration[:1])
+
+        @jax.jit
+        def input_bits(params):
+            return jnp.stack([cost.layer_bitwidths(params, s, exact=True)[1] for s in specs])
+
+        def refitting_step(state, images, labels):
+            before = np.asarray(input_bits(state.params))
+            state, loss = step(state, images, labels)
+            after = np.asarray(input_bits(state.params))
+            lost = [s.path for s, a, b in zip(specs, before, after, strict=True) if b < a]
+            if lost:
+                params = nn.refit_ranges(
+                    model, state.params, calibration, weights=False, layers=lost
+                )
+                state = state.replace(params=params)
+            return state, loss
+
+        return refitting_step
+
+    fit.make_train_step = make_train_step
+    return cli.main(argv)
 
 
 def _least_squares_two_bits(kernel: np.ndarray):

@@ -391,13 +391,22 @@ def test_keep_levels_never_adds_a_bit():
 
 
 @pytest.fixture(
-    scope="module", params=["all_or_nothing", pytest.param("gain", marks=pytest.mark.slow)]
+    scope="module",
+    params=[
+        "all_or_nothing",
+        pytest.param("gain", marks=pytest.mark.slow),
+        pytest.param("all_or_nothing+refit", marks=pytest.mark.slow),
+    ],
 )
 def runner(lenet, cost_fn, request):
     """``run(params, state, key, noise, push_up) -> ((params, state), exact bits per step)``,
-    for each admission rule of the guard."""
+    for each admission rule of the guard (and the default one with the weight ranges
+    refitted where bits are lost)."""
     specs = lenet["specs"]
-    tx = cgmq_jax.constrained_update(cost_fn, BUDGET, admission=request.param)
+    admission, _, refit = request.param.partition("+")
+    tx = cgmq_jax.constrained_update(
+        cost_fn, BUDGET, admission=admission, refit_weight_ranges=refit == "refit"
+    )
 
     def body(carry, key, noise, push_up):
         params, state = carry
