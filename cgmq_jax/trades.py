@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgmq_jax import certify, cost, quantizer
+from cgmq_jax.export.base import BIAS_BITS, LayerRow
 
 #: No quantizer is given more bits than this (as the fill, :data:`certify.MAX_FILL_BITS`).
 MAX_BITS = certify.MAX_FILL_BITS
@@ -47,6 +48,35 @@ def _at_step(leaf, shift: float):
     """``leaf`` with its power-of-two step times ``2 ** shift`` (latent at its centre)."""
     d, _ = quantizer.from_latents(leaf)
     return leaf.at[..., 0].set(jnp.log2(quantizer.power_of_two_step(d)) + shift)
+
+
+def _as_bits(bits: np.ndarray):
+    """A layer row's bit-width: an int, or a tuple (one per channel)."""
+    return tuple(int(b) for b in bits.reshape(-1)) if bits.ndim else int(bits)
+
+
+def _costs(specs, bits: list, activation_reduce: str) -> dict:
+    """The exact costs of ``specs`` at ``bits`` (per layer ``[weight bits, input bits]``),
+    as :func:`cgmq_jax.cost.exact_costs` counts them, from integers alone."""
+    rows = [
+        LayerRow(
+            layer=spec.name,
+            macs=spec.macs,
+            weight_bits=w,
+            input_bits=a,
+            weights=spec.weights,
+            biases=spec.biases,
+            bias_bits=BIAS_BITS,
+            input_elements=spec.input_elements,
+        )  # fmt: skip
+        for spec, (w, a) in zip(specs, bits, strict=True)
+    ]
+    sizes = [row.activation_bits for row in rows]
+    return {
+        "bops": sum(row.bops for row in rows),
+        "weight_memory_bits": sum(row.weight_memory_bits for row in rows),
+        "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
+    }
 
 
 def neighbours(leaf, signed: bool, direction: int) -> list:
@@ -88,7 +118,23 @@ def trade_bits(
     """
     limits = certify.limits_of(budget)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    units = list(certify._learned_quantizers(specs))
+    units = [  # (path, signed, layer index, 0: weight / 1: input), as the certificate's order
+        ((*spec.path, f"{kind}_quantizer"), signed, k, j)
+        for k, spec in enumerate(specs)
+        if spec.quantized
+        for j, (kind, signed, pinned) in enumerate(
+            (
+                ("weight", spec.weight_signed, spec.weight_bits),
+                ("input", spec.input_signed, spec.input_bits),
+            )
+        )
+        if pinned is None
+    ]
+    table = cost.layer_table(params, specs)
+    bits = [
+        [tuple(w) if isinstance(w := row["weight_bits"], list) else w, row["input_bits"]]
+        for row in table
+    ]
     evaluations = 0
 
     def measure(changes: dict) -> float:
@@ -96,14 +142,20 @@ def trade_bits(
         evaluations += 1
         return float(loss_fn(flax.traverse_util.unflatten_dict({**flat, **changes})))
 
-    def within(changes: dict) -> bool:
-        tree = flax.traverse_util.unflatten_dict({**flat, **changes})
-        costs = cost.exact_costs(tree, specs, activation_reduce=activation_reduce)
+    def with_bits(moves: dict) -> list:  # ``bits`` with ``{unit index: leaf}`` moved
+        moved = [list(row) for row in bits]
+        for i, leaf in moves.items():
+            _, signed, k, j = units[i]
+            moved[k][j] = _as_bits(_bits(leaf, signed))
+        return moved
+
+    def within(moves: dict) -> bool:
+        costs = _costs(specs, with_bits(moves), activation_reduce)
         return all(costs[name] <= limit for name, limit in limits.items())
 
     base = measure({})
     best = {+1: {}, -1: {}}  # direction -> {unit index: (loss, leaf)}
-    for i, (path, signed) in enumerate(units):
+    for i, (path, signed, _, _) in enumerate(units):
         for direction in (+1, -1):
             for leaf in neighbours(flat[path], signed, direction):
                 loss = measure({path: leaf})
@@ -126,14 +178,15 @@ def trade_bits(
             break
         if moved & {*ups, *downs}:
             continue
-        changes = {units[i][0]: best[+1][i][1] for i in ups}
-        changes.update({units[i][0]: best[-1][i][1] for i in downs})
-        if not within(changes):
+        moves_here = {i: best[+1][i][1] for i in ups} | {i: best[-1][i][1] for i in downs}
+        if not within(moves_here):
             continue
+        changes = {units[i][0]: leaf for i, leaf in moves_here.items()}
         checks += 1
         loss = measure(changes)
         if loss < current:
             flat.update(changes)
+            bits = with_bits(moves_here)
             current, moved = loss, moved | {*ups, *downs}
             moves.append(
                 {

@@ -171,3 +171,16 @@ def _lengths(params):
         for path, leaf in flat
         if quantizer.is_quantizer_path(path)
     }
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_costs_from_integers_equal_the_exact_costs(lenet, even, reduce):
+    for params, specs in ((lenet["params8"], lenet["specs"]), even[:2]):
+        table = cost.layer_table(params, specs)
+        bits = [
+            [tuple(r["weight_bits"]) if isinstance(r["weight_bits"], list) else r["weight_bits"]]
+            + [r["input_bits"]]
+            for r in table
+        ]
+        exact = cost.exact_costs(params, specs, activation_reduce=reduce)
+        assert trades._costs(specs, bits, reduce) == exact
