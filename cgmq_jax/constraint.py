@@ -7,7 +7,6 @@ quantizer parameters, made exact for the integer BOP cost (docs/method.md sectio
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -30,9 +29,6 @@ _STEP_ONLY = np.array([1.0, 0.0], np.float32)
 # How far past a rounding boundary of log2 d the bit-losing step lands, in log2 units: far
 # above float32 error in exp2/log2 (about 1e-6 here), far below a power-of-two step (1.0).
 _PAST_THE_BOUNDARY = 2.0**-10
-# Whether cgmq_optimizer refits the range of a weight quantizer that loses bits (the
-# environment may override it for an A/B measurement: CGMQ_REFIT_WEIGHT_RANGES=0 or 1).
-REFIT_WEIGHT_RANGES = os.environ.get("CGMQ_REFIT_WEIGHT_RANGES", "0") == "1"
 
 
 class ConstrainedUpdateState(NamedTuple):
@@ -576,7 +572,7 @@ def cgmq_optimizer(
     quantizer_learning_rate: optax.ScalarOrSchedule = 1e-2,
     rescale: float = DEFAULT_RESCALE,
     admission: str = "all_or_nothing",
-    refit_weight_ranges: bool | None = None,
+    refit_weight_ranges: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The recommended CGMQ chain, the one :func:`cgmq_jax.train.fit` trains with.
 
@@ -596,7 +592,7 @@ def cgmq_optimizer(
       rescale: CGGD's ``R`` (> 1).
       admission: what the guard admits (:func:`constrained_update`).
       refit_weight_ranges: refit the range of a weight quantizer that loses bits
-        (:func:`constrained_update`); ``None``: :data:`REFIT_WEIGHT_RANGES`.
+        (:func:`constrained_update`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` (and
@@ -621,8 +617,6 @@ def cgmq_optimizer(
             budget,
             rescale=rescale,
             admission=admission,
-            refit_weight_ranges=(
-                REFIT_WEIGHT_RANGES if refit_weight_ranges is None else refit_weight_ranges
-            ),
+            refit_weight_ranges=refit_weight_ranges,
         ),
     )

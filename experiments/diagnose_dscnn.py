@@ -18,8 +18,8 @@ layer's weight/input bits, and the validation accuracy after each epoch: CGMQ un
 with ranges of least squared error at the start (``--least_squares_init``) and/or
 refitted where bits are lost (``--refit``: ``weights`` by the optimizer,
 ``constraint.constrained_update(refit_weight_ranges=True)``; ``inputs`` after each step
-that lost an input bit, ``nn.refit_ranges`` on 512 calibration images, as a trainer
-would call it).
+that lost an input bit, ``nn.refit_ranges`` on 512 calibration images). The trainer does
+both with ``experiments/mnist.py --refit_ranges``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ UNIFORM_BITS = ((8, 8), (4, 4), (3, 3), (2, 2), (2, 8), (8, 2), (8, 1), (3, 1))
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--mnist"]:
-        return _mnist_with_input_refit(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", help="the dataset")
     p.add_argument("--train_examples", type=int, default=10000, help="training examples used")
@@ -140,7 +138,7 @@ def _qat(args) -> int:
 
     import flax
 
-    from cgmq_jax import constraint, cost, data, nn, quantizer
+    from cgmq_jax import cost, data, nn, quantizer
     from cgmq_jax.runs import setup as run_setup
     from cgmq_jax.runs import steps, train
 
@@ -154,8 +152,8 @@ def _qat(args) -> int:
         pretrain_epochs=args.pretrain_epochs, seed=args.seed,
         budget_bops=args.budget if args.method == "cgmq" else None,
         bits_w=args.bits_w, bits_a=args.bits_a, quantizer_lr=args.quantizer_lr,
+        refit_ranges=args.refit in ("weights", "both"),  # the weights' refit, in the update
     )  # fmt: skip
-    constraint.REFIT_WEIGHT_RANGES = args.refit in ("weights", "both")
     setup = run_setup._make_setup(config, dataset, pretrained=True)
     calibration = run_setup._calibration_batch(setup, dataset.train[0])
     state = run_setup._qat_state(setup, variables, calibration)
@@ -218,62 +216,6 @@ def _qat(args) -> int:
         )
     print(f"final: val {100 * val:.2f}%  last epoch's loss {np.mean(losses):.4f}")
     return 0
-
-
-def _mnist_with_input_refit(argv: list[str]) -> int:
-    """``experiments/mnist.py argv`` with the inputs' ranges refitted where bits are lost.
-
-    What the trainer would do with the fix for inputs (docs/method.md section 10): after
-    each QAT step that left an input quantizer with fewer bits, ``nn.refit_ranges`` on
-    512 training images (``weights=False``; the weights' ranges are refitted by the
-    optimizer, ``constraint.REFIT_WEIGHT_RANGES``), at the same bits, so at the same
-    cost. Done here by wrapping the QAT step that ``cgmq_jax.runs.fit`` builds.
-    """
-    import importlib.util
-    import pathlib
-
-    import jax
-
-    from cgmq_jax import cost, data, nn
-    from cgmq_jax.runs import fit
-
-    spec = importlib.util.spec_from_file_location(
-        "mnist_cli", pathlib.Path(__file__).with_name("mnist.py")
-    )
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    args = cli.parse_args(argv)
-    images = data.load(args.dataset or "mnist").train[0]
-    order = np.random.default_rng(args.seed).permutation(len(images))
-    calibration = jnp.asarray(images[order[:512]])
-    original = fit.make_train_step
-
-    def make_train_step(model, loss_fn=None, **kwargs):
-        step = original(model, loss_fn, **kwargs)
-        if loss_fn is None or not getattr(model, "quantized", False):
-            return step  # the float phase
-        specs = cost.layer_specs(model, calibration[:1])
-
-        @jax.jit
-        def input_bits(params):
-            return jnp.stack([cost.layer_bitwidths(params, s, exact=True)[1] for s in specs])
-
-        def refitting_step(state, images, labels):
-            before = np.asarray(input_bits(state.params))
-            state, loss = step(state, images, labels)
-            after = np.asarray(input_bits(state.params))
-            lost = [s.path for s, a, b in zip(specs, before, after, strict=True) if b < a]
-            if lost:
-                params = nn.refit_ranges(
-                    model, state.params, calibration, weights=False, layers=lost
-                )
-                state = state.replace(params=params)
-            return state, loss
-
-        return refitting_step
-
-    fit.make_train_step = make_train_step
-    return cli.main(argv)
 
 
 def _least_squares_two_bits(kernel: np.ndarray):

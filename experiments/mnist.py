@@ -80,6 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cgmq: after each QAT epoch, move bits between quantizers where the measured "
         "loss says they pay (cgmq_jax.trades)",
     )
+    p.add_argument(
+        "--refit_ranges",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.refit_ranges,
+        help="cgmq: a quantizer that loses bits gets the least-squares range at its new "
+        "bit-width (weights: its kernel; inputs: 512 calibration images)",
+    )
     p.add_argument("--lam", type=float, default=defaults.lam, help="dq penalty weight")
     p.add_argument("--lam_weight", type=float, default=None, help="dq: weight-memory term")
     p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")

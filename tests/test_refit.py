@@ -103,3 +103,33 @@ def test_refit_lost_weight_ranges_keeps_the_cost_and_refits_only_lost_bits(lenet
             np.testing.assert_allclose(
                 np.asarray(new[layer]["weight_quantizer"]), np.asarray(expected), atol=1e-5
             )
+
+
+@pytest.mark.slow
+def test_a_run_with_refit_ranges_refits_and_stays_within_budget(
+    tmp_path, tiny_mnist, monkeypatch, standard_promotion_fixture
+):
+    import json
+
+    import flax
+    from conftest import load_cli
+
+    from cgmq_jax import data
+
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
+    flags = ["--epochs", "3", "--pretrain_epochs", "2", "--batch_size", "32", "--lr", "3e-3"]
+    flags += ["--budget_bops", "2e6", "--fill_epochs", "0"]
+    cli = load_cli("mnist")
+    assert cli.main([*flags, "--refit_ranges", "--out", str(tmp_path / "r")]) == 0
+    assert cli.main([*flags, "--out", str(tmp_path / "n")]) == 0
+    results = {k: json.loads((tmp_path / k / "results.json").read_text()) for k in "rn"}
+    assert results["r"]["within_budget"] and results["r"]["flags"]["refit_ranges"]
+    qat = [row for row in results["r"]["history"] if row["phase"] == "qat"]
+    assert qat[-1]["within_budget"]
+    leaves = {}
+    for k in "rn":
+        raw = (tmp_path / k / "params.msgpack").read_bytes()
+        flat = flax.traverse_util.flatten_dict(flax.serialization.msgpack_restore(raw))
+        leaves[k] = {p: v for p, v in flat.items() if p[-1].endswith("quantizer")}
+    # The refitted ranges are not the calibrated ones the plain run keeps.
+    assert any(not np.array_equal(leaves["r"][p], leaves["n"][p]) for p in leaves["n"])

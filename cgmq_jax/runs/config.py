@@ -72,6 +72,7 @@ class TrainConfig:
     rescale: float = constraint.DEFAULT_RESCALE
     admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     trades: bool = False  # cgmq only: bits moved by measured loss after each QAT epoch
+    refit_ranges: bool = False  # cgmq only: a quantizer that loses bits gets least-squares ranges
     init_bits: int = 8
     lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
     lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)

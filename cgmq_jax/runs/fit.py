@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgmq_jax import certify, data, trades
+from cgmq_jax import certify, cost, data, nn, trades
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import FitResult, TrainConfig
 from cgmq_jax.runs.fill import _fill, _tune_weights
@@ -224,6 +224,8 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
         )
     accuracy_fn = make_accuracy(model)
     train_step = make_train_step(model, loss_fn, placement=setup.placement, donate=True)
+    if phase == "qat" and setup.config.method == "cgmq" and setup.config.refit_ranges:
+        train_step = _with_input_refit(setup, run, train_step)
     first = run.progress.epoch
     for epoch in range(first, epochs.stop):
         run.progress.epoch = epoch
@@ -255,6 +257,39 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
             _trade(setup, run, dataset.train, row, log)
         progress.epoch, progress.step, progress.losses = epoch + 1, 0, []
         save(run.state, progress)
+
+
+#: The inputs' ranges are refitted on this many calibration images (``--refit_ranges``).
+REFIT_EXAMPLES = 512
+
+
+def _with_input_refit(setup: _Setup, run: _Run, train_step):
+    """``train_step`` followed, when it left a layer's input quantizer with fewer bits, by
+    that quantizer's least-squares range at its new bit-width on :data:`REFIT_EXAMPLES`
+    calibration images (:func:`cgmq_jax.nn.refit_ranges`; same bits, so the same exact
+    costs). The weights' ranges are refitted inside the update
+    (``constrained_update(refit_weight_ranges=True)``). A function of the state and the
+    calibration batch alone, so a resumed run refits as the uninterrupted one did.
+    """
+    images = jnp.asarray(run.calibration[:REFIT_EXAMPLES])
+    specs = setup.specs
+
+    @jax.jit
+    def input_bits(params):
+        return jnp.stack([cost.layer_bitwidths(params, s, exact=True)[1] for s in specs])
+
+    def step(state, x, y):
+        before = np.asarray(input_bits(state.params))
+        state, loss = train_step(state, x, y)
+        after = np.asarray(input_bits(state.params))
+        lost = [s.path for s, a, b in zip(specs, before, after, strict=True) if b < a]
+        if lost:
+            params = parallel.local_copy(state.params)
+            params = nn.refit_ranges(setup.model, params, images, weights=False, layers=lost)
+            state = setup.placement.replicate(state.replace(params=params))
+        return state, loss
+
+    return step
 
 
 #: The trades (:func:`cgmq_jax.trades.trade_bits`) measure the loss on this many training

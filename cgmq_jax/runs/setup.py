@@ -208,6 +208,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
             quantizer_learning_rate=config.quantizer_lr,
             rescale=config.rescale,
             admission=config.admission,
+            refit_weight_ranges=config.refit_ranges,
         )
     else:
         tx = constraint.partitioned_adam(learning_rate, config.quantizer_lr)
