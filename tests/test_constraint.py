@@ -396,6 +396,7 @@ def test_keep_levels_never_adds_a_bit():
         "all_or_nothing",
         pytest.param("gain", marks=pytest.mark.slow),
         pytest.param("all_or_nothing+refit", marks=pytest.mark.slow),
+        pytest.param("within_bits", marks=pytest.mark.slow),
     ],
 )
 def runner(lenet, cost_fn, request):
