@@ -184,3 +184,12 @@ def test_costs_from_integers_equal_the_exact_costs(lenet, even, reduce):
         ]
         exact = cost.exact_costs(params, specs, activation_reduce=reduce)
         assert trades._costs(specs, bits, reduce) == exact
+
+
+@pytest.mark.parametrize("flag", ["trades", "refit_ranges"])
+def test_cgmq_only_options_name_the_method(flag):
+    from cgmq_jax.runs.config import TrainConfig
+
+    with pytest.raises(ValueError, match=f"--{flag} .* applies to --method cgmq only, not 'dq'"):
+        TrainConfig(method="dq", **{flag: True}).validate()
+    TrainConfig(method="cgmq", **{flag: True}).validate()

@@ -95,6 +95,12 @@ class TrainConfig:
             )
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
+        chosen = [flag for flag in ("trades", "refit_ranges") if getattr(self, flag)]
+        if chosen and self.method != "cgmq":
+            raise ValueError(
+                f"--{chosen[0]} changes the constrained update's bits, so it applies to "
+                f"--method cgmq only, not {self.method!r}: drop it or use --method cgmq"
+            )
         _check_limits(self)
         _check_integers(self)
         _check_numbers(self)
