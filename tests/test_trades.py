@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import load_cli
-from test_ptq import LIMITS, TwoBranch, _distillation_loss
+from test_ptq import LIMITS, TwoBranch, _bits, _distillation_loss
 
 from cgmq_jax import certify, cost, quantizer, trades
 from cgmq_jax import nn as qnn
@@ -39,14 +39,6 @@ def even():
             )
     loss = jax.jit(_distillation_loss(model, float_model, float_params, images))
     return params, specs, loss
-
-
-def _bits(params, specs):
-    return {
-        f"{row['layer']}/{kind}": row[f"{kind}_bits"]
-        for row in cost.layer_table(params, specs)
-        for kind in ("weight", "input")
-    }
 
 
 def test_bits_move_to_the_quantizer_where_they_pay(even):
