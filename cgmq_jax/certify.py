@@ -188,14 +188,14 @@ def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation
         current = flax.traverse_util.unflatten_dict(flat)
         before = _costs_of(cost.layer_table(current, specs), activation_reduce)
         best, best_key = None, None
-        for path, signed in _learned_quantizers(specs):
+        for path, signed, prune in _learned_quantizers(specs):
             leaf = jnp.asarray(flat[path])
             bits = int(
                 np.max(quantizer.exact_bitwidth(*quantizer.from_latents(leaf), signed=signed))
             )
             if bits >= MAX_FILL_BITS:
                 continue
-            trial = {**flat, path: _halve_step(leaf)}
+            trial = {**flat, path: _halve_step(leaf, prune=prune)}
             table = cost.layer_table(flax.traverse_util.unflatten_dict(trial), specs)
             after = _costs_of(table, activation_reduce)
             if after == before or any(after[name] > limit for name, limit in limits.items()):
@@ -214,21 +214,29 @@ MAX_FILL_BITS = 16
 
 
 def _learned_quantizers(specs):
-    """``(path, signed)`` of every quantizer leaf whose bit-width is learned."""
+    """``(path, signed, prune)`` of every quantizer leaf whose bit-width is learned."""
     for spec in specs:
         if not spec.quantized:
             continue
         if spec.weight_bits is None:
-            yield (*spec.path, "weight_quantizer"), spec.weight_signed
+            yield (*spec.path, "weight_quantizer"), spec.weight_signed, spec.prune
         if spec.input_bits is None:
-            yield (*spec.path, "input_quantizer"), spec.input_signed
+            yield (*spec.path, "input_quantizer"), spec.input_signed, False
 
 
-def _halve_step(theta: jax.Array) -> jax.Array:
+def _halve_step(theta: jax.Array, *, prune: bool = False) -> jax.Array:
     """The leaf with its power-of-two step halved (the latent at the new step's centre) and
-    its range kept: twice the levels, one more bit."""
-    d, _ = quantizer.from_latents(theta)
-    return theta.at[..., 0].set(jnp.log2(quantizer.power_of_two_step(d)) - 1.0)
+    its range kept: twice the levels, one more bit. A removed channel (``prune``) stays
+    removed: its range goes to a quarter of its new step."""
+    d, q_max = quantizer.from_latents(theta)
+    step = jnp.log2(quantizer.power_of_two_step(d)) - 1.0
+    halved = theta.at[..., 0].set(step)
+    if not prune:
+        return halved
+    removed = quantizer.levels(d, q_max, prune=True) == 0
+    return halved.at[..., 1].set(
+        jnp.where(removed, step + quantizer.PRUNED_RANGE_LOG2, theta[..., 1])
+    )
 
 
 def _costs_of(table: list[dict], activation_reduce: str) -> dict:
@@ -265,12 +273,16 @@ def _one_bit_each(specs, table):
     for index, (spec, row) in enumerate(zip(specs, table, strict=True)):
         if not spec.quantized:
             continue
-        per_channel_macs = spec.macs // spec.channels
+        # A pruning network's rows say each live channel's MACs and kernel size.
+        per_channel_macs = row.get("channel_macs", spec.macs // spec.channels)
+        per_channel_weights = row.get("channel_weights", spec.weights // spec.channels)
         weight_bits = row["weight_bits"]
         channels = weight_bits if isinstance(weight_bits, list) else [weight_bits]
         if spec.weight_bits is None:
             floor = quantizer.min_bitwidth(signed=spec.weight_signed)
             for c, bits in enumerate(channels):
+                if bits == 0:  # a removed channel: neither repair nor fill moves it
+                    continue
                 yield (
                     bits,
                     floor,
@@ -282,7 +294,7 @@ def _one_bit_each(specs, table):
                         True,
                         {
                             "bops": per_channel_macs * row["input_bits"],
-                            "weight_memory_bits": spec.weights // spec.channels,
+                            "weight_memory_bits": per_channel_weights,
                             "activation_bits": 0,
                         },
                     ),
@@ -300,7 +312,7 @@ def _one_bit_each(specs, table):
                     {
                         "bops": per_channel_macs * sum(channels),
                         "weight_memory_bits": 0,
-                        "activation_bits": spec.input_elements,
+                        "activation_bits": row["activation_bits"] // row["input_bits"],
                     },
                 ),
             )

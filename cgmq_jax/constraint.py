@@ -130,6 +130,7 @@ def constrained_update(
     is_quantizer: Callable[[Any], Any] | None = None,
     admission: str = "all_or_nothing",
     refit_weight_ranges: bool = False,
+    prunable: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Keep a quantized network's cost within ``budget``, CGGD-style, with no penalty weight.
 
@@ -211,6 +212,11 @@ def constrained_update(
         ``"gain"`` (:mod:`cgmq_jax.admission`).
       refit_weight_ranges: a weight quantizer that loses bits gets the least-squares
         range of its new bit-width (above).
+      prunable: ``params -> tree of bools`` marking the weight quantizers that may remove
+        channels (layers with ``prune=True``; :func:`cgmq_jax.cost.prunable_quantizers`
+        makes it from the layer specs). Their range may fall to ``d_q / 4`` (0 levels)
+        instead of ``d_q``, and the minimum-cost check counts them removed. Only with the
+        default admission and without ``refit_weight_ranges``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -264,9 +270,15 @@ def constrained_update(
         )
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
+    if prunable is not None and (refit_weight_ranges or admission != "all_or_nothing"):
+        raise ValueError(
+            "prunable quantizers work with admission='all_or_nothing' and without "
+            "refit_weight_ranges (both assume a weight quantizer keeps at least one level)"
+        )
+    prunable_mask = _no_prunable if prunable is None else prunable
 
     def init_fn(params):
-        _require_feasible_at_minimum(params, names, constraints, is_quantizer)
+        _require_feasible_at_minimum(params, names, constraints, is_quantizer, prunable_mask)
         zeros = [jnp.zeros([], jnp.float32) for _ in constraints]
         count = sum(bool(q) for q in jax.tree.leaves(is_quantizer(params)))
         return ConstrainedUpdateState(
@@ -305,7 +317,11 @@ def constrained_update(
         )
         new_updates = _admit(admitted, corrected, feasible)
         new_updates = jax.tree.map(
-            lambda u, p, q: _keep_levels(u, p) if q else u, new_updates, params, quantizer_mask
+            lambda u, p, q, r: _keep_levels(u, p, prune=r) if q else u,
+            new_updates,
+            params,
+            quantizer_mask,
+            prunable_mask(params),
         )
         if refit_weight_ranges:
             new_updates = refit_lost_weight_ranges(new_updates, params)
@@ -346,15 +362,17 @@ def _check_hyperparameters(names, constraints, rescale, min_scale) -> None:
     )
 
 
-def _require_feasible_at_minimum(params, names, constraints, is_quantizer) -> None:
+def _require_feasible_at_minimum(params, names, constraints, is_quantizer, prunable) -> None:
     """Raise :class:`cgmq_jax.certify.InfeasibleBudgetError` for a budget below its cost
     with every quantizer at its minimum bit-width (skipped while params or budget are traced).
     """
     from cgmq_jax.certify import require_feasible  # the error's home; loaded when checking
 
-    quantizer_mask = is_quantizer(params)
     at_minimum = jax.tree.map(
-        lambda p, q: quantizer.at_min_bitwidth(p) if q else p, params, quantizer_mask
+        lambda p, q, r: quantizer.at_min_bitwidth(p, prune=r) if q else p,
+        params,
+        is_quantizer(params),
+        prunable(params),
     )
     for i, (fn, limit) in enumerate(constraints):
         minimum, concrete_budget = _concrete(fn(at_minimum)), _concrete(limit)
@@ -499,23 +517,31 @@ def _default_is_quantizer(params):
     return quantizer.is_quantizer(params)
 
 
-def _keep_levels(update: jax.Array, theta: jax.Array) -> jax.Array:
+def _no_prunable(params):
+    return jax.tree.map(lambda _: False, params)
+
+
+def _keep_levels(update: jax.Array, theta: jax.Array, *, prune: bool = False) -> jax.Array:
     """Raise the ``log2 q_max`` update so that ``q_max >= d_q`` after it (``n >= 1``).
 
     ``d_q`` is computed exactly as the forward pass computes it, so at the floor
     ``q_max / d_q`` is 1 (less a millionth) and ``n = round(q_max / d_q)`` is 1: this never
     adds a bit. (A half-step margin below ``d_q`` made bits slower to come back after the
-    constraint: the 2e6 runs then used 1.59-1.93M BOPs and lost accuracy.)
+    constraint: the 2e6 runs then used 1.59-1.93M BOPs and lost accuracy.) A prunable leaf's
+    floor is a removed channel's range, ``q_max >= d_q / 4`` (``n = 0``, half a level from
+    coming back, :data:`cgmq_jax.quantizer.PRUNED_RANGE_LOG2`).
     """
     new = theta + update
     d_step = quantizer.power_of_two_step(jnp.exp2(new[..., 0]))
     # 2**-20 of slack in log2 units: float noise in log2/exp2 must not move a leaf at q_max == d_q.
-    floor = jnp.log2(d_step) - theta[..., 1] - 2.0**-20
+    lowest = quantizer.PRUNED_RANGE_LOG2 if prune else 0.0
+    floor = jnp.log2(d_step) + lowest - theta[..., 1] - 2.0**-20
     return update.at[..., 1].set(jnp.maximum(update[..., 1], floor))
 
 
 def fixed_bitwidths(
     is_quantizer: Callable[[Any], Any] | None = None,
+    prunable: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Freeze every quantizer's level count ``n`` (so its bit-width) while its step learns.
 
@@ -531,19 +557,26 @@ def fixed_bitwidths(
     """
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
+    prunable_mask = _no_prunable if prunable is None else prunable
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
             raise ValueError("fixed_bitwidths needs the current params: tx.update(u, s, params)")
 
-        def follow_step(update, theta):
-            n = quantizer.levels(*quantizer.from_latents(theta))
+        def follow_step(update, theta, prune):
+            n = quantizer.levels(*quantizer.from_latents(theta), prune=prune)
             d_step = quantizer.power_of_two_step(jnp.exp2(theta[..., 0] + update[..., 0]))
+            # A removed channel (prunable leaves only) stays removed: its range at d_q / 4.
+            n = jnp.where(n == 0, 2.0**quantizer.PRUNED_RANGE_LOG2, n)
             return update.at[..., 1].set(jnp.log2(n * d_step) - theta[..., 1])
 
         new_updates = jax.tree.map(
-            lambda u, p, q: follow_step(u, p) if q else u, updates, params, is_quantizer(params)
+            lambda u, p, q, r: follow_step(u, p, r) if q else u,
+            updates,
+            params,
+            is_quantizer(params),
+            prunable_mask(params),
         )
         return new_updates, state
 
@@ -573,6 +606,7 @@ def cgmq_optimizer(
     rescale: float = DEFAULT_RESCALE,
     admission: str = "all_or_nothing",
     refit_weight_ranges: bool = False,
+    prunable: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The recommended CGMQ chain, the one :func:`cgmq_jax.train.fit` trains with.
 
@@ -593,6 +627,7 @@ def cgmq_optimizer(
       admission: what the guard admits (:func:`constrained_update`).
       refit_weight_ranges: refit the range of a weight quantizer that loses bits
         (:func:`constrained_update`).
+      prunable: the weight quantizers that may remove channels (:func:`constrained_update`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` (and
@@ -618,5 +653,6 @@ def cgmq_optimizer(
             rescale=rescale,
             admission=admission,
             refit_weight_ranges=refit_weight_ranges,
+            prunable=prunable,
         ),
     )

@@ -47,6 +47,13 @@ class LayerSpec:
     weights: int = 0  # kernel elements
     biases: int = 0  # bias elements the export stores (one per output channel)
     input_elements: int = 0  # elements of the layer's (quantized) input, per example
+    prune: bool = False  # its weight quantizer may remove output channels (0 bits)
+    groups: int = 1  # a convolution's feature groups
+    channels_out: int = 0  # output channels (features)
+    # With pruning anywhere in the network: per channel of the input's last axis, the
+    # output channels it is computed from (cgmq_jax.channels.input_sources); None: every
+    # input channel is always live (no pruning), the cost of docs/method.md section 2.
+    input_sources: tuple | None = None
 
     @property
     def name(self) -> str:
@@ -138,6 +145,7 @@ def layer_specs(model, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
                 input_bits=options.input_bits,
                 weight_bits=options.weight_bits,
                 channels=layer.kernel_shape[-1] if options.per_channel else 1,
+                prune=options.prune,
                 **sizes,
             )
         )
@@ -147,7 +155,51 @@ def layer_specs(model, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
             "and 'weight_quantizer' parameters); build it with quantized=True, or wrap it "
             "with cgmq_jax.rules.quantize_model"
         )
+    if any(spec.prune for spec in specs):
+        specs = with_sources(specs, traced)
     return tuple(specs)
+
+
+def with_sources(specs, traced) -> tuple[LayerSpec, ...]:
+    """``specs`` with their channel structure (groups, output channels, input sources),
+    which the cost of a pruning network needs (docs/method.md section 11)."""
+    from cgmq_jax import channels
+
+    sources = channels.input_sources(traced)
+    out = []
+    for spec, layer, found in zip(specs, traced.layers, sources, strict=True):
+        module = layer.module
+        groups = int(getattr(module, "feature_group_count", 1)) if layer.kind == "conv" else 1
+        spec = dataclasses.replace(
+            spec, groups=groups, channels_out=layer.kernel_shape[-1], input_sources=found
+        )
+        channels.check_groups(spec)
+        out.append(spec)
+    return tuple(out)
+
+
+def prunable_quantizers(specs):
+    """``params -> tree of bools``, ``True`` at the weight quantizer leaves that may remove
+    channels: the ``prunable`` argument of :func:`cgmq_jax.constraint.constrained_update`
+    and :func:`cgmq_jax.constraint.fixed_bitwidths` (``None`` when nothing prunes)."""
+    paths = {(*spec.path, "weight_quantizer") for spec in specs if spec.prune}
+    if not paths:
+        return None
+
+    def name(key):
+        return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: tuple(name(k) for k in path) in paths, params
+        )
+
+    return mask
+
+
+def is_pruning(specs) -> bool:
+    """Whether the network's cost follows live channels (some layer prunes)."""
+    return any(spec.input_sources is not None for spec in specs)
 
 
 def layer_sizes(kernel_shape: tuple[int, ...], input_shape: tuple[int, ...]) -> dict[str, int]:
@@ -199,12 +251,12 @@ def stored_input_signed(params, path: tuple[str, ...]) -> bool:
     return bool(np.asarray(layer[quantizer.INPUT_SIGNED]) > 0)
 
 
-def _bits(theta, pinned: int | None, *, signed: bool, exact: bool):
+def _bits(theta, pinned: int | None, *, signed: bool, exact: bool, prune: bool = False):
     if pinned is not None:  # a constant: no gradient, exactly the pin
         shape = jnp.shape(theta)[:-1]
         return jnp.full(shape, pinned, jnp.int32 if exact else jnp.float32)
     fn = quantizer.exact_bitwidth if exact else quantizer.bitwidth
-    return fn(*quantizer.from_latents(theta), signed=signed)
+    return fn(*quantizer.from_latents(theta), signed=signed, prune=prune)
 
 
 def layer_bitwidths(params, spec: LayerSpec, *, exact: bool = False):
@@ -225,7 +277,11 @@ def _layer_bits(layer, spec: LayerSpec, exact: bool):
         dtype = jnp.int32 if exact else jnp.float32
         return jnp.asarray(FLOAT_BITS, dtype), jnp.asarray(FLOAT_BITS, dtype)
     weight_bits = _bits(
-        layer["weight_quantizer"], spec.weight_bits, signed=spec.weight_signed, exact=exact
+        layer["weight_quantizer"],
+        spec.weight_bits,
+        signed=spec.weight_signed,
+        exact=exact,
+        prune=spec.prune,
     )
     input_bits = _bits(
         layer["input_quantizer"], spec.input_bits, signed=spec.input_signed, exact=exact
@@ -252,12 +308,55 @@ def bops(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
       >>> cost.exact_bops(params, specs)
       4096
     """
+    if is_pruning(specs):
+        return _pruned_costs(params, specs)["bops"]
     total = jnp.float32(0.0)
     for spec in specs:
         weight_bits, input_bits = layer_bitwidths(params, spec)
         per_channel = spec.macs // spec.channels  # each channel's MACs at its own bits
         total = total + per_channel * jnp.sum(weight_bits) * input_bits
     return total
+
+
+def _pruned_terms(bits, specs, xp=np):
+    """Per layer of a pruning network, ``(bops, weight memory, activation bits, facts)``
+    from its ``(weight bits, input bits)``: numpy integers (exact) or traced floats.
+
+    Only live channels count (docs/method.md section 11): an output channel's MACs are
+    ``pair_macs * (its live inputs)``, its kernel ``pair_weights * (its live inputs)``
+    elements; a removed output channel stores no bias; the input holds its live channels.
+    """
+    from cgmq_jax import channels
+
+    weight_live = [
+        xp.asarray(w) > 0 if spec.prune else None for spec, (w, _) in zip(specs, bits, strict=True)
+    ]
+    live = channels.liveness(specs, weight_live, xp)
+    terms = []
+    for spec, (w, b_in), (live_in, live_out, per_output) in zip(specs, bits, live, strict=True):
+        pair_macs, pair_weights, positions = channels.pair_sizes(spec)
+        inputs = per_output * live_out  # live inputs of each output channel (0 if removed)
+        if xp is not np:
+            import jax
+
+            inputs = jax.lax.stop_gradient(inputs.astype(jnp.float32))
+        w_eff = xp.broadcast_to(xp.asarray(w), (spec.channels_out,)) * inputs
+        bops_l = pair_macs * xp.sum(w_eff) * b_in
+        memory = pair_weights * xp.sum(w_eff) + xp.sum(live_out) * BIAS_BITS
+        activation = positions * xp.sum(live_in) * b_in
+        terms.append((bops_l, memory, activation, (live_in, live_out, per_output)))
+    return terms
+
+
+def _pruned_costs(params, specs, reduce: str = "max") -> dict:
+    """The traced costs of a pruning network (the three of :data:`COSTS`)."""
+    terms = _pruned_terms([layer_bitwidths(params, spec) for spec in specs], specs, jnp)
+    sizes = jnp.stack([t[2] for t in terms]).astype(jnp.float32)
+    return {
+        "bops": sum(t[0] for t in terms),
+        "weight_memory_bits": sum(t[1] for t in terms),
+        "activation_bits": jnp.max(sizes) if reduce == "max" else jnp.sum(sizes),
+    }
 
 
 def weight_memory(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
@@ -267,6 +366,8 @@ def weight_memory(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
     Per-channel layers count each channel's weights at its own bits; biases are stored at
     :data:`BIAS_BITS` (what the export writes), a constant with no gradient.
     """
+    if is_pruning(specs):
+        return _pruned_costs(params, specs)["weight_memory_bits"]
     total = jnp.float32(0.0)
     for spec in specs:
         weight_bits, _ = layer_bitwidths(params, spec)
@@ -282,6 +383,8 @@ def activation_memory(params, specs: tuple[LayerSpec, ...], *, reduce: str = "ma
     its gradient to the largest input)."""
     if reduce not in ("max", "sum"):
         raise ValueError(f"reduce must be 'max' or 'sum', got {reduce!r}")
+    if is_pruning(specs):
+        return _pruned_costs(params, specs, reduce)["activation_bits"]
     sizes = jnp.stack(
         [spec.input_elements * layer_bitwidths(params, spec)[1] for spec in specs]
     ).astype(jnp.float32)
@@ -329,6 +432,8 @@ def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
     """
     specs = tuple(specs)
     bits = jax.device_get(_exact_bitwidths(_quantizer_leaves(params, specs), specs))
+    if is_pruning(specs):
+        return _pruned_table(bits, specs)
     rows = []
     for spec, (weight_bits, input_bits) in zip(specs, bits, strict=True):
         weight_bits = np.asarray(weight_bits)
@@ -352,6 +457,55 @@ def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
             row["float"] = True
         rows.append(row)
     return rows
+
+
+def _pruned_table(bits, specs) -> list[dict]:
+    """:func:`layer_table` of a pruning network: rows over live channels only, with each
+    layer's live output channels and live inputs (``live_channels`` of ``channels``,
+    ``live_inputs`` of ``inputs``); a removed channel's entry in ``weight_bits`` is 0."""
+    bits = [(np.asarray(w, np.int64), int(np.asarray(b))) for w, b in bits]
+    terms = _pruned_terms(bits, specs)
+    rows = []
+    for spec, (w, b_in), (_, _, _, facts) in zip(specs, bits, terms, strict=True):
+        live_in, live_out, per_output = facts
+        pair_macs, pair_weights, positions = _pair_sizes(spec)
+        kept = int(live_out.sum())
+        # Live inputs per kept output channel (one number: check_groups refuses the rest).
+        each = int(per_output[live_out].max()) if kept else 0
+        per_channel = w.ndim > 0
+        row = LayerRow(
+            layer=spec.name,
+            macs=pair_macs * each * kept,
+            weight_bits=tuple(int(x) for x in w * live_out) if per_channel else int(w),
+            input_bits=b_in,
+            weights=pair_weights * each * kept,
+            biases=kept,
+            bias_bits=BIAS_BITS,
+            input_elements=positions * int(live_in.sum()),
+            channel_macs=pair_macs * each if per_channel else None,
+            channel_weights=pair_weights * each if per_channel else None,
+        )
+        row = {
+            **row.as_dict(),
+            "weight_memory_bits": row.weight_memory_bits,
+            "activation_bits": row.activation_bits,
+            "live_channels": kept,
+            "channels": spec.channels_out,
+            "live_inputs": int(live_in.sum()),
+            "inputs": len(spec.input_sources),
+            "channel_macs": pair_macs * each,
+            "channel_weights": pair_weights * each,
+        }
+        if not spec.quantized:
+            row["float"] = True
+        rows.append(row)
+    return rows
+
+
+def _pair_sizes(spec):
+    from cgmq_jax import channels
+
+    return channels.pair_sizes(spec)
 
 
 def total_macs(specs: tuple[LayerSpec, ...]) -> int:
@@ -450,6 +604,18 @@ def min_costs(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -
     minimises every cost together (so a set of limits is feasible exactly when each is at
     least its own minimum)."""
     bits = [_min_bits(spec) for spec in specs]
+    if is_pruning(specs):  # every pruning layer keeps one channel (the first), at its floor
+        floors = [
+            (np.eye(1, spec.channels_out, dtype=np.int64)[0] * b_w if spec.prune else b_w, b_in)
+            for spec, (b_w, b_in) in zip(specs, bits, strict=True)
+        ]
+        terms = _pruned_terms(floors, specs)
+        sizes = [int(t[2]) for t in terms]
+        return {
+            "bops": sum(int(t[0]) for t in terms),
+            "weight_memory_bits": sum(int(t[1]) for t in terms),
+            "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
+        }
     sizes = [spec.input_elements * b_in for spec, (_, b_in) in zip(specs, bits, strict=True)]
     return {
         "bops": sum(spec.macs * b_w * b_in for spec, (b_w, b_in) in zip(specs, bits, strict=True)),

@@ -16,12 +16,20 @@ folded away (the model that :func:`cgmq_jax.nn.init_quantizers` calibrates).
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cgmq_jax.nn import QuantConv, QuantDense, max_pool
+
+
+def _pruning(model) -> dict:
+    """The options of a hidden layer of ``model``: per-channel and pruning with ``prune``
+    (in the quantized network; the float one has no quantizers)."""
+    return {"per_channel": True, "prune": True} if model.prune and model.quantized else {}
 
 
 class LeNet5(nn.Module):
@@ -39,20 +47,22 @@ class LeNet5(nn.Module):
     channels: tuple[int, int] = (6, 16)  # of conv1, conv2
     hidden: tuple[int, ...] = (120, 84)  # dense layers before the logits
     input_bits: int | None = None  # the network input pinned at this many bits (None: learned)
+    prune: bool = False  # per-channel weights that may remove channels (all but the logits)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         options = {"quantize": self.quantized, "input_signed": False}
+        hidden = {**options, **_pruning(self)}
         first, second = self.channels
         x = QuantConv(
-            first, (5, 5), padding="VALID", name="conv1", input_bits=self.input_bits, **options
+            first, (5, 5), padding="VALID", name="conv1", input_bits=self.input_bits, **hidden
         )(x)
         x = max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = QuantConv(second, (5, 5), padding="VALID", name="conv2", **options)(x)
+        x = QuantConv(second, (5, 5), padding="VALID", name="conv2", **hidden)(x)
         x = max_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
-            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **options)(x))
+            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **hidden)(x))
         name = f"fc{len(self.hidden) + 1}"
         return QuantDense(self.num_classes, name=name, **options)(x)
 
@@ -78,6 +88,7 @@ class MLP(nn.Module):
     num_classes: int = 10
     quantized: bool = True
     input_bits: int | None = None  # the network input pinned at this many bits (None: learned)
+    prune: bool = False  # per-channel weights that may remove channels (all but the logits)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,7 +96,8 @@ class MLP(nn.Module):
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
             pin = {"input_bits": self.input_bits} if i == 0 else {}
-            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **pin, **options)(x))
+            hidden = {**options, **pin, **_pruning(self)}
+            x = nn.relu(QuantDense(width, name=f"fc{i + 1}", **hidden)(x))
         name = f"fc{len(self.hidden) + 1}"
         return QuantDense(self.num_classes, name=name, **options)(x)
 
@@ -188,17 +200,27 @@ class DSCNN(nn.Module):
 MODELS = {"lenet5": LeNet5, "lenet5_bb": LeNet5BB, "mlp": MLP, "dscnn": DSCNN}
 
 
-def get_model(name: str, *, quantized: bool = True, input_bits: int | None = None) -> nn.Module:
+def get_model(
+    name: str, *, quantized: bool = True, input_bits: int | None = None, prune: bool = False
+) -> nn.Module:
     """A model by name (one of :data:`MODELS`).
 
     ``input_bits`` pins the network input (the first layer's input quantizer) at that many
     bits, counted at them: 8 is Bayesian Bits' convention (the 8-bit image, exactly
     representable at ``d = 2**-8``). ``None`` (the default) learns it like every other
-    quantizer.
+    quantizer. ``prune`` gives every layer but the logits per-channel weight quantizers
+    that may remove channels (docs/method.md section 11; LeNet-5s and the MLP).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](quantized=quantized, input_bits=input_bits)
+    if not prune:
+        return MODELS[name](quantized=quantized, input_bits=input_bits)
+    if "prune" not in {f.name for f in dataclasses.fields(MODELS[name])}:
+        raise ValueError(
+            f"model {name!r} has no pruning option; --prune works with "
+            f"{sorted(n for n, m in MODELS.items() if hasattr(m, 'prune'))}"
+        )
+    return MODELS[name](quantized=quantized, input_bits=input_bits, prune=True)
 
 
 def folded(model: nn.Module) -> nn.Module:

@@ -51,6 +51,7 @@ from cgmq_jax.operands import (  # noqa: F401  (re-exported)
     effective_quantizer,
     initial_quantizer,
     is_batched,
+    masked_bias,
     quantize_tensor,
     quantized_operands,
     weight_range,
@@ -78,6 +79,10 @@ class QuantOptions:
       input_bits: pin the input quantizer at this many bits (its step still learns, its
         range follows the step; the cost counts it at exactly this); ``None`` learns it.
       weight_bits: the same for the weight quantizer(s).
+      prune: a per-channel weight quantizer may go to 0 bits, which removes that output
+        channel (its kernel codes and its bias are 0, so its output is exactly 0, and the
+        cost drops its MACs here and in the layers it feeds; docs/method.md section 11).
+        Needs ``per_channel=True``, a learned ``weight_bits`` and no feature groups.
     """
 
     quantize: bool = True
@@ -86,6 +91,7 @@ class QuantOptions:
     per_channel: bool = False
     input_bits: int | None = None
     weight_bits: int | None = None
+    prune: bool = False
 
     def __post_init__(self):
         for name, signed in (("input_bits", self.input_signed), ("weight_bits", True)):
@@ -97,6 +103,13 @@ class QuantOptions:
                 raise ValueError(f"{name} must be an int in [{floor}, 16] or None, got {bits!r}")
         if self.input_signed not in (None, True, False):
             raise ValueError(f"input_signed must be True, False or None, got {self.input_signed!r}")
+        if self.prune and not (self.quantize and self.per_channel and self.weight_bits is None):
+            raise ValueError(
+                "prune=True removes output channels one by one, so it needs quantize=True, "
+                "per_channel=True and a learned weight bit-width (weight_bits=None), got "
+                f"quantize={self.quantize}, per_channel={self.per_channel}, "
+                f"weight_bits={self.weight_bits}"
+            )
 
 
 def options_of(module) -> QuantOptions:
@@ -219,6 +232,7 @@ def dense_forward(
         if use_bias
         else None
     )
+    bias = masked_bias(module, options, bias)
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
     dot_general = (
         module.dot_general_cls()
@@ -257,6 +271,13 @@ def conv_forward(
         if use_bias
         else None
     )
+    bias = masked_bias(module, options, bias)
+    if options.prune and module.feature_group_count != 1:
+        raise ValueError(
+            f"layer {'/'.join(module.path)!r}: prune=True needs feature_group_count=1 (a "
+            "grouped or depthwise convolution's channels follow its input's; prune the "
+            "layer before it)"
+        )
     if geometry["pre_padding"] is not None:
         pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
         x = jnp.pad(x, pads, mode=geometry["pad_mode"])

@@ -36,19 +36,20 @@ def initial_quantizer(q_max: jax.Array, *, signed, bits: int = 8) -> jax.Array:
     )
 
 
-def quantize_tensor(theta: jax.Array, x: jax.Array, *, signed) -> jax.Array:
+def quantize_tensor(theta: jax.Array, x: jax.Array, *, signed, prune: bool = False) -> jax.Array:
     """Fake-quantize ``x`` with the leaf ``theta = [log2 d, log2 q_max]``.
 
     ``signed`` is a Python bool, or a traced boolean (a data-decided input signedness):
     then both fake-quants are computed and the decided one is kept. A per-channel leaf
-    ``(C, 2)`` quantizes the last axis of ``x`` channel by channel.
+    ``(C, 2)`` quantizes the last axis of ``x`` channel by channel; with ``prune`` a channel
+    may be removed (0 levels: all its values 0, :func:`cgmq_jax.quantizer.levels`).
     """
     d, q_max = quantizer.from_latents(theta)
     if jnp.ndim(d):  # per channel: align with the last axis explicitly
         shape = (1,) * (jnp.ndim(x) - 1) + (-1,)
         d, q_max = jnp.reshape(d, shape), jnp.reshape(q_max, shape)
     if isinstance(signed, bool):
-        return quantizer.fake_quant(x, d, q_max, signed=signed)
+        return quantizer.fake_quant(x, d, q_max, signed=signed, prune=prune)
     return jnp.where(
         signed,
         quantizer.fake_quant(x, d, q_max, signed=True),
@@ -140,6 +141,21 @@ def _observe_inputs(module, options: QuantOptions, x: jax.Array) -> None:
         module.sow(CALIBRATION, "input_signed", signed, reduce_fn=keep_last)
 
 
+def live_channels(theta: jax.Array) -> jax.Array:
+    """1.0 for each output channel a prunable weight leaf ``(C, 2)`` keeps, 0.0 for each it
+    removes (no gradient): a removed channel's bias is masked with it, so that the channel's
+    output is exactly 0 (docs/method.md section 11)."""
+    n = quantizer.levels(*quantizer.from_latents(theta), prune=True)
+    return jax.lax.stop_gradient((n > 0).astype(jnp.float32))
+
+
+def masked_bias(module, options: QuantOptions, bias: jax.Array | None) -> jax.Array | None:
+    """``bias`` with the removed channels' entries 0 (a pruning layer), else as it is."""
+    if bias is None or not (options.quantize and options.prune):
+        return bias
+    return bias * live_channels(module.get_variable("params", "weight_quantizer"))
+
+
 def effective_quantizer(theta: jax.Array, bits: int | None, *, signed) -> jax.Array:
     """The leaf the forward pass and the cost use: ``theta``, or pinned at ``bits``."""
     return theta if bits is None else quantizer.pin_bits(theta, bits, signed=signed)
@@ -179,5 +195,5 @@ def quantized_operands(module, options: QuantOptions, inputs: jax.Array, kernel:
     weight_theta = effective_quantizer(weight_theta, options.weight_bits, signed=True)
     return (
         quantize_tensor(input_theta, x, signed=signed),
-        quantize_tensor(weight_theta, kernel, signed=True),
+        quantize_tensor(weight_theta, kernel, signed=True, prune=options.prune),
     )

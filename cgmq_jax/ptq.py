@@ -68,7 +68,7 @@ def _units(flat: dict, specs) -> list[_Unit]:
     its channels together (each keeps its own range).
     """
     units = []
-    for path, signed in certify._learned_quantizers(specs):
+    for path, signed, _ in certify._learned_quantizers(specs):
         leaf = jnp.asarray(flat[path], jnp.float32)
         d, q_max = quantizer.from_latents(leaf)
         start = int(np.max(quantizer.exact_bitwidth(d, q_max, signed=signed)))

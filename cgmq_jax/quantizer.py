@@ -58,10 +58,31 @@ def power_of_two_step(d: ArrayLike) -> jax.Array:
     return _straight_through(d, _exact_power_of_two(exponent))
 
 
-def levels(d: ArrayLike, q_max: ArrayLike) -> jax.Array:
-    """Number of positive levels ``n = max(round(q_max / d_q), 1)`` (float, no gradient)."""
+def levels(d: ArrayLike, q_max: ArrayLike, *, prune: bool = False) -> jax.Array:
+    """Number of positive levels ``n = max(round(q_max / d_q), 1)`` (float, no gradient).
+
+    With ``prune`` (a per-channel weight quantizer that may remove channels, docs/method.md
+    section 11) the floor is 0 instead of 1: ``n = round(q_max / d_q)``, and a channel with
+    ``n == 0`` is removed (0 bits, all its codes 0). One channel always stays: where every
+    entry of ``d`` / ``q_max`` (the channels of one layer) has ``n == 0``, the first one with
+    the largest ``q_max / d_q`` keeps ``n = 1``.
+    """
     d_q = jax.lax.stop_gradient(power_of_two_step(d))
-    return jnp.maximum(jnp.round(jnp.asarray(q_max, jnp.float32) / d_q), 1.0)
+    ratio = jnp.asarray(q_max, jnp.float32) / d_q
+    if not prune:
+        return jnp.maximum(jnp.round(ratio), 1.0)
+    n = jnp.round(ratio)
+    flat = jnp.reshape(n, (-1,))
+    kept = jnp.arange(flat.size) == jnp.argmax(jnp.reshape(ratio, (-1,)))
+    flat = jnp.where(jnp.all(flat == 0.0) & kept, 1.0, flat)
+    return jnp.reshape(flat, jnp.shape(n))
+
+
+def _raw_levels(d: ArrayLike, q_max: ArrayLike) -> jax.Array:
+    """``round(q_max / d_q)`` with no floor and no channel kept (0 where a channel is pruned
+    or is the one kept by :func:`levels`' rule)."""
+    d_q = jax.lax.stop_gradient(power_of_two_step(d))
+    return jnp.round(jnp.asarray(q_max, jnp.float32) / d_q)
 
 
 def _lowest_code(n: jax.Array, signed: bool) -> jax.Array:
@@ -69,7 +90,7 @@ def _lowest_code(n: jax.Array, signed: bool) -> jax.Array:
 
 
 def quantize(
-    x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool
+    x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool, prune: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Float tensor to integer codes and their power-of-two scale.
 
@@ -78,12 +99,13 @@ def quantize(
       d: the latent step (positive scalar).
       q_max: the latent range (positive scalar).
       signed: codes in ``[-n, n]`` if true, ``[0, n]`` otherwise.
+      prune: the level count may be 0 (:func:`levels`).
 
     Returns:
       ``(codes, scale)``: int32 codes of ``x``'s shape and the float32 scale ``d_q``.
     """
     d_q = jax.lax.stop_gradient(power_of_two_step(d))
-    n = levels(d, q_max)
+    n = levels(d, q_max, prune=prune)
     codes = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / d_q), _lowest_code(n, signed), n)
     return codes.astype(jnp.int32), d_q
 
@@ -93,16 +115,16 @@ def dequantize(codes: ArrayLike, scale: ArrayLike) -> jax.Array:
     return jnp.asarray(codes).astype(jnp.float32) * jnp.asarray(scale, jnp.float32)
 
 
-def _fake_quant_forward(x, d, q_max, signed):
+def _fake_quant_forward(x, d, q_max, signed, prune=False):
     d_q = jax.lax.stop_gradient(power_of_two_step(d))
-    n = levels(d, q_max)
+    n = levels(d, q_max, prune=prune)
     lo = _lowest_code(n, signed)
     x_q = d_q * jnp.clip(jnp.round(x / d_q), lo, n)
     return x_q, (x, x_q, d_q, n, lo, jnp.asarray(q_max, jnp.float32))
 
 
-def _fake_quant_fwd(x, d, q_max, signed):
-    x_q, residuals = _fake_quant_forward(x, d, q_max, signed)
+def _fake_quant_fwd(x, d, q_max, signed, prune):
+    x_q, residuals = _fake_quant_forward(x, d, q_max, signed, prune)
     return x_q, (residuals, jnp.shape(d), jnp.shape(q_max))
 
 
@@ -113,7 +135,7 @@ def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(jnp.sum(t, axis=stretched, keepdims=True), shape)
 
 
-def _fake_quant_bwd(signed, saved, g):
+def _fake_quant_bwd(signed, prune, saved, g):
     (x, x_q, d_q, n, lo, q_max), d_shape, q_max_shape = saved
     below = x < lo * d_q
     above = x > n * d_q
@@ -134,14 +156,20 @@ def _fake_quant_bwd(signed, saved, g):
 
 
 _fake_quant = jax.custom_vjp(
-    lambda x, d, q_max, signed: _fake_quant_forward(x, d, q_max, signed)[0],
-    nondiff_argnums=(3,),
+    lambda x, d, q_max, signed, prune: _fake_quant_forward(x, d, q_max, signed, prune)[0],
+    nondiff_argnums=(3, 4),
 )
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def fake_quant(x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
+def fake_quant(
+    x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool, prune: bool = False
+) -> jax.Array:
     """``dequantize(*quantize(x, d, q_max))`` with DQ's straight-through gradients.
+
+    With ``prune`` a channel may have 0 levels (:func:`levels`): its values are all 0 in the
+    forward pass, while the gradient w.r.t. ``q_max`` (``sign(x)`` of the clipped values)
+    still tells whether the loss wants it back.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -155,27 +183,34 @@ def fake_quant(x: ArrayLike, d: ArrayLike, q_max: ArrayLike, *, signed: bool) ->
     x = jnp.asarray(x, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
     q_max = jnp.asarray(q_max, jnp.float32)
-    return _fake_quant(x, d, q_max, signed)
+    return _fake_quant(x, d, q_max, signed, prune)
 
 
-def exact_bitwidth(d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
-    """The integer bit-width (int32): ``bit_length(n)``, +1 (at least 2) when signed."""
-    _, exponent = jnp.frexp(levels(d, q_max))  # n = m * 2**e with m in [0.5, 1): e = bit_length
-    return exponent.astype(jnp.int32) + (1 if signed else 0)
+def exact_bitwidth(
+    d: ArrayLike, q_max: ArrayLike, *, signed: bool, prune: bool = False
+) -> jax.Array:
+    """The integer bit-width (int32): ``bit_length(n)``, +1 (at least 2) when signed; 0 for
+    a pruned channel (``n == 0``, only with ``prune``)."""
+    n = levels(d, q_max, prune=prune)
+    _, exponent = jnp.frexp(n)  # n = m * 2**e with m in [0.5, 1): e = bit_length
+    bits = exponent.astype(jnp.int32) + (1 if signed else 0)
+    return jnp.where(n == 0.0, 0, bits) if prune else bits
 
 
-def bitwidth(d: ArrayLike, q_max: ArrayLike, *, signed: bool) -> jax.Array:
+def bitwidth(d: ArrayLike, q_max: ArrayLike, *, signed: bool, prune: bool = False) -> jax.Array:
     """The bit-width as a float: exact value, straight-through gradient, floor-aware.
 
     The value is :func:`exact_bitwidth`. The gradient is that of ``log2(q_max / d + 1)``,
-    except at the minimum bit-width (``n == 1``), where it is zero.
+    except at the minimum bit-width (``n == 1``), where it is zero. With ``prune`` the
+    minimum is a removed channel (``round(q_max / d_q) == 0``, the kept channel included),
+    so the gradient still flows at ``n == 1``.
     """
     d = jnp.asarray(d, jnp.float32)
     q_max = jnp.asarray(q_max, jnp.float32)
-    exact = exact_bitwidth(d, q_max, signed=signed).astype(jnp.float32)
+    exact = exact_bitwidth(d, q_max, signed=signed, prune=prune).astype(jnp.float32)
     # The floor sits below the step clip, so the gradient still flows at d = 2**LOG2_D_MIN.
     relaxed = jnp.log2(q_max / jnp.maximum(d, 2.0 ** (LOG2_D_MIN - 8)) + 1.0)
-    at_floor = levels(d, q_max) <= 1.0
+    at_floor = _raw_levels(d, q_max) <= 0.0 if prune else levels(d, q_max) <= 1.0
     relaxed = jnp.where(at_floor, jax.lax.stop_gradient(relaxed), relaxed)
     return _straight_through(relaxed, exact)
 
@@ -399,16 +434,22 @@ def _map_variables_with_path(fn, tree):
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_variable)
 
 
-def at_min_bitwidth(theta: ArrayLike) -> jax.Array:
+#: Where a pruned channel's range sits, in log2 units below its step: ``q_max = d_q / 4``,
+#: so ``round(q_max / d_q) == 0``, half a level away from coming back (``q_max >= d_q / 2``).
+PRUNED_RANGE_LOG2 = -2.0
+
+
+def at_min_bitwidth(theta: ArrayLike, *, prune: bool = False) -> jax.Array:
     """The leaf at its minimum bit-width, same step: ``q_max = d_q``, so ``n = 1``.
 
     A leaf ``[log2 d, log2 q_max]`` of shape ``(2,)``, or ``(..., 2)`` (one row per channel).
     The bit-width is then :func:`min_bitwidth` whatever the step, so a network's cost at
-    these leaves is its minimum cost.
+    these leaves is its minimum cost. With ``prune`` every channel is removed
+    (``q_max = d_q / 4``) but the first, which :func:`levels` keeps at ``n = 1``.
     """
     theta = jnp.asarray(theta, jnp.float32)
     d_q = jax.lax.stop_gradient(power_of_two_step(jnp.exp2(theta[..., 0])))
-    return theta.at[..., 1].set(jnp.log2(d_q))
+    return theta.at[..., 1].set(jnp.log2(d_q) + (PRUNED_RANGE_LOG2 if prune else 0.0))
 
 
 def at_min_bitwidths(params):

@@ -87,6 +87,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cgmq: a quantizer that loses bits gets the least-squares range at its new "
         "bit-width (weights: its kernel; inputs: 512 calibration images)",
     )
+    p.add_argument(
+        "--prune",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.prune,
+        help="cgmq: per-channel weight quantizers that may go to 0 bits, removing the "
+        "channel (structured pruning under the same certified limits)",
+    )
     p.add_argument("--lam", type=float, default=defaults.lam, help="dq penalty weight")
     p.add_argument("--lam_weight", type=float, default=None, help="dq: weight-memory term")
     p.add_argument("--lam_activation", type=float, default=None, help="dq: activation term")

@@ -83,19 +83,26 @@ class LayerRow:
     biases: int = 0  # bias elements
     bias_bits: int = 0
     input_elements: int = 0  # elements of the layer's quantized input, per example
+    # A pruned layer's MACs and kernel elements per live output channel (its tuple of
+    # weight bits then holds 0 for each removed channel); None: macs / weights per entry.
+    channel_macs: int | None = None
+    channel_weights: int | None = None
 
     @property
     def bops(self) -> int:
         """``MACs * b_w * b_in`` (per channel: each channel's MACs at its own bits)."""
         if isinstance(self.weight_bits, tuple):
-            return self.macs // len(self.weight_bits) * sum(self.weight_bits) * self.input_bits
+            per = self.channel_macs
+            per = self.macs // len(self.weight_bits) if per is None else per
+            return per * sum(self.weight_bits) * self.input_bits
         return self.macs * self.weight_bits * self.input_bits
 
     @property
     def weight_memory_bits(self) -> int:
         """Kernel codes at their bit-width(s) plus the bias at its stored width."""
         if isinstance(self.weight_bits, tuple):
-            per = self.weights // len(self.weight_bits)
+            per = self.channel_weights
+            per = self.weights // len(self.weight_bits) if per is None else per
             return per * sum(self.weight_bits) + self.biases * self.bias_bits
         return self.weights * self.weight_bits + self.biases * self.bias_bits
 

@@ -73,6 +73,7 @@ class TrainConfig:
     admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     trades: bool = False  # cgmq only: bits moved by measured loss after each QAT epoch
     refit_ranges: bool = False  # cgmq only: a quantizer that loses bits gets least-squares ranges
+    prune: bool = False  # cgmq only: weight quantizers may go to 0 bits, removing channels
     init_bits: int = 8
     lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
     lam_weight: float | None = None  # dq only: the weight-memory term's (default: lam)
@@ -95,11 +96,21 @@ class TrainConfig:
             )
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
-        chosen = [flag for flag in ("trades", "refit_ranges") if getattr(self, flag)]
+        chosen = [flag for flag in ("trades", "refit_ranges", "prune") if getattr(self, flag)]
         if chosen and self.method != "cgmq":
             raise ValueError(
                 f"--{chosen[0]} changes the constrained update's bits, so it applies to "
                 f"--method cgmq only, not {self.method!r}: drop it or use --method cgmq"
+            )
+        if self.prune and (self.trades or self.refit_ranges or self.admission != "all_or_nothing"):
+            raise ValueError(
+                "--prune works with the default guard only: drop --trades, --refit_ranges "
+                "and --admission (they assume every weight quantizer keeps a level)"
+            )
+        if self.prune and not hasattr(models.MODELS[self.model], "prune"):
+            raise ValueError(
+                f"--prune: model {self.model!r} has no pruning option; use one of "
+                f"{sorted(n for n, m in models.MODELS.items() if hasattr(m, 'prune'))}"
             )
         _check_limits(self)
         _check_integers(self)

@@ -122,7 +122,9 @@ def open_run(results_dir: str | os.PathLike) -> RunExport:
     if config.get("method") == "float":
         raise ValueError(f"{results_dir}: a float run has no quantizers to export")
     name = config.get("model", "lenet5")
-    model = models.get_model(name, quantized=True, input_bits=config.get("input_bits"))
+    model = models.get_model(
+        name, quantized=True, input_bits=config.get("input_bits"), prune=config.get("prune", False)
+    )
     dataset = (results.get("flags") or {}).get("dataset") or "mnist"  # None: before the flag
     if dataset not in data.DATASETS:
         raise ValueError(f"{results_dir / 'results.json'}: flags.dataset {dataset!r} is unknown")

@@ -30,13 +30,26 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _weight_bits_text(row: dict) -> str:
+    """A row's weight bits: one number, or per channel ``low-high`` over the live channels."""
+    bits = row["weight_bits"]
+    if not isinstance(bits, list):
+        return str(bits)
+    live = [b for b in bits if b] or [0]
+    return str(live[0]) if min(live) == max(live) else f"{min(live)}-{max(live)}"
+
+
 def layer_table_text(layers: list[dict], budget: float | None) -> str:
-    """A plain-text table of per-layer bit-widths, MACs and BOPs, with the total."""
-    lines = [f"{'layer':<8} {'w bits':>6} {'in bits':>7} {'MACs':>9} {'BOPs':>11}"]
+    """A plain-text table of per-layer bit-widths, MACs and BOPs, with the total (and, for
+    a pruning network, each layer's live output channels)."""
+    pruning = any("live_channels" in row for row in layers)
+    head = f" {'channels':>9}" if pruning else ""
+    lines = [f"{'layer':<8} {'w bits':>6} {'in bits':>7} {'MACs':>9} {'BOPs':>11}{head}"]
     for row in layers:
+        live = f" {row['live_channels']:>4}/{row['channels']:<4}" if pruning else ""
         lines.append(
-            f"{row['layer']:<8} {row['weight_bits']:>6} {row['input_bits']:>7} "
-            f"{row['macs']:>9,} {row['bops']:>11,}"
+            f"{row['layer']:<8} {_weight_bits_text(row):>6} {row['input_bits']:>7} "
+            f"{row['macs']:>9,} {row['bops']:>11,}{live}"
         )
     total = sum(row["bops"] for row in layers)
     lines.append(f"{'total':<8} {'':>6} {'':>7} {sum(r['macs'] for r in layers):>9,} {total:>11,}")

@@ -38,7 +38,9 @@ def check_config(
     """
     config.validate()
     parallel.data_parallel_mesh(config.devices)  # as many devices as asked for
-    specs = _named_model_specs(config.model, config.input_bits, tuple(input_shape))
+    specs = _named_model_specs(
+        config.model, config.input_bits, tuple(input_shape), config.prune
+    )
     if config.guarded_limits:
         certify.check_budget(config.guarded_limits, specs)
     return specs
@@ -46,11 +48,11 @@ def check_config(
 
 @functools.lru_cache(maxsize=32)
 def _named_model_specs(
-    name: str, input_bits: int | None, input_shape: tuple[int, ...]
+    name: str, input_bits: int | None, input_shape: tuple[int, ...], prune: bool = False
 ) -> tuple[cost.LayerSpec, ...]:
     """A named model's layer specs, traced once per process (a sweep checks every config
-    before it trains any; the specs of our own models depend on these three facts only)."""
-    model = models.get_model(name, quantized=True, input_bits=input_bits)
+    before it trains any; the specs of our own models depend on these four facts only)."""
+    model = models.get_model(name, quantized=True, input_bits=input_bits, prune=prune)
     return cost.layer_specs(model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
 
 
@@ -111,7 +113,9 @@ class _Setup:
 def _make_setup(config: TrainConfig, dataset: data.MnistData, *, pretrained: bool) -> _Setup:
     check_dataset(config, dataset)
     specs = check_config(config, dataset.train[0].shape[1:])
-    model = models.get_model(config.model, quantized=True, input_bits=config.input_bits)
+    model = models.get_model(
+        config.model, quantized=True, input_bits=config.input_bits, prune=config.prune
+    )
     steps = len(dataset.train[1]) // config.batch_size
     if config.method == "float":
         float_epochs, qat_epochs = range(0 if pretrained else config.epochs), range(0)
@@ -209,6 +213,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
             rescale=config.rescale,
             admission=config.admission,
             refit_weight_ranges=config.refit_ranges,
+            prunable=cost.prunable_quantizers(setup.specs),
         )
     else:
         tx = constraint.partitioned_adam(learning_rate, config.quantizer_lr)

@@ -1,0 +1,214 @@
+"""Which channels a pruned network still computes: sources through the graph, live counts.
+
+With pruning (:class:`cgmq_jax.nn.QuantOptions` ``prune=True``, docs/method.md section 11)
+a per-channel weight quantizer at 0 bits removes its output channel: its codes and its bias
+are 0, so the channel's output is exactly 0 everywhere. Every op the integer export runs
+maps an all-zero channel to an all-zero channel (ReLU, a clip whose range holds 0, max and
+sum pooling, sums, divisions, reshapes, concatenation), and a residual add of a removed
+channel and a live one is live. So the channels of a layer's input that are exactly 0 are
+known from the graph alone, and the next layer's MACs on them vanish too.
+
+:func:`input_sources` follows every element of every activation through the export's op
+graph (:func:`cgmq_jax.graph.ops`) back to the layer output channels it is computed from
+(a set; ``ALWAYS`` for the network input and for anything a constant makes nonzero), and
+gives each layer, per channel of its input's last axis, the union over positions.
+:func:`liveness` turns the weight quantizers' live channels into each layer's live inputs
+and live outputs, in call order, with numpy (the certificate) or jax.numpy (the traced
+cost): the two share this one function.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from cgmq_jax import graph as graph_mod
+
+#: The source token of the network input, and of a channel a constant keeps nonzero.
+ALWAYS = -1
+
+
+class _Sets:
+    """Interned frozensets of source tokens: arrays of set ids stand for arrays of sets."""
+
+    def __init__(self):
+        self.sets: list[frozenset] = [frozenset(), frozenset({ALWAYS})]
+        self.ids: dict[frozenset, int] = {s: i for i, s in enumerate(self.sets)}
+        self.unions: dict[tuple[int, int], int] = {}
+
+    EMPTY, ALWAYS_ID = 0, 1
+
+    def intern(self, tokens) -> int:
+        key = frozenset(tokens)
+        if key not in self.ids:
+            self.ids[key] = len(self.sets)
+            self.sets.append(key)
+        return self.ids[key]
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Elementwise union of two id arrays (of one shape)."""
+        out = np.array(a, copy=True)
+        differ = a != b
+        if np.any(differ):
+            pairs = np.stack([a[differ], b[differ]], axis=-1)
+            unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+            ids = []
+            for x, y in unique:
+                key = (int(x), int(y))
+                if key not in self.unions:
+                    self.unions[key] = self.intern(self.sets[x] | self.sets[y])
+                ids.append(self.unions[key])
+            out[differ] = np.asarray(ids)[np.reshape(inverse, -1)]
+        return out
+
+    def reduce(self, a: np.ndarray, axes) -> np.ndarray:
+        """The union over ``axes``."""
+        a = np.moveaxis(a, axes, list(range(len(axes))))
+        rest = a.shape[len(axes) :]
+        flat = np.reshape(a, (-1, *rest))
+        out = flat[0]
+        for row in flat[1:]:
+            out = self.union(out, row)
+        return out
+
+
+def _pool(sets: _Sets, x: np.ndarray, attrs: dict) -> np.ndarray:
+    """The union over each pooling window (padding is empty: it is no channel's value)."""
+    pads = [tuple(p) for p in attrs["padding"]]
+    padded = np.pad(x, pads, constant_values=_Sets.EMPTY)
+    window, strides = attrs["window"], attrs["strides"]
+    out_shape = [
+        (size - w) // s + 1 for size, w, s in zip(padded.shape, window, strides, strict=True)
+    ]
+    out = None
+    for offset in itertools.product(*(range(w) for w in window)):
+        index = tuple(
+            slice(o, o + s * (n - 1) + 1, s)
+            for o, s, n in zip(offset, strides, out_shape, strict=True)
+        )
+        part = padded[index]
+        out = part if out is None else sets.union(out, part)
+    return out
+
+
+def _clip_keeps_zero(attrs: dict) -> bool:
+    low, high = attrs.get("min"), attrs.get("max")
+    value = lambda bound: bound[0] * 2.0 ** bound[1]  # noqa: E731  ([m, e] dyadic)
+    return (low is None or value(low) <= 0.0) and (high is None or value(high) >= 0.0)
+
+
+def input_sources(traced: graph_mod.Graph) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per layer of ``traced.layers``, per channel of its input's last axis, the sorted
+    source tokens: ``offset(p) + c`` for output channel ``c`` of layer ``p`` (offsets in
+    layer order, :func:`offsets`), or :data:`ALWAYS`.
+
+    Raises:
+      graph.UnsupportedOp: an op the integer export does not run (pruning follows channels
+        through the export's op graph, so a network it cannot export cannot be pruned).
+    """
+    ops, _ = graph_mod.ops(traced)
+    starts = offsets(traced.layers)
+    sets = _Sets()
+    (input_shape,) = traced.input_shapes
+    tensors = [np.full(input_shape[1:], _Sets.ALWAYS_ID, np.int64)]
+    found: dict[int, tuple] = {}
+    for op in ops:
+        x = tensors[op.inputs[0]]
+        if op.layer is not None:
+            layer = traced.layers[op.layer]
+            per_channel = sets.reduce(x, list(range(x.ndim - 1))) if x.ndim > 1 else x
+            found[op.layer] = tuple(tuple(sorted(sets.sets[int(i)])) for i in per_channel)
+            features = layer.output_shape[-1]
+            ids = np.array([sets.intern({starts[op.layer] + c}) for c in range(features)])
+            out = np.broadcast_to(ids, layer.output_shape[1:]).copy()
+        elif op.op == "relu" or (op.op == "clip" and _clip_keeps_zero(op.attrs)):
+            out = x
+        elif op.op == "clip":  # maps 0 to a nonzero constant: nothing is removable
+            out = np.full(x.shape, _Sets.ALWAYS_ID, np.int64)
+        elif op.op in ("maxpool", "sumpool"):
+            out = _pool(sets, x, op.attrs)
+        elif op.op == "sum":
+            out = sets.reduce(x, op.attrs["axes"])
+        elif op.op == "div":
+            out = x
+        elif op.op == "add":
+            out = sets.union(x, tensors[op.inputs[1]])
+        elif op.op == "concat":
+            out = np.concatenate([tensors[i] for i in op.inputs], axis=op.attrs["axis"])
+        elif op.op == "reshape":
+            out = np.reshape(x, op.attrs["shape"])
+        else:  # pragma: no cover  (graph.ops emits only the kinds above)
+            raise graph_mod.UnsupportedOp(f"pruning cannot follow channels through {op.op!r}")
+        tensors.append(out)
+    missing = [layer.name for i, layer in enumerate(traced.layers) if i not in found]
+    if missing:
+        raise graph_mod.UnsupportedOp(f"layers {missing} do not reach the model's output")
+    return tuple(found[i] for i in range(len(traced.layers)))
+
+
+def offsets(layers) -> tuple[int, ...]:
+    """Each layer's first global channel number: its output channels are numbered in layer
+    order (a layer's ``output_shape[-1]`` channels each)."""
+    sizes = [layer.output_shape[-1] for layer in layers]
+    return tuple(int(x) for x in np.cumsum([0, *sizes[:-1]]))
+
+
+def _index_matrix(sources: tuple, start: int) -> np.ndarray:
+    """``(K, S)`` indices into ``[live outputs of the layers before, True, False]`` (of
+    length ``start + 2``): the sources of each input channel, padded with the ``False``."""
+    width = max(1, max((len(s) for s in sources), default=1))
+    matrix = np.full((len(sources), width), start + 1, np.int64)
+    for k, tokens in enumerate(sources):
+        for j, token in enumerate(tokens):
+            matrix[k, j] = start if token == ALWAYS else token
+    return matrix
+
+
+def liveness(specs, weight_live, xp=np):
+    """Each layer's ``(live inputs (K,), live outputs (C,), live inputs per output (C,))``.
+
+    ``weight_live``: per layer, a ``(C,)`` boolean array of the channels its weight
+    quantizer keeps (``None`` for a layer that does not prune: all kept). An input channel
+    is live when any of its sources is (:func:`input_sources`); an output channel when its
+    weights are and its feature group has a live input. ``xp`` is ``numpy`` or
+    ``jax.numpy`` (traced, inside the cost).
+    """
+    outs, table = [], []
+    for spec, keep in zip(specs, weight_live, strict=True):
+        start = sum(int(np.shape(t)[0]) for t in table)
+        live = xp.concatenate([*table, xp.asarray([True, False])])
+        live_in = xp.any(live[_index_matrix(spec.input_sources, start)], axis=1)
+        groups = spec.groups
+        per_group = xp.sum(xp.reshape(live_in.astype(xp.int32), (groups, -1)), axis=1)
+        per_output = xp.repeat(per_group, spec.channels_out // groups)
+        live_out = per_output > 0
+        if keep is not None:
+            live_out = live_out & keep
+        table.append(live_out)
+        outs.append((live_in, live_out, per_output))
+    return outs
+
+
+def check_groups(spec) -> None:
+    """A grouped convolution with several input channels per group and prunable inputs
+    would have a different number of live inputs per output channel; refuse it."""
+    per_group = len(spec.input_sources) // spec.groups
+    if spec.groups > 1 and per_group > 1 and any(s != (ALWAYS,) for s in spec.input_sources):
+        raise ValueError(
+            f"layer {spec.name!r} is a grouped convolution ({spec.groups} groups of "
+            f"{per_group} input channels) fed by pruned layers: its groups would keep "
+            "different numbers of inputs, which the export cannot store; do not prune the "
+            "layers that feed it (or use a depthwise convolution, one input per group)"
+        )
+
+
+def pair_sizes(spec) -> tuple[int, int, int]:
+    """``(MACs, kernel elements)`` per (output channel, input channel) pair of a layer,
+    and its input positions (input elements per input channel)."""
+    inputs = len(spec.input_sources)
+    pairs = spec.channels_out * inputs // spec.groups
+    return spec.macs // pairs, spec.weights // pairs, spec.input_elements // max(inputs, 1)
+
+
+__all__ = ["ALWAYS", "check_groups", "input_sources", "liveness", "offsets", "pair_sizes"]
