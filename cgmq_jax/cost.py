@@ -459,6 +459,23 @@ def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
     return rows
 
 
+def live_channels(params, specs: tuple[LayerSpec, ...]) -> list | None:
+    """Per layer of a pruning network, ``(live inputs, live outputs)``: boolean numpy
+    arrays over the channels of its input's last axis and over its output channels;
+    ``None`` when no layer prunes (every channel is live).
+
+    A removed output channel's output is exactly 0 (its codes and its bias are); a removed
+    input channel is one all of whose sources are removed (docs/method.md section 11). The
+    export stores only the live ones.
+    """
+    specs = tuple(specs)
+    if not is_pruning(specs):
+        return None
+    bits = jax.device_get(_exact_bitwidths(_quantizer_leaves(params, specs), specs))
+    bits = [(np.asarray(w, np.int64), int(np.asarray(b))) for w, b in bits]
+    return [(t[3][0], t[3][1]) for t in _pruned_terms(bits, specs)]
+
+
 def _pruned_table(bits, specs) -> list[dict]:
     """:func:`layer_table` of a pruning network: rows over live channels only, with each
     layer's live output channels and live inputs (``live_channels`` of ``channels``,
