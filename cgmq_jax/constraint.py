@@ -47,7 +47,11 @@ def _cost_raising(updates: optax.Updates, is_quantizer) -> optax.Updates:
     """Boolean tree: quantizer components that could add bits (d down, or q_max up)."""
     sign = jnp.asarray(quantizer.COST_RAISING_SIGN, jnp.float32)
     return jax.tree.map(
-        lambda u, q: (u * sign > 0) if q else jnp.zeros(jnp.shape(u), bool), updates, is_quantizer
+        lambda u, q: (u * jnp.broadcast_to(sign, jnp.shape(u)) > 0)
+        if q
+        else jnp.zeros(jnp.shape(u), bool),
+        updates,
+        is_quantizer,
     )
 
 
@@ -411,7 +415,9 @@ def _infeasible_step(masked, params, grads, violated, quantizer_mask, scaled_flo
         # The constraint moves the step latents only (measured: moving log2 q_max too, as
         # the plain cost gradient does, clipped ranges hard and cost a point of accuracy).
         grad = jax.tree.map(
-            lambda g, q: g * _STEP_ONLY if q else jnp.zeros_like(g), grad, quantizer_mask
+            lambda g, q: g * np.broadcast_to(_STEP_ONLY, jnp.shape(g)) if q else jnp.zeros_like(g),
+            grad,
+            quantizer_mask,
         )
         direction_norm = jnp.maximum(optax.tree.norm(grad), 1e-30)
         length = jnp.maximum(

@@ -335,15 +335,15 @@ def _pruned_terms(bits, specs, xp=np):
     terms = []
     for spec, (w, b_in), (live_in, live_out, per_output) in zip(specs, bits, live, strict=True):
         pair_macs, pair_weights, positions = channels.pair_sizes(spec)
-        inputs = per_output * live_out  # live inputs of each output channel (0 if removed)
+        dtype = np.int64 if xp is np else jnp.float32  # exact integers, or the traced cost
+        # Live inputs of each output channel (0 for a removed one): a constant, no gradient.
+        inputs = (per_output * live_out.astype(per_output.dtype)).astype(dtype)
         if xp is not np:
-            import jax
-
-            inputs = jax.lax.stop_gradient(inputs.astype(jnp.float32))
-        w_eff = xp.broadcast_to(xp.asarray(w), (spec.channels_out,)) * inputs
+            inputs = jax.lax.stop_gradient(inputs)
+        w_eff = xp.broadcast_to(xp.asarray(w).astype(dtype), (spec.channels_out,)) * inputs
         bops_l = pair_macs * xp.sum(w_eff) * b_in
-        memory = pair_weights * xp.sum(w_eff) + xp.sum(live_out) * BIAS_BITS
-        activation = positions * xp.sum(live_in) * b_in
+        memory = pair_weights * xp.sum(w_eff) + xp.sum(live_out.astype(dtype)) * BIAS_BITS
+        activation = positions * xp.sum(live_in.astype(dtype)) * b_in
         terms.append((bops_l, memory, activation, (live_in, live_out, per_output)))
     return terms
 

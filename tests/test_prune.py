@@ -1,0 +1,278 @@
+"""Pruning as the 0-bit choice (docs/method.md section 11): the quantizer, the layers, the
+live-channel cost against physically smaller networks, the constraint, the config."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import cgmq_jax
+from cgmq_jax import certify, channels, cost, models, quantizer
+from cgmq_jax import nn as qnn
+from cgmq_jax.runs.config import TrainConfig
+
+X = jnp.zeros((1, 28, 28, 1), jnp.float32)
+
+
+def _params(model, key=0):
+    return model.init(jax.random.key(key), X)["params"]
+
+
+def _remove(params, layer: str, channels_to_remove) -> dict:
+    """``params`` with the given output channels of ``layer`` removed (q_max = d_q / 4)."""
+    leaf = params[layer]["weight_quantizer"]
+    rows = jnp.asarray(list(channels_to_remove))
+    leaf = leaf.at[rows].set(quantizer.at_min_bitwidth(leaf[rows], prune=True))
+    return {**params, layer: {**params[layer], "weight_quantizer": leaf}}
+
+
+# --------------------------------------------------------------------------- the quantizer
+
+
+def test_levels_may_reach_zero_and_one_channel_always_stays():
+    d = jnp.full((4,), 0.5)
+    q_max = jnp.array([0.1, 1.0, 0.2, 0.3])  # ratios 0.2, 2, 0.4, 0.6
+    np.testing.assert_array_equal(quantizer.levels(d, q_max, prune=True), [0, 2, 0, 1])
+    np.testing.assert_array_equal(quantizer.levels(d, q_max), [1, 2, 1, 1])
+    np.testing.assert_array_equal(
+        quantizer.exact_bitwidth(d, q_max, signed=True, prune=True), [0, 3, 0, 2]
+    )
+    # All below half a level: the first with the largest ratio keeps one level (2 bits).
+    low = jnp.array([0.1, 0.2, 0.2, 0.05])
+    np.testing.assert_array_equal(quantizer.levels(d, low, prune=True), [0, 1, 0, 0])
+
+
+def test_a_removed_channel_is_zero_yet_its_range_still_learns():
+    x = jnp.array([[0.3, -0.2], [0.1, 0.4]])
+    d, q_max = jnp.array([[0.25, 0.25]]), jnp.array([[0.05, 0.5]])  # per channel (last axis)
+    out = quantizer.fake_quant(x, d, q_max, signed=True, prune=True)
+    np.testing.assert_array_equal(out[:, 0], [0.0, 0.0])
+    np.testing.assert_array_equal(out[:, 1], [-0.25, 0.5])
+    grad = jax.grad(lambda q: quantizer.fake_quant(x, d, q, signed=True, prune=True).sum())(q_max)
+    assert grad[0, 0] == 2.0  # both values above the (empty) range: the loss can bring it back
+
+
+def test_the_bit_gradient_flows_at_one_level_and_stops_when_removed():
+    d = jnp.full((3,), 0.25)
+    q_max = jnp.array([0.05, 0.25, 1.0])  # removed, 1 level, 4 levels
+    grad = jax.grad(lambda q: quantizer.bitwidth(d, q, signed=True, prune=True).sum())(q_max)
+    assert grad[0] == 0.0 and grad[1] > 0.0 and grad[2] > 0.0
+    grad = jax.grad(lambda q: quantizer.bitwidth(d, q, signed=True).sum())(q_max)
+    assert grad[0] == 0.0 and grad[1] == 0.0  # without pruning 1 level is the floor
+
+
+# --------------------------------------------------------------------------- the layers
+
+
+def test_prune_needs_learned_per_channel_weights():
+    with pytest.raises(ValueError, match="per_channel=True"):
+        qnn.QuantOptions(prune=True)
+    with pytest.raises(ValueError, match="weight_bits=None"):
+        qnn.QuantOptions(prune=True, per_channel=True, weight_bits=4)
+
+
+def test_a_removed_channel_outputs_exactly_zero_bias_included():
+    layer = qnn.QuantDense(4, per_channel=True, prune=True, input_signed=True)
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    params = layer.init(jax.random.key(1), x)["params"]
+    params["bias"] = jnp.array([0.5, -0.3, 0.2, 0.7])
+    leaf = params["weight_quantizer"]
+    params["weight_quantizer"] = leaf.at[2].set(quantizer.at_min_bitwidth(leaf[2], prune=True))
+    y = layer.apply({"params": params}, x)
+    np.testing.assert_array_equal(y[:, 2], np.zeros(8))
+    assert np.all(np.asarray(y[:, 3]) != 0.0)
+
+
+def test_a_grouped_convolution_may_not_prune():
+    conv = qnn.QuantConv(4, (3, 3), feature_group_count=2, per_channel=True, prune=True)
+    with pytest.raises(ValueError, match="feature_group_count=1"):
+        conv.init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+
+
+# --------------------------------------------------------------------------- the cost
+
+
+def _same_costs(pruned_params, pruned_specs, small_model):
+    """The pruned network's exact and traced costs equal those of ``small_model`` (the
+    network with only the live channels, counted from its own shapes) at 8 bits."""
+    small_specs = cost.layer_specs(small_model, X)
+    small = cost.exact_costs(_params(small_model), small_specs)
+    assert cost.exact_costs(pruned_params, pruned_specs) == small
+    assert float(cost.bops(pruned_params, pruned_specs)) == small["bops"]
+    assert float(cost.weight_memory(pruned_params, pruned_specs)) == small["weight_memory_bits"]
+    assert float(cost.activation_memory(pruned_params, pruned_specs)) == small["activation_bits"]
+    rows = cost.layer_table(pruned_params, pruned_specs)
+    for row, small_row in zip(rows, cost.layer_table(_params(small_model), small_specs)):
+        assert (row["macs"], row["bops"]) == (small_row["macs"], small_row["bops"])
+        assert row["weight_memory_bits"] == small_row["weight_memory_bits"]
+
+
+def test_removed_channels_cost_what_a_smaller_network_costs():
+    model = models.LeNet5(prune=True)
+    specs = cost.layer_specs(model, X)
+    params = _params(model)
+    _same_costs(params, specs, models.LeNet5())  # nothing removed: today's cost
+    # conv1 keeps 4 of 6, conv2 11 of 16 (fc1 sees 4*4*11 = 176 features), fc1 100, fc2 70.
+    params = _remove(params, "conv1", [0, 3])
+    params = _remove(params, "conv2", range(5))
+    params = _remove(params, "fc1", range(20))
+    params = _remove(params, "fc2", range(70, 84))
+    _same_costs(params, specs, models.LeNet5(channels=(4, 11), hidden=(100, 70)))
+    rows = {row["layer"]: row for row in cost.layer_table(params, specs)}
+    assert (rows["conv2"]["live_channels"], rows["conv2"]["live_inputs"]) == (11, 4)
+    assert (rows["fc1"]["live_inputs"], rows["fc1"]["inputs"]) == (176, 256)
+    assert rows["conv1"]["weight_bits"] == [0, 8, 8, 0, 8, 8]
+
+
+def test_the_minimum_keeps_one_channel_per_layer():
+    specs = cost.layer_specs(models.LeNet5(prune=True), X)
+    small_specs = cost.layer_specs(models.LeNet5(channels=(1, 1), hidden=(1, 1)), X)
+    assert cost.min_costs(specs) == cost.min_costs(small_specs)
+    assert cost.min_cost(specs) < cost.min_cost(cost.layer_specs(models.LeNet5(), X))
+
+
+def test_the_cost_gradient_reaches_every_live_channel_only():
+    model = models.LeNet5(prune=True)
+    specs = cost.layer_specs(model, X)
+    params = _remove(_params(model), "conv1", [1])
+    grad = jax.grad(lambda p: cost.bops(p, specs))(params)["conv1"]["weight_quantizer"]
+    assert np.all(np.asarray(grad[1]) == 0.0)
+    assert np.all(np.asarray(grad[[0, 2, 3, 4, 5], 0]) < 0.0)  # a finer step costs more
+
+
+class _Residual(nn.Module):
+    """conv a -> relu -> conv b, plus a's output -> relu -> pool -> flatten -> dense."""
+
+    clip_low: float = 0.0
+
+    @nn.compact
+    def __call__(self, x):
+        opts = {"per_channel": True, "prune": True, "input_signed": True}
+        a = nn.relu(qnn.QuantConv(4, (3, 3), padding="SAME", name="a", **opts)(x))
+        b = qnn.QuantConv(4, (1, 1), name="b", **opts)(a)
+        y = jnp.clip(a + b, self.clip_low, 6.0)
+        y = nn.max_pool(y, (2, 2), strides=(2, 2))
+        return qnn.QuantDense(3, name="head", input_signed=True)(jnp.reshape(y, (y.shape[0], -1)))
+
+
+def test_sources_follow_residual_adds_pools_and_flattens():
+    specs = cost.layer_specs(_Residual(), jnp.zeros((1, 8, 8, 1)))
+    a, b = 0, 4  # global channel numbers: a's outputs are 0-3, b's 4-7 (channels.offsets)
+    assert specs[1].input_sources == tuple((a + c,) for c in range(4))
+    head = specs[2].input_sources
+    assert len(head) == 4 * 4 * 4
+    assert head[:4] == tuple((a + c, b + c) for c in range(4))  # the add's union
+    # A clip whose low bound is above 0 makes every channel nonzero: nothing is removable.
+    specs = cost.layer_specs(_Residual(clip_low=0.5), jnp.zeros((1, 8, 8, 1)))
+    assert set(specs[2].input_sources) == {(channels.ALWAYS,)}
+
+
+def test_an_input_channel_dies_only_when_all_its_sources_do():
+    model = _Residual()
+    x = jnp.zeros((1, 8, 8, 1))
+    specs = cost.layer_specs(model, x)
+    params = model.init(jax.random.key(0), x)["params"]
+    params = _remove(params, "b", [0, 1])
+    live_in = cost.live_channels(params, specs)[2][0]
+    assert live_in.sum() == 4 * 4 * 4  # a's channels still feed the sum
+    params = _remove(params, "a", [0])
+    live_in, _ = cost.live_channels(params, specs)[2]
+    assert live_in.reshape(4, 4, 4)[..., 0].sum() == 0 and live_in.sum() == 4 * 4 * 3
+
+
+# --------------------------------------------------------------------------- the constraint
+
+
+def _lenet_setup(lenet_calibration):
+    model = models.LeNet5(prune=True)
+    specs = cost.layer_specs(model, X)
+    float_params = models.LeNet5(quantized=False).init(jax.random.key(0), X)["params"]
+    params = qnn.init_quantizers(model, float_params, lenet_calibration)
+    return model, specs, params
+
+
+@pytest.fixture(scope="module")
+def lenet_calibration():
+    return jax.random.uniform(jax.random.key(1), (16, 28, 28, 1), jnp.float32)
+
+
+def test_a_budget_below_the_unpruned_minimum_is_feasible_only_by_pruning(lenet_calibration):
+    _, specs, params = _lenet_setup(lenet_calibration)
+    unpruned_minimum = cost.min_cost(cost.layer_specs(models.LeNet5(), X))
+    budget = unpruned_minimum // 2
+    cost_fn = lambda p: cost.bops(p, specs)  # noqa: E731
+    cgmq_jax.constrained_update(cost_fn, budget, prunable=cost.prunable_quantizers(specs)).init(
+        params
+    )
+    with pytest.raises(certify.InfeasibleBudgetError):  # without the mask: the old floors
+        cgmq_jax.constrained_update(cost_fn, budget).init(params)
+    with pytest.raises(certify.InfeasibleBudgetError, match=f"{cost.min_cost(specs):,}"):
+        certify.check_budget(cost.min_cost(specs) - 1, specs)
+
+
+@pytest.mark.slow  # compiles a 150-step scan
+def test_the_constraint_prunes_to_the_budget_and_stays_within_it(lenet_calibration):
+    _, specs, params = _lenet_setup(lenet_calibration)
+    budget = 300_000  # below the unpruned minimum, 563,280
+    cost_fn = lambda p: cost.bops(p, specs)  # noqa: E731
+    tx = cgmq_jax.constrained_update(cost_fn, budget, prunable=cost.prunable_quantizers(specs))
+    state = tx.init(params)
+
+    def step(carry, key):
+        params, state = carry
+        noise = jax.tree.map(
+            lambda x: 1e-2 * jax.random.normal(key, jnp.shape(x), jnp.float32), params
+        )
+        updates, state = tx.update(noise, state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, state), cost_fn(params)
+
+    (params, _), costs = jax.jit(
+        lambda p, s: jax.lax.scan(step, (p, s), jax.random.split(jax.random.key(0), 150))
+    )(params, state)
+    costs = np.asarray(costs)
+    first = int(np.argmax(costs <= budget))
+    assert costs[first] <= budget and np.all(costs[first:] <= budget)
+    assert cost.exact_bops(params, specs) == costs[-1] <= budget
+    rows = cost.layer_table(params, specs)
+    assert any(row["live_channels"] < row["channels"] for row in rows)  # it pruned
+    assert all(row["live_channels"] >= 1 for row in rows)
+
+
+def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
+    _, specs, params = _lenet_setup(lenet_calibration)
+    params = _remove(params, "conv2", range(8))
+    budget = cost.exact_bops(params, specs) + 200_000
+    filled, steps = certify.greedy_fill(params, specs, budget)
+    assert steps > 0
+    assert cost.exact_bops(filled, specs) <= budget
+    rows = {row["layer"]: row for row in cost.layer_table(filled, specs)}
+    assert rows["conv2"]["live_channels"] == 8
+
+
+# --------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": "ptq"}, "--method cgmq only"),
+        ({"trades": True}, "default guard only"),
+        ({"admission": "within_bits"}, "default guard only"),
+        ({"model": "dscnn"}, "no pruning option"),
+    ],
+)
+def test_prune_refuses_what_it_does_not_support(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(prune=True, **fields).validate()
+
+
+def test_without_prune_models_are_todays():
+    assert models.get_model("lenet5") == models.LeNet5()
+    specs = cost.layer_specs(models.get_model("lenet5"), X)
+    assert all(spec.input_sources is None and not spec.prune for spec in specs)
+    assert cost.prunable_quantizers(specs) is None
