@@ -106,7 +106,8 @@ def _same_costs(pruned_params, pruned_specs, small_model):
     assert float(cost.weight_memory(pruned_params, pruned_specs)) == small["weight_memory_bits"]
     assert float(cost.activation_memory(pruned_params, pruned_specs)) == small["activation_bits"]
     rows = cost.layer_table(pruned_params, pruned_specs)
-    for row, small_row in zip(rows, cost.layer_table(_params(small_model), small_specs)):
+    small_rows = cost.layer_table(_params(small_model), small_specs)
+    for row, small_row in zip(rows, small_rows, strict=True):
         assert (row["macs"], row["bops"]) == (small_row["macs"], small_row["bops"])
         assert row["weight_memory_bits"] == small_row["weight_memory_bits"]
 
