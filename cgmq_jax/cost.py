@@ -189,8 +189,8 @@ def prunable_quantizers(specs):
     def name(key):
         return getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
 
-    def mask(params):
-        return jax.tree_util.tree_map_with_path(
+    def mask(params):  # linen parameters, or an NNX state (a variable is one leaf)
+        return quantizer._map_variables_with_path(
             lambda path, _: tuple(name(k) for k in path) in paths, params
         )
 

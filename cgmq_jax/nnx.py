@@ -224,8 +224,15 @@ class _QuantizedLayer:
         )
         return (
             operands.quantize_tensor(input_theta, x, signed=signed),
-            operands.quantize_tensor(weight_theta, kernel, signed=True),
+            operands.quantize_tensor(weight_theta, kernel, signed=True, prune=self.prune),
         )
+
+    def _masked_bias(self):
+        """The bias, with a removed channel's entry 0 when the layer prunes (as in linen)."""
+        bias = self.bias[...] if self.bias is not None else None
+        if bias is None or not self.prune:
+            return bias
+        return bias * operands.live_channels(self.weight_quantizer[...])
 
     def _observe(self, inputs: jax.Array) -> _Observation:
         x = jnp.asarray(inputs, jnp.float32)
@@ -307,7 +314,7 @@ class QuantLinear(_QuantizedLayer, nnx.Linear):
     def _quantized_call(self, inputs: jax.Array, out_sharding):
         x, kernel = self._quantized_operands(inputs, self._kernel())
         quantized_input = x
-        bias = self.bias[...] if self.bias is not None else None
+        bias = self._masked_bias()
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
         y = self.dot_general(
             x,
@@ -371,9 +378,14 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
                 "Mask needs to have the same shape as weights. "
                 f"Shapes are: {self.mask.shape}, {self.kernel_shape}"
             )
+        if self.prune and self.feature_group_count != 1:
+            raise ValueError(
+                "prune=True needs feature_group_count=1 (a grouped or depthwise "
+                "convolution's channels follow its input's; prune the layer before it)"
+            )
         x, kernel = self._quantized_operands(inputs, self._kernel())
         quantized_input = x
-        bias = self.bias[...] if self.bias is not None else None
+        bias = self._masked_bias()
         if geometry["pre_padding"] is not None:
             pads = [(0, 0), *geometry["pre_padding"], (0, 0)]
             x = jnp.pad(x, pads, mode=geometry["pad_mode"])
@@ -501,7 +513,10 @@ def layer_specs(model: nnx.Module, *args, **kwargs) -> tuple[cost.LayerSpec, ...
             "model.set_attributes(quantize=True) before layer_specs"
         )
     modules = dict(nnx.iter_modules(model))
-    return tuple(_spec(path, modules[path], macs, sizes) for path, _, macs, sizes in calls)
+    specs = tuple(_spec(path, modules[path], macs, sizes) for path, _, macs, sizes in calls)
+    if any(spec.prune for spec in specs):  # the channels it keeps follow the op graph
+        specs = cost.with_sources(specs, graph.trace(model, *args, **kwargs))
+    return specs
 
 
 def _refuse_plain_layers(model: nnx.Module) -> None:
@@ -530,6 +545,7 @@ def _spec(path: tuple, layer, macs: int, sizes: dict) -> cost.LayerSpec:
         input_bits=layer.input_bits,
         weight_bits=layer.weight_bits,
         channels=layer.kernel.shape[-1] if layer.per_channel else 1,
+        prune=layer.prune,
         **sizes,
     )
 

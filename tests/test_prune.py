@@ -277,3 +277,85 @@ def test_without_prune_models_are_todays():
     specs = cost.layer_specs(models.get_model("lenet5"), X)
     assert all(spec.input_sources is None and not spec.prune for spec in specs)
     assert cost.prunable_quantizers(specs) is None
+
+
+# --------------------------------------------------------------------------- quantize_model, NNX
+
+
+class _PlainNet(nn.Module):
+    """A user's own linen model: conv -> relu -> pool -> flatten -> dense -> dense."""
+
+    channels: int = 6
+    hidden: int = 20
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(nn.Conv(self.channels, (5, 5), name="conv")(x)), (2, 2), (2, 2))
+        x = nn.relu(nn.Dense(self.hidden, name="fc")(jnp.reshape(x, (x.shape[0], -1))))
+        return nn.Dense(10, name="head")(x)
+
+
+def test_quantize_model_rules_prune_a_users_own_model():
+    from cgmq_jax import rules
+
+    prune = rules.QuantRule(module_path="conv|fc", input_signed=False, per_channel=True, prune=True)
+    model = rules.quantize_model(_PlainNet(), [prune, rules.QuantRule(input_signed=False)])
+    specs = cost.layer_specs(model, X)
+    assert [spec.prune for spec in specs] == [True, True, False]
+    params = _remove(model.init(jax.random.key(0), X)["params"], "conv", [0, 1])
+    params = _remove(params, "fc", range(5))
+    unsigned = rules.QuantRule(input_signed=False)
+    small = rules.quantize_model(_PlainNet(channels=4, hidden=15), unsigned)
+    _same_costs(params, specs, small)
+    np.testing.assert_array_equal(  # the removed conv channels' outputs are 0 everywhere
+        cost.live_channels(params, specs)[1][0].reshape(-1, 6)[0], [False] * 2 + [True] * 4
+    )
+
+
+def test_nnx_layers_prune_and_cost_what_a_smaller_network_costs():
+    from flax import nnx
+
+    from cgmq_jax import nnx as cnnx
+
+    class Net(nnx.Module):
+        def __init__(self, channels, hidden, prune, rngs):
+            opts = {"input_signed": False, "per_channel": prune, "prune": prune}
+            self.conv = cnnx.QuantConv(1, channels, (5, 5), strides=2, rngs=rngs, **opts)
+            self.fc = cnnx.QuantLinear(14 * 14 * channels, hidden, rngs=rngs, **opts)
+            self.head = cnnx.QuantLinear(hidden, 10, input_signed=False, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.conv(x))
+            return self.head(nnx.relu(self.fc(jnp.reshape(x, (x.shape[0], -1)))))
+
+    images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+    model = Net(6, 20, True, nnx.Rngs(0))
+    cnnx.calibrate(model, images)
+    specs = cnnx.layer_specs(model, images[:1])
+    state = nnx.state(model, nnx.Param)
+    mask = cost.prunable_quantizers(specs)(state)
+    flags = {
+        "/".join(map(str, path)): bool(leaf.get_value())
+        for path, leaf in nnx.to_flat_state(mask)
+        if "quantizer" in str(path[-1])
+    }
+    assert flags == {
+        "conv/weight_quantizer": True,
+        "conv/input_quantizer": False,
+        "fc/weight_quantizer": True,
+        "fc/input_quantizer": False,
+        "head/weight_quantizer": False,
+        "head/input_quantizer": False,
+    }
+    leaf = model.conv.weight_quantizer[...]
+    model.conv.weight_quantizer[...] = leaf.at[:2].set(
+        quantizer.at_min_bitwidth(leaf[:2], prune=True)
+    )
+    out = model.conv(images)
+    np.testing.assert_array_equal(out[..., :2], np.zeros_like(out[..., :2]))
+    small = Net(4, 20, False, nnx.Rngs(0))
+    cnnx.calibrate(small, images)
+    small_specs = cnnx.layer_specs(small, images[:1])
+    assert cost.exact_costs(nnx.state(model, nnx.Param), specs) == cost.exact_costs(
+        nnx.state(small, nnx.Param), small_specs
+    )
