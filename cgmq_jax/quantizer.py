@@ -62,7 +62,7 @@ def levels(d: ArrayLike, q_max: ArrayLike, *, prune: bool = False) -> jax.Array:
     """Number of positive levels ``n = max(round(q_max / d_q), 1)`` (float, no gradient).
 
     With ``prune`` (a per-channel weight quantizer that may remove channels, docs/method.md
-    section 11) the floor is 0 instead of 1: ``n = round(q_max / d_q)``, and a channel with
+    section 12) the floor is 0 instead of 1: ``n = round(q_max / d_q)``, and a channel with
     ``n == 0`` is removed (0 bits, all its codes 0). One channel always stays: where every
     entry of ``d`` / ``q_max`` (the channels of one layer) has ``n == 0``, the first one with
     the largest ``q_max / d_q`` keeps ``n = 1``.
