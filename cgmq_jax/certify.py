@@ -105,9 +105,12 @@ def require_feasible(budget: float, minimum: int, *, name: str | None = None) ->
 
 
 def _set_bits(theta: jax.Array, bits: int, *, signed: bool) -> jax.Array:
-    """The leaf with ``q_max`` at the largest value that gives ``bits`` bits at the same step."""
+    """The leaf with ``q_max`` at the largest value that gives ``bits`` bits at the same step
+    (0 bits: a removed channel of a pruning layer, ``q_max = d_q / 4``)."""
     d, _ = quantizer.from_latents(theta)
     d_q = quantizer.power_of_two_step(d)
+    if bits == 0:
+        return theta.at[..., 1].set(jnp.log2(d_q) + quantizer.PRUNED_RANGE_LOG2)
     top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     return theta.at[..., 1].set(jnp.log2(top * d_q))
 
@@ -319,8 +322,18 @@ def _one_bit_each(specs, table):
 
 
 def _decrements(specs, table):
-    """Every one-bit decrement of a learned quantizer above its floor, with its savings."""
-    return (d for bits, floor, d in _one_bit_each(specs, table) if bits > floor)
+    """Every one-bit decrement of a learned quantizer above its floor, with its savings; in
+    a pruning layer with more than one live channel, also each channel at its floor
+    removed (its savings here are its own layer's: the next layer's, on its output, come
+    on top, and the repair's loop recounts every step exactly)."""
+    for bits, floor, d in _one_bit_each(specs, table):
+        if bits > floor:
+            yield d
+        elif d.channel is not None and specs[d.index].prune and bits == floor:
+            if table[d.index]["live_channels"] > 1:
+                yield dataclasses.replace(
+                    d, bits=0, savings={k: v * floor for k, v in d.savings.items()}
+                )
 
 
 def one_more_bit_bops(specs, table) -> int | None:

@@ -1,4 +1,4 @@
-"""Pruning as the 0-bit choice (docs/method.md section 11): the quantizer, the layers, the
+"""Pruning as the 0-bit choice (docs/method.md section 12): the quantizer, the layers, the
 live-channel cost against physically smaller networks, the constraint, the config."""
 
 from __future__ import annotations
@@ -359,3 +359,53 @@ def test_nnx_layers_prune_and_cost_what_a_smaller_network_costs():
     assert cost.exact_costs(nnx.state(model, nnx.Param), specs) == cost.exact_costs(
         nnx.state(small, nnx.Param), small_specs
     )
+
+
+@pytest.mark.slow
+def test_a_prune_run_below_the_unpruned_minimum_is_repaired_and_certified_over_live_channels(
+    tmp_path, tiny_mnist, monkeypatch, standard_promotion_fixture
+):
+    import json
+
+    from conftest import load_cli
+
+    from cgmq_jax import data
+
+    monkeypatch.setattr(data, "load", lambda *a, **k: tiny_mnist)
+    budget = 450_000  # the unpruned LeNet-5's minimum is 563,280
+    flags = ["--epochs", "4", "--pretrain_epochs", "2", "--batch_size", "32", "--lr", "3e-3"]
+    flags += ["--budget_bops", str(budget), "--prune", "--out", str(tmp_path / "p")]
+    assert load_cli("mnist").main(flags) == 0
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    rows = results["certificate"]["layers"]
+    assert results["bops"] == sum(row["bops"] for row in rows) <= budget
+    assert results["flags"]["prune"] is True
+    assert any(row["live_channels"] < row["channels"] for row in rows)
+    for row in rows:  # a removed channel has 0 bits; the live ones carry the MACs
+        bits = row["weight_bits"]
+        if isinstance(bits, list):
+            assert sum(b > 0 for b in bits) == row["live_channels"]
+            assert row["bops"] == row["channel_macs"] * sum(bits) * row["input_bits"]
+        else:
+            assert row["bops"] == row["macs"] * bits * row["input_bits"]
+    # 48 QAT steps do not reach the budget: the repair does, removing channels (the
+    # repair's removals: tests above; the constraint's: the 150-step scan).
+    assert not any(row["within_budget"] for row in results["history"] if row["phase"] == "qat")
+
+
+@pytest.mark.slow  # about 1,400 repair steps
+def test_the_repair_removes_channels_when_the_floors_are_over_the_budget(lenet_calibration):
+    _, specs, params = _lenet_setup(lenet_calibration)
+    params = certify.greedy_repair(params, specs, 10**9)[0]  # (nothing to do at 8 bits)
+    low = jax.tree_util.tree_map_with_path(  # every quantizer at its floor, nothing removed
+        lambda path, leaf: quantizer.at_min_bitwidth(leaf)
+        if quantizer.is_quantizer_path(path)
+        else leaf,
+        params,
+    )
+    budget = 400_000  # below the unpruned minimum, 563,280
+    repaired, steps = certify.greedy_repair(low, specs, budget)
+    assert 0 < steps and cost.exact_bops(repaired, specs) <= budget
+    rows = cost.layer_table(repaired, specs)
+    assert any(row["live_channels"] < row["channels"] for row in rows)
+    assert all(row["live_channels"] >= 1 for row in rows)
