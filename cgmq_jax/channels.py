@@ -1,6 +1,6 @@
 """Which channels a pruned network still computes: sources through the graph, live counts.
 
-With pruning (:class:`cgmq_jax.nn.QuantOptions` ``prune=True``, docs/method.md section 11)
+With pruning (:class:`cgmq_jax.nn.QuantOptions` ``prune=True``, docs/method.md section 12)
 a per-channel weight quantizer at 0 bits removes its output channel: its codes and its bias
 are 0, so the channel's output is exactly 0 everywhere. Every op the integer export runs
 maps an all-zero channel to an all-zero channel (ReLU, a clip whose range holds 0, max and
@@ -19,6 +19,7 @@ cost): the two share this one function.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -154,6 +155,7 @@ def offsets(layers) -> tuple[int, ...]:
     return tuple(int(x) for x in np.cumsum([0, *sizes[:-1]]))
 
 
+@functools.lru_cache(maxsize=256)
 def _index_matrix(sources: tuple, start: int) -> np.ndarray:
     """``(K, S)`` indices into ``[live outputs of the layers before, True, False]`` (of
     length ``start + 2``): the sources of each input channel, padded with the ``False``."""
@@ -162,6 +164,7 @@ def _index_matrix(sources: tuple, start: int) -> np.ndarray:
     for k, tokens in enumerate(sources):
         for j, token in enumerate(tokens):
             matrix[k, j] = start if token == ALWAYS else token
+    matrix.flags.writeable = False  # cached: shared by every call
     return matrix
 
 
