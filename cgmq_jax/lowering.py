@@ -7,11 +7,11 @@ to their integer codes and the float biases to integers (the one float-to-intege
 and writes the file with :func:`cgmq_jax.export.format.save` (which validates it first).
 :func:`build` is the same without the file, :func:`differences` compares a file with a
 re-derivation, and :func:`compare_with_model` runs the file next to the JAX fake-quant
-model.
+model. A pruned model's file holds its live channels only (:mod:`cgmq_jax.compaction`).
 
 This is library core: it imports :mod:`cgmq_jax.graph`, :mod:`cgmq_jax.cost`,
-:mod:`cgmq_jax.nn`, :mod:`cgmq_jax.quantizer` and the numpy-only :mod:`cgmq_jax.export`,
-never the run harness. Exporting a trainer's run directory is
+:mod:`cgmq_jax.compaction`, :mod:`cgmq_jax.nn`, :mod:`cgmq_jax.quantizer` and the
+numpy-only :mod:`cgmq_jax.export`, never the run harness. Exporting a trainer's run directory is
 :mod:`cgmq_jax.runs.export_run`. (``cgmq_jax.export.writer`` is a deprecated alias of
 this module.) It runs a little over 600 lines: :func:`export` documents both bias schemes
 in full, and the input checks name the user's mistake.
@@ -131,8 +131,9 @@ def _conv_geometry(layer) -> dict:
     }
 
 
-def _layer_facts(params, layer) -> _LayerFacts:
-    from cgmq_jax import cost
+def _layer_facts(params, layer, cut=None) -> _LayerFacts:
+    """A layer's facts; with a :class:`cgmq_jax.compaction.Cut`, of its live channels only."""
+    from cgmq_jax import compaction, cost
     from cgmq_jax import nn as qnn
 
     node = params
@@ -150,6 +151,8 @@ def _layer_facts(params, layer) -> _LayerFacts:
         node["weight_quantizer"], options.weight_bits, signed=True
     )
     weight_theta = np.asarray(weight_theta, np.float32).reshape(-1, 2)
+    if cut is not None and options.per_channel:
+        weight_theta = weight_theta[cut.live_out]
     where = f"layer {layer.name!r}"
     kernel = np.asarray(node["kernel"], np.float32)
     if getattr(layer.module, "mask", None) is not None:
@@ -158,7 +161,7 @@ def _layer_facts(params, layer) -> _LayerFacts:
         bias = np.asarray(node["bias"], np.float32).astype(np.float64)
     else:
         bias = np.zeros(kernel.shape[-1], np.float64)
-    return _LayerFacts(
+    facts = _LayerFacts(
         name=layer.name,
         kind=layer.kind,
         weight=[_quantizer_facts(t, signed=True, where=where) for t in weight_theta],
@@ -171,6 +174,7 @@ def _layer_facts(params, layer) -> _LayerFacts:
         output_shape=[int(n) for n in layer.output_shape[1:]],
         geometry=_conv_geometry(layer) if layer.kind == "conv" else {},
     )
+    return facts if cut is None else compaction.cut_layer(facts, cut)
 
 
 def _next_quantizers(ops, start: int, facts: dict[int, _LayerFacts]) -> list[int] | None:
@@ -337,7 +341,8 @@ def export(
         layer that is not quantized (:class:`cgmq_jax.graph.UnsupportedOp`, naming the op,
         the module path and class, and what to do); parameters that do not fit
         ``input_shape`` (naming the layer); a non-finite parameter (the run diverged,
-        naming its path); a quantizer whose step is not a power of two.
+        naming its path); a quantizer whose step is not a power of two; a pruned network
+        an op of which needs channels one operand removed (:mod:`cgmq_jax.compaction`).
     """
     header, arrays = build(
         params,
@@ -370,7 +375,7 @@ def build(
     import jax
     import jax.numpy as jnp
 
-    from cgmq_jax import graph
+    from cgmq_jax import compaction, graph
 
     if bias_scheme not in BIAS_SCHEMES:
         raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
@@ -379,7 +384,12 @@ def build(
     sample = jax.ShapeDtypeStruct((graph.TRACE_BATCH, *input_shape), jnp.float32)
     traced = _trace(model, sample, params, input_shape, call_kwargs)
     ops, output = graph.ops(traced)
-    facts = {i: _layer_facts(params, layer) for i, layer in enumerate(traced.layers)}
+    cuts = compaction.plan(model, params, traced, ops, sample, call_kwargs)  # None: no pruning
+    ops = ops if cuts is None else cuts.ops
+    facts = {
+        i: _layer_facts(params, layer, None if cuts is None else cuts.layers[i])
+        for i, layer in enumerate(traced.layers)
+    }
     order = [op.layer for op in ops if op.op in LAYER_OPS]
     if sorted(order) != list(range(len(traced.layers))) or order != sorted(order):
         raise ValueError("every quantized layer must run once, in call order")
@@ -400,6 +410,8 @@ def build(
     header["bias_scheme"] = bias_scheme
     if certificate is not None:
         header["certificate"] = {key: certificate[key] for key in CERTIFIED if key in certificate}
+        if cuts is not None:
+            header["certificate"] = compaction.certificate(header["certificate"], cuts.layers)
     if metadata is not None:
         header["metadata"] = metadata
     return header, arrays
@@ -601,6 +613,9 @@ def compare_with_model(
         raise ValueError(f"inputs are not exact multiples of 2**{exponent}")
     integers = integers.astype(np.int64)
     names = {layer["name"]: i for i, layer in enumerate(exported.layers)}
+    from cgmq_jax import compaction
+
+    spread = compaction.Spread(lambda: _model_and_params(model, params), header["input"]["shape"])
     int_pred, jax_pred, mismatches, max_logit = [], [], {}, 0.0
     for start in range(0, len(images), batch_size):
         stop = start + batch_size
@@ -615,6 +630,7 @@ def compare_with_model(
         max_logit = max(max_logit, float(np.max(np.abs(scaled_logits - logits), initial=0.0)))
         for name, ours in int_codes.items():
             step = 2.0 ** exported.layers[names[name]]["input_exponent"]
+            ours = spread(name, ours, np.size(codes[name]))  # a pruned model's file: 0s back
             theirs = np.asarray(codes[name], np.float64).reshape(ours.shape) / step
             theirs = np.round(theirs).astype(np.int64)  # exact: Q(x) is a multiple of step
             row = mismatches.setdefault(name, [0, 0, 0])

@@ -57,6 +57,7 @@ CORE = (
     "cgmq_jax.export.engine",
     "cgmq_jax.export.c",
     LOWERING,
+    "cgmq_jax.compaction",
 )
 NUMPY_ONLY = (
     "cgmq_jax.export",

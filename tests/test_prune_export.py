@@ -1,0 +1,308 @@
+"""The export of a pruned network (cgmq_jax.compaction): only live channels are stored.
+
+A LeNet-5 with ``prune=True``, calibrated on a few synthetic images, with channels removed
+in conv1, conv2 and fc1 (a conv2 channel removes 16 of fc1's flattened features): its file
+is an ordinary smaller network whose recount is the pruned cost, whose integer engine
+agrees with the JAX model (which masks the removed channels' biases) code for code, and
+whose C code is bit-exact. Residual adds and depthwise convolutions after pruned layers:
+exported when exact, refused by name when not. No data download; random biases (a removed
+channel's stored bias is nonzero, so its mask matters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import strict_promotion
+
+from cgmq_jax import certify, compaction, cost, lowering, models, quantizer
+from cgmq_jax import export as ex
+from cgmq_jax import nn as qnn
+from cgmq_jax.nn import QuantConv, QuantDense
+
+#: The output channels removed, by layer.
+REMOVED = {"conv1": [1, 4], "conv2": [0, 5, 11], "fc1": [3, 50, 100]}
+
+
+def _images(n, shape, seed):
+    """Exact multiples of 2**-8 in [0, 1): integer pixels / 256."""
+    ints = np.random.default_rng(seed).integers(0, 256, (n, *shape))
+    return (ints / 256.0).astype(np.float32)
+
+
+def _random_biases(params, seed, scale=0.1):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: (
+            jnp.asarray(rng.normal(0.0, scale, v.shape), jnp.float32)
+            if path[-1].key == "bias"
+            else v
+        ),
+        params,
+    )
+
+
+def _remove(params, layer, channels):
+    """``params`` with these output channels of ``layer`` removed (``n = 0``)."""
+    leaf = params[layer]["weight_quantizer"]
+    rows = jnp.asarray(channels)
+    leaf = leaf.at[rows].set(quantizer.at_min_bitwidth(leaf[rows], prune=True))
+    return {**params, layer: {**params[layer], "weight_quantizer": leaf}}
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    """LeNet-5 (prune=True), calibrated on 8 synthetic images, biases random; ``params``
+    with :data:`REMOVED` removed, ``full`` with every channel kept."""
+    model = models.LeNet5(prune=True)
+    images = jnp.asarray(_images(8, (28, 28, 1), seed=0))
+    with strict_promotion():
+        float_params = models.LeNet5(quantized=False).init(jax.random.key(0), images[:1])
+        full = qnn.init_quantizers(model, float_params["params"], images)
+        full = _random_biases(full, seed=1)
+        params = full
+        for layer, channels in REMOVED.items():
+            params = _remove(params, layer, channels)
+        specs = cost.layer_specs(model, images[:1])
+    return {"model": model, "params": params, "full": full, "specs": specs}
+
+
+@pytest.fixture(scope="module")
+def exported(lenet, tmp_path_factory):
+    """The pruned LeNet-5's file, with the trainer's certificate."""
+    certificate = certify.certify(lenet["params"], lenet["specs"], 2e7)
+    path = tmp_path_factory.mktemp("pruned") / "lenet.npz"
+    with strict_promotion():
+        lowering.export(lenet["params"], lenet["model"], path, certificate=certificate)
+    return ex.load(path)
+
+
+def test_the_file_holds_only_live_channels(exported):
+    shapes = {
+        layer["name"]: (layer["input_shape"], layer["kernel_shape"], layer["output_shape"])
+        for layer in exported.layers
+    }
+    assert shapes == {
+        "conv1": ([28, 28, 1], [5, 5, 1, 4], [24, 24, 4]),
+        "conv2": ([12, 12, 4], [5, 5, 4, 13], [8, 8, 13]),
+        "fc1": ([208], [208, 117], [117]),  # 13 channels x 4 x 4 positions
+        "fc2": ([117], [117, 84], [84]),
+        "fc3": ([84], [84, 10], [10]),
+    }
+    assert [op["shape"] for op in exported.ops if op["op"] == "reshape"] == [[208]]
+    for layer in exported.layers:
+        assert list(exported.arrays[layer["weight_key"]].shape) == layer["kernel_shape"]
+        assert list(exported.arrays[layer["bias_key"]].shape) == [layer["kernel_shape"][-1]]
+        levels = layer["weight_levels"]
+        if layer["per_channel"]:
+            assert len(levels) == layer["kernel_shape"][-1] and min(levels) >= 1
+    macs = [layer["macs"] for layer in exported.layers]
+    assert macs == [24 * 24 * 4 * 25, 8 * 8 * 13 * 25 * 4, 208 * 117, 117 * 84, 84 * 10]
+
+
+def test_the_recount_is_the_pruned_cost_and_matches_the_certificate(lenet, exported):
+    costs = cost.exact_costs(lenet["params"], lenet["specs"])
+    counted = ex.count_bops(exported)
+    assert {name: counted[name] for name in costs} == costs
+    assert counted["matches_certificate"] is True
+    rows = cost.layer_table(lenet["params"], lenet["specs"])
+    assert [row["macs"] for row in counted["layers"]] == [row["macs"] for row in rows]
+    assert [row["bops"] for row in counted["layers"]] == [row["bops"] for row in rows]
+    # The header's certificate rows: the live channels' bits, no pruning keys.
+    header_rows = exported.header["certificate"]["layers"]
+    assert header_rows[1]["weight_bits"] == [b for b in rows[1]["weight_bits"] if b]
+    assert len(header_rows[1]["weight_bits"]) == 13
+    assert not any(set(compaction.PRUNED_ROW_KEYS) & set(row) for row in header_rows)
+
+
+@pytest.mark.parametrize("where", ["removed", "live"])
+def test_a_certificate_that_differs_still_differs(lenet, tmp_path, where):
+    """Dropping the removed channels' 0s does not hide a certificate that disagrees: a
+    removed channel claimed at 2 bits, or a live one at other bits, no longer matches."""
+    certificate = certify.certify(lenet["params"], lenet["specs"], 2e7)
+    bits = certificate["layers"][1]["weight_bits"]
+    channel = REMOVED["conv2"][0] if where == "removed" else 1
+    assert (bits[channel] == 0) == (where == "removed")
+    bits[channel] = 2 if where == "removed" else bits[channel] + 1
+    with strict_promotion():
+        path = lowering.export(
+            lenet["params"], lenet["model"], tmp_path / "m.npz", certificate=certificate
+        )
+    assert ex.count_bops(path)["matches_certificate"] is False
+
+
+def test_the_integer_engine_agrees_with_the_jax_model(lenet, exported):
+    images = _images(48, (28, 28, 1), seed=2)
+    with strict_promotion():
+        result = lowering.compare_with_model(exported, lenet["params"], lenet["model"], images)
+    assert result["agree"] == 48
+    assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
+    # The codes are compared over every channel of the model (0 at the removed ones).
+    assert result["code_mismatches"]["conv2"][1] == 48 * 12 * 12 * 6
+    assert result["code_mismatches"]["fc1"][1] == 48 * 256  # 16 channels x 4 x 4
+    assert result["max_logit_difference"] < 1e-3
+    with strict_promotion():
+        logits = lenet["model"].apply({"params": lenet["params"]}, jnp.asarray(images))
+    ints, exponent = ex.run_integer(exported, np.round(images * 256).astype(np.int64))
+    np.testing.assert_array_equal(np.argmax(ints, -1), np.argmax(np.asarray(logits), -1))
+    scaled = ints * 2.0**exponent / exported.header["output"]["divisor"]
+    assert np.max(np.abs(scaled - np.asarray(logits))) < 1e-3
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on the PATH")
+def test_the_c_code_compiles_warning_free_and_is_bit_exact(exported, tmp_path):
+    from cgmq_jax.export import c as emit
+
+    program = emit.emit_c(exported, tmp_path / "c")  # compiled with -Wall -Wextra -Werror
+    x = np.random.default_rng(3).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+    x = np.concatenate([x, np.zeros_like(x[:1]), np.full_like(x[:1], 255)])
+    expected = ex.run_integer(exported, x)[0].reshape(len(x), -1)
+    np.testing.assert_array_equal(emit.compile_and_run(program, x), expected)
+    assert program.weight_bits == exported.facts.weight_memory_bits
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nothing_removed_exports_as_without_compaction(lenet, tmp_path, monkeypatch):
+    """A pruning model with every channel kept: the same bytes as with no compaction at all,
+    and an unpruned model never consults it."""
+    with strict_promotion():
+        kept = lowering.export(lenet["full"], lenet["model"], tmp_path / "a.npz")
+        monkeypatch.setattr(compaction, "plan", lambda *args: None)
+        plain = lowering.export(lenet["full"], lenet["model"], tmp_path / "b.npz")
+    assert _sha(kept) == _sha(plain)
+    monkeypatch.setattr(compaction, "_live", lambda *args: pytest.fail("consulted"))
+    model = models.MLP(hidden=(6,))
+    with strict_promotion():
+        params = model.init(jax.random.key(0), jnp.asarray(_images(2, (28, 28, 1), 4)))
+        path = lowering.export(params["params"], model, tmp_path / "mlp.npz")
+        images = _images(4, (28, 28, 1), seed=5)
+        result = lowering.compare_with_model(path, params["params"], model, images)
+    assert result["agree"] == 4
+
+
+# --------------------------------------------------------------------------- other graphs
+
+
+class Residual(nn.Module):
+    """conv a -> relu -> conv b (SAME) -> relu, added to a's; flatten; dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = {"per_channel": True, "prune": True, "input_signed": False}
+        a = nn.relu(QuantConv(4, (3, 3), padding="SAME", name="a", **hidden)(x))
+        b = nn.relu(QuantConv(4, (3, 3), padding="SAME", name="b", **hidden)(a))
+        y = a + b
+        return QuantDense(3, name="fc")(jnp.reshape(y, (y.shape[0], -1)))
+
+
+class Depthwise(nn.Module):
+    """conv (pruning) -> relu -> depthwise conv (not pruning) -> relu; flatten; dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = {"per_channel": True, "prune": True, "input_signed": False}
+        x = nn.relu(QuantConv(4, (3, 3), name="conv", **hidden)(x))
+        x = QuantConv(4, (3, 3), feature_group_count=4, input_signed=False, name="dw")(x)
+        x = nn.relu(x)
+        return QuantDense(3, name="fc")(jnp.reshape(x, (x.shape[0], -1)))
+
+
+def _small(model, seed):
+    images = _images(16, (8, 8, 1), seed)
+    with strict_promotion():
+        params = model.init(jax.random.key(seed), jnp.asarray(images))["params"]
+    return _random_biases(params, seed, scale=0.3), images
+
+
+def _export_and_compare(model, params, images, path):
+    with strict_promotion():
+        lowering.export(params, model, path, input_shape=(8, 8, 1))
+        result = lowering.compare_with_model(path, params, model, images)
+        specs = cost.layer_specs(model, jnp.asarray(images[:1]), params=params)
+    assert result["agree"] == len(images)
+    assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
+    costs = cost.exact_costs(params, specs)
+    assert {name: ex.count_bops(path)[name] for name in costs} == costs
+    return ex.load(path)
+
+
+def test_a_residual_add_of_differently_pruned_tensors_is_refused(tmp_path):
+    params, images = _small(Residual(), seed=6)
+    params = _remove(params, "b", [1])  # b's channel 1 is 0, a's is not: the sum keeps it
+    with (
+        strict_promotion(),
+        pytest.raises(ValueError, match=r"op \d+ \(add.*residual add of differently pruned"),
+    ):
+        lowering.export(params, Residual(), tmp_path / "m.npz", input_shape=(8, 8, 1))
+
+
+def test_a_residual_add_of_alike_pruned_tensors_exports(tmp_path):
+    params, images = _small(Residual(), seed=7)
+    params = _remove(_remove(params, "a", [1]), "b", [1, 2])
+    with pytest.raises(ValueError, match="residual add"):  # b removes 2, a keeps it
+        with strict_promotion():
+            lowering.export(params, Residual(), tmp_path / "x.npz", input_shape=(8, 8, 1))
+    params = _remove(params, "a", [2])
+    loaded = _export_and_compare(Residual(), params, images, tmp_path / "m.npz")
+    assert [layer["kernel_shape"] for layer in loaded.layers] == [
+        [3, 3, 1, 2], [3, 3, 2, 2], [8 * 8 * 2, 3]
+    ]  # fmt: skip
+
+
+def test_a_depthwise_convolution_after_a_pruned_one(tmp_path):
+    """A removed input channel of a depthwise convolution empties its group: the group's
+    output is its bias. With a zero bias it is exactly 0 and the group is dropped (groups
+    4 -> 3); with a nonzero bias the export refuses it by name."""
+    params, images = _small(Depthwise(), seed=8)
+    params = _remove(params, "conv", [2])
+    with (
+        strict_promotion(),
+        pytest.raises(ValueError, match="'dw': output channel 2 .* nonzero constant"),
+    ):
+        lowering.export(params, Depthwise(), tmp_path / "x.npz", input_shape=(8, 8, 1))
+    params = {**params, "dw": {**params["dw"], "bias": params["dw"]["bias"].at[2].set(0.0)}}
+    loaded = _export_and_compare(Depthwise(), params, images, tmp_path / "m.npz")
+    dw = loaded.layers[1]
+    assert (dw["kernel_shape"], dw["groups"]) == ([3, 3, 1, 3], 3)
+    assert loaded.layers[2]["kernel_shape"] == [8 * 8 * 3, 3]  # SAME: 8 x 8 positions
+
+
+def test_an_nnx_model_exports_its_live_channels(tmp_path):
+    from flax import nnx
+
+    from cgmq_jax import nnx as cnnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            opts = {"input_signed": False, "per_channel": True, "prune": True}
+            self.conv = cnnx.QuantConv(1, 4, (3, 3), strides=2, rngs=rngs, **opts)
+            self.fc = cnnx.QuantLinear(4 * 4 * 4, 6, rngs=rngs, **opts)
+            self.head = cnnx.QuantLinear(6, 3, input_signed=False, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.conv(x))
+            return self.head(nnx.relu(self.fc(jnp.reshape(x, (x.shape[0], -1)))))
+
+    images = _images(8, (8, 8, 1), seed=9)
+    with strict_promotion():
+        model = Net(nnx.Rngs(0))
+        cnnx.calibrate(model, jnp.asarray(images))
+        leaf = model.conv.weight_quantizer[...]
+        model.conv.weight_quantizer[...] = leaf.at[:1].set(
+            quantizer.at_min_bitwidth(leaf[:1], prune=True)
+        )
+        path = lowering.export(None, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
+        result = lowering.compare_with_model(path, None, model, images)
+    loaded = ex.load(path)
+    assert [layer["kernel_shape"] for layer in loaded.layers] == [[3, 3, 1, 3], [48, 6], [6, 3]]
+    assert result["agree"] == 8
+    assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
