@@ -194,15 +194,17 @@ def liveness(specs, weight_live, xp=np):
 
 
 def check_groups(spec) -> None:
-    """A grouped convolution with several input channels per group and prunable inputs
-    would have a different number of live inputs per output channel; refuse it."""
-    per_group = len(spec.input_sources) // spec.groups
-    if spec.groups > 1 and per_group > 1 and any(s != (ALWAYS,) for s in spec.input_sources):
+    """Refuse a grouped (or depthwise) convolution fed by channels a pruning layer may
+    remove: a group whose inputs are all removed still adds its bias (a BatchNorm folded
+    into it adds one too), a nonzero constant that neither the cost nor the export can
+    remove, and a group that kept some inputs would hold a different number than the others.
+    """
+    if spec.groups > 1 and any(s != (ALWAYS,) for s in spec.input_sources):
         raise ValueError(
-            f"layer {spec.name!r} is a grouped convolution ({spec.groups} groups of "
-            f"{per_group} input channels) fed by pruned layers: its groups would keep "
-            "different numbers of inputs, which the export cannot store; do not prune the "
-            "layers that feed it (or use a depthwise convolution, one input per group)"
+            f"layer {spec.name!r} is a grouped convolution ({spec.groups} groups) fed by "
+            "channels that pruning may remove: a group left without inputs still outputs "
+            "its bias, a constant that cannot be removed; do not prune the layers that "
+            "feed it (pruning before grouped and depthwise convolutions is not supported yet)"
         )
 
 
