@@ -274,10 +274,10 @@ def constrained_update(
         )
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
-    if prunable is not None and (refit_weight_ranges or admission != "all_or_nothing"):
+    if prunable is not None and admission != "all_or_nothing":
         raise ValueError(
-            "prunable quantizers work with admission='all_or_nothing' and without "
-            "refit_weight_ranges (both assume a weight quantizer keeps at least one level)"
+            "prunable quantizers work with admission='all_or_nothing' only (the others "
+            "assume a weight quantizer keeps at least one level)"
         )
     prunable_mask = _no_prunable if prunable is None else prunable
 
@@ -328,7 +328,7 @@ def constrained_update(
             prunable_mask(params),
         )
         if refit_weight_ranges:
-            new_updates = refit_lost_weight_ranges(new_updates, params)
+            new_updates = refit_lost_weight_ranges(new_updates, params, prunable_mask(params))
         return new_updates, _next_state(state, names, costs, violated, guard, scale_floor)._replace(
             bit_value=bit_value
         )
@@ -482,7 +482,7 @@ def _length_to_lose_a_bit(params, cost_grad, direction_norm, quantizer_mask) -> 
     return jnp.where(jnp.isfinite(shortest), shortest, 0.0)
 
 
-def refit_lost_weight_ranges(updates, params):
+def refit_lost_weight_ranges(updates, params, prunable=None):
     """``updates`` with every weight quantizer that they leave with fewer bits refitted.
 
     For each mapping of ``params`` holding a ``weight_quantizer`` leaf and its ``kernel``
@@ -490,14 +490,17 @@ def refit_lost_weight_ranges(updates, params):
     one (per channel for a per-channel leaf), its update is replaced by the one that
     lands on :func:`cgmq_jax.quantizer.least_squares_latents` of the updated kernel at
     the updated (smaller) bit-width. Bit-widths after the update are exactly those of
-    ``params + updates``: no cost changes. Everything else passes through.
+    ``params + updates``: no cost changes. Everything else passes through. ``prunable``
+    (a tree of bools like ``params``) marks the leaves whose channels may be removed: a
+    channel the update removes (0 bits) stays removed, not refitted.
     """
     if not isinstance(params, Mapping):
         return updates
+    prunable = prunable if isinstance(prunable, Mapping) else {}
     out = dict(updates)
     for name, value in params.items():
         if isinstance(value, Mapping):
-            out[name] = refit_lost_weight_ranges(updates[name], value)
+            out[name] = refit_lost_weight_ranges(updates[name], value, prunable.get(name))
     theta, kernel = params.get("weight_quantizer"), params.get("kernel")
     if (
         theta is None
@@ -509,12 +512,18 @@ def refit_lost_weight_ranges(updates, params):
         return out
     update = updates["weight_quantizer"]
     new_theta = theta + update
-    before = quantizer.exact_bitwidth(*quantizer.from_latents(theta), signed=True)
-    after = quantizer.exact_bitwidth(*quantizer.from_latents(new_theta), signed=True)
-    refitted = quantizer.least_squares_latents(
-        kernel + updates["kernel"], after, signed=True, per_channel=theta.ndim == 2
+    prune = bool(prunable.get("weight_quantizer", False))
+    bits = lambda leaf: quantizer.exact_bitwidth(  # noqa: E731
+        *quantizer.from_latents(leaf), signed=True, prune=prune
     )
-    lost = (after < before)[..., None]
+    before, after = bits(theta), bits(new_theta)
+    refitted = quantizer.least_squares_latents(
+        kernel + updates["kernel"],
+        jnp.maximum(after, quantizer.min_bitwidth(signed=True)),
+        signed=True,
+        per_channel=theta.ndim == 2,
+    )
+    lost = ((after < before) & (after > 0))[..., None]
     out["weight_quantizer"] = jnp.where(lost, refitted - theta, update)
     return out
 

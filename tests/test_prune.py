@@ -215,12 +215,15 @@ def test_a_budget_below_the_unpruned_minimum_is_feasible_only_by_pruning(lenet_c
         certify.check_budget(cost.min_cost(specs) - 1, specs)
 
 
+@pytest.mark.parametrize("refit", [False, True], ids=["", "refit_weight_ranges"])
 @pytest.mark.slow  # compiles a 150-step scan
-def test_the_constraint_prunes_to_the_budget_and_stays_within_it(lenet_calibration):
+def test_the_constraint_prunes_to_the_budget_and_stays_within_it(lenet_calibration, refit):
     _, specs, params = _lenet_setup(lenet_calibration)
     budget = 300_000  # below the unpruned minimum, 563,280
     cost_fn = lambda p: cost.bops(p, specs)  # noqa: E731
-    tx = cgmq_jax.constrained_update(cost_fn, budget, prunable=cost.prunable_quantizers(specs))
+    tx = cgmq_jax.constrained_update(
+        cost_fn, budget, prunable=cost.prunable_quantizers(specs), refit_weight_ranges=refit
+    )
     state = tx.init(params)
 
     def step(carry, key):

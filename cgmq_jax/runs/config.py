@@ -102,10 +102,10 @@ class TrainConfig:
                 f"--{chosen[0]} changes the constrained update's bits, so it applies to "
                 f"--method cgmq only, not {self.method!r}: drop it or use --method cgmq"
             )
-        if self.prune and (self.trades or self.refit_ranges or self.admission != "all_or_nothing"):
+        if self.prune and (self.trades or self.admission != "all_or_nothing"):
             raise ValueError(
-                "--prune works with the default guard only: drop --trades, --refit_ranges "
-                "and --admission (they assume every weight quantizer keeps a level)"
+                "--prune works with the default guard only: drop --trades and --admission "
+                "(they assume every weight quantizer keeps a level)"
             )
         if self.prune and not hasattr(models.MODELS[self.model], "prune"):
             raise ValueError(
