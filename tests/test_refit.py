@@ -121,7 +121,7 @@ def test_a_run_with_refit_ranges_refits_and_stays_within_budget(
     flags += ["--budget_bops", "2e6", "--fill_epochs", "0"]
     cli = load_cli("mnist")
     assert cli.main([*flags, "--refit_ranges", "--out", str(tmp_path / "r")]) == 0
-    assert cli.main([*flags, "--out", str(tmp_path / "n")]) == 0
+    assert cli.main([*flags, "--no-refit_ranges", "--out", str(tmp_path / "n")]) == 0
     results = {k: json.loads((tmp_path / k / "results.json").read_text()) for k in "rn"}
     assert results["r"]["within_budget"] and results["r"]["flags"]["refit_ranges"]
     qat = [row for row in results["r"]["history"] if row["phase"] == "qat"]

@@ -178,7 +178,7 @@ def test_costs_from_integers_equal_the_exact_costs(lenet, even, reduce):
         assert trades._costs(specs, bits, reduce) == exact
 
 
-@pytest.mark.parametrize("flag", ["trades", "refit_ranges"])
+@pytest.mark.parametrize("flag", ["trades", "prune"])
 def test_cgmq_only_options_name_the_method(flag):
     from cgmq_jax.runs.config import TrainConfig
 

@@ -72,7 +72,7 @@ class TrainConfig:
     rescale: float = constraint.DEFAULT_RESCALE
     admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     trades: bool = False  # cgmq only: bits moved by measured loss after each QAT epoch
-    refit_ranges: bool = False  # cgmq only: a quantizer that loses bits gets least-squares ranges
+    refit_ranges: bool = True  # cgmq (others ignore it): bits lost get least-squares ranges
     prune: bool = False  # cgmq only: weight quantizers may go to 0 bits, removing channels
     init_bits: int = 8
     lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
@@ -96,7 +96,7 @@ class TrainConfig:
             )
         if self.model not in models.MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
-        chosen = [flag for flag in ("trades", "refit_ranges", "prune") if getattr(self, flag)]
+        chosen = [flag for flag in ("trades", "prune") if getattr(self, flag)]
         if chosen and self.method != "cgmq":
             raise ValueError(
                 f"--{chosen[0]} changes the constrained update's bits, so it applies to "
