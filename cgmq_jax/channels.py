@@ -14,7 +14,8 @@ graph (:func:`cgmq_jax.graph.ops`) back to the layer output channels it is compu
 gives each layer, per channel of its input's last axis, the union over positions.
 :func:`liveness` turns the weight quantizers' live channels into each layer's live inputs
 and live outputs, in call order, with numpy (the certificate) or jax.numpy (the traced
-cost): the two share this one function.
+cost): the two share this one function, and so do the costs over live channels
+(:func:`terms`, and :func:`table`, the rows of :func:`cgmq_jax.cost.layer_table`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from __future__ import annotations
 import functools
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cgmq_jax import graph as graph_mod
+from cgmq_jax.export.format import BIAS_BITS, LayerRow
 
 #: The source token of the network input, and of a channel a constant keeps nonzero.
 ALWAYS = -1
@@ -216,4 +220,87 @@ def pair_sizes(spec) -> tuple[int, int, int]:
     return spec.macs // pairs, spec.weights // pairs, spec.input_elements // max(inputs, 1)
 
 
-__all__ = ["ALWAYS", "check_groups", "input_sources", "liveness", "offsets", "pair_sizes"]
+# --------------------------------------------------------------------------- the costs
+
+
+def terms(bits, specs, xp=np):
+    """Per layer of a pruning network, ``(bops, weight memory, activation bits, facts)``
+    from its ``(weight bits, input bits)``: numpy integers (exact) or traced floats.
+
+    Only live channels count (docs/method.md section 12): an output channel's MACs are
+    ``pair_macs * (its live inputs)``, its kernel ``pair_weights * (its live inputs)``
+    elements; a removed output channel stores no bias; the input holds its live channels.
+    """
+    weight_live = [
+        xp.asarray(w) > 0 if spec.prune else None for spec, (w, _) in zip(specs, bits, strict=True)
+    ]
+    live = liveness(specs, weight_live, xp)
+    out = []
+    for spec, (w, b_in), (live_in, live_out, per_output) in zip(specs, bits, live, strict=True):
+        pair_macs, pair_weights, positions = pair_sizes(spec)
+        dtype = np.int64 if xp is np else jnp.float32  # exact integers, or the traced cost
+        # Live inputs of each output channel (0 for a removed one): a constant, no gradient.
+        inputs = (per_output * live_out.astype(per_output.dtype)).astype(dtype)
+        if xp is not np:
+            inputs = jax.lax.stop_gradient(inputs)
+        w_eff = xp.broadcast_to(xp.asarray(w).astype(dtype), (spec.channels_out,)) * inputs
+        bops_l = pair_macs * xp.sum(w_eff) * b_in
+        memory = pair_weights * xp.sum(w_eff) + xp.sum(live_out.astype(dtype)) * BIAS_BITS
+        activation = positions * xp.sum(live_in.astype(dtype)) * b_in
+        out.append((bops_l, memory, activation, (live_in, live_out, per_output)))
+    return out
+
+
+def table(bits, specs) -> list[dict]:
+    """:func:`cgmq_jax.cost.layer_table` of a pruning network: rows over live channels only,
+    with each
+    layer's live output channels and live inputs (``live_channels`` of ``channels``,
+    ``live_inputs`` of ``inputs``); a removed channel's entry in ``weight_bits`` is 0."""
+    bits = [(np.asarray(w, np.int64), int(np.asarray(b))) for w, b in bits]
+    rows = []
+    for spec, (w, b_in), (_, _, _, facts) in zip(specs, bits, terms(bits, specs), strict=True):
+        live_in, live_out, per_output = facts
+        pair_macs, pair_weights, positions = pair_sizes(spec)
+        kept = int(live_out.sum())
+        # Live inputs per kept output channel (one number: check_groups refuses the rest).
+        each = int(per_output[live_out].max()) if kept else 0
+        per_channel = w.ndim > 0
+        row = LayerRow(
+            layer=spec.name,
+            macs=pair_macs * each * kept,
+            weight_bits=tuple(int(x) for x in w * live_out) if per_channel else int(w),
+            input_bits=b_in,
+            weights=pair_weights * each * kept,
+            biases=kept,
+            bias_bits=BIAS_BITS,
+            input_elements=positions * int(live_in.sum()),
+            channel_macs=pair_macs * each if per_channel else None,
+            channel_weights=pair_weights * each if per_channel else None,
+        )
+        row = {
+            **row.as_dict(),
+            "weight_memory_bits": row.weight_memory_bits,
+            "activation_bits": row.activation_bits,
+            "live_channels": kept,
+            "channels": spec.channels_out,
+            "live_inputs": int(live_in.sum()),
+            "inputs": len(spec.input_sources),
+            "channel_macs": pair_macs * each,
+            "channel_weights": pair_weights * each,
+        }
+        if not spec.quantized:
+            row["float"] = True
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "ALWAYS",
+    "check_groups",
+    "input_sources",
+    "liveness",
+    "offsets",
+    "pair_sizes",
+    "table",
+    "terms",
+]

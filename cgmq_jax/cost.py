@@ -162,7 +162,7 @@ def layer_specs(model, *args, params=None, **kwargs) -> tuple[LayerSpec, ...]:
 
 def with_sources(specs, traced) -> tuple[LayerSpec, ...]:
     """``specs`` with their channel structure (groups, output channels, input sources),
-    which the cost of a pruning network needs (docs/method.md section 11)."""
+    which the cost of a pruning network needs (docs/method.md section 12)."""
     from cgmq_jax import channels
 
     sources = channels.input_sources(traced)
@@ -318,39 +318,11 @@ def bops(params, specs: tuple[LayerSpec, ...]) -> jax.Array:
     return total
 
 
-def _pruned_terms(bits, specs, xp=np):
-    """Per layer of a pruning network, ``(bops, weight memory, activation bits, facts)``
-    from its ``(weight bits, input bits)``: numpy integers (exact) or traced floats.
-
-    Only live channels count (docs/method.md section 11): an output channel's MACs are
-    ``pair_macs * (its live inputs)``, its kernel ``pair_weights * (its live inputs)``
-    elements; a removed output channel stores no bias; the input holds its live channels.
-    """
-    from cgmq_jax import channels
-
-    weight_live = [
-        xp.asarray(w) > 0 if spec.prune else None for spec, (w, _) in zip(specs, bits, strict=True)
-    ]
-    live = channels.liveness(specs, weight_live, xp)
-    terms = []
-    for spec, (w, b_in), (live_in, live_out, per_output) in zip(specs, bits, live, strict=True):
-        pair_macs, pair_weights, positions = channels.pair_sizes(spec)
-        dtype = np.int64 if xp is np else jnp.float32  # exact integers, or the traced cost
-        # Live inputs of each output channel (0 for a removed one): a constant, no gradient.
-        inputs = (per_output * live_out.astype(per_output.dtype)).astype(dtype)
-        if xp is not np:
-            inputs = jax.lax.stop_gradient(inputs)
-        w_eff = xp.broadcast_to(xp.asarray(w).astype(dtype), (spec.channels_out,)) * inputs
-        bops_l = pair_macs * xp.sum(w_eff) * b_in
-        memory = pair_weights * xp.sum(w_eff) + xp.sum(live_out.astype(dtype)) * BIAS_BITS
-        activation = positions * xp.sum(live_in.astype(dtype)) * b_in
-        terms.append((bops_l, memory, activation, (live_in, live_out, per_output)))
-    return terms
-
-
 def _pruned_costs(params, specs, reduce: str = "max") -> dict:
     """The traced costs of a pruning network (the three of :data:`COSTS`)."""
-    terms = _pruned_terms([layer_bitwidths(params, spec) for spec in specs], specs, jnp)
+    from cgmq_jax import channels
+
+    terms = channels.terms([layer_bitwidths(params, spec) for spec in specs], specs, jnp)
     sizes = jnp.stack([t[2] for t in terms]).astype(jnp.float32)
     return {
         "bops": sum(t[0] for t in terms),
@@ -433,7 +405,9 @@ def layer_table(params, specs: tuple[LayerSpec, ...]) -> list[dict]:
     specs = tuple(specs)
     bits = jax.device_get(_exact_bitwidths(_quantizer_leaves(params, specs), specs))
     if is_pruning(specs):
-        return _pruned_table(bits, specs)
+        from cgmq_jax import channels
+
+        return channels.table(bits, specs)
     rows = []
     for spec, (weight_bits, input_bits) in zip(specs, bits, strict=True):
         weight_bits = np.asarray(weight_bits)
@@ -465,7 +439,7 @@ def live_channels(params, specs: tuple[LayerSpec, ...]) -> list | None:
     ``None`` when no layer prunes (every channel is live).
 
     A removed output channel's output is exactly 0 (its codes and its bias are); a removed
-    input channel is one all of whose sources are removed (docs/method.md section 11). The
+    input channel is one all of whose sources are removed (docs/method.md section 12). The
     export stores only the live ones.
     """
     specs = tuple(specs)
@@ -473,56 +447,9 @@ def live_channels(params, specs: tuple[LayerSpec, ...]) -> list | None:
         return None
     bits = jax.device_get(_exact_bitwidths(_quantizer_leaves(params, specs), specs))
     bits = [(np.asarray(w, np.int64), int(np.asarray(b))) for w, b in bits]
-    return [(t[3][0], t[3][1]) for t in _pruned_terms(bits, specs)]
-
-
-def _pruned_table(bits, specs) -> list[dict]:
-    """:func:`layer_table` of a pruning network: rows over live channels only, with each
-    layer's live output channels and live inputs (``live_channels`` of ``channels``,
-    ``live_inputs`` of ``inputs``); a removed channel's entry in ``weight_bits`` is 0."""
-    bits = [(np.asarray(w, np.int64), int(np.asarray(b))) for w, b in bits]
-    terms = _pruned_terms(bits, specs)
-    rows = []
-    for spec, (w, b_in), (_, _, _, facts) in zip(specs, bits, terms, strict=True):
-        live_in, live_out, per_output = facts
-        pair_macs, pair_weights, positions = _pair_sizes(spec)
-        kept = int(live_out.sum())
-        # Live inputs per kept output channel (one number: check_groups refuses the rest).
-        each = int(per_output[live_out].max()) if kept else 0
-        per_channel = w.ndim > 0
-        row = LayerRow(
-            layer=spec.name,
-            macs=pair_macs * each * kept,
-            weight_bits=tuple(int(x) for x in w * live_out) if per_channel else int(w),
-            input_bits=b_in,
-            weights=pair_weights * each * kept,
-            biases=kept,
-            bias_bits=BIAS_BITS,
-            input_elements=positions * int(live_in.sum()),
-            channel_macs=pair_macs * each if per_channel else None,
-            channel_weights=pair_weights * each if per_channel else None,
-        )
-        row = {
-            **row.as_dict(),
-            "weight_memory_bits": row.weight_memory_bits,
-            "activation_bits": row.activation_bits,
-            "live_channels": kept,
-            "channels": spec.channels_out,
-            "live_inputs": int(live_in.sum()),
-            "inputs": len(spec.input_sources),
-            "channel_macs": pair_macs * each,
-            "channel_weights": pair_weights * each,
-        }
-        if not spec.quantized:
-            row["float"] = True
-        rows.append(row)
-    return rows
-
-
-def _pair_sizes(spec):
     from cgmq_jax import channels
 
-    return channels.pair_sizes(spec)
+    return [(t[3][0], t[3][1]) for t in channels.terms(bits, specs)]
 
 
 def total_macs(specs: tuple[LayerSpec, ...]) -> int:
@@ -626,7 +553,9 @@ def min_costs(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -
             (np.eye(1, spec.channels_out, dtype=np.int64)[0] * b_w if spec.prune else b_w, b_in)
             for spec, (b_w, b_in) in zip(specs, bits, strict=True)
         ]
-        terms = _pruned_terms(floors, specs)
+        from cgmq_jax import channels
+
+        terms = channels.terms(floors, specs)
         sizes = [int(t[2]) for t in terms]
         return {
             "bops": sum(int(t[0]) for t in terms),
