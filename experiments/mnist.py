@@ -85,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=defaults.refit_ranges,
         help="cgmq: a quantizer that loses bits gets the least-squares range at its new "
-        "bit-width (weights: its kernel; inputs: 512 calibration images)",
+        "bit-width (weights: its kernel; inputs: 512 calibration images); default on, "
+        "off with --prune",
     )
     p.add_argument(
         "--prune",

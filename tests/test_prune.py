@@ -275,6 +275,12 @@ def test_prune_refuses_what_it_does_not_support(fields, message):
         TrainConfig(prune=True, **fields).validate()
 
 
+def test_ranges_are_refitted_by_default_but_not_with_prune():
+    assert TrainConfig().refits and not TrainConfig(prune=True).refits
+    assert TrainConfig(prune=True, refit_ranges=True).refits
+    assert not TrainConfig(refit_ranges=False).refits
+
+
 def test_without_prune_models_are_todays():
     assert models.get_model("lenet5") == models.LeNet5()
     specs = cost.layer_specs(models.get_model("lenet5"), X)

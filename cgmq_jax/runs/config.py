@@ -72,7 +72,8 @@ class TrainConfig:
     rescale: float = constraint.DEFAULT_RESCALE
     admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     trades: bool = False  # cgmq only: bits moved by measured loss after each QAT epoch
-    refit_ranges: bool = True  # cgmq (others ignore it): bits lost get least-squares ranges
+    # cgmq (others ignore it): bits lost get least-squares ranges; None: on, off with prune
+    refit_ranges: bool | None = None
     prune: bool = False  # cgmq only: weight quantizers may go to 0 bits, removing channels
     init_bits: int = 8
     lam: float = 1.0  # dq only: the weight of the BOP term (and of the others by default)
@@ -115,6 +116,12 @@ class TrainConfig:
         _check_limits(self)
         _check_integers(self)
         _check_numbers(self)
+
+    @property
+    def refits(self) -> bool:
+        """Whether ranges are refitted where bits fall: ``refit_ranges``, or by default on
+        (off with ``prune``: measured worse with it, docs/method.md section 12)."""
+        return (not self.prune) if self.refit_ranges is None else bool(self.refit_ranges)
 
     @property
     def limits(self) -> dict:

@@ -224,7 +224,7 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
         )
     accuracy_fn = make_accuracy(model)
     train_step = make_train_step(model, loss_fn, placement=setup.placement, donate=True)
-    if phase == "qat" and setup.config.method == "cgmq" and setup.config.refit_ranges:
+    if phase == "qat" and setup.config.method == "cgmq" and setup.config.refits:
         train_step = _with_input_refit(setup, run, train_step)
     first = run.progress.epoch
     for epoch in range(first, epochs.stop):

@@ -212,7 +212,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
             quantizer_learning_rate=config.quantizer_lr,
             rescale=config.rescale,
             admission=config.admission,
-            refit_weight_ranges=config.refit_ranges,
+            refit_weight_ranges=config.refits,
             prunable=cost.prunable_quantizers(setup.specs),
         )
     else:
