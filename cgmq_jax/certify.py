@@ -72,22 +72,33 @@ def check_budget(budget, specs: tuple[cost.LayerSpec, ...], *, activation_reduce
     """
     limits = limits_of(budget)
     minimum = cost.min_costs(specs, activation_reduce=activation_reduce)
+    at = _PRUNED_MINIMUM if cost.is_pruning(specs) else None
     for name, limit in limits.items():
-        require_feasible(limit, minimum[name], name=name)
+        require_feasible(limit, minimum[name], name=name, at=at)
 
 
-def require_feasible(budget: float, minimum: int, *, name: str | None = None) -> None:
+_MINIMUM = "every quantizer at its minimum bit-width"
+_PRUNED_MINIMUM = (
+    "every quantizer at its minimum bit-width, every pruning layer down to one channel"
+)
+
+
+def require_feasible(
+    budget: float, minimum: int, *, name: str | None = None, at: str | None = None
+) -> None:
     """Raise :class:`InfeasibleBudgetError`, stating both numbers, if ``budget < minimum``.
 
     ``minimum`` is the network's cost with every quantizer at its minimum bit-width;
-    ``name`` the cost (:data:`LIMIT_FLAGS`; default BOPs).
+    ``name`` the cost (:data:`LIMIT_FLAGS`; default BOPs); ``at`` what the minimum is (the
+    message's words; by default every quantizer at its minimum bit-width).
     """
     if budget >= minimum:
         return
+    at = at or _MINIMUM
     if name in (None, "bops"):
         raise InfeasibleBudgetError(
             f"budget {budget:,.0f} BOPs is infeasible: the minimum achievable cost of this "
-            f"network (every quantizer at its minimum bit-width) is {minimum:,} BOPs; "
+            f"network ({at}) is {minimum:,} BOPs; "
             f"use --budget_bops {minimum:.4g} or more"
         )
     if name in LIMIT_FLAGS:
@@ -95,12 +106,12 @@ def require_feasible(budget: float, minimum: int, *, name: str | None = None) ->
         least = -(-minimum * 1000 // per_unit) / 1000  # rounded up to 1/1000 of a unit
         raise InfeasibleBudgetError(
             f"{name} limit {budget:,.0f} bits is infeasible: the minimum achievable "
-            f"{name} of this network (every quantizer at its minimum bit-width) is "
+            f"{name} of this network ({at}) is "
             f"{minimum:,} bits ({minimum / per_unit:,.3f} {unit}); use {flag} {least:g} or more"
         )
     raise InfeasibleBudgetError(
-        f"constraint {name!r}: budget {budget:,.6g} is infeasible: its minimum (every "
-        f"quantizer at its minimum bit-width) is {minimum:,.6g}"
+        f"constraint {name!r}: budget {budget:,.6g} is infeasible: its minimum ({at}) is "
+        f"{minimum:,.6g}"
     )
 
 
