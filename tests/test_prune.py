@@ -418,3 +418,14 @@ def test_the_repair_removes_channels_when_the_floors_are_over_the_budget(lenet_c
     rows = cost.layer_table(repaired, specs)
     assert any(row["live_channels"] < row["channels"] for row in rows)
     assert all(row["live_channels"] >= 1 for row in rows)
+
+
+def test_an_infeasible_budget_names_prune_where_it_would_fit():
+    from cgmq_jax.runs import setup
+
+    with pytest.raises(certify.InfeasibleBudgetError, match="or add --prune.*32,054"):
+        setup.check_config(TrainConfig(budget_bops=3e5))
+    with pytest.raises(certify.InfeasibleBudgetError, match=r"5\.633e\+05 or more$"):
+        setup.check_config(TrainConfig(budget_bops=3e4))  # below even the pruned minimum
+    with pytest.raises(certify.InfeasibleBudgetError, match="down to one channel"):
+        setup.check_config(TrainConfig(budget_bops=3e4, prune=True))

@@ -42,8 +42,23 @@ def check_config(
         config.model, config.input_bits, tuple(input_shape), config.prune
     )
     if config.guarded_limits:
-        certify.check_budget(config.guarded_limits, specs)
+        try:
+            certify.check_budget(config.guarded_limits, specs)
+        except certify.InfeasibleBudgetError as error:
+            hint = _with_pruning(config, input_shape)
+            raise certify.InfeasibleBudgetError(f"{error}{hint}") from None
     return specs
+
+
+def _with_pruning(config: TrainConfig, input_shape) -> str:
+    """For an infeasible run that could prune but does not: what ``--prune`` allows."""
+    if config.prune or config.method != "cgmq" or not hasattr(models.MODELS[config.model], "prune"):
+        return ""
+    specs = _named_model_specs(config.model, config.input_bits, tuple(input_shape), True)
+    minimum = cost.min_costs(specs)
+    if any(limit < minimum[name] for name, limit in config.guarded_limits.items()):
+        return ""
+    return f" (or add --prune: channels at 0 bits; its minimum BOPs is {minimum['bops']:,})"
 
 
 @functools.lru_cache(maxsize=32)
