@@ -209,7 +209,7 @@ def get_model(
     bits, counted at them: 8 is Bayesian Bits' convention (the 8-bit image, exactly
     representable at ``d = 2**-8``). ``None`` (the default) learns it like every other
     quantizer. ``prune`` gives every layer but the logits per-channel weight quantizers
-    that may remove channels (docs/method.md section 11; LeNet-5s and the MLP).
+    that may remove channels (docs/method.md section 12; LeNet-5s and the MLP).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")

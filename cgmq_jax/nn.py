@@ -81,7 +81,7 @@ class QuantOptions:
       weight_bits: the same for the weight quantizer(s).
       prune: a per-channel weight quantizer may go to 0 bits, which removes that output
         channel (its kernel codes and its bias are 0, so its output is exactly 0, and the
-        cost drops its MACs here and in the layers it feeds; docs/method.md section 11).
+        cost drops its MACs here and in the layers it feeds; docs/method.md section 12).
         Needs ``per_channel=True``, a learned ``weight_bits`` and no feature groups.
     """
 

@@ -144,7 +144,7 @@ def _observe_inputs(module, options: QuantOptions, x: jax.Array) -> None:
 def live_channels(theta: jax.Array) -> jax.Array:
     """1.0 for each output channel a prunable weight leaf ``(C, 2)`` keeps, 0.0 for each it
     removes (no gradient): a removed channel's bias is masked with it, so that the channel's
-    output is exactly 0 (docs/method.md section 11)."""
+    output is exactly 0 (docs/method.md section 12)."""
     n = quantizer.levels(*quantizer.from_latents(theta), prune=True)
     return jax.lax.stop_gradient((n > 0).astype(jnp.float32))
 
