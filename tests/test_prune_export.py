@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import strict_promotion
+from test_export import _random_biases
 
 from cgmq_jax import certify, compaction, cost, lowering, models, quantizer
 from cgmq_jax import export as ex
@@ -34,18 +35,6 @@ def _images(n, shape, seed):
     """Exact multiples of 2**-8 in [0, 1): integer pixels / 256."""
     ints = np.random.default_rng(seed).integers(0, 256, (n, *shape))
     return (ints / 256.0).astype(np.float32)
-
-
-def _random_biases(params, seed, scale=0.1):
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: (
-            jnp.asarray(rng.normal(0.0, scale, v.shape), jnp.float32)
-            if path[-1].key == "bias"
-            else v
-        ),
-        params,
-    )
 
 
 def _remove(params, layer, channels):
@@ -65,7 +54,7 @@ def lenet():
     with strict_promotion():
         float_params = models.LeNet5(quantized=False).init(jax.random.key(0), images[:1])
         full = qnn.init_quantizers(model, float_params["params"], images)
-        full = _random_biases(full, seed=1)
+        full = _random_biases(full, seed=1, scale=0.1)
         params = full
         for layer, channels in REMOVED.items():
             params = _remove(params, layer, channels)
