@@ -601,6 +601,7 @@ def refit_ranges(
     weights: bool = True,
     inputs: bool = True,
     layers=None,
+    specs=None,
     **kwargs,
 ):
     """``params`` with every learned quantizer's range refitted at its present bit-width.
@@ -614,30 +615,32 @@ def refit_ranges(
 
     At ``max|W|`` or a high input percentile, a quantizer at 1-2 bits rounds most values
     to zero (docs/method.md section 10); its range learns only from clipped values, of
-    which there are none there. A pure function of linen parameters.
+    which there are none there. A pure function of linen parameters, traceable (jit it);
+    ``specs`` (``cost.layer_specs`` of ``model``) saves tracing the model for them.
     """
     from cgmq_jax import cost  # cost imports this module
 
     params = flax.core.unfreeze(params)
-    specs = cost.layer_specs(model, *args, params=params, **kwargs)
-    table = cost.layer_table(params, specs)
+    if specs is None:
+        specs = cost.layer_specs(model, *args, params=params, **kwargs)
     observed = layer_inputs(model, params, *args, **kwargs) if inputs else {}
     flat = flax.traverse_util.flatten_dict(params)
     wanted = None if layers is None else {tuple(p) for p in layers}
-    for spec, row in zip(specs, table, strict=True):
+    for spec in specs:
         path = tuple(spec.path)
         if not spec.quantized or (wanted is not None and path not in wanted):
             continue
+        weight_bits, input_bits = cost.layer_bitwidths(params, spec, exact=True)
         if weights and spec.weight_bits is None:
             leaf = flat[(*path, "weight_quantizer")]
             flat[(*path, "weight_quantizer")] = quantizer.least_squares_latents(
                 flat[(*path, "kernel")],
-                jnp.asarray(row["weight_bits"], jnp.int32),
+                weight_bits,
                 signed=True,
                 per_channel=jnp.ndim(leaf) == 2,
             )
         if inputs and spec.input_bits is None:
             flat[(*path, "input_quantizer")] = quantizer.least_squares_latents(
-                observed[path], row["input_bits"], signed=spec.input_signed
+                observed[path], input_bits, signed=spec.input_signed
             )
     return flax.traverse_util.unflatten_dict(flat)

@@ -291,18 +291,20 @@ def least_squares_latents(
     # One step above the covering one too: float log2 may be one off.
     coarsest = jnp.ceil(jnp.log2(largest / top)) + 1.0
     lowest = -top if signed else jnp.zeros_like(top)
-    best_error = best_exponent = None
-    for k in range(LEAST_SQUARES_STEPS + 1):
+
+    def candidate(k):
         exponent = jnp.clip(coarsest - k, LOG2_D_MIN, LOG2_D_MAX)
         d = _exact_power_of_two(exponent)
         quantized = d * jnp.clip(jnp.round(x / d), lowest, top)
-        error = jnp.sum(jnp.square(quantized - x), axis=axes, keepdims=True)
-        if best_error is None:
-            best_error, best_exponent = error, exponent
-        else:
-            better = error < best_error
-            best_error = jnp.where(better, error, best_error)
-            best_exponent = jnp.where(better, exponent, best_exponent)
+        return jnp.sum(jnp.square(quantized - x), axis=axes, keepdims=True), exponent
+
+    def keep_better(k, best):
+        error, exponent = candidate(k)
+        better = error < best[0]
+        return jnp.where(better, error, best[0]), jnp.where(better, exponent, best[1])
+
+    # A loop, not unrolled: the step's compile time stays that of one candidate.
+    _, best_exponent = jax.lax.fori_loop(1, LEAST_SQUARES_STEPS + 1, keep_better, candidate(0))
     d = _exact_power_of_two(best_exponent)
     leaf = latents(d, top * d)  # x's rank, then the (2,) axis
     return jnp.reshape(leaf, (-1, 2) if per_channel else (2,))

@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     from cgmq_jax import data
     from cgmq_jax.runs import parallel, rundir, train
 
+    parallel.use_compilation_cache()  # a run after the first skips compiling its steps
     if args.coordinator is not None:  # before anything computes: jax.distributed
         if args.resume:
             return _error("--resume is not available with --coordinator (no checkpoints)", 2)
@@ -358,6 +359,8 @@ def _train_and_publish(args, argv, config, flags, run) -> int:
     )
     if "ptq" in result.certificate:
         print(_ptq_times(result))
+    elif result.timings:
+        print(report.timings_text(result.timings))
     if result.collapsed:
         print(f"WARNING: {result.certificate['collapse']['message']}", file=sys.stderr)
     print(f"wrote {run.path}/results.json, params.msgpack, training.png")

@@ -150,8 +150,9 @@ def _error(error: Exception) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from cgmq_jax import data, files
-    from cgmq_jax.runs import sweep, train
+    from cgmq_jax.runs import parallel, sweep, train
 
+    parallel.use_compilation_cache()  # the runs after the first skip compiling their steps
     try:
         out = check_args(args)
     except (ValueError, TypeError) as error:

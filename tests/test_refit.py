@@ -133,3 +133,41 @@ def test_a_run_with_refit_ranges_refits_and_stays_within_budget(
         leaves[k] = {p: v for p, v in flat.items() if p[-1].endswith("quantizer")}
     # The refitted ranges are not the calibrated ones the plain run keeps.
     assert any(not np.array_equal(leaves["r"][p], leaves["n"][p]) for p in leaves["n"])
+
+
+def test_the_runs_input_refit_refits_exactly_the_inputs_that_lost_bits(
+    lenet, calibration_batch
+):
+    """``fit``'s jitted input refit against the eager :func:`cgmq_jax.nn.refit_ranges` of
+    the one layer whose input lost bits."""
+    from types import SimpleNamespace
+
+    from cgmq_jax.runs import fit
+
+    model, specs, old = lenet["model"], lenet["specs"], lenet["params8"]
+    layer = specs[1].path[0]
+    new = jax.tree.map(lambda x: x, old)
+    new[layer] = {
+        **new[layer],
+        "input_quantizer": quantizer.at_min_bitwidth(old[layer]["input_quantizer"]),
+    }
+    images = calibration_batch[: fit.REFIT_EXAMPLES]
+    input_bits, refit = fit._input_refit(SimpleNamespace(specs=specs, model=model), images)
+    lost = np.asarray(input_bits(new)) < np.asarray(input_bits(old))
+    assert lost.tolist() == [s.path[0] == layer for s in specs]  # LeNet-5: all learned
+
+    refitted = refit(new, lost)
+    expected = cnn.refit_ranges(model, new, images, weights=False, layers=[(layer,)])
+    np.testing.assert_allclose(
+        np.asarray(refitted[layer]["input_quantizer"]),
+        np.asarray(expected[layer]["input_quantizer"]),
+        atol=1e-6,
+    )
+    assert not np.array_equal(
+        np.asarray(refitted[layer]["input_quantizer"]), np.asarray(new[layer]["input_quantizer"])
+    )
+    assert cost.layer_table(refitted, specs) == cost.layer_table(new, specs)  # same bits
+    for path, leaf in jax.tree_util.tree_leaves_with_path(new):
+        if path[0].key != layer or path[1].key != "input_quantizer":
+            got = refitted[path[0].key][path[1].key]
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))

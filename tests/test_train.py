@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import FINISHED_RUN, load_cli
@@ -151,6 +152,9 @@ def test_cli_writes_results(finished_run, tiny_mnist):
     specs = cost.layer_specs(models.LeNet5(), tiny_mnist.train[0][:1])
     assert cost.exact_bops(params, specs) == results["bops"]
     assert math.isfinite(results["test_accuracy"])
+    parts = results["timings"]  # the wall time split: what docs/performance.md reports
+    assert set(parts) == {"compile", "train", "evaluate", "other"}
+    assert all(seconds >= 0 for seconds in parts.values()) and parts["train"] > 0
 
 
 def test_batches_deterministic_and_epoch_dependent():
@@ -194,3 +198,35 @@ def test_cifar_shaped_model_trains_one_step():
     assert specs[0].macs > 281_640  # more than LeNet-5 on 28x28x1
     result = train.fit(config, tiny, log=lambda line: None)
     assert result.data_source == "synthetic" and np.isfinite(result.test_accuracy)
+
+
+def test_accuracy_is_compiled_once_per_model(tiny_mnist):
+    """Every accuracy function of one model (fit makes several: per phase, the fill, the
+    test) shares one compiled program: a second compile cost 2 s per run on the CPU."""
+    from cgmq_jax.runs import steps
+
+    model = models.MLP()
+    images, labels = tiny_mnist.validation[0][:64], tiny_mnist.validation[1][:64]
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    before = steps._correct._cache_size()
+    first = train.make_accuracy(model, batch_size=32)(params, images, labels)
+    second = train.make_accuracy(models.MLP(), batch_size=32)(params, images, labels)
+    assert first == second and 0 <= first <= 1
+    assert steps._correct._cache_size() == before + 1
+
+
+def test_use_compilation_cache_respects_the_environment(monkeypatch, tmp_path):
+    from cgmq_jax.runs import parallel
+
+    saved, enabled = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("CGMQ_CACHE_DIR", str(tmp_path))
+        assert parallel.use_compilation_cache() == str(tmp_path / "xla")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+        assert parallel.use_compilation_cache() == str(tmp_path / "mine")  # kept
+        jax.config.update("jax_enable_compilation_cache", False)
+        assert parallel.use_compilation_cache() is None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        jax.config.update("jax_compilation_cache_dir", saved)

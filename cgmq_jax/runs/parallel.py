@@ -3,12 +3,14 @@
 One code path for one device and for many: :class:`Placement` holds the mesh, and
 ``train.make_train_step`` jits the step with its shardings (the batch split, everything
 else replicated); XLA inserts the all-reduce of the gradients (``jax.sharding``'s automatic
-SPMD). :func:`start_processes` joins a run over several processes (``jax.distributed``).
+SPMD). :func:`start_processes` joins a run over several processes (``jax.distributed``);
+:func:`use_compilation_cache` keeps compiled steps across processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -43,6 +45,24 @@ def data_parallel_mesh(devices: int = 1) -> Mesh:
             f"{jax.process_count()} processes (they have {len(available)} in all)"
         )
     return Mesh(np.asarray(chosen), ("batch",))
+
+
+def use_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in ``<data cache>/xla`` (``$CGMQ_CACHE_DIR``,
+    else ``~/.cache/cgmq_jax``), so that a run after the first loads its compiled steps
+    instead of compiling them (LeNet-5's QAT step: about 13 s to compile on a 2-core CPU;
+    docs/performance.md). What a cached step computes is what a compiled one does. The
+    scripts call it first; ``JAX_COMPILATION_CACHE_DIR`` (another directory) or
+    ``JAX_ENABLE_COMPILATION_CACHE=false`` (off) in the environment take precedence.
+    Returns the directory, or ``None`` when the cache is off.
+    """
+    from cgmq_jax.data import default_cache_dir
+
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.fspath(default_cache_dir() / "xla"))
+    return jax.config.jax_compilation_cache_dir
 
 
 def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -74,10 +74,16 @@ def limits_text(certificate: dict) -> str:
     )
 
 
+def timings_text(timings: dict) -> str:
+    """One line: a fit's wall time by part (:attr:`FitResult.timings`)."""
+    parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+    return f"time: {parts} (total {sum(timings.values()):.1f} s)"
+
+
 def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
     """The contents of ``results.json`` for ``result``: flags (default: its config), config,
     seed, data source, package versions, history, test accuracy, BOPs, budget verdict, wall
-    time and certificate."""
+    time and its split (``timings``) and certificate."""
     return {
         "flags": flags if flags is not None else dataclasses.asdict(result.config),
         "config": dataclasses.asdict(result.config),
@@ -92,6 +98,7 @@ def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
         "bops": result.certificate["bops"],
         "within_budget": result.certificate["within_budget"],
         "wall_seconds": result.wall_seconds,
+        "timings": result.timings,
         "certificate": result.certificate,
     }
 

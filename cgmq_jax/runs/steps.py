@@ -125,17 +125,20 @@ def _apply_gradients(state, grads):
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _correct(model, variables, images, labels):
+    """How many of ``images`` ``model`` classifies right; compiled once per (equal) model,
+    however many accuracy functions are made for it."""
+    logits = model.apply(variables, images)
+    return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+
 def make_accuracy(model, batch_size: int = 1000):
     """``(params, images, labels) -> accuracy`` over a whole split, jitted per batch.
 
     For a float network with BatchNorm pass its variables, ``{"params": ...,
     "batch_stats": ...}``, as ``batch_stats=``: it is evaluated with the running averages.
     """
-
-    @jax.jit
-    def correct(variables, images, labels):
-        logits = model.apply(variables, images)
-        return jnp.sum(jnp.argmax(logits, -1) == labels)
 
     def accuracy(params, images, labels, *, batch_stats=None) -> float:
         variables = {"params": params}
@@ -144,7 +147,7 @@ def make_accuracy(model, batch_size: int = 1000):
         total = 0
         for start in range(0, len(labels), batch_size):
             stop = start + batch_size
-            total += int(correct(variables, images[start:stop], labels[start:stop]))
+            total += int(_correct(model, variables, images[start:stop], labels[start:stop]))
         return total / len(labels)
 
     return accuracy
