@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated quantizer learning rates (default 1e-4,1e-3,1e-2,1e-1)",
     )
     p.add_argument("--epochs", type=int, default=1, help="QAT epochs per learning rate")
-    p.add_argument("--pretrain_epochs", type=int, default=defaults.pretrain_epochs)
+    p.add_argument("--pretrain_epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--data", choices=("auto", "tfds", "bundled", "idx"), default="auto")
     p.add_argument("--data_dir", default=None, help="tfds data dir, or the IDX directory")
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
         model=args.model,
         epochs=args.epochs,
         pretrain_epochs=args.pretrain_epochs,
+        lr=1e-3,  # this experiment's documented setting, whatever the model's schedule
         seed=args.seed,
     )
     train.check_config(base)

@@ -51,15 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
     p.add_argument("--method", choices=METHODS, default=defaults.method)
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="QAT epochs")
+    # None: the model's schedule (cgmq_jax.runs.config.schedule; docs/cli.md)
+    p.add_argument("--epochs", type=int, default=None, help="QAT epochs (default: the model's)")
     p.add_argument(
         "--pretrain_epochs",
         type=int,
-        default=defaults.pretrain_epochs,
-        help="float epochs before QAT",
+        default=None,
+        help="float epochs before QAT (default: the model's)",
     )
     p.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="weight learning rate (Adam)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="weight learning rate (Adam; default: the model's)"
+    )
     p.add_argument(
         "--quantizer_lr",
         type=float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -230,3 +231,18 @@ def test_use_compilation_cache_respects_the_environment(monkeypatch, tmp_path):
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
         jax.config.update("jax_compilation_cache_dir", saved)
+
+
+def test_each_model_gets_its_schedule_unless_one_is_given():
+    from cgmq_jax.runs import config
+
+    lenet = train.TrainConfig()
+    assert (lenet.pretrain_epochs, lenet.epochs, lenet.lr) == (2, 8, 2e-3)
+    dscnn = train.TrainConfig(model="dscnn")
+    assert (dscnn.pretrain_epochs, dscnn.epochs, dscnn.lr) == (5, 25, 1e-3)
+    assert config.schedule("lenet5_bb") == config.DEFAULT_SCHEDULE
+    given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4)
+    assert (given.pretrain_epochs, given.epochs, given.lr) == (5, 3, 5e-4)
+    moved = dataclasses.replace(lenet, model="dscnn", epochs=None, pretrain_epochs=None, lr=None)
+    assert moved == dscnn
+    lenet.validate()  # the resolved schedule passes the checks
