@@ -295,7 +295,7 @@ def _with_input_refit(setup: _Setup, run: _Run, train_step):
     the calibration batch alone, so a resumed run refits as the uninterrupted one did.
 
     The refit is a separate jitted call, made only on the steps where a bit fell (the
-    check costs a host sync per step): inside the step, under ``lax.cond``, the step ran
+    check costs one host sync per step): inside the step, under ``lax.cond``, the step ran
     at half the speed on XLA:CPU (docs/performance.md).
     """
     if not any(s.quantized and s.input_bits is None for s in setup.specs):
@@ -303,9 +303,9 @@ def _with_input_refit(setup: _Setup, run: _Run, train_step):
     input_bits, refit = _input_refit(setup, jnp.asarray(run.calibration[:REFIT_EXAMPLES]))
 
     def step(state, x, y):
-        before = np.asarray(input_bits(state.params))
+        before = input_bits(state.params)  # dispatched, read after the step: one sync
         state, loss = train_step(state, x, y)
-        lost = np.asarray(input_bits(state.params)) < before
+        lost = np.asarray(input_bits(state.params)) < np.asarray(before)
         if lost.any():
             params = refit(parallel.local_copy(state.params), lost)
             state = setup.placement.replicate(state.replace(params=params))
