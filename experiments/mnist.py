@@ -69,6 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=defaults.quantizer_lr,
         help="quantizer learning rate (Adam, log2 units)",
     )
+    p.add_argument(
+        "--quantizer_lr_decay",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.quantizer_lr_decay,
+        help="cosine-decay the quantizer learning rate over QAT, as the weights' "
+        "(bits settle before training ends); off: constant",
+    )
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
     p.add_argument(
         "--admission",

@@ -698,6 +698,46 @@ def test_fit_trains_with_the_recommended_chain(lenet, calibration_batch, tiny_mn
     chex.assert_trees_all_equal(state.opt_state, expected)
 
 
+
+@pytest.mark.slow  # compiles whole training steps or many programs
+@pytest.mark.parametrize("decay", [False, True])
+def test_fit_decays_the_quantizer_lr_only_when_asked(decay, lenet, calibration_batch, tiny_mnist):
+    # --quantizer_lr_decay: the quantizer latents' Adam takes the weights' cosine shape over
+    # the QAT steps; without it, a constant rate. Same updates as the chain built by hand,
+    # and different from the other choice (steps 2-3 of a 3-step schedule).
+    config = train.TrainConfig(
+        budget_bops=2e6, epochs=1, pretrain_epochs=0, batch_size=64, quantizer_lr_decay=decay
+    )
+    setup = train._make_setup(config, tiny_mnist, pretrained=True)
+    steps = len(setup.qat_epochs) * setup.steps_per_epoch
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
+        state = train._qat_state(setup, {"params": lenet["float_params"]}, calibration_batch)
+
+    def by_hand(decayed):
+        q_lr = optax.cosine_decay_schedule(config.quantizer_lr, steps) if decayed else 1e-2
+        return cgmq_jax.cgmq_optimizer(
+            functools.partial(cost.bops, specs=setup.specs),
+            2e6,
+            learning_rate=optax.cosine_decay_schedule(config.lr, steps),
+            quantizer_learning_rate=q_lr,
+            refit_weight_ranges=True,
+        )
+
+    bundle = {**lenet, "params8": state.params}
+    _, _, history = _run_chain(bundle, state.tx, steps=3)
+    _, _, same = _run_chain(bundle, by_hand(decay), steps=3)
+    _, _, other = _run_chain(bundle, by_hand(not decay), steps=3)
+    chex.assert_trees_all_equal(history, same)
+    labels = cgmq_jax.param_labels(state.params)
+    quantizer_updates = [
+        jax.tree.leaves(jax.tree.map(lambda u, lab: u if lab == "quantizer" else None, h, labels))
+        for h in (history[2], other[2])
+    ]
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(*quantizer_updates, strict=True)
+    ), "the quantizer updates do not depend on --quantizer_lr_decay"
+
+
 # --- arguments -------------------------------------------------------------------------------
 
 

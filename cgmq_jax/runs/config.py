@@ -99,7 +99,9 @@ class TrainConfig:
     pretrain_epochs: int | None = None
     batch_size: int = 128
     lr: float | None = None  # weights (Adam, cosine-decayed over QAT)
-    quantizer_lr: float = 1e-2  # quantizer latents (Adam, constant), in log2 units
+    quantizer_lr: float = 1e-2  # quantizer latents (Adam), in log2 units
+    # the quantizer latents' lr cosine-decayed over QAT like the weights' (False: constant)
+    quantizer_lr_decay: bool = False
     rescale: float = constraint.DEFAULT_RESCALE
     admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     trades: bool = False  # cgmq only: bits moved by measured loss after each QAT epoch

@@ -218,20 +218,23 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
     steps = len(setup.qat_epochs) * setup.steps_per_epoch
     learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
+    quantizer_lr = config.quantizer_lr
+    if config.quantizer_lr_decay:
+        quantizer_lr = optax.cosine_decay_schedule(quantizer_lr, max(steps, 1))
     if config.method == "cgmq":
         cost_fn, budget = guard_constraints(setup.limits, setup.specs)
         tx = constraint.cgmq_optimizer(
             cost_fn,
             budget,
             learning_rate=learning_rate,
-            quantizer_learning_rate=config.quantizer_lr,
+            quantizer_learning_rate=quantizer_lr,
             rescale=config.rescale,
             admission=config.admission,
             refit_weight_ranges=config.refits,
             prunable=cost.prunable_quantizers(setup.specs),
         )
     else:
-        tx = constraint.partitioned_adam(learning_rate, config.quantizer_lr)
+        tx = constraint.partitioned_adam(learning_rate, quantizer_lr)
         if config.method == "fixed":
             tx = optax.chain(tx, constraint.fixed_bitwidths())
     return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
