@@ -216,11 +216,11 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
         bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
     float_params = variables if "batch_stats" in variables else variables["params"]
     params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
-    steps = len(setup.qat_epochs) * setup.steps_per_epoch
-    learning_rate = optax.cosine_decay_schedule(config.lr, max(steps, 1))
+    steps = max(len(setup.qat_epochs) * setup.steps_per_epoch, 1)
+    learning_rate = optax.cosine_decay_schedule(config.lr, steps)
     quantizer_lr = config.quantizer_lr
     if config.quantizer_lr_decay:
-        quantizer_lr = optax.cosine_decay_schedule(quantizer_lr, max(steps, 1))
+        quantizer_lr = optax.cosine_decay_schedule(quantizer_lr, steps)
     if config.method == "cgmq":
         cost_fn, budget = guard_constraints(setup.limits, setup.specs)
         tx = constraint.cgmq_optimizer(
