@@ -634,7 +634,11 @@ def cgmq_optimizer(
 
     Args:
       cost_fn: ``params -> BOPs``, as for :func:`constrained_update`.
-      budget: the maximum BOPs per example.
+      budget: the maximum BOPs per example, or a schedule ``step -> budget`` (e.g.
+        ``optax.exponential_decay`` from the network's cost at 8 bits down to the budget,
+        ``end_value=budget``: ``--budget_warmup_epochs``), then ``constrained_update``
+        runs under ``optax.inject_hyperparams`` and each step is feasible for that step's
+        budget.
       learning_rate: the weights' Adam learning rate (or schedule).
       quantizer_learning_rate: the quantizer latents' Adam learning rate (or schedule),
         in log2 units.
@@ -660,9 +664,14 @@ def cgmq_optimizer(
       >>> type(state[-1]).__name__
       'ConstrainedUpdateState'
     """
+    update = constrained_update
+    if callable(budget):  # a schedule: the budget becomes a hyperparameter of the step count
+        update = optax.inject_hyperparams(
+            constrained_update, static_args=("cost_fn", "admission", "prunable")
+        )
     return optax.chain(
         partitioned_adam(learning_rate, quantizer_learning_rate),
-        constrained_update(
+        update(
             cost_fn,
             budget,
             rescale=rescale,

@@ -76,6 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cosine-decay the quantizer learning rate over QAT, as the weights' "
         "(bits settle before training ends); off: constant",
     )
+    p.add_argument(
+        "--budget_warmup_epochs",
+        type=float,
+        default=None,
+        help="cgmq with --budget_bops alone: lower the budget geometrically from the "
+        "network's cost at its initial bits over this many first QAT epochs (default: off)",
+    )
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
     p.add_argument(
         "--admission",

@@ -738,6 +738,42 @@ def test_fit_decays_the_quantizer_lr_only_when_asked(decay, lenet, calibration_b
     ), "the quantizer updates do not depend on --quantizer_lr_decay"
 
 
+@pytest.mark.slow  # compiles whole training steps or many programs
+def test_fit_lowers_the_budget_over_the_warmup(lenet, calibration_batch, tiny_mnist):
+    # --budget_warmup_epochs: the budget starts at the network's exact cost at its initial
+    # bits and falls geometrically to the limit over the warm-up steps; every step either
+    # ends within its own budget or lowers the exact cost; after the warm-up, the limit.
+    config = train.TrainConfig(
+        budget_bops=2e6, epochs=2, pretrain_epochs=0, batch_size=64, budget_warmup_epochs=1.0
+    )
+    setup = train._make_setup(config, tiny_mnist, pretrained=True)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
+        state = train._qat_state(setup, {"params": lenet["float_params"]}, calibration_batch)
+    start = cost.exact_bops(state.params, setup.specs)
+    warmup = setup.steps_per_epoch
+    bundle = {**lenet, "params8": state.params}
+
+    def step(params, opt_state, key):
+        updates, opt_state = state.tx.update(_loss_grads(bundle, params, key), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    step = jax.jit(step)
+    params, budgets, costs = state.params, [], [start]
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = state.tx.init(params)
+        for i in range(warmup + 40):
+            params, opt_state = step(params, opt_state, jax.random.key(i))
+            budgets.append(float(opt_state[-1].hyperparams["budget"]))
+            costs.append(cost.exact_bops(params, setup.specs))
+    assert budgets[0] == pytest.approx(start, rel=1e-6)
+    assert all(b >= a for a, b in zip(budgets[1:], budgets, strict=False)), budgets
+    assert budgets[warmup] == 2e6 and budgets[-1] == 2e6
+    assert 2e6 < budgets[warmup // 2] < start
+    for budget, before, after in zip(budgets, costs, costs[1:], strict=False):
+        assert after <= budget or after < before, (budget, before, after)
+    assert costs[-1] <= 2e6
+
+
 # --- arguments -------------------------------------------------------------------------------
 
 

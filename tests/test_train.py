@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -131,6 +132,23 @@ def test_bad_budgets_are_rejected(budget, capsys):
     status = load_cli("mnist").main(["--budget_bops", budget])
     assert status == 2
     assert "positive finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--budget_warmup_epochs", "-1"], "in \\[0, --epochs"),
+        (["--budget_warmup_epochs", "nan"], "in \\[0, --epochs"),
+        (["--budget_warmup_epochs", "9", "--epochs", "8"], "in \\[0, --epochs 8\\]"),
+        (["--budget_warmup_epochs", "1", "--method", "dq"], "needs --method cgmq"),
+        (["--budget_warmup_epochs", "1", "--budget_weight_kib", "8"], "alone"),
+    ],
+)
+def test_bad_budget_warmups_are_rejected(flags, fragment, capsys):
+    status = load_cli("mnist").main(["--budget_bops", "2e6", *flags])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert re.search(fragment, err), err
 
 
 def test_missing_data_is_a_one_line_error(tmp_path, capsys):

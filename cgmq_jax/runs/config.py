@@ -102,6 +102,9 @@ class TrainConfig:
     quantizer_lr: float = 1e-2  # quantizer latents (Adam), in log2 units
     # the quantizer latents' lr cosine-decayed over QAT like the weights' (False: constant)
     quantizer_lr_decay: bool = False
+    # cgmq, a BOP limit alone: the budget lowered geometrically from the network's cost at
+    # its initial bits to the limit over the first this many QAT epochs (None or 0: off)
+    budget_warmup_epochs: float | None = None
     rescale: float = constraint.DEFAULT_RESCALE
     admission: str = "all_or_nothing"  # cgmq only: what the guard admits (cgmq_jax.admission)
     trades: bool = False  # cgmq only: bits moved by measured loss after each QAT epoch
@@ -155,6 +158,7 @@ class TrainConfig:
         _check_limits(self)
         _check_integers(self)
         _check_numbers(self)
+        _check_warmup(self)
 
     @property
     def refits(self) -> bool:
@@ -204,6 +208,24 @@ def _check_integers(config: TrainConfig) -> None:
         raise ValueError(
             f"--batch_size {config.batch_size} does not split over --devices {config.devices}: "
             "choose a batch size that is a multiple of the number of devices"
+        )
+
+
+def _check_warmup(config: TrainConfig) -> None:
+    warmup = config.budget_warmup_epochs
+    if warmup is None:
+        return
+    if isinstance(warmup, bool) or not (
+        isinstance(warmup, int | float) and math.isfinite(warmup) and 0 <= warmup <= config.epochs
+    ):
+        raise ValueError(
+            f"--budget_warmup_epochs must be a number in [0, --epochs {config.epochs}], "
+            f"got {warmup!r}"
+        )
+    if warmup and (config.method != "cgmq" or list(config.limits) != ["bops"]):
+        raise ValueError(
+            "--budget_warmup_epochs lowers the BOP budget of --method cgmq step by step: it "
+            "needs --method cgmq and --budget_bops alone (no memory limits); drop it or them"
         )
 
 
