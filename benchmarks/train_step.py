@@ -9,11 +9,11 @@ it) is compiled first; then ``--repeats`` rounds each time ``--steps`` steps of 
 configuration in turn (interleaved, so that a slow moment of the machine hits all of
 them), on real MNIST batches already on the device. Printed: the median samples/s, the
 spread, and the ratios that the targets are stated in. The lever variants time the same
-cgmq step with one lever undone: ``direct-conv`` (conv1 by XLA's direct convolution
-instead of :func:`cgmq_jax.nn.patch_conv`) and ``no-donate`` (the state's buffers not
-donated to the step), ``flax-max-pool`` (``flax.linen.max_pool``'s gradient instead of
-:func:`cgmq_jax.nn.max_pool`'s), and ``no-levers`` (all three undone: the step of
-the release before them).
+cgmq step with one lever undone: ``direct-conv`` (XLA's direct convolution instead of
+:func:`cgmq_jax.nn.patch_conv` for conv1, depthwise and pointwise convolutions) and
+``no-donate`` (the state's buffers not donated to the step), ``flax-max-pool``
+(``flax.linen.max_pool``'s gradient instead of :func:`cgmq_jax.nn.max_pool`'s), and
+``no-levers`` (all three undone: the step of the release before them).
 
 Peers: with ``--peers_python PATH`` (or ``CGMQ_PEERS_PYTHON``; ``make setup-peers`` builds
 ``.venv-peers``, never a dependency of this project), each round also times the peers, each
@@ -69,9 +69,9 @@ def _build(model: str, method: str, dataset, batch_size: int):
     config = train.TrainConfig(
         model=model, method=method, budget_bops=budget, batch_size=batch_size
     )
-    saved = nn.PATCH_CONV_MAX_CHANNELS, models.max_pool
+    saved = nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE, models.max_pool
     if variant in ("direct-conv", "no-levers"):
-        nn.PATCH_CONV_MAX_CHANNELS = 0
+        nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE = 0, False
     if variant in ("flax-max-pool", "no-levers"):
         models.max_pool = flax.linen.max_pool
     try:
@@ -86,10 +86,10 @@ def _build(model: str, method: str, dataset, batch_size: int):
             )
             for i in range(20)
         ]
-        state, loss = step(state, *batches[0])  # compiles (PATCH_CONV_MAX_CHANNELS is read now)
+        state, loss = step(state, *batches[0])  # compiles (the PATCH_CONV flags are read now)
         jax.block_until_ready(loss)
     finally:
-        nn.PATCH_CONV_MAX_CHANNELS, models.max_pool = saved
+        nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE, models.max_pool = saved
     return {"step": step, "state": state, "batches": batches}
 
 

@@ -133,7 +133,11 @@ def patch_conv(
         terms = (column * tap for column, tap in zip(columns, taps, strict=True))
         return functools.reduce(operator.add, terms)
     patches = jnp.concatenate(columns, axis=-1)
-    return jnp.dot(patches, jnp.reshape(kernel, (-1, kernel.shape[-1])), precision=precision)
+    # One matrix product over the flattened positions: XLA:CPU's dot of a 4-D array was
+    # 1.5-2.5x slower forward and backward (a 14x14x32 -> 64 1x1 convolution, batch 128).
+    rows = jnp.reshape(patches, (-1, patches.shape[-1]))
+    product = jnp.dot(rows, jnp.reshape(kernel, (-1, kernel.shape[-1])), precision=precision)
+    return jnp.reshape(product, (*patches.shape[:-1], kernel.shape[-1]))
 
 
 def max_pool(x: jax.Array, window_shape: Sequence[int], strides=None, padding="VALID"):

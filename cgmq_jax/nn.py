@@ -346,17 +346,22 @@ def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
 #: Quantized operands are codes times powers of two, so both compute the same exact sums:
 #: the forward pass does not change by a bit.
 PATCH_CONV_MAX_CHANNELS = 1
+#: A quantized 1x1 convolution without groups (a pointwise one, any number of channels) runs
+#: as one matrix product, its only patch being the input (:func:`patch_conv`): XLA:CPU's
+#: convolution took 2-4x as long forward and backward (the DS-CNN's pointwise layers;
+#: docs/performance.md). Exact for the same reason as above.
+PATCH_CONV_POINTWISE = True
 
 
 def _patches_pay(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
-    """Whether :func:`patch_conv` computes this convolution (see the constant above)."""
+    """Whether :func:`patch_conv` computes this convolution (see the constants above)."""
     groups, channels = module.feature_group_count, x.shape[-1]
     features = getattr(module, "features", None) or module.out_features  # linen / NNX
     depthwise = groups == channels == features and groups > 1
-    return (
-        channels // groups <= PATCH_CONV_MAX_CHANNELS
-        and (groups == 1 or depthwise)
-        and all(d == 1 for d in geometry["input_dilation"])
+    pointwise = groups == 1 and all(k == 1 for k in geometry["kernel_size"])
+    few_channels = channels // groups <= PATCH_CONV_MAX_CHANNELS and (groups == 1 or depthwise)
+    return (few_channels or (pointwise and PATCH_CONV_POINTWISE)) and all(
+        d == 1 for d in geometry["input_dilation"]
     )
 
 

@@ -259,6 +259,32 @@ def test_patch_conv_is_the_direct_convolution_bit_for_bit_when_quantized(name, m
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("strides", [1, 2])
+def test_a_pointwise_conv_is_one_matrix_product_bit_for_bit_when_quantized(strides, monkeypatch):
+    """A quantized 1x1 convolution (many channels, no groups) is computed as a matrix
+    product, not XLA's convolution; the output is the direct one's exactly, the gradients
+    to float tolerance."""
+    layer = cnn.QuantConv(16, (1, 1), strides=strides, input_signed=False)
+    x = jnp.abs(_inputs((2, 5, 5, 8), seed=5))
+    params = layer.init(jax.random.key(2), x)["params"]
+
+    def both(params, x):
+        loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))  # noqa: E731
+        return layer.apply({"params": params}, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+    def program(params, x):  # traced afresh: the flag is read when tracing
+        return str(jax.make_jaxpr(lambda p, x: both(p, x))(params, x))
+
+    assert "conv_general_dilated" not in program(params, x)
+    fast = jax.jit(both)(params, x)
+    monkeypatch.setattr(cnn, "PATCH_CONV_POINTWISE", False)
+    assert "conv_general_dilated" in program(params, x)
+    direct = jax.jit(lambda params, x: both(params, x))(params, x)
+    np.testing.assert_array_equal(fast[0], direct[0])
+    for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(direct[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("strides", [(1, 1), (2, 1), (2, 3)])
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1)), ((-1, 1), (2, 0))])
 @pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
