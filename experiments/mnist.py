@@ -23,6 +23,24 @@ import shlex
 import sys
 
 
+def run_flags(args: argparse.Namespace) -> dict:
+    """The run's identity: ``--resume`` must be given the same flags (``--out`` is the run).
+
+    A flag left at ``None`` matches a checkpoint written before that flag existed;
+    ``--admission`` left out is resolved to the model's (and written back into ``args``),
+    the value checkpoints written before it had a per-model default hold.
+    """
+    from cgmq_jax.runs import train
+
+    if args.admission is None:
+        args.admission = train.TrainConfig(model=args.model, prune=args.prune).admission
+    skipped = (
+        *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
+        "min_eval_examples",  # a check of the data, not part of the run
+    )
+    return {k: v for k, v in vars(args).items() if k not in skipped}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from cgmq_jax.data import DATASETS, MIN_EVAL_EXAMPLES, SOURCES
     from cgmq_jax.models import MODELS
@@ -87,8 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--admission",
         choices=("gain", "all_or_nothing", "within_bits"),
-        default=defaults.admission,
-        help="cgmq: what the guard admits when the whole proposal would cross a limit",
+        default=None,
+        help="cgmq: what the guard admits when the whole proposal would cross a limit "
+        "(default: the model's, gain for dscnn, else all_or_nothing)",
     )
     p.add_argument(
         "--trades",
@@ -210,13 +229,7 @@ def main(argv=None) -> int:
             parallel.start_processes(args.coordinator, args.num_processes, args.process_id)
         except (ValueError, RuntimeError) as error:
             return _error(error, 2)
-    # The run's identity: --resume must be given the same flags (and --out is the run); a
-    # flag left at None matches a checkpoint written before that flag existed.
-    skipped = (
-        *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
-        "min_eval_examples",  # a check of the data, not part of the run
-    )
-    flags = {k: v for k, v in vars(args).items() if k not in skipped}
+    flags = run_flags(args)
     if args.devices is None:
         import jax
 

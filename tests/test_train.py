@@ -261,6 +261,33 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     assert config.schedule("lenet5_bb") == config.DEFAULT_SCHEDULE
     given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4)
     assert (given.pretrain_epochs, given.epochs, given.lr) == (5, 3, 5e-4)
-    moved = dataclasses.replace(lenet, model="dscnn", epochs=None, pretrain_epochs=None, lr=None)
+    moved = dataclasses.replace(
+        lenet, model="dscnn", epochs=None, pretrain_epochs=None, lr=None, admission=None
+    )
     assert moved == dscnn
     lenet.validate()  # the resolved schedule passes the checks
+    # The guard's admission too: gain for the DS-CNN, the default guard where it prunes or
+    # where the user chose.
+    assert (lenet.admission, dscnn.admission) == ("all_or_nothing", "gain")
+    assert train.TrainConfig(model="dscnn", admission="within_bits").admission == "within_bits"
+    assert train.TrainConfig(model="dscnn", prune=True).admission == "all_or_nothing"
+    train.TrainConfig(prune=True).validate()
+
+
+def test_the_cli_stores_the_models_admission():
+    """``--admission`` left out is stored as the model's: an older LeNet-5 checkpoint
+    (which holds ``all_or_nothing``) resumes, and an older DS-CNN one is refused by name
+    unless asked for its own."""
+    from cgmq_jax.runs import rundir
+
+    cli = load_cli("mnist")
+    assert cli.run_flags(cli.parse_args([]))["admission"] == "all_or_nothing"
+    dscnn = cli.run_flags(cli.parse_args(["--model", "dscnn"]))
+    assert dscnn["admission"] == "gain"
+    older = {**dscnn, "admission": "all_or_nothing"}
+    assert rundir.changed_flags(older, dscnn) == ["admission"]
+    assert cli.run_flags(cli.parse_args(["--model", "dscnn", "--prune"]))["admission"] == (
+        "all_or_nothing"
+    )
+    chosen = cli.parse_args(["--model", "dscnn", "--admission", "all_or_nothing"])
+    assert cli.run_flags(chosen)["admission"] == "all_or_nothing"
