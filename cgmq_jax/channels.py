@@ -197,19 +197,81 @@ def liveness(specs, weight_live, xp=np):
     return outs
 
 
-def check_groups(spec) -> None:
-    """Refuse a grouped (or depthwise) convolution fed by channels a pruning layer may
-    remove: a group whose inputs are all removed still adds its bias (a BatchNorm folded
-    into it adds one too), a nonzero constant that neither the cost nor the export can
-    remove, and a group that kept some inputs would hold a different number than the others.
+#: Ops a constant channel passes through as a constant channel (one value everywhere).
+_ELEMENTWISE = ("relu", "clip", "div")
+
+
+def constant_folds(traced: graph_mod.Graph) -> dict[int, str | None]:
+    """Per layer of ``traced.layers``: ``None`` when a constant output channel of it folds
+    exactly into the layers that read it, else why not.
+
+    A depthwise channel whose input is removed outputs its bias at every position, a
+    constant (docs/method.md section 12). It folds into the next layer's bias exactly
+    when it reaches that layer through elementwise ops only (ReLU, clip, division: still
+    one value per channel) and that layer reads each input channel at every kernel tap:
+    a dense layer, or an ungrouped convolution without padding or input dilation (a
+    1x1 pointwise one). Zero padding would read the constant as 0 at the borders.
     """
-    if spec.groups > 1 and any(s != (ALWAYS,) for s in spec.input_sources):
-        raise ValueError(
-            f"layer {spec.name!r} is a grouped convolution ({spec.groups} groups) fed by "
-            "channels that pruning may remove: a group left without inputs still outputs "
-            "its bias, a constant that cannot be removed; do not prune the layers that "
-            "feed it (pruning before grouped and depthwise convolutions is not supported yet)"
-        )
+    from cgmq_jax.lowering import _conv_geometry
+
+    ops, _ = graph_mod.ops(traced)
+    users: dict[int, list[int]] = {}
+    for j, op in enumerate(ops):
+        for tensor in op.inputs:
+            users.setdefault(tensor, []).append(j)
+    out: dict[int, str | None] = {}
+    for start, op in enumerate(ops):
+        if op.layer is None:
+            continue
+        why, frontier = None, [start + 1]
+        while frontier and why is None:
+            tensor = frontier.pop()
+            if not users.get(tensor):
+                why = "it reaches the model's output"
+            for j in users.get(tensor, []):
+                user = ops[j]
+                if user.layer is not None:
+                    layer = traced.layers[user.layer]
+                    if layer.kind == "conv":
+                        geometry = _conv_geometry(layer)
+                        pads = any(any(p) for p in geometry["padding"])
+                        dilated = any(d != 1 for d in geometry["input_dilation"])
+                        if geometry["groups"] != 1 or pads or dilated:
+                            why = (
+                                f"layer {layer.name!r} reads it with zero padding, input "
+                                "dilation or groups, so a constant does not fold into its bias"
+                            )
+                elif user.op in _ELEMENTWISE:
+                    frontier.append(j + 1)
+                else:
+                    why = f"it reaches a {user.op!r} op before the next layer"
+        out[op.layer] = why
+    return out
+
+
+def check_groups(spec, fold: str | None = None) -> None:
+    """Refuse a grouped convolution fed by channels a pruning layer may remove, unless it
+    is depthwise (one input channel per group) and its constant channels fold (``fold``:
+    :func:`constant_folds`' answer for it). A depthwise channel whose input is removed
+    outputs its bias, a constant that the next layer's bias absorbs; a group of several
+    inputs that kept some would hold a different number than the others.
+    """
+    if spec.groups == 1 or all(s == (ALWAYS,) for s in spec.input_sources):
+        return
+    depthwise = len(spec.input_sources) == spec.groups
+    if depthwise and fold is None:
+        return
+    why = (
+        f"a depthwise channel whose input is removed outputs its bias, and {fold}"
+        if depthwise
+        else "a group that kept some of its inputs would hold a different number than the others"
+    )
+    raise ValueError(
+        f"layer {spec.name!r} is a grouped convolution ({spec.groups} groups) fed by "
+        f"channels that pruning may remove: {why}; do not prune the layers that feed it "
+        "(pruning before a depthwise convolution needs its output to reach a dense or "
+        "unpadded ungrouped convolution through ReLU / clip only, e.g. a 1x1 pointwise one)"
+    )
 
 
 def pair_sizes(spec) -> tuple[int, int, int]:
@@ -262,7 +324,8 @@ def table(bits, specs) -> list[dict]:
         live_in, live_out, per_output = facts
         pair_macs, pair_weights, positions = pair_sizes(spec)
         kept = int(live_out.sum())
-        # Live inputs per kept output channel (one number: check_groups refuses the rest).
+        # Live inputs per kept output channel (one number: check_groups refuses the rest;
+        # a depthwise channel has one).
         each = int(per_output[live_out].max()) if kept else 0
         per_channel = w.ndim > 0
         row = LayerRow(
@@ -297,6 +360,7 @@ def table(bits, specs) -> list[dict]:
 __all__ = [
     "ALWAYS",
     "check_groups",
+    "constant_folds",
     "input_sources",
     "liveness",
     "offsets",

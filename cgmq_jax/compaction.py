@@ -43,9 +43,13 @@ PRUNED_ROW_KEYS = (
 @dataclasses.dataclass(frozen=True)
 class Cut:
     """What one layer keeps: ``live_in`` over its input's last axis, ``live_out`` over its
-    output channels (boolean), the compacted shapes (no batch axis), and ``weights_kept``:
+    output channels (boolean), the compacted shapes (no batch axis), ``weights_kept``:
     the output channels its weight quantizer keeps (a removed channel with kept weights
-    is one whose every input is removed: its output is its bias, which must be 0)."""
+    is one whose every input is removed: its output is its bias, a constant), and
+    ``constants``: the value its quantized input holds at every position of each channel
+    that is not live (0 at a removed one; a depthwise channel's bias, through ReLU and this
+    layer's input quantizer, where that channel's input is removed), which
+    :func:`cgmq_jax.lowering.build` folds into this layer's bias."""
 
     name: str
     live_in: np.ndarray
@@ -53,6 +57,7 @@ class Cut:
     weights_kept: np.ndarray
     input_shape: list[int]
     output_shape: list[int]
+    constants: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +79,46 @@ def plan(model: Any, params: Any, traced: Any, ops: list, sample: Any, call_kwar
     if not any(getattr(layer.options, "prune", False) for layer in traced.layers):
         return None
     found = _live(model, params, sample, call_kwargs)
-    return None if found is None else _follow(params, traced, ops, found[1])
+    if found is None:
+        return None
+    followed = _follow(params, traced, ops, found[1])
+    if not any(np.any(~cut.live_out & cut.weights_kept) for cut in followed.layers):
+        return followed  # no constant channels: every non-live input is exactly 0
+    values = constants(model, params, sample, found)
+    cuts = tuple(dataclasses.replace(cut, constants=values[cut.name]) for cut in followed.layers)
+    return dataclasses.replace(followed, layers=cuts)
+
+
+def constants(model: Any, params: Any, sample: Any, found) -> dict[str, np.ndarray]:
+    """Per layer name, the value its quantized input holds at each channel that is not
+    live (0 at the live ones), read off the model itself on a zero input
+    (:func:`cgmq_jax.lowering.layer_inputs`: the layers' own quantizers).
+
+    Raises:
+      ValueError: a channel counted as not live whose value is not one constant (it
+        would not fold into the layer's bias).
+    """
+    from cgmq_jax import lowering
+
+    specs, live = found
+    zeros = np.zeros((1, *sample.shape[1:]), np.float32)
+    codes = lowering.layer_inputs(model, params, zeros)
+    out = {}
+    for spec, (live_in, _) in zip(specs, live, strict=True):
+        live_in = np.asarray(live_in, bool).reshape(-1)
+        values = np.asarray(codes[spec.name], np.float64).reshape(-1, live_in.size)
+        held = values[:, ~live_in]
+        if np.any(held != held[:1]):
+            c = int(np.flatnonzero(~live_in)[np.argmax(np.any(held != held[:1], axis=0))])
+            raise ValueError(
+                f"layer {spec.name!r}: its input channel {c} is counted as removed, but its "
+                "value is not one constant over positions, so it cannot fold into the "
+                "layer's bias"
+            )
+        fill = np.zeros(live_in.size, np.float64)
+        fill[~live_in] = held[0] if len(held) else 0.0
+        out[spec.name] = fill
+    return out
 
 
 def _live(model: Any, params: Any, sample: Any, call_kwargs: dict):
@@ -261,13 +305,16 @@ def cut_layer(facts: Any, cut: Cut) -> Any:
     a grouped convolution's group count.
 
     Raises:
-      ValueError: a removed output channel with a nonzero bias (its weights are kept but
-        all its inputs are removed: its output is its bias, not 0), or a grouped
-        convolution whose groups would keep different numbers of channels.
+      ValueError: an ungrouped layer's removed output channel with a nonzero bias (its
+        weights are kept but all its inputs are removed: its output is its bias, not 0;
+        a depthwise channel's is folded into the next layer's bias instead,
+        :func:`constants`), or a grouped convolution whose groups would keep different
+        numbers of channels.
     """
     live_in, live_out = cut.live_in, cut.live_out
+    groups = int(facts.geometry.get("groups", 1))
     constant = ~live_out & cut.weights_kept & (facts.bias != 0.0)
-    if np.any(constant):
+    if groups == 1 and np.any(constant):
         c = int(np.flatnonzero(constant)[0])
         raise ValueError(
             f"layer {cut.name!r}: output channel {c} is counted as removed (every input of "
@@ -275,7 +322,6 @@ def cut_layer(facts: Any, cut: Cut) -> Any:
             "constant, which the export of a pruned network cannot drop"
         )
     kernel, geometry = facts.kernel, dict(facts.geometry)
-    groups = int(geometry.get("groups", 1))
     if groups == 1:
         kernel = kernel[..., live_in, :][..., live_out]
     elif not (np.all(live_in) and np.all(live_out)):
@@ -320,9 +366,10 @@ def certificate(found: dict, layers: tuple[Cut, ...]) -> dict:
     return {**found, "layers": out}
 
 
-def input_channels(model: Any, params: Any, input_shape) -> dict[str, np.ndarray] | None:
-    """``{layer name: live input channels}`` of a pruning model at one example's
-    ``input_shape`` (an NNX model: ``params`` its linen tree); ``None`` when nothing prunes."""
+def input_channels(model: Any, params: Any, input_shape) -> dict[str, tuple] | None:
+    """``{layer name: (live input channels, constants)}`` of a pruning model at one
+    example's ``input_shape`` (:func:`constants`; an NNX model: ``params`` its linen tree);
+    ``None`` when nothing prunes."""
     import jax
     import jax.numpy as jnp
 
@@ -332,38 +379,46 @@ def input_channels(model: Any, params: Any, input_shape) -> dict[str, np.ndarray
     found = _live(model, params, sample, {})
     if found is None:
         return None
+    values = constants(model, params, sample, found)
     specs, live = found
     return {
-        spec.name: np.asarray(pair[0], bool).reshape(-1)
+        spec.name: (np.asarray(pair[0], bool).reshape(-1), values[spec.name])
         for spec, pair in zip(specs, live, strict=True)
     }
 
 
 class Spread:
-    """``spread(name, codes, size)``: a layer's input codes from a file, spread over every
-    channel of the model's input (0 at the removed ones, whose values are exactly 0) where
-    the file holds fewer than the model's ``size`` (a pruned model's compacted file); the
-    model's live channels are found on first need (:func:`input_channels`; ``model_params``
-    gives the ``(model, params)`` it takes)."""
+    """``spread(name, codes, size, step)``: a layer's input codes from a file, spread over
+    every channel of the model's input where the file holds fewer than the model's
+    ``size`` (a pruned model's compacted file): 0 at the removed channels, a folded
+    constant's code (its value over ``step``) at a depthwise channel whose input is
+    removed. The model's live channels are found on first need (:func:`input_channels`;
+    ``model_params`` gives the ``(model, params)`` it takes)."""
 
     def __init__(self, model_params: Any, input_shape):
         self._model_params, self._input_shape = model_params, input_shape
         self._live: dict | None = None
 
-    def __call__(self, name: str, codes: np.ndarray, size: int) -> np.ndarray:
+    def __call__(self, name: str, codes: np.ndarray, size: int, step: float) -> np.ndarray:
         if codes.size == size:
             return codes
         if self._live is None:
             self._live = input_channels(*self._model_params(), self._input_shape) or {}
-        return full_codes(codes, self._live.get(name))
+        if name not in self._live:
+            return codes
+        live_in, values = self._live[name]
+        return full_codes(codes, live_in, np.round(values / step).astype(codes.dtype))
 
 
-def full_codes(codes: np.ndarray, live_in: np.ndarray | None) -> np.ndarray:
-    """A compacted layer input's codes ``(..., live)`` spread over every channel, 0 at the
-    removed ones (whose values are exactly 0); as they are if nothing was removed."""
+def full_codes(codes: np.ndarray, live_in: np.ndarray | None, fill=None) -> np.ndarray:
+    """A compacted layer input's codes ``(..., live)`` spread over every channel: ``fill``
+    (per channel; 0 by default) at the ones that are not live; as they are if nothing was
+    removed."""
     if live_in is None or codes.shape[-1] == live_in.size:
         return codes
     out = np.zeros((*codes.shape[:-1], live_in.size), codes.dtype)
+    if fill is not None:
+        out[...] = fill
     out[..., live_in] = codes
     return out
 
@@ -373,6 +428,7 @@ __all__ = [
     "Plan",
     "Spread",
     "certificate",
+    "constants",
     "cut_layer",
     "full_codes",
     "input_channels",

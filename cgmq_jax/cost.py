@@ -166,14 +166,17 @@ def with_sources(specs, traced) -> tuple[LayerSpec, ...]:
     from cgmq_jax import channels
 
     sources = channels.input_sources(traced)
+    groups = [
+        int(getattr(layer.module, "feature_group_count", 1)) if layer.kind == "conv" else 1
+        for layer in traced.layers
+    ]
+    folds = channels.constant_folds(traced) if max(groups) > 1 else {}
     out = []
-    for spec, layer, found in zip(specs, traced.layers, sources, strict=True):
-        module = layer.module
-        groups = int(getattr(module, "feature_group_count", 1)) if layer.kind == "conv" else 1
+    for i, (spec, layer, found) in enumerate(zip(specs, traced.layers, sources, strict=True)):
         spec = dataclasses.replace(
-            spec, groups=groups, channels_out=layer.kernel_shape[-1], input_sources=found
+            spec, groups=groups[i], channels_out=layer.kernel_shape[-1], input_sources=found
         )
-        channels.check_groups(spec)
+        channels.check_groups(spec, folds.get(i))
         out.append(spec)
     return tuple(out)
 

@@ -150,10 +150,6 @@ def _layer_facts(params, layer, cut=None) -> _LayerFacts:
     weight_theta = qnn.effective_quantizer(
         node["weight_quantizer"], options.weight_bits, signed=True
     )
-    weight_theta = np.asarray(weight_theta, np.float32).reshape(-1, 2)
-    if cut is not None and options.per_channel:
-        weight_theta = weight_theta[cut.live_out]
-    where = f"layer {layer.name!r}"
     kernel = np.asarray(node["kernel"], np.float32)
     if getattr(layer.module, "mask", None) is not None:
         kernel = kernel * np.asarray(layer.module.mask, np.float32)
@@ -161,6 +157,12 @@ def _layer_facts(params, layer, cut=None) -> _LayerFacts:
         bias = np.asarray(node["bias"], np.float32).astype(np.float64)
     else:
         bias = np.zeros(kernel.shape[-1], np.float64)
+    if cut is not None and cut.constants is not None and np.any(cut.constants != 0.0):
+        bias = bias + _folded(weight_theta, kernel, cut.constants, prune=options.prune)
+    weight_theta = np.asarray(weight_theta, np.float32).reshape(-1, 2)
+    if cut is not None and options.per_channel:
+        weight_theta = weight_theta[cut.live_out]
+    where = f"layer {layer.name!r}"
     facts = _LayerFacts(
         name=layer.name,
         kind=layer.kind,
@@ -175,6 +177,20 @@ def _layer_facts(params, layer, cut=None) -> _LayerFacts:
         geometry=_conv_geometry(layer) if layer.kind == "conv" else {},
     )
     return facts if cut is None else compaction.cut_layer(facts, cut)
+
+
+def _folded(weight_theta, kernel: np.ndarray, constants: np.ndarray, *, prune: bool):
+    """What the input channels that hold one constant each add to every output: the
+    quantized kernel (the layer's own fake-quant, exact multiples of its steps) times the
+    constants, summed over the window and the channels, exactly (float64 of dyadic
+    numbers). Only an ungrouped layer without padding is folded into
+    (:func:`cgmq_jax.channels.constant_folds` refuses the rest)."""
+    from cgmq_jax import operands
+
+    weights = operands.quantize_tensor(weight_theta, kernel, signed=True, prune=prune)
+    weights = np.asarray(weights, np.float64)
+    per_input = weights.reshape(-1, *weights.shape[-2:]).sum(axis=0)  # (in, out)
+    return constants @ per_input
 
 
 def _next_quantizers(ops, start: int, facts: dict[int, _LayerFacts]) -> list[int] | None:
@@ -573,6 +589,21 @@ def _nnx_forward(model, params, x):
     return logits, codes
 
 
+def layer_inputs(model: Any, params: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """``{layer name: Q(x)}``: each quantized layer's input as its own quantizer computes
+    it, on the batch ``x``, as :func:`compare_with_model` intercepts them (a linen model
+    with its ``params``; an NNX module holds its own state, ``params`` is not read)."""
+    import jax.numpy as jnp
+
+    from cgmq_jax import nn as qnn
+
+    if qnn.is_nnx_module(model):
+        _, codes = _nnx_forward(model, None, jnp.asarray(x))
+    else:
+        _, codes = _jitted_forward()(model, params, jnp.asarray(x))
+    return {name: np.asarray(value) for name, value in codes.items()}
+
+
 def compare_with_model(
     path: str | os.PathLike | IntegerModel,
     params: Any,
@@ -630,7 +661,7 @@ def compare_with_model(
         max_logit = max(max_logit, float(np.max(np.abs(scaled_logits - logits), initial=0.0)))
         for name, ours in int_codes.items():
             step = 2.0 ** exported.layers[names[name]]["input_exponent"]
-            ours = spread(name, ours, np.size(codes[name]))  # a pruned model's file: 0s back
+            ours = spread(name, ours, np.size(codes[name]), step)  # a pruned model's file
             theirs = np.asarray(codes[name], np.float64).reshape(ours.shape) / step
             theirs = np.round(theirs).astype(np.int64)  # exact: Q(x) is a multiple of step
             row = mismatches.setdefault(name, [0, 0, 0])

@@ -140,6 +140,7 @@ class DSCNN(nn.Module):
     channels: int = 64
     momentum: float = 0.9  # of the running averages: short pretraining needs them fast
     input_bits: int | None = None  # the network input pinned at this many bits (None: learned)
+    prune: bool = False  # per-channel weights that may remove channels (stem and pw1)
 
     @property
     def has_batch_norm(self) -> bool:
@@ -150,6 +151,7 @@ class DSCNN(nn.Module):
         self, x, features, kernel_size, *, name, train, strides=1, groups=1, input_bits=None
     ):
         """A convolution and its BatchNorm (none when quantized: folded into its bias)."""
+        pruning = _pruning(self) if name in ("stem", "pw1") else {}
         x = QuantConv(
             features,
             kernel_size,
@@ -161,6 +163,7 @@ class DSCNN(nn.Module):
             input_signed=False,
             input_bits=input_bits,
             name=name,
+            **pruning,
         )(x)
         if self.has_batch_norm:
             x = nn.BatchNorm(
@@ -209,7 +212,8 @@ def get_model(
     bits, counted at them: 8 is Bayesian Bits' convention (the 8-bit image, exactly
     representable at ``d = 2**-8``). ``None`` (the default) learns it like every other
     quantizer. ``prune`` gives every layer but the logits per-channel weight quantizers
-    that may remove channels (docs/method.md section 12; LeNet-5s and the MLP).
+    that may remove channels (docs/method.md section 12; LeNet-5s and the MLP; the
+    DS-CNN's stem and pw1 only).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")

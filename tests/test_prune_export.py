@@ -256,6 +256,114 @@ def test_a_depthwise_convolution_after_a_pruned_one_is_refused(tmp_path):
         cost.layer_specs(Depthwise(), jnp.asarray(images[:1]), params=params)
 
 
+class Separable(nn.Module):
+    """A DS-CNN in small: conv a (pruning) -> relu -> depthwise 3x3 SAME -> relu ->
+    pointwise 1x1 (pruning) -> relu -> depthwise 3x3 stride 2 -> relu -> pointwise 1x1 ->
+    relu -> mean -> dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = {"per_channel": True, "prune": True, "input_signed": False}
+        plain = {"input_signed": False}
+        x = nn.relu(QuantConv(4, (3, 3), name="a", **hidden)(x))
+        x = nn.relu(QuantConv(4, (3, 3), feature_group_count=4, name="dw1", **plain)(x))
+        x = nn.relu(QuantConv(6, (1, 1), name="pw1", **hidden)(x))
+        x = QuantConv(6, (3, 3), strides=2, feature_group_count=6, name="dw2", **plain)(x)
+        x = nn.relu(QuantConv(5, (1, 1), name="pw2", **plain)(nn.relu(x)))
+        return QuantDense(3, name="fc", **plain)(jnp.mean(x, axis=(1, 2)))
+
+
+def _separable(seed, removed):
+    """A :class:`Separable` with ``removed`` output channels of ``a`` and ``pw1``; the
+    depthwise biases of those channels positive, so that each outputs a nonzero constant."""
+    params, images = _small(Separable(), seed)
+    for layer, channels in removed.items():
+        params = _remove(params, layer, channels)
+        dw = {"a": "dw1", "pw1": "dw2"}[layer]
+        bias = params[dw]["bias"].at[jnp.asarray(channels)].set(0.4)
+        params = {**params, dw: {**params[dw], "bias": bias}}
+    return params, images
+
+
+def test_a_depthwise_channel_whose_input_is_removed_folds_into_the_next_bias(tmp_path):
+    """Removing a channel of ``a`` removes ``dw1``'s channel (its bias, a constant through
+    ReLU and ``pw1``'s input quantizer, folds into ``pw1``'s bias) and ``pw1``'s MACs on
+    it; the same from ``pw1`` through ``dw2`` to ``pw2``. The file holds live channels
+    only, recounts to the pruned cost, and its integer engine and C code agree with the
+    JAX model code for code."""
+    removed = {"a": [1], "pw1": [0, 4]}
+    params, images = _separable(10, removed)
+    loaded = _export_and_compare(Separable(), params, images, tmp_path / "m.npz")
+    shapes = {layer["name"]: layer["kernel_shape"] for layer in loaded.layers}
+    assert shapes == {
+        "a": [3, 3, 1, 3], "dw1": [3, 3, 1, 3], "pw1": [1, 1, 3, 4],
+        "dw2": [3, 3, 1, 4], "pw2": [1, 1, 4, 5], "fc": [5, 3],
+    }  # fmt: skip
+    groups = {layer["name"]: layer.get("groups") for layer in loaded.layers}
+    assert (groups["dw1"], groups["dw2"]) == (3, 4)
+    with strict_promotion():
+        live = compaction.input_channels(Separable(), params, (8, 8, 1))
+    np.testing.assert_array_equal(live["pw1"][0], [True, False, True, True])
+    assert live["pw1"][1][1] > 0 and np.all(live["pw2"][1][[0, 4]] > 0)  # folded, nonzero
+    if shutil.which("cc") is not None:
+        from cgmq_jax.export import c as emit
+
+        program = emit.emit_c(loaded, tmp_path / "c")  # compiled with -Wall -Wextra -Werror
+        x = np.random.default_rng(11).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+        expected = ex.run_integer(loaded, x)[0].reshape(len(x), -1)
+        np.testing.assert_array_equal(emit.compile_and_run(program, x), expected)
+
+
+def test_without_the_fold_the_file_would_disagree(tmp_path, monkeypatch):
+    """The fold is what keeps the compacted file exact: with it skipped, the codes after
+    ``pw1`` differ from the model's."""
+    params, images = _separable(10, {"a": [1], "pw1": [0, 4]})
+    monkeypatch.setattr(lowering, "_folded", lambda theta, kernel, values, prune: 0.0)
+    with strict_promotion():
+        lowering.export(params, Separable(), tmp_path / "m.npz", input_shape=(8, 8, 1))
+        result = lowering.compare_with_model(tmp_path / "m.npz", params, Separable(), images)
+    assert result["code_mismatches"]["dw2"][0] > 0
+
+
+def test_the_cost_counts_a_depthwise_channel_whose_input_is_removed_as_removed():
+    """The removed channel of ``a`` takes its 3x3 MACs out of ``dw1`` and its 1x1 MACs
+    out of ``pw1``, exactly, in the numpy cost and the traced one alike."""
+    full, images = _small(Separable(), seed=12)
+    params, _ = _separable(12, {"a": [1]})
+    with strict_promotion():
+        specs = cost.layer_specs(Separable(), jnp.asarray(images[:1]), params=params)
+    before, after = cost.layer_table(full, specs), cost.layer_table(params, specs)
+    macs = {row["layer"]: (b["macs"], row["macs"]) for b, row in zip(before, after, strict=True)}
+    assert macs["a"] == (8 * 8 * 9 * 4, 8 * 8 * 9 * 3)
+    assert macs["dw1"] == (8 * 8 * 9 * 4, 8 * 8 * 9 * 3)
+    assert macs["pw1"] == (8 * 8 * 4 * 6, 8 * 8 * 3 * 6)
+    assert macs["dw2"][0] == macs["dw2"][1] and macs["pw2"][0] == macs["pw2"][1]
+    with strict_promotion():
+        assert float(cost.bops(params, specs)) == cost.exact_bops(params, specs)
+
+
+def test_a_depthwise_convolution_before_a_padded_one_is_refused():
+    """A constant channel read by a zero-padded convolution is not one constant at its
+    borders, so it does not fold: refused by name."""
+
+    class Padded(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            hidden = {"per_channel": True, "prune": True, "input_signed": False}
+            x = nn.relu(QuantConv(4, (3, 3), name="a", **hidden)(x))
+            dw = QuantConv(4, (3, 3), feature_group_count=4, name="dw", input_signed=False)
+            x = nn.relu(dw(x))
+            x = QuantConv(4, (3, 3), padding="SAME", name="c", input_signed=False)(x)
+            return QuantDense(3, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+    params, images = _small(Padded(), seed=13)
+    with (
+        strict_promotion(),
+        pytest.raises(ValueError, match="'dw' is a grouped.*layer 'c' reads it with zero padding"),
+    ):
+        cost.layer_specs(Padded(), jnp.asarray(images[:1]), params=params)
+
+
 def test_an_nnx_model_exports_its_live_channels(tmp_path):
     from flax import nnx
 
