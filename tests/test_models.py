@@ -355,19 +355,35 @@ def test_every_library_model_exports_exactly(name, tmp_path, tiny_mnist, set_bit
 
 
 @pytest.mark.slow
-def test_dscnn_tiny_fit_is_certified_within_budget(tiny_mnist, standard_promotion_fixture):
-    budget = 6e6  # 2.5x the minimum, 2,403,456
+def test_dscnn_pruned_below_its_unpruned_minimum_is_certified_and_exports(
+    tiny_mnist, tmp_path, standard_promotion_fixture
+):
+    """The DS-CNN's fit end to end (BatchNorm folded into the quantized network), here
+    below its unpruned minimum (2,403,456 BOPs), where only removed channels fit: the
+    stem's and pw1's removed channels take dw1's and dw2's with them, and the file of live
+    channels recounts to the certificate and computes what the model computes."""
+    budget = 2e6
     config = TrainConfig(
-        model="dscnn", budget_bops=budget, epochs=1, pretrain_epochs=1, batch_size=64,
-        fill_epochs=0,  # the fill is the same code for every model (test_train.py)
-    )
+        model="dscnn", prune=True, budget_bops=budget, epochs=1, pretrain_epochs=1,
+        batch_size=64, fill_epochs=0,
+    )  # fmt: skip
     result = train.fit(config, tiny_mnist, log=lambda _: None)
-    specs = cost.layer_specs(models.DSCNN(), tiny_mnist.train[0][:1])
-    assert result.certificate["within_budget"]
-    assert result.certificate["bops"] == cost.exact_bops(result.params, specs) <= budget
+    assert result.certificate["within_budget"] and result.certificate["bops"] <= budget
+    rows = {row["layer"]: row for row in result.certificate["layers"]}
+    assert rows["stem"]["live_channels"] + rows["pw1"]["live_channels"] < 32 + 64
+    assert rows["dw1"]["live_channels"] == rows["stem"]["live_channels"]
+    assert rows["dw2"]["live_channels"] == rows["pw1"]["live_channels"]
+    assert rows["pw2"]["live_inputs"] == rows["pw1"]["live_channels"]
     assert not [name for name in result.params if name.endswith("_bn")]  # folded
     assert [row["phase"] for row in result.history] == ["float", "qat"]
     chex.assert_tree_all_finite(result.params)
+    model = models.get_model("dscnn", prune=True)
+    path = export.export(result.params, model, tmp_path / "m.npz", certificate=result.certificate)
+    assert export.count_bops(path)["matches_certificate"]
+    images = np.round(np.asarray(tiny_mnist.test[0][:32]) * 256) / 256
+    compared = export.compare_with_model(path, result.params, model, images)
+    assert compared["agree"] == 32
+    assert all(row[0] == 0 for row in compared["code_mismatches"].values()), compared
 
 
 @pytest.mark.slow

@@ -267,12 +267,34 @@ def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
         ({"method": "ptq"}, "--method cgmq only"),
         ({"trades": True}, "default guard only"),
         ({"admission": "within_bits"}, "default guard only"),
-        ({"model": "dscnn"}, "no pruning option"),
+        ({"model": "dscnn", "admission": "gain"}, "default guard only"),
     ],
 )
 def test_prune_refuses_what_it_does_not_support(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(prune=True, **fields).validate()
+
+
+class _Plain(nn.Module):
+    """A registered model without a ``prune`` field."""
+
+    quantized: bool = True
+    input_bits: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        return qnn.QuantDense(10)(jnp.reshape(x, (x.shape[0], -1)))
+
+
+def test_a_model_without_a_pruning_option_is_named(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "plain", _Plain)
+    with pytest.raises(ValueError, match="model 'plain' has no pruning option"):
+        models.get_model("plain", prune=True)
+
+
+def test_the_dscnn_prunes_its_stem_and_pw1_and_keeps_the_default_guard():
+    assert TrainConfig(model="dscnn", prune=True).admission == "all_or_nothing"
+    assert TrainConfig(model="dscnn").admission == "gain"
 
 
 def test_ranges_are_refitted_by_default_but_not_with_prune():

@@ -394,3 +394,41 @@ def test_an_nnx_model_exports_its_live_channels(tmp_path):
     assert [layer["kernel_shape"] for layer in loaded.layers] == [[3, 3, 1, 3], [48, 6], [6, 3]]
     assert result["agree"] == 8
     assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
+
+
+def test_an_nnx_depthwise_channel_whose_input_is_removed_folds_too(tmp_path):
+    from flax import nnx
+
+    from cgmq_jax import nnx as cnnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            opts = {"input_signed": False, "per_channel": True, "prune": True}
+            self.conv = cnnx.QuantConv(1, 4, (3, 3), rngs=rngs, **opts)
+            self.dw = cnnx.QuantConv(
+                4, 4, (3, 3), feature_group_count=4, input_signed=False, rngs=rngs
+            )
+            self.pw = cnnx.QuantConv(4, 5, (1, 1), input_signed=False, rngs=rngs)
+            self.head = cnnx.QuantLinear(5, 3, input_signed=False, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.dw(nnx.relu(self.conv(x))))
+            return self.head(jnp.mean(nnx.relu(self.pw(x)), axis=(1, 2)))
+
+    images = _images(8, (8, 8, 1), seed=14)
+    with strict_promotion():
+        model = Net(nnx.Rngs(0))
+        cnnx.calibrate(model, jnp.asarray(images))
+        leaf = model.conv.weight_quantizer[...]
+        model.conv.weight_quantizer[...] = leaf.at[:1].set(
+            quantizer.at_min_bitwidth(leaf[:1], prune=True)
+        )
+        model.dw.bias[...] = model.dw.bias[...].at[0].set(0.5)  # a nonzero constant
+        path = lowering.export(None, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
+        result = lowering.compare_with_model(path, None, model, images)
+    loaded = ex.load(path)
+    assert [layer["kernel_shape"] for layer in loaded.layers] == [
+        [3, 3, 1, 3], [3, 3, 1, 3], [1, 1, 3, 5], [5, 3]
+    ]  # fmt: skip
+    assert result["agree"] == 8
+    assert all(row[0] == 0 for row in result["code_mismatches"].values()), result

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import load_cli
+from conftest import FINISHED_RUN, load_cli
 from test_ptq import LIMITS, TwoBranch, _bits, _distillation_loss
 
 from cgmq_jax import certify, cost, quantizer, trades
@@ -89,8 +89,9 @@ def test_neighbours_move_every_channel_one_bit():
 
 
 @pytest.mark.slow
+@FINISHED_RUN
 def test_a_run_with_trades_records_them_within_budget(
-    tmp_path, tiny_mnist, monkeypatch, standard_promotion_fixture
+    tmp_path, tiny_mnist, monkeypatch, standard_promotion_fixture, finished_run
 ):
     from cgmq_jax import data
 
@@ -99,11 +100,11 @@ def test_a_run_with_trades_records_them_within_budget(
     flags += ["--budget_bops", "2e6", "--fill_epochs", "0"]
     cli = load_cli("mnist")
     assert cli.main([*flags, "--trades", "--out", str(tmp_path / "t")]) == 0
-    assert cli.main([*flags, "--out", str(tmp_path / "n")]) == 0
     import json
 
     with_trades = json.loads((tmp_path / "t" / "results.json").read_text())
-    without = json.loads((tmp_path / "n" / "results.json").read_text())
+    # A run without --trades (conftest's shared run) records none.
+    without = json.loads((finished_run / "results.json").read_text())
     qat = [row for row in with_trades["history"] if row["phase"] == "qat"]
     traded = [i for i, row in enumerate(qat) if "trades" in row]  # every feasible epoch end
     assert traded and traded == [i for i, row in enumerate(qat[:-1]) if row["within_budget"]]
