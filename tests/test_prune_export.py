@@ -342,6 +342,36 @@ def test_the_cost_counts_a_depthwise_channel_whose_input_is_removed_as_removed()
         assert float(cost.bops(params, specs)) == cost.exact_bops(params, specs)
 
 
+class _PlainSeparable(nn.Module):
+    """A user's own depthwise-separable net of plain linen layers (no cgmq_jax in it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), name="a")(x))
+        x = nn.relu(nn.Conv(4, (3, 3), feature_group_count=4, name="dw")(x))
+        x = nn.relu(nn.Conv(5, (1, 1), name="pw")(x))
+        return nn.Dense(3, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+def test_quantize_model_prunes_before_a_users_depthwise_convolution(tmp_path):
+    from cgmq_jax import rules
+
+    model = rules.quantize_model(
+        _PlainSeparable(),
+        [
+            rules.QuantRule(module_path="a", input_signed=False, per_channel=True, prune=True),
+            rules.QuantRule(input_signed=False),
+        ],
+    )
+    params, images = _small(model, seed=15)
+    params = _remove(params, "a", [2])
+    params = {**params, "dw": {**params["dw"], "bias": params["dw"]["bias"].at[2].set(0.5)}}
+    loaded = _export_and_compare(model, params, images, tmp_path / "m.npz")
+    assert [layer["kernel_shape"] for layer in loaded.layers] == [
+        [3, 3, 1, 3], [3, 3, 1, 3], [1, 1, 3, 5], [5, 3]
+    ]  # fmt: skip
+
+
 def test_a_depthwise_convolution_before_a_padded_one_is_refused():
     """A constant channel read by a zero-padded convolution is not one constant at its
     borders, so it does not fold: refused by name."""
