@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=defaults.refit_ranges,
         help="cgmq: a quantizer that loses bits gets the least-squares range at its new "
         "bit-width (weights: its kernel; inputs: 512 calibration images); default on, "
-        "off with --prune",
+        "off with --prune except for the DS-CNN",
     )
     p.add_argument(
         "--prune",

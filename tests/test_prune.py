@@ -292,9 +292,11 @@ def test_a_model_without_a_pruning_option_is_named(monkeypatch):
         models.get_model("plain", prune=True)
 
 
-def test_the_dscnn_prunes_its_stem_and_pw1_and_keeps_the_default_guard():
+def test_the_dscnn_prunes_with_the_default_guard_and_refits():
     assert TrainConfig(model="dscnn", prune=True).admission == "all_or_nothing"
     assert TrainConfig(model="dscnn").admission == "gain"
+    assert TrainConfig(model="dscnn", prune=True).refits
+    assert not TrainConfig(model="dscnn", prune=True, refit_ranges=False).refits
 
 
 def test_ranges_are_refitted_by_default_but_not_with_prune():
