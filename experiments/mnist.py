@@ -28,12 +28,15 @@ def run_flags(args: argparse.Namespace) -> dict:
 
     A flag left at ``None`` matches a checkpoint written before that flag existed;
     ``--admission`` left out is resolved to the model's (and written back into ``args``),
-    the value checkpoints written before it had a per-model default hold.
+    the value checkpoints written before it had a per-model default hold; so is
+    ``--refit_ranges`` with ``--prune`` (its default there is the model's).
     """
     from cgmq_jax.runs import train
 
     if args.admission is None:
         args.admission = train.TrainConfig(model=args.model, prune=args.prune).admission
+    if args.refit_ranges is None and args.prune:
+        args.refit_ranges = train.TrainConfig(model=args.model, prune=True).refits
     skipped = (
         *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
         "min_eval_examples",  # a check of the data, not part of the run
@@ -122,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=defaults.refit_ranges,
         help="cgmq: a quantizer that loses bits gets the least-squares range at its new "
         "bit-width (weights: its kernel; inputs: 512 calibration images); default on, "
-        "off with --prune except for the DS-CNN",
+        "with --prune the model's (on for LeNet-5 and the DS-CNN)",
     )
     p.add_argument(
         "--prune",

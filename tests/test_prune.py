@@ -299,9 +299,27 @@ def test_the_dscnn_prunes_with_the_default_guard_and_refits():
     assert not TrainConfig(model="dscnn", prune=True, refit_ranges=False).refits
 
 
-def test_ranges_are_refitted_by_default_but_not_with_prune():
-    assert TrainConfig().refits and not TrainConfig(prune=True).refits
-    assert TrainConfig(prune=True, refit_ranges=True).refits
+def test_ranges_are_refitted_by_default_and_with_prune_as_the_model_says():
+    assert TrainConfig().refits and TrainConfig(prune=True).refits  # LeNet-5
+    assert not TrainConfig(model="lenet5_bb", prune=True).refits
+    assert TrainConfig(model="lenet5_bb", prune=True, refit_ranges=True).refits
+    assert not TrainConfig(prune=True, refit_ranges=False).refits
+
+
+def test_the_cli_stores_the_refit_under_prune():
+    """With ``--prune``, ``--refit_ranges`` left out is stored as the model's, so a
+    checkpoint written under the previous default (``None``: off) is refused by name."""
+    from conftest import load_cli
+
+    from cgmq_jax.runs import rundir
+
+    cli = load_cli("mnist")
+    assert cli.run_flags(cli.parse_args([]))["refit_ranges"] is None  # unpruned: unchanged
+    lenet = cli.run_flags(cli.parse_args(["--prune"]))
+    assert lenet["refit_ranges"] is True
+    assert rundir.changed_flags({**lenet, "refit_ranges": None}, lenet) == ["refit_ranges"]
+    bb = cli.run_flags(cli.parse_args(["--model", "lenet5_bb", "--prune"]))
+    assert bb["refit_ranges"] is False
     assert not TrainConfig(refit_ranges=False).refits
 
 
@@ -408,6 +426,7 @@ def test_a_prune_run_below_the_unpruned_minimum_is_repaired_and_certified_over_l
     budget = 450_000  # the unpruned LeNet-5's minimum is 563,280
     flags = ["--epochs", "4", "--pretrain_epochs", "2", "--batch_size", "32", "--lr", "3e-3"]
     flags += ["--budget_bops", str(budget), "--prune", "--out", str(tmp_path / "p")]
+    flags += ["--no-refit_ranges"]  # LeNet-5's default with --prune; it doubles the compile
     assert load_cli("mnist").main(flags) == 0
     results = json.loads((tmp_path / "p" / "results.json").read_text())
     rows = results["certificate"]["layers"]
