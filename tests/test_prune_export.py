@@ -394,6 +394,29 @@ def test_a_depthwise_convolution_before_a_padded_one_is_refused():
         cost.layer_specs(Padded(), jnp.asarray(images[:1]), params=params)
 
 
+def _nnx_pruned_export(net, *, seed, path, change=None):
+    """An NNX ``net`` (layer ``conv`` pruning), calibrated on 8 synthetic 8x8 images, with
+    ``conv``'s channel 0 removed (and ``change`` applied), exported and compared with the
+    model: ``(loaded file, compare_with_model's result)``."""
+    from flax import nnx
+
+    from cgmq_jax import nnx as cnnx
+
+    images = _images(8, (8, 8, 1), seed=seed)
+    with strict_promotion():
+        model = net(nnx.Rngs(0))
+        cnnx.calibrate(model, jnp.asarray(images))
+        leaf = model.conv.weight_quantizer[...]
+        model.conv.weight_quantizer[...] = leaf.at[:1].set(
+            quantizer.at_min_bitwidth(leaf[:1], prune=True)
+        )
+        if change is not None:
+            change(model)
+        lowering.export(None, model, path, input_shape=(8, 8, 1))
+        result = lowering.compare_with_model(path, None, model, images)
+    return ex.load(path), result
+
+
 def test_an_nnx_model_exports_its_live_channels(tmp_path):
     from flax import nnx
 
@@ -410,17 +433,7 @@ def test_an_nnx_model_exports_its_live_channels(tmp_path):
             x = nnx.relu(self.conv(x))
             return self.head(nnx.relu(self.fc(jnp.reshape(x, (x.shape[0], -1)))))
 
-    images = _images(8, (8, 8, 1), seed=9)
-    with strict_promotion():
-        model = Net(nnx.Rngs(0))
-        cnnx.calibrate(model, jnp.asarray(images))
-        leaf = model.conv.weight_quantizer[...]
-        model.conv.weight_quantizer[...] = leaf.at[:1].set(
-            quantizer.at_min_bitwidth(leaf[:1], prune=True)
-        )
-        path = lowering.export(None, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
-        result = lowering.compare_with_model(path, None, model, images)
-    loaded = ex.load(path)
+    loaded, result = _nnx_pruned_export(Net, seed=9, path=tmp_path / "m.npz")
     assert [layer["kernel_shape"] for layer in loaded.layers] == [[3, 3, 1, 3], [48, 6], [6, 3]]
     assert result["agree"] == 8
     assert all(row[0] == 0 for row in result["code_mismatches"].values()), result
@@ -445,18 +458,12 @@ def test_an_nnx_depthwise_channel_whose_input_is_removed_folds_too(tmp_path):
             x = nnx.relu(self.dw(nnx.relu(self.conv(x))))
             return self.head(jnp.mean(nnx.relu(self.pw(x)), axis=(1, 2)))
 
-    images = _images(8, (8, 8, 1), seed=14)
-    with strict_promotion():
-        model = Net(nnx.Rngs(0))
-        cnnx.calibrate(model, jnp.asarray(images))
-        leaf = model.conv.weight_quantizer[...]
-        model.conv.weight_quantizer[...] = leaf.at[:1].set(
-            quantizer.at_min_bitwidth(leaf[:1], prune=True)
-        )
-        model.dw.bias[...] = model.dw.bias[...].at[0].set(0.5)  # a nonzero constant
-        path = lowering.export(None, model, tmp_path / "m.npz", input_shape=(8, 8, 1))
-        result = lowering.compare_with_model(path, None, model, images)
-    loaded = ex.load(path)
+    def nonzero_constant(model):  # dw's channel 0 outputs 0.5 once its input is removed
+        model.dw.bias[...] = model.dw.bias[...].at[0].set(0.5)
+
+    loaded, result = _nnx_pruned_export(
+        Net, seed=14, path=tmp_path / "m.npz", change=nonzero_constant
+    )
     assert [layer["kernel_shape"] for layer in loaded.layers] == [
         [3, 3, 1, 3], [3, 3, 1, 3], [1, 1, 3, 5], [5, 3]
     ]  # fmt: skip
