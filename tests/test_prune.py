@@ -19,7 +19,9 @@ X = jnp.zeros((1, 28, 28, 1), jnp.float32)
 
 
 def _params(model, key=0):
-    return model.init(jax.random.key(key), X)["params"]
+    # Jitted: one program per model, where an eager init compiles each of its many ops
+    # afresh for every new layer shape (seconds per model in the tests' XLA:CPU).
+    return jax.jit(model.init)(jax.random.key(key), X)["params"]
 
 
 def _remove(params, layer: str, channels_to_remove) -> dict:
@@ -100,13 +102,17 @@ def _same_costs(pruned_params, pruned_specs, small_model):
     """The pruned network's exact and traced costs equal those of ``small_model`` (the
     network with only the live channels, counted from its own shapes) at 8 bits."""
     small_specs = cost.layer_specs(small_model, X)
-    small = cost.exact_costs(_params(small_model), small_specs)
+    small_params = _params(small_model)
+    small = cost.exact_costs(small_params, small_specs)
     assert cost.exact_costs(pruned_params, pruned_specs) == small
-    assert float(cost.bops(pruned_params, pruned_specs)) == small["bops"]
-    assert float(cost.weight_memory(pruned_params, pruned_specs)) == small["weight_memory_bits"]
-    assert float(cost.activation_memory(pruned_params, pruned_specs)) == small["activation_bits"]
+    traced = jax.jit(
+        lambda p: [f(p, pruned_specs) for f in (cost.bops, cost.weight_memory, cost.activation_memory)]
+    )(pruned_params)
+    assert [float(c) for c in traced] == [
+        small[k] for k in ("bops", "weight_memory_bits", "activation_bits")
+    ]
     rows = cost.layer_table(pruned_params, pruned_specs)
-    small_rows = cost.layer_table(_params(small_model), small_specs)
+    small_rows = cost.layer_table(small_params, small_specs)
     for row, small_row in zip(rows, small_rows, strict=True):
         assert (row["macs"], row["bops"]) == (small_row["macs"], small_row["bops"])
         assert row["weight_memory_bits"] == small_row["weight_memory_bits"]
@@ -140,7 +146,7 @@ def test_the_cost_gradient_reaches_every_live_channel_only():
     model = models.LeNet5(prune=True)
     specs = cost.layer_specs(model, X)
     params = _remove(_params(model), "conv1", [1])
-    grad = jax.grad(lambda p: cost.bops(p, specs))(params)["conv1"]["weight_quantizer"]
+    grad = jax.jit(jax.grad(lambda p: cost.bops(p, specs)))(params)["conv1"]["weight_quantizer"]
     assert np.all(np.asarray(grad[1]) == 0.0)
     assert np.all(np.asarray(grad[[0, 2, 3, 4, 5], 0]) < 0.0)  # a finer step costs more
 
