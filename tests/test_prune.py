@@ -105,9 +105,8 @@ def _same_costs(pruned_params, pruned_specs, small_model):
     small_params = _params(small_model)
     small = cost.exact_costs(small_params, small_specs)
     assert cost.exact_costs(pruned_params, pruned_specs) == small
-    traced = jax.jit(
-        lambda p: [f(p, pruned_specs) for f in (cost.bops, cost.weight_memory, cost.activation_memory)]
-    )(pruned_params)
+    traced_costs = (cost.bops, cost.weight_memory, cost.activation_memory)
+    traced = jax.jit(lambda p: [f(p, pruned_specs) for f in traced_costs])(pruned_params)
     assert [float(c) for c in traced] == [
         small[k] for k in ("bops", "weight_memory_bits", "activation_bits")
     ]
