@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgmq_jax import compaction
 from cgmq_jax import graph as graph_mod
 from cgmq_jax.export.format import BIAS_BITS, LayerRow
 
@@ -97,12 +98,6 @@ def _pool(sets: _Sets, x: np.ndarray, attrs: dict) -> np.ndarray:
     return out
 
 
-def _clip_keeps_zero(attrs: dict) -> bool:
-    low, high = attrs.get("min"), attrs.get("max")
-    value = lambda bound: bound[0] * 2.0 ** bound[1]  # noqa: E731  ([m, e] dyadic)
-    return (low is None or value(low) <= 0.0) and (high is None or value(high) >= 0.0)
-
-
 def input_sources(traced: graph_mod.Graph) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """Per layer of ``traced.layers``, per channel of its input's last axis, the sorted
     source tokens: ``offset(p) + c`` for output channel ``c`` of layer ``p`` (offsets in
@@ -127,7 +122,7 @@ def input_sources(traced: graph_mod.Graph) -> tuple[tuple[tuple[int, ...], ...],
             features = layer.output_shape[-1]
             ids = np.array([sets.intern({starts[op.layer] + c}) for c in range(features)])
             out = np.broadcast_to(ids, layer.output_shape[1:]).copy()
-        elif op.op == "relu" or (op.op == "clip" and _clip_keeps_zero(op.attrs)):
+        elif op.op == "relu" or (op.op == "clip" and compaction.clip_keeps_zero(op.attrs)):
             out = x
         elif op.op == "clip":  # maps 0 to a nonzero constant: nothing is removable
             out = np.full(x.shape, _Sets.ALWAYS_ID, np.int64)

@@ -148,8 +148,10 @@ def _weights_kept(params: Any, layer: Any, channels: int) -> np.ndarray:
     return np.asarray(operands.live_channels(theta), np.float64).reshape(-1) > 0
 
 
-def _clip_keeps_zero(attrs: dict) -> bool:
-    """A clip whose range holds 0 (as :mod:`cgmq_jax.channels` decides it)."""
+def clip_keeps_zero(attrs: dict) -> bool:
+    """Whether a traced ``clip`` op's range holds 0 (its ``min`` / ``max`` attributes,
+    dyadic ``[m, e]`` pairs, either absent): a removed channel's 0 then stays 0 after it.
+    The cost (:mod:`cgmq_jax.channels`) and the export decide it here, alike."""
     low, high = attrs.get("min"), attrs.get("max")
     value = lambda bound: bound[0] * 2.0 ** bound[1]  # noqa: E731  ([m, e] dyadic)
     return (low is None or value(low) <= 0.0) and (high is None or value(high) >= 0.0)
@@ -202,7 +204,7 @@ def _follow(params: Any, traced: Any, ops: list, live: list) -> Plan:
                 output_shape=_compact(shape, live_out),
             )
             s = live_out
-        elif op.op in ("relu", "div") or (op.op == "clip" and _clip_keeps_zero(op.attrs)):
+        elif op.op in ("relu", "div") or (op.op == "clip" and clip_keeps_zero(op.attrs)):
             shape = x
         elif op.op == "clip":
             shape = x
