@@ -219,8 +219,9 @@ def constrained_update(
       prunable: ``params -> tree of bools`` marking the weight quantizers that may remove
         channels (layers with ``prune=True``; :func:`cgmq_jax.cost.prunable_quantizers`
         makes it from the layer specs). Their range may fall to ``d_q / 4`` (0 levels)
-        instead of ``d_q``, and the minimum-cost check counts them removed. Only with the
-        default admission and without ``refit_weight_ranges``.
+        instead of ``d_q``, and the minimum-cost check counts them removed. With
+        ``admission`` ``"all_or_nothing"`` or ``"gain"`` (whose moves are priced with the
+        exact costs, removed channels included), not ``"within_bits"``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -274,10 +275,10 @@ def constrained_update(
         )
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
-    if prunable is not None and admission != "all_or_nothing":
+    if prunable is not None and admission == "within_bits":
         raise ValueError(
-            "prunable quantizers work with admission='all_or_nothing' only (the others "
-            "assume a weight quantizer keeps at least one level)"
+            "prunable quantizers work with admission='all_or_nothing' or 'gain', not "
+            "'within_bits' (it counts a removed channel's return to one level as no new bit)"
         )
     prunable_mask = _no_prunable if prunable is None else prunable
 

@@ -220,14 +220,13 @@ def test_a_budget_below_the_unpruned_minimum_is_feasible_only_by_pruning(lenet_c
         certify.check_budget(cost.min_cost(specs) - 1, specs)
 
 
-@pytest.mark.parametrize("refit", [False, True], ids=["", "refit_weight_ranges"])
-@pytest.mark.slow  # compiles a 150-step scan
-def test_the_constraint_prunes_to_the_budget_and_stays_within_it(lenet_calibration, refit):
+def _noise_scan(lenet_calibration, budget, **options):
+    """150 steps of random updates through the pruning constraint: ``(params, specs,
+    costs, guarded)``, the exact cost after every step and whether the guard fired on it."""
     _, specs, params = _lenet_setup(lenet_calibration)
-    budget = 300_000  # below the unpruned minimum, 563,280
     cost_fn = lambda p: cost.bops(p, specs)  # noqa: E731
     tx = cgmq_jax.constrained_update(
-        cost_fn, budget, prunable=cost.prunable_quantizers(specs), refit_weight_ranges=refit
+        cost_fn, budget, prunable=cost.prunable_quantizers(specs), **options
     )
     state = tx.init(params)
 
@@ -236,20 +235,40 @@ def test_the_constraint_prunes_to_the_budget_and_stays_within_it(lenet_calibrati
         noise = jax.tree.map(
             lambda x: 1e-2 * jax.random.normal(key, jnp.shape(x), jnp.float32), params
         )
+        guards = state.guard_steps
         updates, state = tx.update(noise, state, params)
         params = optax.apply_updates(params, updates)
-        return (params, state), cost_fn(params)
+        return (params, state), (cost_fn(params), state.guard_steps > guards)
 
-    (params, _), costs = jax.jit(
+    (params, _), (costs, guarded) = jax.jit(
         lambda p, s: jax.lax.scan(step, (p, s), jax.random.split(jax.random.key(0), 150))
     )(params, state)
-    costs = np.asarray(costs)
+    assert cost.exact_bops(params, specs) == costs[-1]
+    return params, specs, np.asarray(costs), np.asarray(guarded)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"refit_weight_ranges": True}, {"refit_weight_ranges": True, "admission": "gain"}],
+    ids=["", "refit_weight_ranges", "refit_weight_ranges-gain"],
+)
+@pytest.mark.slow  # compiles a 150-step scan
+def test_the_constraint_prunes_to_the_budget_and_stays_within_it(lenet_calibration, options):
+    budget = 300_000  # below the unpruned minimum, 563,280
+    params, specs, costs, guarded = _noise_scan(lenet_calibration, budget, **options)
     first = int(np.argmax(costs <= budget))
     assert costs[first] <= budget and np.all(costs[first:] <= budget)
-    assert cost.exact_bops(params, specs) == costs[-1] <= budget
     rows = cost.layer_table(params, specs)
     assert any(row["live_channels"] < row["channels"] for row in rows)  # it pruned
     assert all(row["live_channels"] >= 1 for row in rows)
+    # On a guarded step (the whole proposal would cross the budget) the all-or-nothing guard
+    # refuses every cost-raising move; the gain admission lets through the ones that fit.
+    raised = np.diff(costs) > 0
+    raised_when_guarded = int(np.sum(raised & guarded[1:]))
+    if options.get("admission") == "gain":
+        assert raised_when_guarded > 0
+    else:
+        assert raised_when_guarded == 0
 
 
 def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
@@ -270,14 +289,22 @@ def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
     "fields, message",
     [
         ({"method": "ptq"}, "--method cgmq only"),
-        ({"trades": True}, "default guard only"),
-        ({"admission": "within_bits"}, "default guard only"),
-        ({"model": "dscnn", "admission": "gain"}, "default guard only"),
+        ({"trades": True}, "drop --trades and --admission within_bits"),
+        ({"admission": "within_bits"}, "drop --trades and --admission within_bits"),
+        ({"model": "dscnn", "admission": "within_bits"}, "all_or_nothing .its default. or gain"),
     ],
 )
 def test_prune_refuses_what_it_does_not_support(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(prune=True, **fields).validate()
+
+
+def test_prune_takes_the_gain_admission_when_asked():
+    TrainConfig(model="dscnn", prune=True, admission="gain").validate()
+    with pytest.raises(ValueError, match="not 'within_bits'"):
+        cgmq_jax.constrained_update(
+            lambda p: 0.0, 1.0, admission="within_bits", prunable=lambda p: p
+        )
 
 
 class _Plain(nn.Module):

@@ -141,7 +141,7 @@ class TrainConfig:
 
     def __post_init__(self):
         defaults = schedule(self.model)
-        if self.admission is None and self.prune:  # pruning keeps the default guard
+        if self.admission is None and self.prune:  # pruning: all-or-nothing unless given
             object.__setattr__(self, "admission", "all_or_nothing")
         for name in ("pretrain_epochs", "epochs", "lr", "admission"):
             if getattr(self, name) is None:
@@ -163,10 +163,11 @@ class TrainConfig:
                 f"--{chosen[0]} changes the constrained update's bits, so it applies to "
                 f"--method cgmq only, not {self.method!r}: drop it or use --method cgmq"
             )
-        if self.prune and (self.trades or self.admission != "all_or_nothing"):
+        if self.prune and (self.trades or self.admission == "within_bits"):
             raise ValueError(
-                "--prune works with the default guard only: drop --trades and --admission "
-                "(they assume every weight quantizer keeps a level)"
+                "--prune works with --admission all_or_nothing (its default) or gain only: "
+                "drop --trades and --admission within_bits (they assume every weight "
+                "quantizer keeps a level)"
             )
         if self.prune and not hasattr(models.MODELS[self.model], "prune"):
             raise ValueError(
