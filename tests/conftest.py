@@ -18,8 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # XLA:CPU compiles with its backend (LLVM) optimizations off and its older elemental emitter
 # for fusions in the tests: most of a test's time is compiling small programs (every eager op
 # is one) that then run a few steps. The optimization level halves the compile time of the
-# compile-heavy tests; the emitter halves it again for small programs (an eager op 68 ->
-# 39 ms; the whole suite 557 -> 423 s on 2 cores, docs/cli.md). Neither changes what the
+# compile-heavy tests; the emitter nearly halves it again for small programs (three eager
+# ops on a new shape: 68 -> 39 ms; the suite 557 -> 423 s on 2 cores). Neither changes what the
 # program computes (no fast-math either way), only how fast it runs. Set before JAX starts
 # its backend; the subprocesses the tests start inherit it. An ``XLA_FLAGS`` already in the
 # environment is kept as it is (``XLA_FLAGS= make test`` runs the suite at XLA's defaults).
