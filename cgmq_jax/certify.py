@@ -6,6 +6,7 @@ Everything here is exact: bit-widths are integers and costs are Python integers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -115,15 +116,28 @@ def require_feasible(
     )
 
 
-def _set_bits(theta: jax.Array, bits: int, *, signed: bool) -> jax.Array:
+def _set_bits(theta, bits: int, *, signed: bool, channel: int | None = None) -> jax.Array:
     """The leaf with ``q_max`` at the largest value that gives ``bits`` bits at the same step
-    (0 bits: a removed channel of a pruning layer, ``q_max = d_q / 4``)."""
+    (0 bits: a removed channel of a pruning layer, ``q_max = d_q / 4``); only row ``channel``
+    of a per-channel leaf when given. One compiled call per leaf shape: the repair makes
+    hundreds (662 bits in the DS-CNN pruning test, where the eager ops took 3.8 of its 11 s)."""
+    if channel is None:
+        return _set_leaf_bits(theta, bits, signed=signed)
+    return _set_channel_bits(theta, channel, bits, signed=signed)
+
+
+@functools.partial(jax.jit, static_argnames="signed")
+def _set_leaf_bits(theta, bits, *, signed):
     d, _ = quantizer.from_latents(theta)
     d_q = quantizer.power_of_two_step(d)
-    if bits == 0:
-        return theta.at[..., 1].set(jnp.log2(d_q) + quantizer.PRUNED_RANGE_LOG2)
-    top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-    return theta.at[..., 1].set(jnp.log2(top * d_q))
+    top = jnp.where(signed, 2.0 ** (bits - 1) - 1, 2.0**bits - 1)
+    removed = jnp.log2(d_q) + quantizer.PRUNED_RANGE_LOG2
+    return theta.at[..., 1].set(jnp.where(bits == 0, removed, jnp.log2(top * d_q)))
+
+
+@functools.partial(jax.jit, static_argnames="signed")
+def _set_channel_bits(theta, channel, bits, *, signed):
+    return theta.at[channel].set(_set_leaf_bits(theta[channel], bits, signed=signed))
 
 
 def _violation(costs: dict, limits: dict) -> float:
@@ -157,19 +171,17 @@ def greedy_repair(params, specs: tuple[cost.LayerSpec, ...], budget, *, activati
             return flax.traverse_util.unflatten_dict(flat), steps
         violated = [name for name, limit in limits.items() if costs[name] > limit]
 
-        def score(candidate, table=table, violated=violated):
-            after = _costs_of(candidate.table_after(table), activation_reduce)
+        sizes = [row["activation_bits"] for row in table]
+
+        def score(candidate, costs=costs, sizes=sizes, violated=violated):
+            after = _costs_after(costs, sizes, candidate, activation_reduce)
             direct = sum(candidate.savings[name] / limits[name] for name in violated)
             return (-_violation(after, limits), direct)
 
         best = max(_decrements(specs, table), key=score)
-        leaf = jnp.asarray(flat[best.path])
-        if best.channel is None:
-            flat[best.path] = _set_bits(leaf, best.bits, signed=best.signed)
-        else:
-            flat[best.path] = leaf.at[best.channel].set(
-                _set_bits(leaf[best.channel], best.bits, signed=best.signed)
-            )
+        flat[best.path] = _set_bits(
+            flat[best.path], best.bits, signed=best.signed, channel=best.channel
+        )
         steps += 1
 
 
@@ -260,6 +272,22 @@ def _costs_of(table: list[dict], activation_reduce: str) -> dict:
         "weight_memory_bits": sum(row["weight_memory_bits"] for row in table),
         "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
     }
+
+
+def _costs_after(costs: dict, sizes: list, decrement, activation_reduce: str) -> dict:
+    """``_costs_of(decrement.table_after(table))`` from the table's ``costs`` and its rows'
+    ``activation_bits`` (``sizes``), without copying the table (the repair scores every
+    candidate decrement at every step)."""
+    after = {name: costs[name] - decrement.savings[name] for name in ("bops", "weight_memory_bits")}
+    saved = decrement.savings["activation_bits"]
+    if activation_reduce != "max":
+        after["activation_bits"] = costs["activation_bits"] - saved
+    elif saved == 0:
+        after["activation_bits"] = costs["activation_bits"]
+    else:
+        rest = sizes[: decrement.index] + sizes[decrement.index + 1 :]
+        after["activation_bits"] = max([sizes[decrement.index] - saved, *rest])
+    return after
 
 
 @dataclasses.dataclass(frozen=True)

@@ -435,6 +435,20 @@ def test_repair_of_activation_memory_lowers_only_input_quantizers(lenet):
     assert cost.exact_costs(repaired, specs)["activation_bits"] == 3_920
 
 
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_the_repair_scores_each_decrement_at_the_costs_of_its_table(reduce, mixed, lenet):
+    """The repair's shortcut (costs minus a decrement's savings) against the table with the
+    decrement applied, for every decrement of a mixed LeNet-5, both activation reductions."""
+    table = cost.layer_table(mixed, lenet["specs"])
+    costs = certify._costs_of(table, reduce)
+    sizes = [row["activation_bits"] for row in table]
+    decrements = list(certify._decrements(lenet["specs"], table))
+    assert {d.savings["activation_bits"] > 0 for d in decrements} == {True, False}
+    for d in decrements:
+        after = certify._costs_of(d.table_after(table), reduce)
+        assert certify._costs_after(costs, sizes, d, reduce) == after, d
+
+
 def test_certify_refuses_an_over_limit_model_naming_the_limit(lenet):
     params, specs = lenet["params8"], lenet["specs"]
     with pytest.raises(certify.CertificateRefused, match="weight_memory_bits 361,072 > 150,000"):
