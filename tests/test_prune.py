@@ -291,7 +291,7 @@ def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
         ({"method": "ptq"}, "--method cgmq only"),
         ({"trades": True}, "drop --trades and --admission within_bits"),
         ({"admission": "within_bits"}, "drop --trades and --admission within_bits"),
-        ({"model": "dscnn", "admission": "within_bits"}, "all_or_nothing .its default. or gain"),
+        ({"model": "dscnn", "admission": "within_bits"}, "all_or_nothing or gain only"),
     ],
 )
 def test_prune_refuses_what_it_does_not_support(fields, message):
@@ -324,9 +324,13 @@ def test_a_model_without_a_pruning_option_is_named(monkeypatch):
         models.get_model("plain", prune=True)
 
 
-def test_the_dscnn_prunes_with_the_default_guard_and_refits():
+def test_the_guard_under_prune_is_the_models_and_the_dscnn_refits():
     assert TrainConfig(model="dscnn", prune=True).admission == "all_or_nothing"
     assert TrainConfig(model="dscnn").admission == "gain"
+    assert TrainConfig(prune=True).admission == "gain"  # LeNet-5, measured at 1e6
+    assert TrainConfig().admission == "all_or_nothing"
+    assert TrainConfig(model="lenet5_bb", prune=True).admission == "all_or_nothing"
+    assert TrainConfig(prune=True, admission="all_or_nothing").admission == "all_or_nothing"
     assert TrainConfig(model="dscnn", prune=True).refits
     assert not TrainConfig(model="dscnn", prune=True, refit_ranges=False).refits
 

@@ -290,5 +290,6 @@ def test_the_cli_stores_the_models_admission():
     assert cli.run_flags(cli.parse_args(["--model", "dscnn", "--prune"]))["admission"] == (
         "all_or_nothing"
     )
+    assert cli.run_flags(cli.parse_args(["--prune"]))["admission"] == "gain"  # LeNet-5's
     chosen = cli.parse_args(["--model", "dscnn", "--admission", "all_or_nothing"])
     assert cli.run_flags(chosen)["admission"] == "all_or_nothing"
