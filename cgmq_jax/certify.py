@@ -130,7 +130,7 @@ def _set_bits(theta, bits: int, *, signed: bool, channel: int | None = None) -> 
 def _set_leaf_bits(theta, bits, *, signed):
     d, _ = quantizer.from_latents(theta)
     d_q = quantizer.power_of_two_step(d)
-    top = jnp.where(signed, 2.0 ** (bits - 1) - 1, 2.0**bits - 1)
+    top = jnp.maximum(jnp.where(signed, 2.0 ** (bits - 1) - 1, 2.0**bits - 1), 1.0)  # 0: removed
     removed = jnp.log2(d_q) + quantizer.PRUNED_RANGE_LOG2
     return theta.at[..., 1].set(jnp.where(bits == 0, removed, jnp.log2(top * d_q)))
 
