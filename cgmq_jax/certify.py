@@ -250,6 +250,7 @@ def _learned_quantizers(specs):
             yield (*spec.path, "input_quantizer"), spec.input_signed, False
 
 
+@functools.partial(jax.jit, static_argnames="prune")
 def _halve_step(theta: jax.Array, *, prune: bool = False) -> jax.Array:
     """The leaf with its power-of-two step halved (the latent at the new step's centre) and
     its range kept: twice the levels, one more bit. A removed channel (``prune``) stays
