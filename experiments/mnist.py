@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("gain", "all_or_nothing", "within_bits"),
         default=None,
         help="cgmq: what the guard admits when the whole proposal would cross a limit "
-        "(default: the model's, gain for dscnn and for lenet5 with --prune, else all_or_nothing)",
+        "(default: the model's, gain for dscnn, and for lenet5 with --prune, else all_or_nothing)",
     )
     p.add_argument(
         "--trades",

@@ -367,6 +367,7 @@ def test_dscnn_pruned_below_its_unpruned_minimum_is_certified_and_exports(
         model="dscnn", prune=True, budget_bops=budget, epochs=1, pretrain_epochs=1,
         batch_size=64, fill_epochs=0,
         refit_ranges=False,  # the same code for every model (test_refit.py), and slow to compile
+        admission="all_or_nothing",  # so is its default gain guard (tests/test_prune.py)
         calibration_size=128,  # an eager float pass of the DS-CNN: 2,048 images take seconds
     )  # fmt: skip
     result = train.fit(config, tiny_mnist, log=lambda _: None)

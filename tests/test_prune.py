@@ -325,7 +325,7 @@ def test_a_model_without_a_pruning_option_is_named(monkeypatch):
 
 
 def test_the_guard_under_prune_is_the_models_and_the_dscnn_refits():
-    assert TrainConfig(model="dscnn", prune=True).admission == "all_or_nothing"
+    assert TrainConfig(model="dscnn", prune=True).admission == "gain"  # measured at 4e6
     assert TrainConfig(model="dscnn").admission == "gain"
     assert TrainConfig(prune=True).admission == "gain"  # LeNet-5, measured at 1e6
     assert TrainConfig().admission == "all_or_nothing"

@@ -267,11 +267,12 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     )
     assert moved == dscnn
     lenet.validate()  # the resolved schedule passes the checks
-    # The guard's admission too: gain for the DS-CNN, the default guard where it prunes or
-    # where the user chose.
+    # The guard's admission too: gain for the DS-CNN, the schedule's under prune, or the
+    # user's choice.
     assert (lenet.admission, dscnn.admission) == ("all_or_nothing", "gain")
     assert train.TrainConfig(model="dscnn", admission="within_bits").admission == "within_bits"
-    assert train.TrainConfig(model="dscnn", prune=True).admission == "all_or_nothing"
+    assert train.TrainConfig(model="dscnn", prune=True).admission == "gain"
+    assert train.TrainConfig(model="lenet5_bb", prune=True).admission == "all_or_nothing"
     train.TrainConfig(prune=True).validate()
 
 
@@ -287,9 +288,7 @@ def test_the_cli_stores_the_models_admission():
     assert dscnn["admission"] == "gain"
     older = {**dscnn, "admission": "all_or_nothing"}
     assert rundir.changed_flags(older, dscnn) == ["admission"]
-    assert cli.run_flags(cli.parse_args(["--model", "dscnn", "--prune"]))["admission"] == (
-        "all_or_nothing"
-    )
+    assert cli.run_flags(cli.parse_args(["--model", "dscnn", "--prune"]))["admission"] == "gain"
     assert cli.run_flags(cli.parse_args(["--prune"]))["admission"] == "gain"  # LeNet-5's
     chosen = cli.parse_args(["--model", "dscnn", "--admission", "all_or_nothing"])
     assert cli.run_flags(chosen)["admission"] == "all_or_nothing"
