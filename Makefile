@@ -61,9 +61,9 @@ docs: setup
 
 # Both tiers on two workers (pytest-xdist), the 25 slowest tests listed: what CI runs.
 test: setup-tfds setup-onnx lint docs
-	$(PY) -m pytest -n 2 --durations=25
+	$(PY) -m pytest -n 2 --dist worksteal --durations=25
 
 # The unit tier alone (everything not marked slow, TFDS not needed): the fast check while
 # editing; fits, kill and resume, meshes, C compiles, TFDS and the big fuzz loops are slow.
 test-unit: setup
-	$(PY) -m pytest -n 2 -m "not slow" --durations=10
+	$(PY) -m pytest -n 2 --dist worksteal -m "not slow" --durations=10
