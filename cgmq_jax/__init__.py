@@ -5,7 +5,8 @@ Mixed-precision quantization-aware training under a hard bit-operation (BOP) bud
 Submodules and the public names below are imported lazily (PEP 562), so that the
 numpy-only reader of exported models (:mod:`cgmq_jax.export`) works without JAX.
 
-The library core (quantizer, layers, graph and cost, the constrained update, certify, the
+The library core (quantizer, layers, graph and cost, the constrained update, the limits,
+repair and certificate, the
 integer format, engine and C) imports nothing from the run harness, :mod:`cgmq_jax.runs`
 (fit, run directories, checkpoints, reports, sweeps, parallel placement); ``train``,
 ``report`` and ``sweep`` here (and ``cgmq_jax.rundir``, ``checkpoint``, ``parallel``) are
@@ -24,11 +25,13 @@ _SUBMODULES = (
     "cost",
     "data",
     "export",
+    "limits",
     "models",
     "nn",
     "nnx",
     "ptq",
     "quantizer",
+    "repair",
     "report",
     "rules",
     "runs",

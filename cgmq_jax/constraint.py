@@ -193,7 +193,7 @@ def constrained_update(
 
     ``init`` evaluates ``cost_fn`` with every quantizer at its minimum bit-width
     (:func:`cgmq_jax.quantizer.at_min_bitwidth`) and raises
-    :class:`cgmq_jax.certify.InfeasibleBudgetError` (a ``ValueError``) if the budget is
+    :class:`cgmq_jax.limits.InfeasibleBudgetError` (a ``ValueError``) if the budget is
     below that minimum, which no training could reach. Under ``jax.jit`` or
     ``jax.eval_shape`` (traced params or budget) the check is skipped.
 
@@ -264,7 +264,7 @@ def constrained_update(
       >>> tx.init(params)  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      cgmq_jax.certify.InfeasibleBudgetError: budget 100,000 BOPs is infeasible: ... 532,400 ...
+      cgmq_jax.limits.InfeasibleBudgetError: budget 100,000 BOPs is infeasible: ... 532,400 ...
     """
     names, constraints = _constraints(cost_fn, budget)
     _check_hyperparameters(names, constraints, rescale, min_scale)
@@ -368,10 +368,10 @@ def _check_hyperparameters(names, constraints, rescale, min_scale) -> None:
 
 
 def _require_feasible_at_minimum(params, names, constraints, is_quantizer, prunable) -> None:
-    """Raise :class:`cgmq_jax.certify.InfeasibleBudgetError` for a budget below its cost
+    """Raise :class:`cgmq_jax.limits.InfeasibleBudgetError` for a budget below its cost
     with every quantizer at its minimum bit-width (skipped while params or budget are traced).
     """
-    from cgmq_jax.certify import require_feasible  # the error's home; loaded when checking
+    from cgmq_jax.limits import require_feasible  # the error's home; loaded when checking
 
     at_minimum = jax.tree.map(
         lambda p, q, r: quantizer.at_min_bitwidth(p, prune=r) if q else p,

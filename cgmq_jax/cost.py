@@ -536,11 +536,16 @@ def cost_functions(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "ma
 
 def exact_costs(params, specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -> dict:
     """``{name: exact integer cost}`` for every name of :data:`COSTS`, from one table."""
-    rows = layer_table(params, specs)
-    sizes = [row["activation_bits"] for row in rows]
+    return table_costs(layer_table(params, specs), activation_reduce)
+
+
+def table_costs(table: list[dict], activation_reduce: str = "max") -> dict:
+    """``{name: exact integer cost}`` for every name of :data:`COSTS`, from the rows of
+    :func:`layer_table` (the activation: the largest input, or their sum)."""
+    sizes = [row["activation_bits"] for row in table]
     return {
-        "bops": sum(row["bops"] for row in rows),
-        "weight_memory_bits": sum(row["weight_memory_bits"] for row in rows),
+        "bops": sum(row["bops"] for row in table),
+        "weight_memory_bits": sum(row["weight_memory_bits"] for row in table),
         "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
     }
 

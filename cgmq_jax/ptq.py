@@ -19,7 +19,7 @@ that range at ``b`` bits, as in calibration.
 
 The result is within every limit by construction and certified like any other model
 (:func:`cgmq_jax.certify.certify`); an infeasible limit raises
-:class:`cgmq_jax.certify.InfeasibleBudgetError` before any loss is computed. The harness
+:class:`cgmq_jax.limits.InfeasibleBudgetError` before any loss is computed. The harness
 (:mod:`cgmq_jax.runs.ptq`, ``experiments/mnist.py --method ptq``) measures the loss on
 1,024 calibration images with one compiled program that also gives every accuracy of the
 run, then trains the weights for 100 steps with the bits frozen and keeps whichever is
@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgmq_jax import certify, cost, quantizer
+from cgmq_jax import cost, quantizer, repair
+from cgmq_jax.limits import check_budget, limits_of, violation
 
 #: A quantizer at ``b`` bits may take its calibrated range divided by ``2 ** shift`` for each
 #: of these shifts; the one with the lowest loss is kept (the step follows the range).
@@ -68,7 +69,7 @@ def _units(flat: dict, specs) -> list[_Unit]:
     its channels together (each keeps its own range).
     """
     units = []
-    for path, signed, _ in certify._learned_quantizers(specs):
+    for path, signed, _ in repair._learned_quantizers(specs):
         leaf = jnp.asarray(flat[path], jnp.float32)
         d, q_max = quantizer.from_latents(leaf)
         start = int(np.max(quantizer.exact_bitwidth(d, q_max, signed=signed)))
@@ -142,8 +143,10 @@ class _Search:
         bit in ``direction``, after that move. One :func:`cgmq_jax.cost.layer_table`; a
         move's costs are the table's with the repair's exact one-bit savings applied."""
         table = cost.layer_table(self.params(choice), self.specs)
+        now = cost.table_costs(table, self.activation_reduce)
+        sizes = [row["activation_bits"] for row in table]
         bits = {}
-        for _, _, decrement in certify._one_bit_each(self.specs, table):
+        for _, _, decrement in repair._one_bit_each(self.specs, table):
             if direction > 0:  # one more bit costs what one bit less saves
                 saved = {name: -value for name, value in decrement.savings.items()}
                 decrement = dataclasses.replace(decrement, savings=saved)
@@ -151,11 +154,10 @@ class _Search:
         after = {}
         for i, unit in enumerate(self.units):
             if 0 <= choice[i, 0] + direction <= unit.start - unit.floor:
-                moved = table
-                for decrement in bits[unit.path]:  # every channel of a per-channel leaf
-                    moved = decrement.table_after(moved)
-                after[i] = certify._costs_of(moved, self.activation_reduce)
-        return certify._costs_of(table, self.activation_reduce), after
+                # every channel of a per-channel leaf moves
+                moves = bits[unit.path]
+                after[i] = repair._costs_after(now, sizes, moves, self.activation_reduce)
+        return now, after
 
     def measure(self, choice: np.ndarray, index: int, shifts) -> tuple[float, int]:
         """``(loss, shift)``: the lowest loss of unit ``index`` moved one bit as
@@ -185,12 +187,12 @@ def _prices(search: _Search, choice, direction: int) -> tuple[float, dict]:
     limits, prices = search.limits, {}
     for i, costs in after.items():
         if direction < 0:
-            price = certify._violation(now, limits) - certify._violation(costs, limits)
+            price = violation(now, limits) - violation(costs, limits)
             if price > 0:
                 prices[i] = price
         elif all(costs[name] <= limit for name, limit in limits.items()):
             prices[i] = sum((costs[n] - now[n]) / limit for n, limit in limits.items())
-    return certify._violation(now, limits), prices
+    return violation(now, limits), prices
 
 
 def _score(change: float, price: float, direction: int) -> float:
@@ -293,7 +295,7 @@ def allocate(
         8 bits by default); each learned quantizer keeps its ``q_max`` as its range, and no
         quantizer gets more bits than it has here.
       specs: the layer specs (:func:`cgmq_jax.cost.layer_specs`).
-      budget: the BOP budget, or ``{cost name: limit}`` (:func:`cgmq_jax.certify.limits_of`).
+      budget: the BOP budget, or ``{cost name: limit}`` (:func:`cgmq_jax.limits.limits_of`).
       loss_fn: ``params -> scalar`` loss, jittable: e.g. the cross-entropy on a calibration
         set of a few thousand training images (never the test set).
       activation_reduce: as in :func:`cgmq_jax.certify.certify`.
@@ -308,7 +310,7 @@ def allocate(
       end, ``seconds``, each quantizer's ``bits`` and ``range_shift``).
 
     Raises:
-      certify.InfeasibleBudgetError: a limit below the network's minimum cost (the message
+      InfeasibleBudgetError: a limit below the network's minimum cost (the message
         states it), before any loss is computed.
 
     Examples:
@@ -328,8 +330,8 @@ def allocate(
       True
     """
     started = time.perf_counter()
-    limits = certify.limits_of(budget)
-    certify.check_budget(limits, specs, activation_reduce=activation_reduce)
+    limits = limits_of(budget)
+    check_budget(limits, specs, activation_reduce=activation_reduce)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(jax.device_get(params)))
     units = _units(flat, specs)
     search = _Search(

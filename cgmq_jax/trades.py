@@ -24,11 +24,12 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from cgmq_jax import certify, cost, quantizer
+from cgmq_jax import cost, quantizer, repair
 from cgmq_jax.export.base import BIAS_BITS, LayerRow
+from cgmq_jax.limits import limits_of
 
-#: No quantizer is given more bits than this (as the fill, :data:`certify.MAX_FILL_BITS`).
-MAX_BITS = certify.MAX_FILL_BITS
+#: No quantizer is given more bits than this (as the fill, :data:`repair.MAX_FILL_BITS`).
+MAX_BITS = repair.MAX_FILL_BITS
 
 
 def _bits(leaf, signed: bool) -> np.ndarray:
@@ -105,7 +106,7 @@ def trade_bits(
     Args:
       params: a quantized network's parameters, within every limit of ``budget``.
       specs: its layer specs (:func:`cgmq_jax.cost.layer_specs`).
-      budget: the BOP budget or ``{cost name: limit}`` (:func:`cgmq_jax.certify.limits_of`).
+      budget: the BOP budget or ``{cost name: limit}`` (:func:`cgmq_jax.limits.limits_of`).
       loss_fn: ``params -> float``, the loss on a fixed set of examples (jit it: it is
         called about four times per learned quantizer, on trees of the same shapes).
       max_checks: at most this many candidate moves are measured together (default: twice
@@ -116,7 +117,7 @@ def trade_bits(
       checked with the exact costs) and ``{"moves": [...], "loss_before", "loss_after",
       "evaluations"}``; each move names the quantizers that gained and lost a bit.
     """
-    limits = certify.limits_of(budget)
+    limits = limits_of(budget)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     units = [  # (path, signed, layer index, 0: weight / 1: input), as the certificate's order
         ((*spec.path, f"{kind}_quantizer"), signed, k, j)

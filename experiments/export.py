@@ -47,7 +47,7 @@ import os
 import sys
 from pathlib import Path
 
-from cgmq_jax import certify
+import cgmq_jax.limits
 
 #: Minimum fraction of test predictions on which the file must agree with the JAX model.
 MIN_AGREEMENT = 0.999
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the run's dataset (default: the one it was trained on, as recorded)",
     )
     p.add_argument("--data", choices=SOURCES, default="auto", help="the dataset's source")
-    for flag, unit, _ in certify.LIMIT_FLAGS.values():
+    for flag, unit, _ in cgmq_jax.limits.LIMIT_FLAGS.values():
         p.add_argument(
             flag,
             type=float,
@@ -243,7 +243,7 @@ def _against_run(model, opened, summary: dict, problems: list[str]) -> dict:
 #: The trainer's limit flags: cost name -> (flag without dashes, bits per flag unit).
 LIMIT_FLAGS = {
     name: (flag.removeprefix("--"), per_unit)
-    for name, (flag, _, per_unit) in certify.LIMIT_FLAGS.items()
+    for name, (flag, _, per_unit) in cgmq_jax.limits.LIMIT_FLAGS.items()
 }
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from cgmq_jax import certify, constrained_update, cost, data, quantizer
 from cgmq_jax import nnx as cnnx
+from cgmq_jax.limits import check_budget
 from cgmq_jax.runs.train import batches
 
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     cnnx.calibrate(model, mnist.train[0][order[:2048]])
     specs = cnnx.layer_specs(model, mnist.train[0][:1])
     try:
-        certify.check_budget(args.budget_bops, specs)
+        check_budget(args.budget_bops, specs)
     except (TypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

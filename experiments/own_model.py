@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import optax
 
 import cgmq_jax
-from cgmq_jax import certify, cost, data
+from cgmq_jax import certify, cost, data, repair
+from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 from cgmq_jax.runs.train import batches
 
 
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     float_params = net.init(jax.random.key(args.seed), sample)["params"]
     try:  # a budget below the minimum cost is refused before any training
         params = cgmq_jax.init_quantizers(model, float_params, sample)
-        certify.check_budget(args.budget_bops, cost.layer_specs(model, sample, params=params))
-    except certify.InfeasibleBudgetError as error:
+        check_budget(args.budget_bops, cost.layer_specs(model, sample, params=params))
+    except InfeasibleBudgetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     )
 
     # 4. The certificate: exact integer cost, repaired if the last step left the budget.
-    params, repaired_bits = certify.greedy_repair(params, specs, args.budget_bops)
+    params, repaired_bits = repair.greedy_repair(params, specs, args.budget_bops)
     report = certify.certify(params, specs, args.budget_bops)
     seconds = time.perf_counter() - start
     print(f"{'layer':<6} {'MACs':>7} {'w bits':>6} {'in bits':>7} {'BOPs':>9}")

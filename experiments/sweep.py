@@ -81,7 +81,7 @@ def check_args(args: argparse.Namespace) -> Path:
 
     Raises:
       ValueError: the first bad flag, with a one-line message (an infeasible budget raises
-        :class:`cgmq_jax.certify.InfeasibleBudgetError`, a ``ValueError``).
+        :class:`cgmq_jax.limits.InfeasibleBudgetError`, a ``ValueError``).
     """
     from cgmq_jax import cost, data, models
     from cgmq_jax.runs import sweep, train
@@ -98,7 +98,7 @@ def check_args(args: argparse.Namespace) -> Path:
             cost.validate_budget(budget)
             config = train.TrainConfig(method="cgmq", budget_bops=budget, model=args.model)
             train.check_config(config, data.DATASETS[args.dataset].image_shape)
-        except ValueError as error:  # certify.InfeasibleBudgetError is one, and says the minimum
+        except ValueError as error:  # InfeasibleBudgetError is one, and says the minimum
             message = str(error).replace("--budget_bops", "--budgets")  # this script's flag
             raise type(error)(f"--budgets: {message}") from None
     args.fixed_bits = [_bits_pair(text) for text in args.fixed_bits]

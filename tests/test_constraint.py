@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cgmq_jax
-from cgmq_jax import certify, constraint, cost, quantizer, train
+from cgmq_jax import constraint, cost, quantizer, train
+from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 
 BUDGET = 1e6
 CHUNK = 200  # steps per jitted scan
@@ -483,9 +484,9 @@ def test_reaches_the_budget_then_stays_feasible_at_every_step(lenet, runner, noi
 
 def test_init_rejects_a_budget_below_the_minimum_cost(lenet, cost_fn):
     params, specs = lenet["params8"], lenet["specs"]
-    with pytest.raises(certify.InfeasibleBudgetError) as from_the_cli:
-        certify.check_budget(1e5, specs)
-    with pytest.raises(certify.InfeasibleBudgetError, match="563,280 BOPs") as raised:
+    with pytest.raises(InfeasibleBudgetError) as from_the_cli:
+        check_budget(1e5, specs)
+    with pytest.raises(InfeasibleBudgetError, match="563,280 BOPs") as raised:
         cgmq_jax.constrained_update(cost_fn, 1e5).init(params)
     assert str(raised.value) == str(from_the_cli.value)  # one message, the CLI's
     with pytest.raises(ValueError, match="563,280 BOPs"):  # a JAX scalar budget too
@@ -817,7 +818,7 @@ def test_custom_is_quantizer(lenet, cost_fn):
         cost_fn, BUDGET, is_quantizer=lambda p: jax.tree.map(lambda _: False, p)
     )
     # Nothing it may move: the minimum cost is today's, which init reports.
-    with pytest.raises(certify.InfeasibleBudgetError, match="18,024,960 BOPs"):
+    with pytest.raises(InfeasibleBudgetError, match="18,024,960 BOPs"):
         tx.init(params)
     updates = _noise(params, jax.random.key(0), 1e-2)
     out, state = jax.jit(tx.update)(updates, jax.jit(tx.init)(params), params)

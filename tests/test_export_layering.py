@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 EXPORT = REPO / "cgmq_jax" / "export"
 #: The run harness: the core (and the numpy-only export) imports none of it.
@@ -121,9 +123,25 @@ def test_old_names_resolve_to_their_new_homes(monkeypatch):
     assert callable(lowering.build)
 
 
+def test_the_certificates_old_names_warn_and_resolve_to_their_new_homes():
+    """``certify``'s limits and repair moved to :mod:`cgmq_jax.limits` and
+    :mod:`cgmq_jax.repair`; the old names still work, with a warning that names the new one."""
+    from cgmq_jax import certify, limits, repair
+
+    for module, names in ((limits, ("InfeasibleBudgetError", "LIMIT_FLAGS", "limits_of",
+            "limits_from_flags", "check_budget", "require_feasible")), (repair, ("greedy_repair",
+            "greedy_fill", "MAX_FILL_BITS", "one_more_bit_bops"))):  # fmt: skip
+        for name in names:
+            with pytest.warns(DeprecationWarning, match=f"use {module.__name__}.{name}"):
+                assert getattr(certify, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'greedy_rapair'"):
+        certify.greedy_rapair  # noqa: B018
+
+
 def test_the_readers_limit_names_are_the_costs():
     """The numpy-only reader keeps its own copy of the cost names (it cannot import JAX)."""
-    from cgmq_jax import certify, cost
+    from cgmq_jax import cost
     from cgmq_jax.export import format as fmt
+    from cgmq_jax.limits import LIMIT_FLAGS
 
-    assert tuple(fmt.LIMIT_NAMES) == tuple(cost.COSTS) == tuple(certify.LIMIT_FLAGS)
+    assert tuple(fmt.LIMIT_NAMES) == tuple(cost.COSTS) == tuple(LIMIT_FLAGS)

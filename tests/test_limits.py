@@ -13,6 +13,7 @@ import math
 import shutil
 import subprocess
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,10 @@ import numpy as np
 import pytest
 from conftest import load_cli
 
-from cgmq_jax import certify, constrained_update, cost, data, export, quantizer, report
+from cgmq_jax import certify, constrained_update, cost, data, export, quantizer, repair, report
 from cgmq_jax import nn as cnn
 from cgmq_jax.export import writer
+from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 
 BIAS_BITS = 32
 LENET_WEIGHTS = [150, 2400, 30720, 10080, 840]  # 5*5*1*6, 5*5*6*16, 256*120, 120*84, 84*10
@@ -377,17 +379,17 @@ def test_an_infeasible_limit_fails_at_init_naming_it(lenet):
             "weight_memory_bits": (functions["weight_memory_bits"], 50_000),
         }
     )
-    with pytest.raises(certify.InfeasibleBudgetError) as info:
+    with pytest.raises(InfeasibleBudgetError) as info:
         tx.init(params)
     message = str(info.value)
     assert "weight_memory_bits" in message and "95,932" in message  # the minimum, in bits
     assert "--budget_weight_kib 11.711" in message
     assert "bops" not in message.replace("weight_memory_bits", "")
     tx = constrained_update({"activation_bits": (functions["activation_bits"], 500)})
-    with pytest.raises(certify.InfeasibleBudgetError, match="activation_bits limit 500 .* 864"):
+    with pytest.raises(InfeasibleBudgetError, match="activation_bits limit 500 .* 864"):
         tx.init(params)
     tx = constrained_update([(functions["bops"], 4e6), (functions["activation_bits"], 500)])
-    with pytest.raises(certify.InfeasibleBudgetError, match="constraint '1'.* 864"):
+    with pytest.raises(InfeasibleBudgetError, match="constraint '1'.* 864"):
         tx.init(params)
 
 
@@ -405,7 +407,7 @@ def test_a_mapping_plus_a_budget_is_a_type_error(lenet):
 def test_repair_of_weight_memory_lowers_only_weight_quantizers(lenet):
     params, specs = lenet["params8"], lenet["specs"]
     limits = {"weight_memory_bits": 150_000, "activation_bits": 7_000}  # activation holds
-    repaired, steps = certify.greedy_repair(params, specs, limits)
+    repaired, steps = repair.greedy_repair(params, specs, limits)
     before, after = _layer_bits(params, specs), _layer_bits(repaired, specs)
     assert [a[1] for a in after.values()] == [b[1] for b in before.values()]  # inputs kept
     assert all(a[0] <= b[0] for a, b in zip(after.values(), before.values(), strict=True))
@@ -425,7 +427,7 @@ def test_repair_of_weight_memory_lowers_only_weight_quantizers(lenet):
 def test_repair_of_activation_memory_lowers_only_input_quantizers(lenet):
     params, specs = lenet["params8"], lenet["specs"]
     limits = {"activation_bits": 4_000, "weight_memory_bits": 400_000}  # weights hold
-    repaired, steps = certify.greedy_repair(params, specs, limits)
+    repaired, steps = repair.greedy_repair(params, specs, limits)
     after = _layer_bits(repaired, specs)
     assert [a[0] for a in after.values()] == [8] * 5  # weights kept
     # Only the two inputs over 4,000 bits go down, each just far enough:
@@ -437,16 +439,31 @@ def test_repair_of_activation_memory_lowers_only_input_quantizers(lenet):
 
 @pytest.mark.parametrize("reduce", ["max", "sum"])
 def test_the_repair_scores_each_decrement_at_the_costs_of_its_table(reduce, mixed, lenet):
-    """The repair's shortcut (costs minus a decrement's savings) against the table with the
-    decrement applied, for every decrement of a mixed LeNet-5, both activation reductions."""
-    table = cost.layer_table(mixed, lenet["specs"])
-    costs = certify._costs_of(table, reduce)
+    """The repair's and the post-training search's shortcut (costs minus the moves' savings)
+    against the exact costs of the network with the bits really lowered: every one-bit
+    decrement of a mixed LeNet-5 alone, and two on different layers at once, both
+    activation reductions."""
+    specs = lenet["specs"]
+    table = cost.layer_table(mixed, specs)
+    costs = cost.table_costs(table, reduce)
     sizes = [row["activation_bits"] for row in table]
-    decrements = list(certify._decrements(lenet["specs"], table))
+    decrements = list(repair._decrements(specs, table))
     assert {d.savings["activation_bits"] > 0 for d in decrements} == {True, False}
+
+    def lowered(*moves):
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(mixed))
+        for d in moves:
+            flat[d.path] = repair._set_bits(
+                flat[d.path], d.bits, signed=d.signed, channel=d.channel
+            )
+        params = flax.traverse_util.unflatten_dict(flat)
+        return cost.exact_costs(params, specs, activation_reduce=reduce)
+
     for d in decrements:
-        after = certify._costs_of(d.table_after(table), reduce)
-        assert certify._costs_after(costs, sizes, d, reduce) == after, d
+        assert repair._costs_after(costs, sizes, [d], reduce) == lowered(d), d
+    inputs = [d for d in decrements if d.savings["activation_bits"] > 0]
+    pair = [inputs[0], next(d for d in decrements if d.index != inputs[0].index)]
+    assert repair._costs_after(costs, sizes, pair, reduce) == lowered(*pair)
 
 
 def test_certify_refuses_an_over_limit_model_naming_the_limit(lenet):
@@ -455,9 +472,9 @@ def test_certify_refuses_an_over_limit_model_naming_the_limit(lenet):
         certify.certify(params, specs, {"weight_memory_bits": 150_000, "bops": 1e9})
     with pytest.raises(certify.CertificateRefused, match="activation_bits 6,912 > 3,000"):
         certify.certify(params, specs, {"activation_bits": 3_000})
-    with pytest.raises(certify.InfeasibleBudgetError, match="--budget_activation_kib"):
-        certify.check_budget({"activation_bits": 800}, specs)
-    certify.check_budget({"activation_bits": 864, "weight_memory_bits": 95_932}, specs)
+    with pytest.raises(InfeasibleBudgetError, match="--budget_activation_kib"):
+        check_budget({"activation_bits": 800}, specs)
+    check_budget({"activation_bits": 864, "weight_memory_bits": 95_932}, specs)
 
 
 def test_a_bop_budget_certifies_as_before(lenet, set_bits):

@@ -22,7 +22,7 @@ from conftest import standard_promotion
 from flax import nnx
 
 import cgmq_jax
-from cgmq_jax import certify, cost, lowering
+from cgmq_jax import certify, cost, lowering, repair
 from cgmq_jax import nnx as cnnx
 from cgmq_jax.export import c as export_c
 from cgmq_jax.export import format as export_format
@@ -115,9 +115,9 @@ def _train_nnx(images, labels, float_params, budget_fraction):
 
 
 def _repaired(model, specs, budget):
-    """``certify.greedy_repair`` of an NNX model's parameters (it takes a plain dict)."""
+    """``repair.greedy_repair`` of an NNX model's parameters (it takes a plain dict)."""
     state = nnx.state(model, nnx.Param)
-    repaired, steps = certify.greedy_repair(nnx.to_pure_dict(state), specs, budget)
+    repaired, steps = repair.greedy_repair(nnx.to_pure_dict(state), specs, budget)
     nnx.replace_by_pure_dict(state, repaired)
     return state, steps
 
@@ -151,7 +151,7 @@ def test_the_same_parameters_costs_and_certificate(trained):
         specs,
     )  # training moved the bits (so the comparison is not of two untouched models)
     # Six steps are not enough to reach the budget: the repair lowers the same bits in both.
-    params, linen_steps = certify.greedy_repair(params, specs, budget)
+    params, linen_steps = repair.greedy_repair(params, specs, budget)
     nnx_state, nnx_steps = _repaired(nnx_model, nnx_specs, nnx_budget)
     assert linen_steps == nnx_steps > 0
     linen_certificate = certify.certify(params, specs, budget)
@@ -162,7 +162,7 @@ def test_the_same_parameters_costs_and_certificate(trained):
 def test_the_same_integer_file_and_c(trained, tmp_path):
     (model, params, _, budget), (nnx_model, _, _) = trained
     specs = cgmq_jax.layer_specs(model, jnp.ones((1, *SHAPE)), params=params)
-    params, _ = certify.greedy_repair(params, specs, budget)
+    params, _ = repair.greedy_repair(params, specs, budget)
     certificate = certify.certify(params, specs, budget)
     nnx.update(nnx_model, _repaired(nnx_model, specs, budget)[0])
     (tmp_path / "linen").mkdir(), (tmp_path / "nnx").mkdir()

@@ -11,8 +11,9 @@ import optax
 import pytest
 
 import cgmq_jax
-from cgmq_jax import certify, channels, cost, models, quantizer
+from cgmq_jax import channels, cost, models, quantizer, repair
 from cgmq_jax import nn as qnn
+from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 from cgmq_jax.runs.config import TrainConfig
 
 X = jnp.zeros((1, 28, 28, 1), jnp.float32)
@@ -214,10 +215,10 @@ def test_a_budget_below_the_unpruned_minimum_is_feasible_only_by_pruning(lenet_c
     cgmq_jax.constrained_update(cost_fn, budget, prunable=cost.prunable_quantizers(specs)).init(
         params
     )
-    with pytest.raises(certify.InfeasibleBudgetError):  # without the mask: the old floors
+    with pytest.raises(InfeasibleBudgetError):  # without the mask: the old floors
         cgmq_jax.constrained_update(cost_fn, budget).init(params)
-    with pytest.raises(certify.InfeasibleBudgetError, match=f"{cost.min_cost(specs):,}"):
-        certify.check_budget(cost.min_cost(specs) - 1, specs)
+    with pytest.raises(InfeasibleBudgetError, match=f"{cost.min_cost(specs):,}"):
+        check_budget(cost.min_cost(specs) - 1, specs)
 
 
 def _noise_scan(lenet_calibration, budget, **options):
@@ -275,7 +276,7 @@ def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
     _, specs, params = _lenet_setup(lenet_calibration)
     params = _remove(params, "conv2", range(8))
     budget = cost.exact_bops(params, specs) + 200_000
-    filled, steps = certify.greedy_fill(params, specs, budget)
+    filled, steps = repair.greedy_fill(params, specs, budget)
     assert steps > 0
     assert cost.exact_bops(filled, specs) <= budget
     rows = {row["layer"]: row for row in cost.layer_table(filled, specs)}
@@ -486,7 +487,7 @@ def test_a_prune_run_below_the_unpruned_minimum_is_repaired_and_certified_over_l
 @pytest.mark.slow  # about 1,400 repair steps
 def test_the_repair_removes_channels_when_the_floors_are_over_the_budget(lenet_calibration):
     _, specs, params = _lenet_setup(lenet_calibration)
-    params = certify.greedy_repair(params, specs, 10**9)[0]  # (nothing to do at 8 bits)
+    params = repair.greedy_repair(params, specs, 10**9)[0]  # (nothing to do at 8 bits)
     low = jax.tree_util.tree_map_with_path(  # every quantizer at its floor, nothing removed
         lambda path, leaf: quantizer.at_min_bitwidth(leaf)
         if quantizer.is_quantizer_path(path)
@@ -494,7 +495,7 @@ def test_the_repair_removes_channels_when_the_floors_are_over_the_budget(lenet_c
         params,
     )
     budget = 400_000  # below the unpruned minimum, 563,280
-    repaired, steps = certify.greedy_repair(low, specs, budget)
+    repaired, steps = repair.greedy_repair(low, specs, budget)
     assert 0 < steps and cost.exact_bops(repaired, specs) <= budget
     rows = cost.layer_table(repaired, specs)
     assert any(row["live_channels"] < row["channels"] for row in rows)
@@ -504,9 +505,9 @@ def test_the_repair_removes_channels_when_the_floors_are_over_the_budget(lenet_c
 def test_an_infeasible_budget_names_prune_where_it_would_fit():
     from cgmq_jax.runs import setup
 
-    with pytest.raises(certify.InfeasibleBudgetError, match="or add --prune.*32,054"):
+    with pytest.raises(InfeasibleBudgetError, match="or add --prune.*32,054"):
         setup.check_config(TrainConfig(budget_bops=3e5))
-    with pytest.raises(certify.InfeasibleBudgetError, match=r"5\.633e\+05 or more$"):
+    with pytest.raises(InfeasibleBudgetError, match=r"5\.633e\+05 or more$"):
         setup.check_config(TrainConfig(budget_bops=3e4))  # below even the pruned minimum
-    with pytest.raises(certify.InfeasibleBudgetError, match="down to one channel"):
+    with pytest.raises(InfeasibleBudgetError, match="down to one channel"):
         setup.check_config(TrainConfig(budget_bops=3e4, prune=True))

@@ -14,6 +14,7 @@ from conftest import load_cli, standard_promotion
 
 from cgmq_jax import certify, cost, ptq
 from cgmq_jax import nn as qnn
+from cgmq_jax.limits import InfeasibleBudgetError, limits_of
 
 
 class TwoBranch(nn.Module):
@@ -108,7 +109,7 @@ def test_within_every_limit_and_certified(two_branch, budget):
     _, params, specs, loss = two_branch[:4]
     allocated, record = ptq.allocate(params, specs, budget, loss)
     report = certify.certify(allocated, specs, budget)  # refuses anything over a limit
-    limits = certify.limits_of(budget)
+    limits = limits_of(budget)
     assert report["within_budget"]
     assert all(report["limits"][name]["cost"] <= limit for name, limit in limits.items())
     # Weights and biases are the calibrated network's; only quantizer leaves moved.
@@ -130,10 +131,10 @@ def test_an_infeasible_budget_states_the_minimum_before_any_loss(two_branch):
 
     minimum = cost.min_cost(specs)
     with pytest.raises(
-        certify.InfeasibleBudgetError, match=f"minimum achievable cost.*{minimum:,}"
+        InfeasibleBudgetError, match=f"minimum achievable cost.*{minimum:,}"
     ):
         ptq.allocate(params, specs, minimum - 1, never)
-    with pytest.raises(certify.InfeasibleBudgetError, match="weight_memory_bits limit"):
+    with pytest.raises(InfeasibleBudgetError, match="weight_memory_bits limit"):
         ptq.allocate(params, specs, {"weight_memory_bits": 10}, never)
 
 
@@ -146,7 +147,7 @@ def test_the_config_takes_ptq_with_a_limit():
     assert config.guarded_limits == {"bops": 4e6}
     with pytest.raises(ValueError, match="needs a limit"):
         train.TrainConfig(method="ptq", budget_bops=None).validate()
-    with pytest.raises(certify.InfeasibleBudgetError, match="563,280 BOPs"):
+    with pytest.raises(InfeasibleBudgetError, match="563,280 BOPs"):
         train.check_config(train.TrainConfig(method="ptq", budget_bops=5e5))
 
 

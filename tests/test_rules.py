@@ -12,7 +12,7 @@ import optax
 import pytest
 from conftest import standard_promotion
 
-from cgmq_jax import certify, constraint, cost, models, quantizer, rules
+from cgmq_jax import certify, constraint, cost, models, quantizer, repair, rules
 from cgmq_jax import nn as qnn
 
 
@@ -255,7 +255,7 @@ def test_per_channel_weight_quantizers_have_gradients_and_per_channel_cost():
     low = (
         params["weight_quantizer"]
         .at[1]
-        .set(certify._set_bits(params["weight_quantizer"][1], 3, signed=True))
+        .set(repair._set_bits(params["weight_quantizer"][1], 3, signed=True))
     )
     params = {**params, "weight_quantizer": low}
     row = cost.layer_table(params, specs)[0]
@@ -263,7 +263,7 @@ def test_per_channel_weight_quantizers_have_gradients_and_per_channel_cost():
     assert row["bops"] == 5 * (8 + 3 + 8) * 8 == cost.exact_bops(params, specs)
     assert float(cost.bops(params, specs)) == row["bops"]
     # The repair lowers single channels, and the certificate holds.
-    repaired, steps = certify.greedy_repair(params, specs, 5 * (2 + 2 + 2) * 8 + 40)
+    repaired, steps = repair.greedy_repair(params, specs, 5 * (2 + 2 + 2) * 8 + 40)
     assert steps > 0
     assert certify.certify(repaired, specs, 5 * (2 + 2 + 2) * 8 + 40)["within_budget"]
 

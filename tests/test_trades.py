@@ -14,7 +14,7 @@ import pytest
 from conftest import FINISHED_RUN, load_cli
 from test_ptq import LIMITS, TwoBranch, _bits, _distillation_loss
 
-from cgmq_jax import certify, cost, quantizer, trades
+from cgmq_jax import certify, cost, quantizer, repair, trades
 from cgmq_jax import nn as qnn
 
 
@@ -67,7 +67,7 @@ def test_bits_move_to_the_quantizer_where_they_pay(even):
 @pytest.mark.parametrize("budget", LIMITS.values(), ids=LIMITS.keys())
 def test_within_every_limit(even, budget):
     params, specs, loss = even
-    repaired, _ = certify.greedy_repair(params, specs, budget)  # cost-driven bits
+    repaired, _ = repair.greedy_repair(params, specs, budget)  # cost-driven bits
     moved = repaired
     for _ in range(3):
         moved, record = trades.trade_bits(moved, specs, budget, loss)

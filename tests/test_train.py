@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import FINISHED_RUN, load_cli
 
-from cgmq_jax import certify, cost, data, models, report, train
+from cgmq_jax import certify, cost, data, models, repair, report, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET_MACS = 281640
@@ -48,7 +48,7 @@ def test_repair_makes_an_over_budget_model_feasible(lenet_init_params):
     params = lenet_init_params  # jax.jit(model.init)(jax.random.key(0), x)["params"]
     specs = cost.layer_specs(model, x)
     assert cost.exact_bops(params, specs) == LENET_MACS * 64
-    repaired, removed = certify.greedy_repair(params, specs, 1e6)
+    repaired, removed = repair.greedy_repair(params, specs, 1e6)
     assert cost.exact_bops(repaired, specs) <= 1e6
     assert 0 < removed <= 10 * 7  # at most the bits above the floors
     assert certify.certify(repaired, specs, 1e6)["within_budget"]
@@ -62,8 +62,8 @@ def test_fill_uses_the_budget_until_no_single_bit_fits(budget, lenet_init_params
     x = np.zeros((1, 28, 28, 1), np.float32)
     params = lenet_init_params  # jax.jit(model.init)(jax.random.key(0), x)["params"]
     specs = cost.layer_specs(model, x)
-    low, _ = certify.greedy_repair(params, specs, budget * 0.6)  # well within the budget
-    filled, added = certify.greedy_fill(low, specs, budget)
+    low, _ = repair.greedy_repair(params, specs, budget * 0.6)  # well within the budget
+    filled, added = repair.greedy_fill(low, specs, budget)
     report = certify.certify(filled, specs, budget)  # within, or refused
     before, after = cost.layer_table(low, specs), report["layers"]
     gained = sum(
@@ -77,7 +77,7 @@ def test_fill_uses_the_budget_until_no_single_bit_fits(budget, lenet_init_params
     )
     assert report["bops"] + report["one_more_bit_bops"] > budget  # no single bit fits now
     assert report["bops"] >= 0.97 * budget
-    assert certify.greedy_fill(filled, specs, budget)[1] == 0  # a fixed point
+    assert repair.greedy_fill(filled, specs, budget)[1] == 0  # a fixed point
 
 
 def test_one_more_bit_bops_is_the_cheapest_single_bit(lenet_init_params):
@@ -87,7 +87,7 @@ def test_one_more_bit_bops_is_the_cheapest_single_bit(lenet_init_params):
     specs = cost.layer_specs(model, x)
     table = cost.layer_table(params, specs)  # 8 bits everywhere
     # fc3 (840 MACs): one more weight or input bit adds 840 * 8.
-    assert certify.one_more_bit_bops(specs, table) == 840 * 8
+    assert repair.one_more_bit_bops(specs, table) == 840 * 8
     pinned = cost.layer_specs(models.LeNet5(input_bits=8), x)
     assert pinned[0].input_bits == 8 and all(s.input_bits is None for s in pinned[1:])
 

@@ -11,7 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
-from cgmq_jax import admission, certify, constraint, cost, models
+from cgmq_jax import admission, constraint, cost, models
+from cgmq_jax.limits import LIMIT_FLAGS, limits_from_flags
 
 METHODS = ("cgmq", "dq", "fixed", "float", "ptq")
 MAX_BITS = 16
@@ -65,7 +66,7 @@ def schedule(model: str) -> Schedule:
 
 
 #: Bits per KiB of memory (the CLI's memory limits are in KiB; see
-#: :data:`cgmq_jax.certify.LIMIT_FLAGS`).
+#: :data:`cgmq_jax.limits.LIMIT_FLAGS`).
 KIB = 8192
 
 
@@ -199,8 +200,8 @@ class TrainConfig:
     @property
     def limits(self) -> dict:
         """``{cost name: limit}`` (BOPs; memory in bits) of the limits that are set
-        (:func:`cgmq_jax.certify.limits_from_flags`, the one mapping from the flags)."""
-        return certify.limits_from_flags(vars(self))
+        (:func:`cgmq_jax.limits.limits_from_flags`, the one mapping from the flags)."""
+        return limits_from_flags(vars(self))
 
     @property
     def guarded_limits(self) -> dict:
@@ -210,7 +211,7 @@ class TrainConfig:
 
 
 def _check_limits(config: TrainConfig) -> None:
-    for flag, _, _ in certify.LIMIT_FLAGS.values():
+    for flag, _, _ in LIMIT_FLAGS.values():
         value = getattr(config, flag.removeprefix("--"))
         if value is not None and not _positive_finite(value):
             raise ValueError(f"{flag} must be a positive finite number, got {value!r}")

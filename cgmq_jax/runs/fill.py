@@ -9,7 +9,7 @@ import jax
 import optax
 from flax.training import train_state
 
-from cgmq_jax import certify, quantizer
+from cgmq_jax import quantizer, repair
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import TrainingDiverged
 from cgmq_jax.runs.steps import (
@@ -28,7 +28,7 @@ FILL_LR_SCALE = 0.1
 def _fill(setup, params, validation, log, tune):
     """Give the bits that still fit to ``params``, train the weights to them, keep the best.
 
-    :func:`cgmq_jax.certify.greedy_fill` adds bits until no single bit fits; the network
+    :func:`cgmq_jax.repair.greedy_fill` adds bits until no single bit fits; the network
     was not trained with them, and they can break it (Fashion-MNIST LeNet-5 at 2e6: 8 bits
     took validation accuracy from 82.88% to 46.16%), so the filled network's weights are
     then trained for ``config.fill_epochs`` with every quantizer frozen (its bits and cost
@@ -43,7 +43,7 @@ def _fill(setup, params, validation, log, tune):
     """
     accuracy = make_accuracy(setup.model)
     before = accuracy(params, *validation)
-    filled_params, filled = certify.greedy_fill(params, setup.specs, setup.limits)
+    filled_params, filled = repair.greedy_fill(params, setup.specs, setup.limits)
     record = {"bits": filled, "val_accuracy_before": before, "tune_epochs": 0}
     if not filled:
         record.update(

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgmq_jax import certify, cost, data, nn, trades
+from cgmq_jax import certify, cost, data, nn, repair, trades
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import FitResult, TrainConfig
 from cgmq_jax.runs.fill import _fill, _tune_weights
@@ -119,7 +119,7 @@ def fit(
 
     Raises:
       ValueError: a bad config, or a dataset that cannot train one step.
-      certify.InfeasibleBudgetError: before any training, if the budget is below the
+      InfeasibleBudgetError: before any training, if the budget is below the
         network's minimum cost (the message states both numbers).
       TrainingDiverged: a non-finite loss or parameter; nothing is certified.
       Interrupted: ``should_stop()`` returned true.
@@ -441,7 +441,7 @@ def _finish_qat(
         # dq keeps its last epoch when no epoch was feasible (as DQ's code does); cgmq repairs.
         params = jax.device_get(last_params)
         if config.method == "cgmq":
-            params, repaired_bits = certify.greedy_repair(params, specs, limits)
+            params, repaired_bits = repair.greedy_repair(params, specs, limits)
             log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
     fill = None
     if config.method == "cgmq":

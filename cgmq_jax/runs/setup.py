@@ -2,9 +2,9 @@
 (:class:`_Setup`), the first states of both phases with their optimizers, and the QAT loss.
 
 The limits reach the guard in one way: the config's flags become ``{cost name: limit}``
-(:attr:`TrainConfig.limits`, by :func:`cgmq_jax.certify.limits_from_flags`); their
+(:attr:`TrainConfig.limits`, by :func:`cgmq_jax.limits.limits_from_flags`); their
 feasibility is checked once, before any data is loaded (:func:`check_config`, by
-:func:`cgmq_jax.certify.check_budget`); :func:`guard_constraints` hands them to the
+:func:`cgmq_jax.limits.check_budget`); :func:`guard_constraints` hands them to the
 optimizer (whose own check at ``init``, for users of the optimizer alone, then passes).
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from cgmq_jax import certify, constraint, cost, data, models, nn, quantizer
+from cgmq_jax import constraint, cost, data, models, nn, quantizer
+from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import TrainConfig
 from cgmq_jax.runs.steps import BatchNormTrainState, _cross_entropy, dq_penalty, make_train_step
@@ -34,7 +35,7 @@ def check_config(
     Raises:
       ValueError: a bad flag value, a budget that is not a positive finite number, or more
         devices than there are.
-      certify.InfeasibleBudgetError: the budget is below the network's minimum cost.
+      InfeasibleBudgetError: the budget is below the network's minimum cost.
     """
     config.validate()
     parallel.data_parallel_mesh(config.devices)  # as many devices as asked for
@@ -43,10 +44,10 @@ def check_config(
     )
     if config.guarded_limits:
         try:
-            certify.check_budget(config.guarded_limits, specs)
-        except certify.InfeasibleBudgetError as error:
+            check_budget(config.guarded_limits, specs)
+        except InfeasibleBudgetError as error:
             hint = _with_pruning(config, input_shape)
-            raise certify.InfeasibleBudgetError(f"{error}{hint}") from None
+            raise InfeasibleBudgetError(f"{error}{hint}") from None
     return specs
 
 
