@@ -518,14 +518,21 @@ def refit_lost_weight_ranges(updates, params, prunable=None):
         *quantizer.from_latents(leaf), signed=True, prune=prune
     )
     before, after = bits(theta), bits(new_theta)
-    refitted = quantizer.least_squares_latents(
-        kernel + updates["kernel"],
-        jnp.maximum(after, quantizer.min_bitwidth(signed=True)),
-        signed=True,
-        per_channel=theta.ndim == 2,
-    )
     lost = ((after < before) & (after > 0))[..., None]
-    out["weight_quantizer"] = jnp.where(lost, refitted - theta, update)
+
+    def refit():
+        refitted = quantizer.least_squares_latents(
+            kernel + updates["kernel"],
+            jnp.maximum(after, quantizer.min_bitwidth(signed=True)),
+            signed=True,
+            per_channel=theta.ndim == 2,
+        )
+        return jnp.where(lost, refitted - theta, update).astype(dtype)
+
+    # Most steps lose no bit: the least-squares search (13 passes over the kernel) runs
+    # only on those that do.
+    dtype = jnp.result_type(jnp.float32, theta, update)
+    out["weight_quantizer"] = jax.lax.cond(jnp.any(lost), refit, lambda: update.astype(dtype))
     return out
 
 

@@ -140,6 +140,79 @@ def patch_conv(
     return jnp.reshape(product, (*patches.shape[:-1], kernel.shape[-1]))
 
 
+def input_gradient_as_patches(
+    x,
+    kernel,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """``jax.lax.conv_general_dilated`` (same arguments, no groups), whose input gradient is
+    :func:`patch_conv`'s: the forward pass and the kernel gradient are XLA's convolution's.
+
+    For a convolution with one input channel (an image's first layer) XLA:CPU is fast
+    forward and for the kernel gradient, but slow for the input gradient that learning the
+    image's quantizer needs; :func:`patch_conv` is the other way round (gathering the
+    patches is what costs: Bayesian Bits' conv1, 32 channels at batch 128, one loaded core:
+    forward 7 ms against 90 ms, kernel gradient 39 against 93 ms, input gradient 74 against
+    27 ms). Quantized operands are codes times powers of two, so both forward passes are
+    the same exact sums.
+    """
+    del lhs_dilation, dimension_numbers, feature_group_count
+    padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+    return _input_gradient_as_patches(
+        x, kernel, tuple(window_strides), padding, _hashable(rhs_dilation), precision
+    )
+
+
+def _hashable(value):
+    return value if value is None or isinstance(value, int) else tuple(value)
+
+
+def _direct(x, kernel, strides, padding, dilation, precision):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=conv_dimension_numbers(x.shape),
+        precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _input_gradient_as_patches(x, kernel, strides, padding, dilation, precision):
+    return _direct(x, kernel, strides, padding, dilation, precision)
+
+
+def _input_gradient_as_patches_forward(x, kernel, strides, padding, dilation, precision):
+    return _direct(x, kernel, strides, padding, dilation, precision), (x, kernel)
+
+
+def _input_gradient_as_patches_backward(strides, padding, dilation, precision, saved, grad):
+    x, kernel = saved
+    patches = functools.partial(
+        patch_conv, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        precision=precision,
+    )  # fmt: skip
+    direct = functools.partial(
+        _direct, strides=strides, padding=padding, dilation=dilation, precision=precision
+    )
+    (grad_x,) = jax.vjp(lambda x: patches(x, kernel), x)[1](grad)
+    (grad_kernel,) = jax.vjp(lambda k: direct(x, k), kernel)[1](grad)
+    return grad_x, grad_kernel
+
+
+_input_gradient_as_patches.defvjp(
+    _input_gradient_as_patches_forward, _input_gradient_as_patches_backward
+)
+
+
 def max_pool(x: jax.Array, window_shape: Sequence[int], strides=None, padding="VALID"):
     """``flax.linen.max_pool`` (channels last, one batch axis), with a cheaper gradient
     when the windows tile the input (``strides == window_shape``, ``'VALID'``).
