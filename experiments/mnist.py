@@ -28,8 +28,9 @@ def run_flags(args: argparse.Namespace) -> dict:
 
     A flag left at ``None`` matches a checkpoint written before that flag existed;
     ``--admission`` left out is resolved to the model's (and written back into ``args``),
-    the value checkpoints written before it had a per-model default hold; so is
-    ``--refit_ranges`` with ``--prune`` (its default there is the model's).
+    the value checkpoints written before it had a per-model default hold; so are
+    ``--refit_ranges`` with ``--prune`` (its default there is the model's) and
+    ``--quantizer_lr_decay``.
     """
     from cgmq_jax.runs import train
 
@@ -37,6 +38,9 @@ def run_flags(args: argparse.Namespace) -> dict:
         args.admission = train.TrainConfig(model=args.model, prune=args.prune).admission
     if args.refit_ranges is None and args.prune:
         args.refit_ranges = train.TrainConfig(model=args.model, prune=True).refits
+    if args.quantizer_lr_decay is None:
+        config = train.TrainConfig(model=args.model, prune=args.prune)
+        args.quantizer_lr_decay = config.quantizer_lr_decay
     skipped = (
         *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
         "min_eval_examples",  # a check of the data, not part of the run
@@ -93,9 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--quantizer_lr_decay",
         action=argparse.BooleanOptionalAction,
-        default=defaults.quantizer_lr_decay,
+        default=None,
         help="cosine-decay the quantizer learning rate over QAT, as the weights' "
-        "(bits settle before training ends); off: constant",
+        "(bits settle before training ends); default: constant, and with --prune the "
+        "model's (lenet5_bb: decayed)",
     )
     p.add_argument(
         "--budget_warmup_epochs",

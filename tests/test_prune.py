@@ -360,6 +360,30 @@ def test_the_cli_stores_the_refit_under_prune():
     assert not TrainConfig(refit_ranges=False).refits
 
 
+def test_lenet5_bb_pruned_decays_the_quantizers_rate_and_the_cli_stores_it():
+    """Pruned, ``lenet5_bb`` decays the quantizer learning rate by default (measured at
+    0.36%); no other model or unpruned run changes. ``--quantizer_lr_decay`` left out is
+    stored resolved, so its older pruned checkpoints (``False``) are refused by name."""
+    from conftest import load_cli
+
+    from cgmq_jax.runs import rundir
+
+    assert TrainConfig(model="lenet5_bb", prune=True).quantizer_lr_decay is True
+    chosen = TrainConfig(model="lenet5_bb", prune=True, quantizer_lr_decay=False)
+    assert chosen.quantizer_lr_decay is False
+    for model in ("lenet5", "dscnn", "mlp", "lenet5_bb"):
+        assert TrainConfig(model=model).quantizer_lr_decay is False
+    assert TrainConfig(model="dscnn", prune=True).quantizer_lr_decay is False
+    cli = load_cli("mnist")
+    assert cli.run_flags(cli.parse_args([]))["quantizer_lr_decay"] is False
+    bb = cli.run_flags(cli.parse_args(["--model", "lenet5_bb", "--prune"]))
+    assert bb["quantizer_lr_decay"] is True
+    older = {**bb, "quantizer_lr_decay": False}
+    assert rundir.changed_flags(older, bb) == ["quantizer_lr_decay"]
+    chosen = ["--model", "lenet5_bb", "--prune", "--no-quantizer_lr_decay"]
+    assert cli.run_flags(cli.parse_args(chosen))["quantizer_lr_decay"] is False
+
+
 def test_without_prune_models_are_todays():
     assert models.get_model("lenet5") == models.LeNet5()
     specs = cost.layer_specs(models.get_model("lenet5"), X)
