@@ -52,8 +52,8 @@ DEFAULT_SCHEDULE = Schedule(pretrain_epochs=5, epochs=25, lr=1e-3)
 #: at 1e6, 3 seeds, median 98.57% against 98.21% with the all-or-nothing guard; the DS-CNN
 #: at 4e6, 80.90% against 76.70% (every seed better). ``lenet5_bb`` (the default schedule)
 #: does not: at 0.36% with the image at 8 bits, 99.10% with gain against 99.25%. Pruned, it
-#: decays the quantizers' learning rate with the weights': there, 3 seeds, 99.33% and
-#: 99.35% for seeds 1 and 2 against 99.25% and 99.34% with a constant rate.
+#: decays the quantizers' learning rate with the weights': there, 3 seeds, median 99.33%
+#: against 99.25% with a constant rate (every seed better or equal).
 SCHEDULES = {
     "lenet5": Schedule(
         pretrain_epochs=2, epochs=8, lr=2e-3, refit_with_prune=True, admission_with_prune="gain"
