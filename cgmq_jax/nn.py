@@ -42,7 +42,6 @@ from cgmq_jax import quantizer
 from cgmq_jax.conv import (  # noqa: F401  (re-exported: cgmq_jax.nn is their public home)
     conv_dimension_numbers,
     conv_geometry,
-    input_gradient_as_patches,
     max_pool,
     patch_conv,
 )
@@ -322,8 +321,7 @@ def _conv_kernel(module: nn.Conv, kernel_size, in_features: int) -> jax.Array:
 
 
 def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
-    """The layer's ``conv_general_dilated``: its own, else one of :data:`OWN_CONVOLUTIONS`
-    where it pays (:func:`_faster_convolution`).
+    """The layer's ``conv_general_dilated``: its own, else :func:`patch_conv` where it pays.
 
     One rule for the linen and the NNX convolutions (``module`` is either), so that both
     compute, and differentiate, the same program.
@@ -333,28 +331,20 @@ def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
         return module.conv_general_dilated_cls()
     conv = getattr(module, "conv_general_dilated", None) or jax.lax.conv_general_dilated
     if options.quantize and conv is jax.lax.conv_general_dilated:
-        return _faster_convolution(module, x, geometry) or conv
+        if _patches_pay(module, x, geometry):
+            return patch_conv
     return conv
 
 
-#: The convolutions of this library that stand in for ``jax.lax.conv_general_dilated``
-#: (they take its positional arguments, not its sharding or element-type ones).
-OWN_CONVOLUTIONS = (patch_conv, input_gradient_as_patches)
-
-
-#: A quantized convolution with at most this many input channels per group (no input
-#: dilation) is computed from its patches where XLA:CPU is slow:
-#:
-#: * without groups (an image's first layer), its input gradient, which learning the image
-#:   quantizer needs (:func:`input_gradient_as_patches`; gathering the patches is slow
-#:   too, so its forward pass and kernel gradient stay XLA's);
-#: * a depthwise one (one output channel per group), all of it, as a running sum of each
-#:   patch times its channel's taps (:func:`patch_conv`), which XLA:CPU fuses into one
-#:   loop (the DS-CNN's QAT step ran at 600 samples/s against its float step's 323, which
-#:   keeps XLA's convolution, one loaded 5-round run).
-#:
-#: Quantized operands are codes times powers of two, so the forward pass is the same exact
-#: sums either way (docs/performance.md).
+#: A quantized convolution with at most this many input channels per group (no groups, or
+#: depthwise ones; no input dilation) runs over its patches (:func:`patch_conv`). XLA:CPU's
+#: direct convolution is slow for so few channels, and slower still for the input gradient
+#: that learning the image quantizer needs (``benchmarks/train_step.py``: LeNet-5's QAT
+#: step 1.59x faster; with the depthwise running sum of :func:`patch_conv` the DS-CNN's
+#: QAT step ran at 600 samples/s against its float step's 323, which keeps XLA's
+#: convolution, in one loaded 5-round run: docs/performance.md).
+#: Quantized operands are codes times powers of two, so both compute the same exact sums:
+#: the forward pass does not change by a bit.
 PATCH_CONV_MAX_CHANNELS = 1
 #: A quantized 1x1 convolution without groups (a pointwise one, any number of channels) runs
 #: as one matrix product, its only patch being the input (:func:`patch_conv`): XLA:CPU's
@@ -363,22 +353,16 @@ PATCH_CONV_MAX_CHANNELS = 1
 PATCH_CONV_POINTWISE = True
 
 
-def _faster_convolution(module: nn.Conv, x: jax.Array, geometry: dict):
-    """The function of :data:`OWN_CONVOLUTIONS` that computes this quantized convolution
-    faster than XLA's on a CPU, or ``None`` (see the constants above)."""
-    if any(d != 1 for d in geometry["input_dilation"]):
-        return None
+def _patches_pay(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
+    """Whether :func:`patch_conv` computes this convolution (see the constants above)."""
     groups, channels = module.feature_group_count, x.shape[-1]
     features = getattr(module, "features", None) or module.out_features  # linen / NNX
-    if groups == channels == features and groups > 1:
-        return patch_conv if PATCH_CONV_MAX_CHANNELS >= 1 else None
-    if groups != 1:
-        return None
-    if all(k == 1 for k in geometry["kernel_size"]) and PATCH_CONV_POINTWISE:
-        return patch_conv
-    if channels <= PATCH_CONV_MAX_CHANNELS:
-        return input_gradient_as_patches
-    return None
+    depthwise = groups == channels == features and groups > 1
+    pointwise = groups == 1 and all(k == 1 for k in geometry["kernel_size"])
+    few_channels = channels // groups <= PATCH_CONV_MAX_CHANNELS and (groups == 1 or depthwise)
+    return (few_channels or (pointwise and PATCH_CONV_POINTWISE)) and all(
+        d == 1 for d in geometry["input_dilation"]
+    )
 
 
 class QuantDense(LinenOptions, nn.Dense):

@@ -391,7 +391,7 @@ class QuantConv(_QuantizedLayer, nnx.Conv):
             x = jnp.pad(x, pads, mode=geometry["pad_mode"])
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
         convolve = qnn.convolution(self, self.options, x, geometry)
-        extra = {} if convolve in qnn.OWN_CONVOLUTIONS else _product_kwargs(self, out_sharding)
+        extra = {} if convolve is qnn.patch_conv else _product_kwargs(self, out_sharding)
         y = convolve(
             x,
             kernel,

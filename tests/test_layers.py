@@ -235,9 +235,9 @@ def test_explicit_unsigned_with_negative_inputs_raises_naming_the_layer():
 @pytest.mark.parametrize("name", list(CONVS))
 @pytest.mark.slow  # compiles whole training steps or many programs
 def test_patch_conv_is_the_direct_convolution_bit_for_bit_when_quantized(name, monkeypatch):
-    """One input channel: the quantized layer takes its input gradient from its patches
-    (:func:`cnn.input_gradient_as_patches`); its output is the direct convolution's exactly,
-    its gradients to float tolerance."""
+    """One input channel: the quantized layer takes :func:`cnn.patch_conv`; its output is
+    the direct convolution's exactly (exact sums of codes), its gradients to float
+    tolerance."""
     kwargs, shape, _ = CONVS[name]
     if kwargs.get("feature_group_count", 1) != 1:
         kwargs = {**kwargs, "feature_group_count": 1}
@@ -303,49 +303,6 @@ def test_patch_conv_matches_lax_conv_general_dilated(strides, padding, dilation)
     )
     got = cnn.patch_conv(x, kernel, strides, padding, rhs_dilation=dilation)
     np.testing.assert_array_equal(got, expected)
-
-
-@pytest.mark.parametrize(
-    "strides, padding, dilation",
-    [((1, 1), "VALID", (1, 1)), ((2, 1), "SAME", (1, 1)), ((1, 2), ((-1, 1), (2, 0)), (2, 1))],
-)
-def test_the_input_gradient_as_patches_is_xlas_convolution_with_its_gradients(
-    strides, padding, dilation
-):
-    """:func:`cnn.input_gradient_as_patches`: the forward pass is XLA's convolution bit for
-    bit, the kernel gradient is XLA's, the input gradient is the patches' (equal to XLA's to
-    float tolerance; exact here, integer operands)."""
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.integers(0, 4, (2, 9, 8, 1)), jnp.float32)
-    kernel = jnp.asarray(rng.integers(-3, 4, (3, 2, 1, 3)), jnp.float32)
-    weights = jnp.asarray(rng.integers(-2, 3, (2, 9, 8, 3)), jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    def xla(x, k):
-        return jax.lax.conv_general_dilated(
-            x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=dn
-        )
-
-    def ours(x, k):
-        return cnn.input_gradient_as_patches(x, k, strides, padding, rhs_dilation=dilation)
-
-    expected, got = xla(x, kernel), ours(x, kernel)
-    np.testing.assert_array_equal(got, expected)
-    weights = weights[:, : got.shape[1], : got.shape[2]]
-
-    def grads(f):
-        return jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * weights), argnums=(0, 1)))(
-            x, kernel
-        )
-
-    for a, b in zip(grads(ours), grads(xla), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-    def convolutions(f):  # in the compiled gradient: ours has no input-gradient convolution
-        program = jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k)), argnums=(0, 1)))
-        return program.lower(x, kernel).compile().as_text().count(" convolution(")
-
-    assert convolutions(ours) == convolutions(xla) - 1 >= 1
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
