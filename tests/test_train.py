@@ -259,7 +259,9 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     assert (lenet.pretrain_epochs, lenet.epochs, lenet.lr) == (2, 8, 2e-3)
     dscnn = train.TrainConfig(model="dscnn")
     assert (dscnn.pretrain_epochs, dscnn.epochs, dscnn.lr) == (5, 25, 1e-3)
-    assert config.schedule("lenet5_bb") == config.DEFAULT_SCHEDULE
+    bb = config.schedule("lenet5_bb")  # the default one, but its rate decays under prune
+    assert dataclasses.replace(bb, quantizer_lr_decay_with_prune=False) == config.DEFAULT_SCHEDULE
+    assert bb.quantizer_lr_decay_with_prune
     given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4)
     assert (given.pretrain_epochs, given.epochs, given.lr) == (5, 3, 5e-4)
     moved = dataclasses.replace(
