@@ -519,6 +519,7 @@ def refit_lost_weight_ranges(updates, params, prunable=None):
     )
     before, after = bits(theta), bits(new_theta)
     lost = ((after < before) & (after > 0))[..., None]
+    dtype = jnp.result_type(jnp.float32, theta, update)  # as jnp.where(lost, refit, update)
 
     def refit():
         refitted = quantizer.least_squares_latents(
@@ -531,7 +532,6 @@ def refit_lost_weight_ranges(updates, params, prunable=None):
 
     # Most steps lose no bit: the least-squares search (13 passes over the kernel) runs
     # only on those that do.
-    dtype = jnp.result_type(jnp.float32, theta, update)
     out["weight_quantizer"] = jax.lax.cond(jnp.any(lost), refit, lambda: update.astype(dtype))
     return out
 
