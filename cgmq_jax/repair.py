@@ -92,9 +92,11 @@ def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation
     The converse of :func:`greedy_repair`, for a model within every limit: each step gives
     one more bit to the learned quantizer with the fewest bits whose extra bit keeps every
     limit (ties: the one that uses the most of the limits, each cost relative to its
-    limit). One more bit halves a quantizer's quantization error wherever it is, but it
-    matters most at few bits (1 -> 2 bits, not 8 -> 9). The quantizer's power-of-two step is
-    halved and its range ``q_max`` kept, so it gains exactly one bit of resolution.
+    limit; a per-channel quantizer's bit goes to its live channel with the fewest bits, and
+    a removed channel is never revived). One more bit halves a quantizer's quantization
+    error wherever it is, but it matters most at few bits (1 -> 2 bits, not 8 -> 9). The
+    quantizer's power-of-two step is halved and its range ``q_max`` kept, so it gains
+    exactly one bit of resolution.
     :func:`cgmq_jax.train.fit` calls it on the model CGMQ returns, trains the filled
     network's weights for an epoch, and keeps whichever of the three has the best validation
     accuracy: bits a network was not trained with can break it, e.g. a 1-bit input whose
@@ -117,12 +119,10 @@ def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation
         best, best_key = None, None
         for path, signed, prune in _learned_quantizers(specs):
             leaf = jnp.asarray(flat[path])
-            bits = int(
-                np.max(quantizer.exact_bitwidth(*quantizer.from_latents(leaf), signed=signed))
-            )
-            if bits >= MAX_FILL_BITS:
+            bits, grown = _one_more_bit(leaf, signed=signed, prune=prune)
+            if bits is None or bits >= MAX_FILL_BITS:
                 continue
-            trial = {**flat, path: _halve_step(leaf, prune=prune)}
+            trial = {**flat, path: grown}
             table = cost.layer_table(flax.traverse_util.unflatten_dict(trial), specs)
             after = cost.table_costs(table, activation_reduce)
             if after == before or any(after[name] > limit for name, limit in limits.items()):
@@ -140,6 +140,29 @@ def greedy_fill(params, specs: tuple[cost.LayerSpec, ...], budget, *, activation
 MAX_FILL_BITS = 16
 
 
+def _one_more_bit(leaf: jax.Array, *, signed: bool, prune: bool):
+    """``(bits, leaf with one more bit)`` for the fill's next move on one quantizer leaf;
+    ``(None, None)`` if it has no live channel.
+
+    A per-tensor leaf gains its bit as a whole. A per-channel leaf (one step and range per
+    output channel, shape ``(channels, 2)``) gains it on one live channel, the one with the
+    fewest bits (the first of those): every channel of a layer costs the same per bit, so
+    one channel at a time is the finest move, and a pruned network's last few thousand BOPs
+    can still be used (a whole layer's bit may not fit where one channel's does).
+    """
+    per_channel = quantizer.exact_bitwidth(
+        *quantizer.from_latents(leaf), signed=signed, prune=prune
+    )
+    if leaf.ndim < 2:
+        return int(np.max(per_channel)), _halve_step(leaf)
+    per_channel = np.asarray(per_channel).reshape(-1)
+    live = np.flatnonzero(per_channel > 0) if prune else np.arange(per_channel.size)
+    if live.size == 0:
+        return None, None
+    c = int(live[np.argmin(per_channel[live])])
+    return int(per_channel[c]), leaf.at[c].set(_halve_step(leaf[c]))
+
+
 def _learned_quantizers(specs):
     """``(path, signed, prune)`` of every quantizer leaf whose bit-width is learned."""
     for spec in specs:
@@ -151,20 +174,12 @@ def _learned_quantizers(specs):
             yield (*spec.path, "input_quantizer"), spec.input_signed, False
 
 
-@functools.partial(jax.jit, static_argnames="prune")
-def _halve_step(theta: jax.Array, *, prune: bool = False) -> jax.Array:
+@jax.jit
+def _halve_step(theta: jax.Array) -> jax.Array:
     """The leaf with its power-of-two step halved (the latent at the new step's centre) and
-    its range kept: twice the levels, one more bit. A removed channel (``prune``) stays
-    removed: its range goes to a quarter of its new step."""
-    d, q_max = quantizer.from_latents(theta)
-    step = jnp.log2(quantizer.power_of_two_step(d)) - 1.0
-    halved = theta.at[..., 0].set(step)
-    if not prune:
-        return halved
-    removed = quantizer.levels(d, q_max, prune=True) == 0
-    return halved.at[..., 1].set(
-        jnp.where(removed, step + quantizer.PRUNED_RANGE_LOG2, theta[..., 1])
-    )
+    its range kept: twice the levels, one more bit."""
+    d, _ = quantizer.from_latents(theta)
+    return theta.at[..., 0].set(jnp.log2(quantizer.power_of_two_step(d)) - 1.0)
 
 
 def _costs_after(costs: dict, sizes: list, decrements, activation_reduce: str) -> dict:

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import cgmq_jax
-from cgmq_jax import channels, cost, models, quantizer, repair
+from cgmq_jax import certify, channels, cost, models, quantizer, repair
 from cgmq_jax import nn as qnn
 from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 from cgmq_jax.runs.config import TrainConfig
@@ -281,6 +281,26 @@ def test_the_fill_never_revives_a_removed_channel(lenet_calibration):
     assert cost.exact_bops(filled, specs) <= budget
     rows = {row["layer"]: row for row in cost.layer_table(filled, specs)}
     assert rows["conv2"]["live_channels"] == 8
+
+
+def test_the_fill_gives_a_per_channel_quantizer_its_bits_one_channel_at_a_time(
+    lenet_calibration,
+):
+    # Room for one bit on one of conv2's live channels, not for one on all of them: a
+    # fill that moved whole per-channel leaves would leave it unused.
+    _, specs, params = _lenet_setup(lenet_calibration)
+    params, _ = repair.greedy_repair(params, specs, cost.exact_bops(params, specs) // 4)
+    rows = {row["layer"]: row for row in cost.layer_table(params, specs)}
+    per_bit = rows["conv2"]["channel_macs"] * rows["conv2"]["input_bits"]
+    budget = cost.exact_bops(params, specs) + per_bit
+    filled, steps = repair.greedy_fill(params, specs, budget)
+    report = certify.certify(filled, specs, budget)
+    assert steps >= 1
+    assert report["bops"] + report["one_more_bit_bops"] > budget  # no single bit fits now
+    before = np.asarray(rows["conv2"]["weight_bits"])
+    after = np.asarray({r["layer"]: r for r in report["layers"]}["conv2"]["weight_bits"])
+    assert np.all(after >= before) and np.sum(after - before) <= steps
+    assert np.all((after > 0) == (before > 0))  # no channel revived or removed
 
 
 # --------------------------------------------------------------------------- the config
