@@ -29,6 +29,7 @@ _SUBMODULES = (
     "models",
     "nn",
     "nnx",
+    "optimizers",
     "ptq",
     "quantizer",
     "repair",
@@ -41,7 +42,7 @@ _SUBMODULES = (
 )
 _NAMES = {
     "ConstrainedUpdateState": "constraint",
-    "cgmq_optimizer": "constraint",
+    "cgmq_optimizer": "optimizers",
     "constrained_update": "constraint",
     "bops": "cost",
     "exact_bops": "cost",

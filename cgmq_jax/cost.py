@@ -184,7 +184,7 @@ def with_sources(specs, traced) -> tuple[LayerSpec, ...]:
 def prunable_quantizers(specs):
     """``params -> tree of bools``, ``True`` at the weight quantizer leaves that may remove
     channels: the ``prunable`` argument of :func:`cgmq_jax.constraint.constrained_update`
-    and :func:`cgmq_jax.constraint.fixed_bitwidths` (``None`` when nothing prunes)."""
+    and :func:`cgmq_jax.optimizers.fixed_bitwidths` (``None`` when nothing prunes)."""
     paths = {(*spec.path, "weight_quantizer") for spec in specs if spec.prune}
     if not paths:
         return None

@@ -377,7 +377,7 @@ def tie_range(theta: ArrayLike) -> jax.Array:
     """The leaf with its range tied to its step: ``q_max = n * d_q``, ``n`` held fixed.
 
     The forward value is that of ``theta`` when its range already sits at ``n * d_q`` (as
-    :func:`cgmq_jax.constraint.fixed_bitwidths` keeps it); the gradient differs. Through
+    :func:`cgmq_jax.optimizers.fixed_bitwidths` keeps it); the gradient differs. Through
     the tie, the gradient w.r.t. ``log2 d`` is the *total* derivative of a fixed-``n``
     quantizer (LSQ's): ``round(x / d) - x / d`` inside the range and ``n`` (``-n``)
     above (below) it, instead of DQ's partial derivative with ``q_max`` held, which is

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cgmq_jax
-from cgmq_jax import constraint, cost, quantizer, train
+from cgmq_jax import constraint, cost, optimizers, quantizer, train
 from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 
 BUDGET = 1e6
@@ -933,7 +933,7 @@ def _fixed_bit_mse_run(bits: int, *, tied: bool, steps: int = 300) -> list[float
             (nn.quantize_tensor(p["layer"]["weight_quantizer"], x, signed=True) - x) ** 2
         )
 
-    tx = optax.chain(optax.adam(1e-2), constraint.fixed_bitwidths())
+    tx = optax.chain(optax.adam(1e-2), optimizers.fixed_bitwidths())
 
     @jax.jit
     def step(params, state):

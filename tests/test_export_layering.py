@@ -138,6 +138,18 @@ def test_the_certificates_old_names_warn_and_resolve_to_their_new_homes():
         certify.greedy_rapair  # noqa: B018
 
 
+def test_the_chains_old_names_warn_and_resolve_to_their_new_home():
+    """The optax chains moved from :mod:`cgmq_jax.constraint` to :mod:`cgmq_jax.optimizers`;
+    the old names still work, with a warning that names the new one."""
+    from cgmq_jax import constraint, optimizers
+
+    for name in ("fixed_bitwidths", "partitioned_adam", "cgmq_optimizer"):
+        with pytest.warns(DeprecationWarning, match=f"use cgmq_jax.optimizers.{name}"):
+            assert getattr(constraint, name) is getattr(optimizers, name)
+    with pytest.raises(AttributeError, match="no attribute 'cgmq_optimiser'"):
+        constraint.cgmq_optimiser  # noqa: B018
+
+
 def test_the_readers_limit_names_are_the_costs():
     """The numpy-only reader keeps its own copy of the cost names (it cannot import JAX)."""
     from cgmq_jax import cost

@@ -12,7 +12,7 @@ certify, test).
 
 Methods (``TrainConfig.method``):
 
-* ``cgmq``: :func:`cgmq_jax.constraint.cgmq_optimizer`, that is
+* ``cgmq``: :func:`cgmq_jax.optimizers.cgmq_optimizer`, that is
   ``optax.chain(partition(adam), constrained_update(cost, budget))``;
 * ``dq``: DQ's penalty, loss ``+ lam * max(0, C / budget - 1) ** 2``, no constrained update;
 * ``fixed``: uniform ``bits_w`` / ``bits_a`` with learned power-of-two steps (no budget);

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from cgmq_jax import constraint, cost, data, models, nn, quantizer
+from cgmq_jax import cost, data, models, nn, optimizers, quantizer
 from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import TrainConfig
@@ -79,7 +79,7 @@ def _lams(config: TrainConfig, limits: dict) -> dict:
 
 
 def guard_constraints(limits: dict, specs: tuple[cost.LayerSpec, ...]) -> tuple[Any, Any]:
-    """``(cost_fn, budget)`` for :func:`cgmq_jax.constraint.cgmq_optimizer` from
+    """``(cost_fn, budget)`` for :func:`cgmq_jax.optimizers.cgmq_optimizer` from
     ``{cost name: limit}``: ``({name: (cost function, limit)}, None)``, one constraint per
     limit; a lone BOP limit is the plain pair ``(bops, limit)``, 0.1.0's path (its optimizer
     state holds scalars, so its runs and checkpoints are unchanged)."""
@@ -226,7 +226,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
         cost_fn, budget = guard_constraints(setup.limits, setup.specs)
         if config.budget_warmup_epochs:
             budget = _budget_warmup(setup, params, budget)
-        tx = constraint.cgmq_optimizer(
+        tx = optimizers.cgmq_optimizer(
             cost_fn,
             budget,
             learning_rate=learning_rate,
@@ -237,9 +237,9 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
             prunable=cost.prunable_quantizers(setup.specs),
         )
     else:
-        tx = constraint.partitioned_adam(learning_rate, quantizer_lr)
+        tx = optimizers.partitioned_adam(learning_rate, quantizer_lr)
         if config.method == "fixed":
-            tx = optax.chain(tx, constraint.fixed_bitwidths())
+            tx = optax.chain(tx, optimizers.fixed_bitwidths())
     return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
 
 
