@@ -336,6 +336,50 @@ def test_depthwise_patch_conv_matches_lax_and_the_quantized_layer(strides, paddi
 
 
 @pytest.mark.parametrize(
+    ("shape", "strides", "padding", "dilation"),
+    [
+        ((2, 9, 8, 3), (1, 1), "SAME", (1, 1)),
+        ((2, 9, 8, 3), (2, 2), "SAME", (1, 1)),
+        ((2, 9, 8, 3), (2, 3), ((1, 2), (0, 1)), (2, 1)),
+        ((2, 9, 8, 3), (1, 2), ((-1, 1), (2, 0)), (1, 2)),
+        ((2, 11, 3), (3,), "VALID", (2,)),  # 1-D
+        ((1, 5, 6, 4, 2), (2, 1, 1), "SAME", (1, 1, 1)),  # 3-D
+    ],
+)
+def test_depthwise_patch_conv_gradients_are_those_of_lax(shape, strides, padding, dilation):
+    """The depthwise running sum has its own backward pass (``conv._depthwise_sum``): with
+    integer values every sum is exact, so its gradients equal XLA's convolution's exactly,
+    for any strides, padding (negative crops) and kernel dilation, in 1-3 spatial axes."""
+    rng = np.random.default_rng(3)
+    channels, rank = shape[-1], len(shape) - 2
+    x = jnp.asarray(rng.integers(-3, 4, shape), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-3, 4, (*(3,) * (rank - 1), 2, 1, channels)), jnp.float32)
+    spec = "".join("DHW"[3 - rank :])
+    numbers = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
+
+    def loss(conv):
+        def f(x, kernel):
+            y = conv(
+                x,
+                kernel,
+                strides,
+                padding,
+                rhs_dilation=dilation,
+                feature_group_count=channels,
+                dimension_numbers=numbers,
+            )
+            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
+            return jnp.sum(y * weights)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))
+
+    got = loss(cnn.patch_conv)(x, kernel)
+    expected = loss(jax.lax.conv_general_dilated)(x, kernel)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize(
     ("shape", "window"),
     [
         ((2, 8, 8, 3), (2, 2)),
