@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -242,7 +243,16 @@ def test_use_compilation_cache_respects_the_environment(monkeypatch, tmp_path):
     try:
         jax.config.update("jax_compilation_cache_dir", None)
         monkeypatch.setenv("CGMQ_CACHE_DIR", str(tmp_path))
-        assert parallel.use_compilation_cache() == str(tmp_path / "xla")
+        cpus = parallel.usable_cpus()
+        assert parallel.use_compilation_cache() == str(tmp_path / "xla" / f"cpus-{cpus}")
+        if hasattr(os, "sched_setaffinity") and cpus > 1:  # a pinned process: its own cache
+            everything = os.sched_getaffinity(0)
+            jax.config.update("jax_compilation_cache_dir", None)
+            try:
+                os.sched_setaffinity(0, {min(everything)})
+                assert parallel.use_compilation_cache() == str(tmp_path / "xla" / "cpus-1")
+            finally:
+                os.sched_setaffinity(0, everything)
         jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
         assert parallel.use_compilation_cache() == str(tmp_path / "mine")  # kept
         jax.config.update("jax_enable_compilation_cache", False)

@@ -47,21 +47,37 @@ def data_parallel_mesh(devices: int = 1) -> Mesh:
     return Mesh(np.asarray(chosen), ("batch",))
 
 
+def usable_cpus() -> int:
+    """The number of CPUs this process may run on (its affinity: ``taskset`` narrows it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def use_compilation_cache() -> str | None:
-    """Turn on JAX's persistent compilation cache in ``<data cache>/xla`` (``$CGMQ_CACHE_DIR``,
-    else ``~/.cache/cgmq_jax``), so that a run after the first loads its compiled steps
-    instead of compiling them (LeNet-5's QAT step: about 13 s to compile on a 2-core CPU;
-    docs/performance.md). What a cached step computes is what a compiled one does. The
-    scripts call it first; ``JAX_COMPILATION_CACHE_DIR`` (another directory) or
-    ``JAX_ENABLE_COMPILATION_CACHE=false`` (off) in the environment take precedence.
-    Returns the directory, or ``None`` when the cache is off.
+    """Turn on JAX's persistent compilation cache in ``<data cache>/xla/cpus-N``
+    (``$CGMQ_CACHE_DIR``, else ``~/.cache/cgmq_jax``; ``N`` = :func:`usable_cpus`), so that
+    a run after the first loads its compiled steps instead of compiling them (LeNet-5's QAT
+    step: about 13 s to compile on a 2-core CPU; docs/performance.md). What a cached step
+    computes is what a compiled one does.
+
+    One directory per CPU count: XLA:CPU splits a program's loops for the threads it has
+    when it compiles, and JAX's cache key does not hold that number, so a step compiled in
+    a process pinned to one core (``taskset -c 0``) and loaded by one with two ran on one
+    thread: LeNet-5's cgmq step 4,200 samples/s against 9,200 compiled afresh, and
+    ``make demo`` 155-172 s against 84-91 s (docs/performance.md).
+
+    The scripts call it first; ``JAX_COMPILATION_CACHE_DIR`` (another directory, used as
+    given) or ``JAX_ENABLE_COMPILATION_CACHE=false`` (off) in the environment take
+    precedence. Returns the directory, or ``None`` when the cache is off.
     """
     from cgmq_jax.data import default_cache_dir
 
     if not jax.config.jax_enable_compilation_cache:
         return None
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.fspath(default_cache_dir() / "xla"))
+        directory = default_cache_dir() / "xla" / f"cpus-{usable_cpus()}"
+        jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
     return jax.config.jax_compilation_cache_dir
 
 
