@@ -10,13 +10,10 @@ a ``DeprecationWarning`` naming their module.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import jax
 import jax.numpy as jnp
 
-from cgmq_jax import cost, repair
+from cgmq_jax import _deprecated, cost, repair
 from cgmq_jax import limits as _limits
 
 #: Names that moved out of this module: ``{name: its module}``.
@@ -38,15 +35,7 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(
-            f"cgmq_jax.certify.{name} is deprecated: use {_MOVED[name]}.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'cgmq_jax.certify' has no attribute {name!r}")
+__getattr__ = _deprecated.moved("cgmq_jax.certify", _MOVED)
 
 
 def cost_report(

@@ -6,9 +6,7 @@ quantizer parameters, made exact for the integer BOP cost (docs/method.md sectio
 
 from __future__ import annotations
 
-import importlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -17,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cgmq_jax import _deprecated, quantizer
 from cgmq_jax import admission as admission_rules
 from cgmq_jax import cost as cost_module
-from cgmq_jax import quantizer
 
 #: The optax chains built on the constraint moved to :mod:`cgmq_jax.optimizers`; the old
 #: names still resolve there, with a warning.
@@ -28,15 +26,7 @@ _MOVED = dict.fromkeys(
 )
 
 
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(
-            f"cgmq_jax.constraint.{name} is deprecated: use {_MOVED[name]}.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'cgmq_jax.constraint' has no attribute {name!r}")
+__getattr__ = _deprecated.moved("cgmq_jax.constraint", _MOVED)
 
 DEFAULT_RESCALE = 1.5
 # Smallest CGGD scale s while infeasible, in log2 units (the step is at least rescale * s,
