@@ -342,7 +342,9 @@ def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
 #: that learning the image quantizer needs (``benchmarks/train_step.py``: LeNet-5's QAT
 #: step 1.59x faster; with the depthwise running sum of :func:`patch_conv` the DS-CNN's
 #: QAT step ran at 600 samples/s against its float step's 323, which keeps XLA's
-#: convolution, in one loaded 5-round run: docs/performance.md).
+#: convolution, in one loaded 5-round run: docs/performance.md). One input channel into
+#: few filters takes a banded matrix product there (``conv.BANDED_MAX_FILTERS``: LeNet-5's
+#: cgmq step 1.36x as fast again).
 #: Quantized operands are codes times powers of two, so both compute the same exact sums:
 #: the forward pass does not change by a bit.
 PATCH_CONV_MAX_CHANNELS = 1

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgmq_jax import cost, quantizer
+from cgmq_jax import conv, cost, quantizer
 from cgmq_jax import nn as cnn
 
 # (Conv keyword arguments, input shape with batch, MACs per example counted by hand:
@@ -376,6 +376,48 @@ def test_depthwise_patch_conv_gradients_are_those_of_lax(shape, strides, padding
     got = loss(cnn.patch_conv)(x, kernel)
     expected = loss(jax.lax.conv_general_dilated)(x, kernel)
     for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize(
+    ("shape", "strides", "padding", "dilation"),
+    [
+        ((2, 9, 8, 1), (1, 1), "VALID", (1, 1)),
+        ((2, 9, 8, 1), (2, 3), "SAME", (1, 2)),
+        ((2, 9, 8, 1), (1, 2), ((-1, 1), (2, 0)), (2, 1)),
+        ((2, 11, 1), (2,), ((2, 1),), (2,)),  # 1-D
+        ((1, 5, 6, 7, 1), (2, 1, 2), "SAME", (1, 1, 2)),  # 3-D
+    ],
+)
+def test_one_channel_banded_conv_and_its_gradients_are_those_of_lax(
+    shape, strides, padding, dilation, monkeypatch
+):
+    """One input channel into few filters runs as a banded matrix product
+    (``conv._banded_conv``): with integer values every sum is exact, so its output and
+    both gradients equal XLA's convolution's exactly, in 1-3 spatial axes."""
+    rng = np.random.default_rng(4)
+    rank = len(shape) - 2
+    x = jnp.asarray(rng.integers(-3, 4, shape), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-3, 4, (*(3,) * (rank - 1), 2, 1, 4)), jnp.float32)
+    spec = "".join("DHW"[3 - rank :])
+    numbers = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
+    banded, band = [], conv._banded_conv
+    monkeypatch.setattr(conv, "_banded_conv", lambda *args: banded.append(1) or band(*args))
+
+    def run(convolve):
+        def f(x, kernel):
+            y = convolve(
+                x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=numbers
+            )
+            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
+            return jnp.sum(y * weights), y
+
+        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
+
+    (got_grads, got), (grads, expected) = run(cnn.patch_conv), run(jax.lax.conv_general_dilated)
+    assert banded, "the one-channel convolution did not take the banded product"
+    np.testing.assert_array_equal(got, expected)
+    for g, e in zip(got_grads, grads, strict=True):
         np.testing.assert_array_equal(g, e)
 
 
