@@ -165,7 +165,10 @@ def _banded_conv(x, kernel, strides, dilation, precision):
     for tap, j in itertools.product(range(size), range(out)):
         band[tap, j * step + tap * gap, j] = 1
     taps = jnp.reshape(kernel, (-1, size, kernel.shape[-1]))  # (other offsets, tap, filter)
-    matrix = jnp.einsum("osf,siw->oiwf", taps, band.astype(kernel.dtype), precision=precision)
+    # Each entry is one tap times 1 (plus zeros): exact at the highest precision, on any
+    # backend (TPUs and GPUs round f32 operands of a default-precision product).
+    highest = jax.lax.Precision.HIGHEST
+    matrix = jnp.einsum("osf,siw->oiwf", taps, band.astype(kernel.dtype), precision=highest)
     lead = x.ndim - 3  # the spatial axes before the last
     columns = _columns(
         x, (*kernel.shape[:lead], 1), (*dilation[:lead], 1), (*strides[:lead], 1)
