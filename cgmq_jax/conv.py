@@ -131,12 +131,12 @@ def patch_conv(
 
 #: A convolution of one input channel into at most ``BANDED_MAX_FILTERS`` filters, whose
 #: (padded) input rows are at most ``BANDED_MAX_WIDTH`` wide, runs as a banded matrix
-#: product (:func:`_banded_conv`) instead of over its patches. Forward and backward, batch
-#: 128, 28 wide (``benchmarks``-style timing, 5x5 kernel unless said): 6 filters 1.52x as
-#: fast (LeNet-5's conv1: its whole cgmq step 1.36x), 8 filters 3x3 1.04x, 16 filters
-#: 1.05x; 32 filters: LeNet-5/BB's whole step 0.95x; 6 filters 56 wide 1.25x, 112 wide
+#: product (:func:`_banded_conv`) instead of over its patches. Timed alone, forward and
+#: both gradients, batch 128, 28 wide, 5x5 kernel unless said: 6 filters 1.52x as fast
+#: (LeNet-5's conv1; its whole cgmq step 1.36x), 8 filters (3x3) 1.04x, 16 filters 1.05x,
+#: 6 filters 56 wide 1.25x, 112 wide 0.95x; with 32 filters ``lenet5_bb``'s whole step ran
 #: 0.95x. The banded product multiplies width / kernel width times as often; with few
-#: filters the patches' bytes cost more than that.
+#: filters the patches' bytes cost more than that (docs/performance.md).
 BANDED_MAX_FILTERS = 8
 BANDED_MAX_WIDTH = 64
 
