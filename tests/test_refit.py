@@ -171,3 +171,69 @@ def test_the_runs_input_refit_refits_exactly_the_inputs_that_lost_bits(
         if path[0].key != layer or path[1].key != "input_quantizer":
             got = refitted[path[0].key][path[1].key]
             np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
+
+
+def test_the_input_refit_read_a_step_late_gives_the_states_of_checking_every_step(
+    lenet, calibration_batch, monkeypatch
+):
+    """``fit`` reads whether a step lost an input bit only after dispatching the next step
+    on its unchecked state, and runs that step again from the refitted state when it did:
+    the losses and the settled state equal those of checking after every step, bit for
+    bit, here with bits falling at three of seven steps (two in a row, and the last)."""
+    from types import SimpleNamespace
+
+    import flax
+
+    from cgmq_jax.runs import fit
+
+    model, specs, params = lenet["model"], lenet["specs"], lenet["params8"]
+    first, last = specs[0].path[0], specs[-1].path[0]
+
+    @flax.struct.dataclass
+    class State:
+        params: dict
+        step: jax.Array
+
+    @jax.jit
+    def train_step(state, x, y):  # moves a kernel; quarters an input's levels at steps 1, 2, 6
+        p = jax.tree.map(lambda v: v, state.params)
+        p[first] = {**p[first], "kernel": p[first]["kernel"] * (1 + 0.01 * jnp.mean(x))}
+        drop = jnp.isin(state.step, jnp.array([1, 2, 6])).astype(jnp.float32)
+        theta = p[last]["input_quantizer"]
+        p[last] = {**p[last], "input_quantizer": theta.at[0].add(2 * drop)}
+        return State(p, state.step + 1), jnp.sum(p[first]["kernel"]) + jnp.sum(theta) + y
+
+    input_bits, refit = fit._input_refit(setup := SimpleNamespace(
+        specs=specs, model=model, placement=SimpleNamespace(replicate=lambda tree: tree)
+    ), calibration_batch[: fit.REFIT_EXAMPLES])
+    made, refits, reference_refits = fit._input_refit, [], []
+
+    def counted(setup, images):
+        bits, fitted = made(setup, images)
+        return bits, lambda *args: refits.append(1) or fitted(*args)
+
+    monkeypatch.setattr(fit, "_input_refit", counted)
+    step = fit._with_input_refit(setup, SimpleNamespace(calibration=calibration_batch), train_step)
+
+    def checked(state, x, y):  # the reference: read every step's bits before the next
+        before = input_bits(state.params)
+        state, loss = train_step(state, x, y)
+        lost = np.asarray(input_bits(state.params)) < np.asarray(before)
+        if lost.any():
+            reference_refits.append(1)
+            state = state.replace(params=refit(state.params, lost))
+        return state, loss
+
+    batches = [(calibration_batch[i : i + 2], jnp.float32(i)) for i in range(7)]
+    late = reference = State(params, jnp.int32(0))
+    late_losses, reference_losses = [], []
+    for x, y in batches:
+        late, loss = step(late, x, y)
+        late_losses.append(float(loss))
+        reference, loss = checked(reference, x, y)
+        reference_losses.append(float(loss))
+    late = step.settle(late)
+    assert late_losses == reference_losses
+    for a, b in zip(jax.tree.leaves(late.params), jax.tree.leaves(reference.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(refits) == len(reference_refits) == 3  # two of them one after the other
