@@ -224,10 +224,8 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
             setup.qat_epochs,
         )
     accuracy_fn = make_accuracy(model)
-    refits = phase == "qat" and setup.config.method == "cgmq" and setup.config.refits
-    refits = refits and _learns_inputs(setup)
-    train_step = make_train_step(model, loss_fn, placement=setup.placement, donate=not refits)
-    if refits:
+    train_step = make_train_step(model, loss_fn, placement=setup.placement, donate=True)
+    if phase == "qat" and setup.config.method == "cgmq" and setup.config.refits:
         train_step = _with_input_refit(setup, run, train_step)
     first = run.progress.epoch
     for epoch in range(first, epochs.stop):
@@ -289,11 +287,6 @@ def _input_refit(setup: _Setup, images):
     return input_bits, refit
 
 
-def _learns_inputs(setup: _Setup) -> bool:
-    """Whether some layer's input quantizer has learned bits (the input refit's subject)."""
-    return any(s.quantized and s.input_bits is None for s in setup.specs)
-
-
 def _with_input_refit(setup: _Setup, run: _Run, train_step):
     """``train_step`` followed, when it left a layer's input quantizer with fewer bits, by
     that quantizer's least-squares range at its new bit-width on :data:`REFIT_EXAMPLES`
@@ -301,40 +294,23 @@ def _with_input_refit(setup: _Setup, run: _Run, train_step):
     update (``constrained_update(refit_weight_ranges=True)``). A function of the state and
     the calibration batch alone, so a resumed run refits as the uninterrupted one did.
 
-    The refit is a separate jitted call, made only on the steps where a bit fell: inside
-    the step, under ``lax.cond``, the step ran at half the speed on XLA:CPU
-    (docs/performance.md). Whether a step lost a bit is read only after the next step is
-    dispatched on its unchecked state, so the host never waits between steps; when it did
-    lose one, that next step is dropped and run again from the refitted state: the same
-    states as checking before each step, bit for bit. ``train_step`` must not donate its
-    state (the dropped step's input is used again). ``step.settle(state)`` applies the last
-    step's check; the training loop calls it before it hands the state on.
+    The refit is a separate jitted call, made only on the steps where a bit fell (the
+    check costs one host sync per step): inside the step, under ``lax.cond``, the step ran
+    at half the speed on XLA:CPU (docs/performance.md).
     """
+    if not any(s.quantized and s.input_bits is None for s in setup.specs):
+        return train_step
     input_bits, refit = _input_refit(setup, jnp.asarray(run.calibration[:REFIT_EXAMPLES]))
-    unread = []  # the last step's input bits (before, after), not read yet
-
-    def refitted(state, before, after):
-        """``state`` with the quantizers that lost a bit refitted, or None if none did."""
-        lost = np.asarray(after) < np.asarray(before)
-        if not lost.any():
-            return None
-        params = refit(parallel.local_copy(state.params), lost)
-        return setup.placement.replicate(state.replace(params=params))
 
     def step(state, x, y):
-        before = unread[0][1] if unread else input_bits(state.params)  # a refit keeps bits
-        new, loss = train_step(state, x, y)
-        if unread and (fixed := refitted(state, *unread.pop())) is not None:
-            state = fixed  # the step that made ``state`` lost a bit: this one runs again
-            new, loss = train_step(state, x, y)
-        unread.append((before, input_bits(new.params)))
-        return new, loss
+        before = input_bits(state.params)  # dispatched, read after the step: one sync
+        state, loss = train_step(state, x, y)
+        lost = np.asarray(input_bits(state.params)) < np.asarray(before)
+        if lost.any():
+            params = refit(parallel.local_copy(state.params), lost)
+            state = setup.placement.replicate(state.replace(params=params))
+        return state, loss
 
-    def settle(state):
-        fixed = refitted(state, *unread.pop()) if unread else None
-        return state if fixed is None else fixed
-
-    step.settle = settle
     return step
 
 

@@ -242,10 +242,7 @@ def _train_epoch(
     After each step ``should_stop()`` is asked; if true, the state so far is saved with
     ``save(state, progress)`` (mid-epoch) and :class:`Interrupted` is raised. With
     ``first``, the first step (which compiles the step) is timed as ``timings["compile"]``.
-    A ``train_step`` with a ``settle(state)`` method (``fit``'s input refit) gets the state
-    settled before it is saved or returned.
     """
-    settle = getattr(train_step, "settle", lambda state: state)
     config = setup.config
     order = batches(*split, config.batch_size, seed=config.seed, epoch=progress.epoch)
     order = itertools.islice(order, progress.step, None)
@@ -273,9 +270,9 @@ def _train_epoch(
             bar.close()
             progress.step = i
             progress.losses += [float(v) for v in parallel.local_copy(losses)]
-            saved = save(settle(state), progress)
+            saved = save(state, progress)
             raise Interrupted(f"{_epoch_name(setup, progress)}, batch {i}", saved)
-    return settle(state), progress.losses + [float(v) for v in parallel.local_copy(losses)]
+    return state, progress.losses + [float(v) for v in parallel.local_copy(losses)]
 
 
 def _check_finite(setup: _Setup, progress: _Progress, losses: list[float], params) -> None:
