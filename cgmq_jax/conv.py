@@ -119,7 +119,7 @@ def patch_conv(
     x = x[(slice(None), *(slice(lo, size - hi) for lo, hi, size in crop))]
     if depthwise:
         return _depthwise_sum(x, kernel, strides, dilation)
-    if x.shape[-1] == 1 and kernel_size[-1] > 1 and _banded_pays(x.shape[-2], kernel.shape[-1]):
+    if _banded_pays(x, kernel):
         return _banded_conv(x, kernel, strides, dilation, precision)
     patches = jnp.concatenate(_columns(x, kernel_size, dilation, strides), axis=-1)
     # One matrix product over the flattened positions: XLA:CPU's dot of a 4-D array was
@@ -141,9 +141,17 @@ BANDED_MAX_FILTERS = 8
 BANDED_MAX_WIDTH = 64
 
 
-def _banded_pays(width: int, filters: int) -> bool:
-    """Whether :func:`_banded_conv` computes a one-channel convolution (see above)."""
-    return width <= BANDED_MAX_WIDTH and filters <= BANDED_MAX_FILTERS
+def _banded_pays(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether :func:`_banded_conv` computes this convolution of the padded ``x`` (see
+    above): one input channel, a kernel wider than 1, few filters, narrow rows."""
+    *_, width, channels = x.shape
+    filters, kernel_width = kernel.shape[-1], kernel.shape[-3]
+    return (
+        channels == 1
+        and kernel_width > 1
+        and width <= BANDED_MAX_WIDTH
+        and filters <= BANDED_MAX_FILTERS
+    )
 
 
 def _banded_conv(x, kernel, strides, dilation, precision):
