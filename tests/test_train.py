@@ -167,6 +167,8 @@ def test_cli_writes_results(finished_run, tiny_mnist):
     assert results["certificate"]["within_budget"] and results["bops"] <= 2e6
     assert results["flags"]["budget_bops"] == 2e6 and results["seed"] == 0
     assert results["versions"]["jax"]
+    # the XLA options it ran with (they change a run's last bits): the suite's own
+    assert results["versions"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
     assert (out / "training.png").stat().st_size > 0
     params = report.load_params(out)
     specs = cost.layer_specs(models.LeNet5(), tiny_mnist.train[0][:1])

@@ -20,13 +20,15 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy")
 
 
 def package_versions() -> dict[str, str]:
-    """Python's and the :data:`PACKAGES`' versions (``"not installed"`` where missing)."""
+    """Python's and the :data:`PACKAGES`' versions (``"not installed"`` where missing), and
+    the ``XLA_FLAGS`` the process ran with (XLA's options change the last bits of a run)."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    versions["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     return versions
 
 
