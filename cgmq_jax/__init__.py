@@ -20,6 +20,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "calibration",
     "certify",
     "constraint",
     "cost",
@@ -52,7 +53,7 @@ _NAMES = {
     "QuantDense": "nn",
     "QuantConv": "nn",
     "QuantOptions": "nn",
-    "init_quantizers": "nn",
+    "init_quantizers": "calibration",
     "QuantRule": "rules",
     "quantize_model": "rules",
     "bitwidth": "quantizer",

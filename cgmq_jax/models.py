@@ -11,7 +11,7 @@ Every model has a ``quantized`` field: ``False`` is the float network that is pr
 with BatchNorm (``DSCNN``) has it only in its float network; :func:`fold_batchnorm` folds
 each BatchNorm into the layer before it, so the quantized network has no BatchNorm and its
 quantized weights are the folded ones. :func:`folded` is the float network with BatchNorm
-folded away (the model that :func:`cgmq_jax.nn.init_quantizers` calibrates).
+folded away (the model that :func:`cgmq_jax.calibration.init_quantizers` calibrates).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Its :class:`cgmq_jax.cost.LayerSpec` paths index the model's ``nnx.State``, so
 :func:`cgmq_jax.constraint.constrained_update` work on NNX models unchanged.
 
 One name for linen and NNX: :func:`cgmq_jax.cost.layer_specs` and
-:func:`cgmq_jax.nn.init_quantizers` take an NNX module too and call :func:`layer_specs` /
+:func:`cgmq_jax.calibration.init_quantizers` take an NNX module too and call :func:`layer_specs` /
 :func:`calibrate` here; :func:`cgmq_jax.rules.quantize_model` turns the plain
 ``nnx.Linear`` / ``nnx.Conv`` layers of an unmodified NNX model into these layers; and
 :func:`cgmq_jax.graph.trace` (so :func:`cgmq_jax.lowering.export`) traces an NNX model, its

@@ -21,7 +21,7 @@ from cgmq_jax import quantizer
 if TYPE_CHECKING:
     from cgmq_jax.nn import QuantOptions
 
-#: The linen collection :func:`cgmq_jax.nn.init_quantizers`'s float pass sows facts into.
+#: The linen collection :func:`cgmq_jax.calibration.init_quantizers`'s float pass sows facts into.
 CALIBRATION = "calibration"
 
 
@@ -126,8 +126,9 @@ def weight_range(kernel: jax.Array, per_channel: bool) -> jax.Array:
 def _observe_inputs(module, options: QuantOptions, x: jax.Array) -> None:
     """Checks and calibration facts of the layer's input, when parameters are being made.
 
-    The facts are sown into the ``calibration`` collection by :func:`cgmq_jax.nn.init_quantizers`'s
-    float pass (``apply(..., mutable=["calibration"])``), not by ``init``.
+    The facts are sown into the ``calibration`` collection by
+    :func:`cgmq_jax.calibration.init_quantizers`'s float pass
+    (``apply(..., mutable=["calibration"])``), not by ``init``.
     """
     observing = module.is_mutable_collection(CALIBRATION) and not module.is_initializing()
     if options.input_signed is False and (observing or module.is_initializing()):

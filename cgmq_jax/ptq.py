@@ -2,7 +2,7 @@
 float network's bits allocated by measured sensitivity, without quantization-aware training.
 
 From a calibrated network (every learned quantizer at 8 bits,
-:func:`cgmq_jax.nn.init_quantizers`), :func:`allocate` removes one bit at a time, each
+:func:`cgmq_jax.calibration.init_quantizers`), :func:`allocate` removes one bit at a time, each
 time the one whose loss increase per unit of cost freed is smallest, until every limit
 holds; then it gives back, one at a time, the bits that still fit and lower the loss most
 per unit of cost. The loss is measured, not estimated: a candidate is the network with that
@@ -291,7 +291,7 @@ def allocate(
     :data:`RANGE_SHIFTS`. Weights, biases and pinned quantizers are not changed.
 
     Args:
-      params: the calibrated quantized parameters (:func:`cgmq_jax.nn.init_quantizers`,
+      params: the calibrated quantized parameters (:func:`cgmq_jax.calibration.init_quantizers`,
         8 bits by default); each learned quantizer keeps its ``q_max`` as its range, and no
         quantizer gets more bits than it has here.
       specs: the layer specs (:func:`cgmq_jax.cost.layer_specs`).
@@ -315,12 +315,12 @@ def allocate(
 
     Examples:
       >>> import jax, optax
-      >>> from cgmq_jax import certify, cost, models, nn, ptq
+      >>> from cgmq_jax import calibration, certify, cost, models, ptq
       >>> model = models.MLP(hidden=(8,), num_classes=3)
       >>> x = jax.random.uniform(jax.random.key(0), (64, 4, 4, 1))  # images in [0, 1)
       >>> y = jax.numpy.arange(64) % 3
       >>> float_params = model.clone(quantized=False).init(jax.random.key(1), x)["params"]
-      >>> params = nn.init_quantizers(model, float_params, x)  # 8 bits everywhere
+      >>> params = calibration.init_quantizers(model, float_params, x)  # 8 bits everywhere
       >>> specs = cost.layer_specs(model, x, params=params)
       >>> def loss(p):
       ...     logits = model.apply({"params": p}, x)

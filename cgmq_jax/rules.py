@@ -6,7 +6,7 @@ a plain ``flax.linen.Dense`` or ``flax.linen.Conv`` inside it is intercepted
 :func:`cgmq_jax.nn.conv_forward` in the layer's own scope, with the options of the first
 :class:`QuantRule` whose ``module_path`` matches the layer's path. So the parameter tree
 keeps the model's names (``nn.share_scope``: no wrapper level), the float checkpoint loads
-(its ``kernel`` and ``bias`` are the same leaves; :func:`cgmq_jax.nn.init_quantizers` adds
+(its ``kernel`` and ``bias`` are the same leaves; :func:`cgmq_jax.calibration.init_quantizers` adds
 the quantizer leaves), and the layers quantize input and kernel exactly as
 :class:`cgmq_jax.nn.QuantDense` / ``QuantConv`` do.
 
@@ -79,7 +79,7 @@ class QuantizedModel(nn.Module):
     """An unmodified linen model whose ``Dense`` / ``Conv`` layers quantize by ``rules``.
 
     Made by :func:`quantize_model`; a model with a ``quantized`` switch like those of
-    :mod:`cgmq_jax.models`, so :func:`cgmq_jax.nn.init_quantizers`,
+    :mod:`cgmq_jax.models`, so :func:`cgmq_jax.calibration.init_quantizers`,
     :func:`cgmq_jax.cost.layer_specs` and :func:`cgmq_jax.train.fit`'s steps take it.
     ``quantized=False`` is the original float model (same parameters, no quantizers).
 
@@ -87,7 +87,7 @@ class QuantizedModel(nn.Module):
     with ``quantized=True`` (or ``batch_norm=False``) every ``nn.BatchNorm`` right after a
     ``Dense`` / ``Conv`` is folded into that layer (the BatchNorm computes nothing, the
     layer gets a ``bias`` if it had none), so the quantizers quantize the folded weights and
-    the export sees no BatchNorm. :func:`cgmq_jax.nn.init_quantizers` given the float
+    the export sees no BatchNorm. :func:`cgmq_jax.calibration.init_quantizers` given the float
     variables ``{"params": ..., "batch_stats": ...}`` folds them
     (:func:`cgmq_jax.models.fold_batchnorm`). A BatchNorm after anything else is an error
     naming it.
@@ -231,7 +231,7 @@ def quantize_model(
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> from cgmq_jax import cost, nn as qnn, rules
+      >>> from cgmq_jax import calibration, cost, rules
       >>> class Net(nn.Module):
       ...     @nn.compact
       ...     def __call__(self, x):
@@ -241,7 +241,7 @@ def quantize_model(
       >>> float_params = Net().init(jax.random.key(0), x)["params"]
       >>> pin_image = rules.QuantRule(module_path="conv1", input_bits=8, input_signed=False)
       >>> model = rules.quantize_model(Net(), [pin_image, rules.QuantRule()])
-      >>> params = qnn.init_quantizers(model, float_params, x)
+      >>> params = calibration.init_quantizers(model, float_params, x)
       >>> sorted(params["conv1"])
       ['bias', 'input_quantizer', 'kernel', 'weight_quantizer']
       >>> specs = cost.layer_specs(model, x, params=params)

@@ -18,7 +18,7 @@ layer's weight/input bits, and the validation accuracy after each epoch: CGMQ un
 with ranges of least squared error at the start (``--least_squares_init``) and/or
 refitted where bits are lost (``--refit``: ``weights`` by the optimizer,
 ``constraint.constrained_update(refit_weight_ranges=True)``; ``inputs`` after each step
-that lost an input bit, ``nn.refit_ranges`` on 512 calibration images). The trainer does
+that lost an input bit, ``calibration.refit_ranges`` on 512 calibration images). The trainer does
 both with ``experiments/mnist.py --refit_ranges``.
 """
 
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     if args.qat:
         return _qat(args)
 
-    from cgmq_jax import data, models, nn
+    from cgmq_jax import data, models
+    from cgmq_jax.calibration import init_quantizers
     from cgmq_jax.runs import train
 
     dataset = data.load(args.dataset)
@@ -91,13 +92,13 @@ def main(argv=None) -> int:
     model = models.folded(models.get_model("dscnn"))
     accuracy = train.make_accuracy(model)
     for bits_w, bits_a in UNIFORM_BITS:
-        params = nn.init_quantizers(model, folded, images, input_bits=bits_a, weight_bits=bits_w)
+        params = init_quantizers(model, folded, images, input_bits=bits_a, weight_bits=bits_w)
         print(
             f"  W{bits_w}A{bits_a}: validation "
             f"{100 * accuracy(params, *dataset.validation):.2f}% (no QAT)"
         )
     for bits_a in (8, 2):
-        params = nn.init_quantizers(model, folded, images, input_bits=bits_a, weight_bits=2)
+        params = init_quantizers(model, folded, images, input_bits=bits_a, weight_bits=2)
         for layer in params.values():
             layer["weight_quantizer"] = _least_squares_two_bits(np.asarray(layer["kernel"]))
         print(
@@ -138,7 +139,8 @@ def _qat(args) -> int:
 
     import flax
 
-    from cgmq_jax import cost, data, nn, quantizer
+    from cgmq_jax import cost, data, quantizer
+    from cgmq_jax.calibration import refit_ranges
     from cgmq_jax.runs import setup as run_setup
     from cgmq_jax.runs import steps, train
 
@@ -169,7 +171,7 @@ def _qat(args) -> int:
             _, q_max = quantizer.from_latents(layer[leaf])
             layer[leaf] = quantizer.latents(*quantizer.init_at_bits(q_max, b, signed=signed))
     if args.least_squares_init:
-        params = nn.refit_ranges(model, params, calibration[:512])
+        params = refit_ranges(model, params, calibration[:512])
     state = state.replace(params=params)
     step = steps.make_train_step(model, run_setup._qat_loss(setup))
     accuracy = steps.make_accuracy(model)
@@ -201,7 +203,7 @@ def _qat(args) -> int:
                     if b < a
                 ]
                 if lost:
-                    refitted = nn.refit_ranges(
+                    refitted = refit_ranges(
                         model, state.params, calibration[:512], weights=False, layers=lost
                     )
                     state = state.replace(params=refitted)

@@ -38,6 +38,7 @@ CORE = (
     "cgmq_jax",
     "cgmq_jax.quantizer",
     "cgmq_jax.nn",
+    "cgmq_jax.calibration",
     "cgmq_jax.nnx",
     "cgmq_jax.rules",
     "cgmq_jax.rules_nnx",

@@ -130,3 +130,18 @@ def test_the_quantizer_options_are_declared_once():
     assert rule.options == qnn.QuantOptions(input_bits=8, per_channel=True)
     layer = qnn.QuantDense(3, weight_bits=4)
     assert qnn.options_of(layer) == qnn.QuantOptions(weight_bits=4)
+
+
+def test_the_calibration_functions_keep_their_old_homes():
+    """:mod:`cgmq_jax.calibration` holds them; ``cgmq_jax.nn`` and the package still give
+    the very same functions (nothing is copied), and an unknown name is still an error."""
+    import cgmq_jax
+    from cgmq_jax import calibration
+    from cgmq_jax.nn import refit_ranges  # a from-import goes through nn's __getattr__
+
+    for name in ("init_quantizers", "layer_inputs", "refit_ranges", "strip_quantizers"):
+        assert getattr(qnn, name) is getattr(calibration, name)
+    assert refit_ranges is calibration.refit_ranges
+    assert cgmq_jax.init_quantizers is calibration.init_quantizers
+    with pytest.raises(AttributeError, match="no attribute 'refit'"):
+        qnn.refit  # noqa: B018

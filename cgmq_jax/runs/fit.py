@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgmq_jax import certify, cost, data, nn, repair, trades
+from cgmq_jax import calibration, certify, cost, data, repair, trades
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import FitResult, TrainConfig
 from cgmq_jax.runs.fill import _fill, _tune_weights
@@ -268,7 +268,7 @@ def _input_refit(setup: _Setup, images):
     """``(input_bits, refit)``, both jitted: ``input_bits(params)``, the exact bits of every
     learned input quantizer; ``refit(params, lost)``, ``params`` with the quantizers where
     ``lost`` (a boolean per learned input quantizer) refitted on ``images``
-    (:func:`cgmq_jax.nn.refit_ranges`; same bits, so the same exact costs)."""
+    (:func:`cgmq_jax.calibration.refit_ranges`; same bits, so the same exact costs)."""
     learned = [s for s in setup.specs if s.quantized and s.input_bits is None]
     keys = [(*s.path, "input_quantizer") for s in learned]
 
@@ -278,7 +278,9 @@ def _input_refit(setup: _Setup, images):
 
     @jax.jit
     def refit(params, lost):
-        fitted = nn.refit_ranges(setup.model, params, images, weights=False, specs=setup.specs)
+        fitted = calibration.refit_ranges(
+            setup.model, params, images, weights=False, specs=setup.specs
+        )
         fitted, flat = (flax.traverse_util.flatten_dict(p) for p in (fitted, params))
         for i, key in enumerate(keys):
             flat[key] = jnp.where(lost[i], fitted[key], flat[key])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cgmq_jax import nn, ptq
+from cgmq_jax import calibration, ptq
 from cgmq_jax.runs.setup import _Setup
 
 #: The allocation's loss is measured on this many of the calibration images (the first of
@@ -91,7 +91,7 @@ def _calibrate(setup: _Setup, variables: dict, images) -> dict:
 
     @jax.jit
     def calibrate(float_params, images):
-        return nn.init_quantizers(
+        return calibration.init_quantizers(
             setup.model, float_params, images, input_bits=bits, weight_bits=bits
         )
 

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from cgmq_jax import cost, data, models, nn, optimizers, quantizer
+from cgmq_jax import cost, data, models, optimizers, quantizer
+from cgmq_jax.calibration import init_quantizers
 from cgmq_jax.limits import InfeasibleBudgetError, check_budget
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import TrainConfig
@@ -206,7 +207,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     """Quantizers at ``init_bits`` (fixed: ``bits_w`` / ``bits_a``), the method's optimizer.
 
     ``variables`` are the float network's; BatchNorm, if any, is folded into the layers
-    before it first (by :func:`cgmq_jax.nn.init_quantizers`, given the variables with
+    before it first (by :func:`cgmq_jax.calibration.init_quantizers`, given the variables with
     their ``batch_stats``: the public way a user's own model takes too), so the quantizers
     are calibrated on, and quantize, the folded weights.
     """
@@ -216,7 +217,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     else:
         bits = {"input_bits": config.init_bits, "weight_bits": config.init_bits}
     float_params = variables if "batch_stats" in variables else variables["params"]
-    params = nn.init_quantizers(setup.model, float_params, calibration, **bits)
+    params = init_quantizers(setup.model, float_params, calibration, **bits)
     steps = max(len(setup.qat_epochs) * setup.steps_per_epoch, 1)
     learning_rate = optax.cosine_decay_schedule(config.lr, steps)
     quantizer_lr = config.quantizer_lr
