@@ -22,9 +22,9 @@ Where the pieces live: the operand quantization the linen and NNX layers share i
 :mod:`cgmq_jax.conv`, the quantizers' calibration (``init_quantizers``, ``refit_ranges``,
 ``layer_inputs``, ``strip_quantizers``) in :mod:`cgmq_jax.calibration`; this module
 re-exports their public names, so ``cgmq_jax.nn`` is still the one place to import the
-layers' API from. The six quantizer options are
-declared once, as :class:`QuantOptions`' fields: the layers' keyword-only fields and
-:class:`cgmq_jax.rules.QuantRule` derive from them.
+layers' API from. The six quantizer options are declared once, as :class:`QuantOptions`'
+fields: the layers' keyword-only fields and :class:`cgmq_jax.rules.QuantRule` derive
+from them.
 """
 
 from __future__ import annotations
@@ -450,3 +450,7 @@ def __getattr__(name: str):
 
         return getattr(calibration, name)
     raise AttributeError(f"module 'cgmq_jax.nn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted((*globals(), *_CALIBRATION))

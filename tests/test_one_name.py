@@ -143,5 +143,6 @@ def test_the_calibration_functions_keep_their_old_homes():
         assert getattr(qnn, name) is getattr(calibration, name)
     assert refit_ranges is calibration.refit_ranges
     assert cgmq_jax.init_quantizers is calibration.init_quantizers
+    assert "refit_ranges" in dir(qnn)
     with pytest.raises(AttributeError, match="no attribute 'refit'"):
         qnn.refit  # noqa: B018
