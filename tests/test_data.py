@@ -629,6 +629,11 @@ def test_cifar_md5_mismatch_and_missing_file(tmp_path, cifar_u8):
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
     assert "MD5 c58f30108f718f92721af3b95e74349a" in message and "--data_dir" in message
     assert not (tmp_path / "c" / cifar.CACHE_NAME).exists()
+    # The default source ("auto") with data_dir naming the tarball (or its directory) reads
+    # that tarball, as --data_dir promises, rather than looking in the cache directory.
+    for given in (tarball, tarball.parent):
+        with pytest.raises(DataError, match="has MD5"):
+            data.load("cifar10", data_dir=given, cache_dir=tmp_path / "c", verbose=False)
 
 
 def test_cifar_malicious_batch_refused(tmp_path, cifar_u8):

@@ -75,6 +75,19 @@ def info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
+
+def _holds_tarball(source: str, data_dir) -> bool:
+    """Whether ``data_dir`` is (or holds) the tarball the ``"tarball"`` source reads: then
+    ``source="auto"`` falling back to it reads that one (``--data_dir`` names either)."""
+    if source != "tarball" or data_dir is None:
+        return False
+    try:
+        cifar.find_tarball(data_dir)
+    except DataError:
+        return False
+    return True
+
+
 def load(
     name: str = "mnist",
     source: str = "auto",
@@ -119,7 +132,7 @@ def load(
         reason = tfds_io.choose(tfds_io.data_dir(data_dir), dataset.tfds)
         source = dataset.offline_source if reason else "tfds"
         reason = reason or f"prepared TFDS {dataset.tfds.name}/{dataset.tfds.version} found"
-        if source != "tfds":
+        if source != "tfds" and not _holds_tarball(source, data_dir):
             data_dir = None  # it named the TFDS directory
     if source == "tfds":
         loaded = tfds_io.load(dataset.tfds, data_dir, download=download)
