@@ -42,6 +42,7 @@ from cgmq_jax import quantizer
 from cgmq_jax.conv import (  # noqa: F401  (re-exported: cgmq_jax.nn is their public home)
     conv_dimension_numbers,
     conv_geometry,
+    depthwise_conv,
     max_pool,
     patch_conv,
 )
@@ -330,9 +331,11 @@ def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
     if getattr(module, "conv_general_dilated_cls", None) is not None:
         return module.conv_general_dilated_cls()
     conv = getattr(module, "conv_general_dilated", None) or jax.lax.conv_general_dilated
-    if options.quantize and conv is jax.lax.conv_general_dilated:
-        if _patches_pay(module, x, geometry):
+    if conv is jax.lax.conv_general_dilated:
+        if options.quantize and _patches_pay(module, x, geometry):
             return patch_conv
+        if not options.quantize and _float_depthwise(module, x, geometry):
+            return depthwise_conv
     return conv
 
 
@@ -364,6 +367,20 @@ def _patches_pay(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
     few_channels = channels // groups <= PATCH_CONV_MAX_CHANNELS and (groups == 1 or depthwise)
     return (few_channels or (pointwise and PATCH_CONV_POINTWISE)) and all(
         d == 1 for d in geometry["input_dilation"]
+    )
+
+
+def _float_depthwise(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
+    """Whether a float convolution is a float32 depthwise one without input dilation,
+    which :func:`cgmq_jax.conv.depthwise_conv` computes: XLA's forward pass, bit for bit,
+    and the running sum's backward pass (the float DS-CNN's train step 1.95x as fast,
+    docs/performance.md). Other float layers keep the module's own convolution."""
+    groups, channels = module.feature_group_count, x.shape[-1]
+    features = getattr(module, "features", None) or module.out_features  # linen / NNX
+    return (
+        groups == channels == features > 1
+        and x.dtype == jnp.float32
+        and all(d == 1 for d in geometry["input_dilation"])
     )
 
 

@@ -346,10 +346,15 @@ def test_depthwise_patch_conv_matches_lax_and_the_quantized_layer(strides, paddi
         ((1, 5, 6, 4, 2), (2, 1, 1), "SAME", (1, 1, 1)),  # 3-D
     ],
 )
-def test_depthwise_patch_conv_gradients_are_those_of_lax(shape, strides, padding, dilation):
-    """The depthwise running sum has its own backward pass (``conv._depthwise_sum``): with
-    integer values every sum is exact, so its gradients equal XLA's convolution's exactly,
-    for any strides, padding (negative crops) and kernel dilation, in 1-3 spatial axes."""
+@pytest.mark.parametrize("function", ["patch_conv", "depthwise_conv"])
+def test_depthwise_patch_conv_gradients_are_those_of_lax(
+    shape, strides, padding, dilation, function
+):
+    """The depthwise running sum has its own backward pass (``conv._depthwise_sum``), and
+    so has the float layers' depthwise convolution (``conv.depthwise_conv``: XLA's forward
+    pass): with integer values every sum is exact, so their gradients equal XLA's
+    convolution's exactly, for any strides, padding (negative crops) and kernel dilation,
+    in 1-3 spatial axes. ``depthwise_conv``'s forward pass is XLA's, for any values."""
     rng = np.random.default_rng(3)
     channels, rank = shape[-1], len(shape) - 2
     x = jnp.asarray(rng.integers(-3, 4, shape), jnp.float32)
@@ -373,10 +378,60 @@ def test_depthwise_patch_conv_gradients_are_those_of_lax(shape, strides, padding
 
         return jax.jit(jax.grad(f, argnums=(0, 1)))
 
-    got = loss(cnn.patch_conv)(x, kernel)
+    got = loss(getattr(conv, function))(x, kernel)
     expected = loss(jax.lax.conv_general_dilated)(x, kernel)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
+    if function == "depthwise_conv":
+        noise = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        args = (strides, padding)
+        options = {"rhs_dilation": dilation, "feature_group_count": channels}
+        np.testing.assert_array_equal(
+            conv.depthwise_conv(noise, kernel, *args, **options),
+            jax.lax.conv_general_dilated(
+                noise, kernel, *args, dimension_numbers=numbers, **options
+            ),
+        )
+
+
+def test_float_depthwise_layer_is_flax_with_the_running_sums_gradient():
+    """A float32 depthwise ``QuantConv(quantize=False)`` computes with
+    ``conv.depthwise_conv``: Flax's output bit for bit for any values, and with integer
+    values Flax's gradients exactly (the sums are exact in any order). bfloat16 keeps
+    Flax's own convolution and gradient, and so does a grouped one that is not depthwise."""
+    kwargs = {"features": 6, "kernel_size": (3, 3), "strides": 2, "feature_group_count": 6}
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 7, 7, 6)), jnp.float32)
+    reference = nn.Conv(**kwargs)
+    params = reference.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda p: jnp.asarray(rng.integers(-3, 4, p.shape), p.dtype), params)
+    ours = cnn.QuantConv(**kwargs, quantize=False)
+
+    def grads(layer, x):
+        return jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) ** 2), (0, 1))(
+            params, x
+        )
+
+    for got, expected in zip(
+        jax.tree.leaves(grads(ours, x)), jax.tree.leaves(grads(reference, x)), strict=True
+    ):
+        np.testing.assert_array_equal(got, expected)
+    noise = _inputs(x.shape, seed=6)
+    np.testing.assert_array_equal(
+        ours.apply({"params": params}, noise), reference.apply({"params": params}, noise)
+    )
+
+    def takes_running_sum(layer, x):
+        own = layer.init(jax.random.key(0), x)["params"]
+        loss = lambda p: jnp.sum(layer.apply({"params": p}, x).astype(jnp.float32))  # noqa: E731
+        return "custom_vjp" in str(jax.make_jaxpr(jax.grad(loss))(own))
+
+    assert takes_running_sum(ours, x)
+    assert not takes_running_sum(cnn.QuantConv(**kwargs, quantize=False, dtype=jnp.bfloat16), x)
+    grouped = dict(kwargs, features=6, feature_group_count=3)
+    assert not takes_running_sum(cnn.QuantConv(**grouped, quantize=False), x)
+    with pytest.raises(ValueError, match="depthwise"):
+        conv.depthwise_conv(x, jnp.ones((3, 3, 2, 6)), (1, 1), "SAME", feature_group_count=3)
 
 
 @pytest.mark.parametrize(
