@@ -322,7 +322,9 @@ def _conv_kernel(module: nn.Conv, kernel_size, in_features: int) -> jax.Array:
 
 
 def convolution(module, options: QuantOptions, x: jax.Array, geometry: dict):
-    """The layer's ``conv_general_dilated``: its own, else :func:`patch_conv` where it pays.
+    """The layer's ``conv_general_dilated``: its own, else :func:`patch_conv` where it pays
+    (quantized layers), or :func:`depthwise_conv` (a float32 depthwise layer: the same
+    forward pass, a faster gradient).
 
     One rule for the linen and the NNX convolutions (``module`` is either), so that both
     compute, and differentiate, the same program.
@@ -358,13 +360,20 @@ PATCH_CONV_MAX_CHANNELS = 1
 PATCH_CONV_POINTWISE = True
 
 
+def _depthwise(module: nn.Conv, x: jax.Array) -> bool:
+    """Whether the convolution is a depthwise one: one output channel per input channel."""
+    groups, channels = module.feature_group_count, x.shape[-1]
+    features = getattr(module, "features", None) or module.out_features  # linen / NNX
+    return groups == channels == features and groups > 1
+
+
 def _patches_pay(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
     """Whether :func:`patch_conv` computes this convolution (see the constants above)."""
     groups, channels = module.feature_group_count, x.shape[-1]
-    features = getattr(module, "features", None) or module.out_features  # linen / NNX
-    depthwise = groups == channels == features and groups > 1
     pointwise = groups == 1 and all(k == 1 for k in geometry["kernel_size"])
-    few_channels = channels // groups <= PATCH_CONV_MAX_CHANNELS and (groups == 1 or depthwise)
+    few_channels = channels // groups <= PATCH_CONV_MAX_CHANNELS and (
+        groups == 1 or _depthwise(module, x)
+    )
     return (few_channels or (pointwise and PATCH_CONV_POINTWISE)) and all(
         d == 1 for d in geometry["input_dilation"]
     )
@@ -375,10 +384,8 @@ def _float_depthwise(module: nn.Conv, x: jax.Array, geometry: dict) -> bool:
     which :func:`cgmq_jax.conv.depthwise_conv` computes: XLA's forward pass, bit for bit,
     and the running sum's backward pass (the float DS-CNN's train step 1.95x as fast,
     docs/performance.md). Other float layers keep the module's own convolution."""
-    groups, channels = module.feature_group_count, x.shape[-1]
-    features = getattr(module, "features", None) or module.out_features  # linen / NNX
     return (
-        groups == channels == features > 1
+        _depthwise(module, x)
         and x.dtype == jnp.float32
         and all(d == 1 for d in geometry["input_dilation"])
     )
@@ -421,8 +428,9 @@ class QuantConv(LinenOptions, nn.Conv):
     ``strides``; every padding form Flax accepts; ``input_dilation``, ``kernel_dilation``,
     ``feature_group_count``, ``mask``, ``dtype``, ``param_dtype``, ...), then the quantizer
     options as keyword-only fields, as in :class:`QuantDense`. With ``quantize=False`` it
-    computes exactly ``flax.linen.Conv`` with the same parameters. The input is quantized
-    before any padding (padded zeros are the code 0).
+    computes exactly ``flax.linen.Conv`` with the same parameters (a float32 depthwise one
+    differentiates with :func:`depthwise_conv`: the same gradients, summed in another
+    order). The input is quantized before any padding (padded zeros are the code 0).
 
     Attributes:
       features: the number of output channels.
