@@ -634,6 +634,12 @@ def test_cifar_md5_mismatch_and_missing_file(tmp_path, cifar_u8):
     for given in (tarball, tarball.parent):
         with pytest.raises(DataError, match="has MD5"):
             data.load("cifar10", data_dir=given, cache_dir=tmp_path / "c", verbose=False)
+    # A data_dir that does not exist is named as such, whatever the source (without
+    # download, nothing could create it).
+    for name, source in (("cifar10", "auto"), ("cifar10", "tarball"), ("mnist", "idx")):
+        with pytest.raises(DataError) as info:
+            data.load(name, source, data_dir=tmp_path / "nowhere", verbose=False)
+        assert f"data_dir {tmp_path / 'nowhere'} does not exist" in _one_line(info.value)
 
 
 def test_cifar_malicious_batch_refused(tmp_path, cifar_u8):

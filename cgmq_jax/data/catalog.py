@@ -127,6 +127,12 @@ def load(
             f"unknown {dataset.title} source {source!r}; choose one of "
             f"{', '.join(('auto', *dataset.sources))}"
         )
+    if data_dir is not None and not download and not Path(data_dir).exists():
+        raise DataError(
+            f"data_dir {data_dir} does not exist; pass the TFDS data directory, the IDX "
+            "directory or the tarball (or its directory) that exists, or leave data_dir "
+            "(--data_dir) out to use the default"
+        )
     reason = ""
     if source == "auto":
         reason = tfds_io.choose(tfds_io.data_dir(data_dir), dataset.tfds)
