@@ -49,7 +49,7 @@ demo: data
 # levers; PyTorch and Qwix if `make setup-peers` ran, ratios paired per round) and the
 # headline fit's time split and peak memory.
 bench: data
-	$(PY) benchmarks/train_step.py --models lenet5,lenet5_bb,dscnn --fit --json bench.json \
+	$(PY) benchmarks/train_step.py --models lenet5,lenet5_bb,dscnn --devices 1,2 --fit --json bench.json \
 		$(if $(wildcard $(PEERS)/bin/python),--peers_python $(PEERS)/bin/python)
 
 lint: setup

@@ -59,7 +59,9 @@ def _build(model: str, method: str, dataset, batch_size: int):
     from cgmq_jax import cost, models, nn
     from cgmq_jax.runs import train
 
-    variant = None
+    variant, devices = None, 1
+    if "@" in method:  # e.g. cgmq@2: data parallel over 2 devices (--devices)
+        method, devices = method.split("@")[0], int(method.split("@")[1])
     if ":" in method:
         method, variant = method.split(":")
     budget = None
@@ -67,7 +69,7 @@ def _build(model: str, method: str, dataset, batch_size: int):
         specs = train.check_config(train.TrainConfig(model=model, method="float"))
         budget = 2e6 * cost.float_bops(specs) / HEADLINE_FLOAT_BOPS
     config = train.TrainConfig(
-        model=model, method=method, budget_bops=budget, batch_size=batch_size
+        model=model, method=method, budget_bops=budget, batch_size=batch_size, devices=devices
     )
     saved = nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE, models.max_pool
     if variant in ("direct-conv", "no-levers"):
@@ -90,7 +92,7 @@ def _build(model: str, method: str, dataset, batch_size: int):
         jax.block_until_ready(loss)
     finally:
         nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE, models.max_pool = saved
-    return {"step": step, "state": state, "batches": batches}
+    return {"step": step, "state": state, "batches": batches, "wait": placement.synchronous}
 
 
 def _time(entry: dict, steps: int, batch_size: int) -> float:
@@ -100,6 +102,8 @@ def _time(entry: dict, steps: int, batch_size: int) -> float:
     start = time.perf_counter()
     for i in range(steps):
         state, loss = step(state, *batches[i % len(batches)])
+        if entry["wait"]:  # several devices of one CPU: as fit runs them (parallel.py)
+            jax.block_until_ready(loss)
     jax.block_until_ready((state, loss))
     entry["state"] = state
     return steps * batch_size / (time.perf_counter() - start)
@@ -216,7 +220,12 @@ def step_table(args) -> dict:
     from cgmq_jax import data
 
     dataset = data.load_mnist()
-    rows = [(m, method) for m in args.models for method in args.methods]
+    rows = [
+        (m, method + (f"@{n}" if n > 1 else ""))
+        for m in args.models
+        for n in args.devices
+        for method in args.methods
+    ]
     rows += [("lenet5", f"{m}:{v}") for v in args.variants for m in ("float", "cgmq")]
     started = _start_peers(args)  # they start and compile while ours compile
     entries, steps = {}, {}
@@ -294,11 +303,19 @@ RATIOS = (
 
 def _paired_ratios(args, samples: dict) -> dict:
     ratios = {}
+    pairs = list(RATIOS)
+    for n in (n for n in args.devices if n > 1):  # the split CPU (--devices)
+        pairs += [
+            (f"cgmq@{n}", "torch-qat", f"CGMQ QAT on {n} devices / PyTorch QAT (speed)"),
+            (f"cgmq@{n}", "qwix-int8", f"CGMQ QAT on {n} devices / Qwix int8 QAT (speed)"),
+            (f"float@{n}", "torch-float", f"our float on {n} devices / PyTorch float (speed)"),
+            (f"cgmq@{n}", "cgmq", f"CGMQ QAT on {n} devices / on 1 (speed)"),
+        ]
     for model in args.models:
-        for ours, theirs, label in RATIOS:
+        for ours, theirs, label in pairs:
             if (model, ours) in samples and (model, theirs) in samples:
-                pairs = zip(samples[model, ours], samples[model, theirs], strict=True)
-                ratios[model, label] = [a / b for a, b in pairs]
+                paired = zip(samples[model, ours], samples[model, theirs], strict=True)
+                ratios[model, label] = [a / b for a, b in paired]
     return ratios
 
 
@@ -353,6 +370,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument(
+        "--devices", default="1", help="comma-separated: time our steps on each (1,2 on 2 cores)"
+    )
+    parser.add_argument(
         "--peers_python", "--torch_python", default=None, help="a Python with torch and qwix"
     )
     parser.add_argument("--peers", default="torch,qwix", help="comma-separated, or ''")
@@ -363,6 +383,11 @@ def main(argv=None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
     args.peers = [p for p in args.peers.split(",") if p]
+    args.devices = [int(n) for n in args.devices.split(",") if n]
+    if max(args.devices) > 1:  # before anything computes; on a GPU it splits nothing
+        from cgmq_jax.runs import parallel
+
+        parallel.split_cpu(max(args.devices))
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")

@@ -187,7 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--devices",
         type=int,
         default=None,
-        help="data parallel over N devices (default 1; all of them with --coordinator)",
+        help="data parallel over N devices (default 1; all of them with --coordinator; "
+        "a CPU is split into N devices, up to one per core)",
     )
     p.add_argument(
         "--coordinator",
@@ -237,6 +238,8 @@ def main(argv=None) -> int:
             parallel.start_processes(args.coordinator, args.num_processes, args.process_id)
         except (ValueError, RuntimeError) as error:
             return _error(error, 2)
+    elif args.devices is not None and 1 < args.devices <= parallel.usable_cpus():
+        parallel.split_cpu(args.devices)  # a CPU: one device per core (an accelerator: no-op)
     flags = run_flags(args)
     if args.devices is None:
         import jax

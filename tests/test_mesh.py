@@ -190,6 +190,38 @@ def test_cli_refuses_more_devices_before_writing_anything(tmp_path, capsys):
     assert main(["--coordinator", "localhost:1", "--resume", "--out", str(tmp_path)]) == 2
 
 
+def test_cli_splits_the_cpu_into_the_devices_asked_for(tmp_path, capsys, monkeypatch):
+    import runpy
+
+    from cgmq_jax.runs import parallel
+
+    asked = []
+    monkeypatch.setattr(parallel, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(parallel, "split_cpu", lambda n: asked.append(n) or False)
+    main = runpy.run_path(str(ROOT / "experiments" / "mnist.py"))["main"]
+    # This process's backend is up (one device), so the split cannot happen here: the run
+    # stops with the mesh's message before writing anything.
+    assert main(["--devices", "2", "--out", str(tmp_path / "run")]) == 2
+    assert asked == [2] and "split_cpu(N)" in capsys.readouterr().err
+    assert main(["--devices", "3", "--out", str(tmp_path / "run")]) == 2
+    assert asked == [2], "more devices than usable CPUs: no split"
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_cpu_makes_devices_before_the_backend_starts_only():
+    script = textwrap.dedent(
+        """
+        import json
+        import jax
+        from cgmq_jax.runs import parallel
+        first = parallel.split_cpu(2)
+        count = jax.device_count()
+        print("RESULT" + json.dumps([first, count, parallel.split_cpu(3), jax.device_count()]))
+        """
+    )
+    assert _result(_python(script, {}), timeout=120) == [True, 2, False, 2]
+
+
 # jax.distributed.initialize comes before anything (cgmq_jax included) starts a backend.
 MULTIHOST = (
     textwrap.dedent(
