@@ -1,9 +1,10 @@
 """Data parallel training on a device mesh: 4 devices match 1 device, the certificate holds.
 
 The host CPU is split into 4 devices with ``XLA_FLAGS`` (which must be set before JAX
-starts, hence a subprocess). Throughput on such devices is not a speed claim: they share
-the same cores. Two processes with ``jax.distributed.initialize`` and CPU collectives
-(gloo) train the same run over a 2-process mesh.
+starts, hence a subprocess; ``parallel.split_cpu`` and ``--devices N`` do the same with
+``jax_num_cpu_devices``). Speed is measured in ``benchmarks/train_step.py``. Two
+processes with ``jax.distributed.initialize`` and CPU collectives (gloo) train the same
+run over a 2-process mesh.
 
 On several devices of one CPU, ``fit`` waits for each step before the next (XLA:CPU can
 otherwise stall in a collective, see ``parallel.steps_must_not_overlap``). Should a

@@ -127,11 +127,12 @@ def load(
             f"unknown {dataset.title} source {source!r}; choose one of "
             f"{', '.join(('auto', *dataset.sources))}"
         )
-    if data_dir is not None and not download and not Path(data_dir).exists():
+    given, missing = data_dir, data_dir is not None and not Path(data_dir).exists()
+    if missing and source in ("idx", "tarball"):
         raise DataError(
-            f"data_dir {data_dir} does not exist; pass the TFDS data directory, the IDX "
-            "directory or the tarball (or its directory) that exists, or leave data_dir "
-            "(--data_dir) out to use the default"
+            f"data_dir {data_dir} does not exist; pass the "
+            f"{'IDX directory' if source == 'idx' else 'tarball or its directory'} "
+            "(--data_dir)"
         )
     reason = ""
     if source == "auto":
@@ -140,21 +141,16 @@ def load(
         reason = reason or f"prepared TFDS {dataset.tfds.name}/{dataset.tfds.version} found"
         if source != "tfds" and not _holds_tarball(source, data_dir):
             data_dir = None  # it named the TFDS directory
-    if source == "tfds":
-        loaded = tfds_io.load(dataset.tfds, data_dir, download=download)
-        where = tfds_io.data_dir(data_dir)
-    elif source == "idx":
-        loaded, where = _load_idx(dataset, data_dir), data_dir
-    elif source == "bundled":
-        loaded, where = (
-            bundled.load_bundled(cache_dir, verbose=verbose),
-            bundled.cache_path(cache_dir),
-        )
-    elif source == "debian":
-        loaded, where = debian.load_debian(cache_dir, verbose=verbose), debian.cache_path(cache_dir)
-    else:
-        loaded = cifar.load_tarball(data_dir, cache_dir, verbose=verbose)
-        where = cifar.cache_path(cache_dir)
+    try:
+        loaded, where = _read(dataset, source, data_dir, cache_dir, download, verbose)
+    except DataError as error:
+        if not (missing and reason):
+            raise
+        # auto fell back from a data_dir that is not there: its error alone would not say so
+        raise DataError(
+            f"data_dir {given} does not exist, so no prepared TFDS copy is there, and the "
+            f"{source} source failed too: {error}"
+        ) from None
     if verbose:
         note = f" ({reason})" if reason else ""
         say(
@@ -185,6 +181,19 @@ def load_mnist(
         download=download,
         verbose=verbose,
     )
+
+
+def _read(dataset: DatasetInfo, source: str, data_dir, cache_dir, download: bool, verbose: bool):
+    """``(splits, where they came from)`` of one source."""
+    if source == "tfds":
+        return tfds_io.load(dataset.tfds, data_dir, download=download), tfds_io.data_dir(data_dir)
+    if source == "idx":
+        return _load_idx(dataset, data_dir), data_dir
+    if source == "bundled":
+        return bundled.load_bundled(cache_dir, verbose=verbose), bundled.cache_path(cache_dir)
+    if source == "debian":
+        return debian.load_debian(cache_dir, verbose=verbose), debian.cache_path(cache_dir)
+    return cifar.load_tarball(data_dir, cache_dir, verbose=verbose), cifar.cache_path(cache_dir)
 
 
 def _load_idx(dataset: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Dataset:
