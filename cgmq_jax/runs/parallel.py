@@ -56,8 +56,8 @@ def split_cpu(devices: int) -> bool:
     XLA:CPU runs many of a step's operations (its convolutions among them) on one thread,
     so on a 2-core machine one device leaves a core idle for much of a step; two devices
     each take half the batch. Measured on that machine, CGMQ's step on 2 devices against
-    1, paired in one process: ``lenet5_bb`` 1.2-1.3x, LeNet-5 about 1.15x, the DS-CNN
-    about 1.1x (docs/performance.md). The gradient is then the mean of the devices' means:
+    1, paired per round in one process: ``lenet5_bb`` 1.22x, the DS-CNN 1.07x, LeNet-5
+    0.99x (docs/performance.md). The gradient is then the mean of the devices' means:
     the same up to float rounding, so a run's trajectory is not the one-device run's.
 
     Uses ``jax.config.update("jax_num_cpu_devices", devices)``, which only takes effect
