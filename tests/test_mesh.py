@@ -203,7 +203,7 @@ def test_cli_splits_the_cpu_into_the_devices_asked_for(tmp_path, capsys, monkeyp
     # This process's backend is up (one device), so the split cannot happen here: the run
     # stops with the mesh's message before writing anything.
     assert main(["--devices", "2", "--out", str(tmp_path / "run")]) == 2
-    assert asked == [2] and "split_cpu(N)" in capsys.readouterr().err
+    assert asked == [2] and "cgmq_jax.runs.parallel.split_cpu(2)" in capsys.readouterr().err
     assert main(["--devices", "3", "--out", str(tmp_path / "run")]) == 2
     assert asked == [2], "more devices than usable CPUs: no split"
     assert not (tmp_path / "run").exists()

@@ -32,10 +32,11 @@ def data_parallel_mesh(devices: int = 1) -> Mesh:
         raise ValueError(
             f"--devices {devices}: only {len(available)} device(s) available "
             f"({available[0].platform}). On a CPU, split it into {devices} devices before "
-            "JAX computes anything: split_cpu(N) (jax.config.update('jax_num_cpu_devices', "
-            f"N) right after `import jax`), or XLA_FLAGS=--xla_force_host_platform_device_count"
-            f"={devices}; experiments/mnist.py --devices N does it for up to the "
-            f"{usable_cpus()} CPUs this process may use"
+            f"JAX computes anything: cgmq_jax.runs.parallel.split_cpu({devices}) right after "
+            f"`import jax` (jax.config.update('jax_num_cpu_devices', {devices})) or "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}; "
+            f"experiments/mnist.py --devices N does it for N up to the {usable_cpus()} CPUs "
+            "this process may use"
         )
     chosen = available[:devices]
     per_process = {}
