@@ -59,9 +59,8 @@ def _build(model: str, method: str, dataset, batch_size: int):
     from cgmq_jax import cost, models, nn
     from cgmq_jax.runs import train
 
-    variant, devices = None, 1
-    if "@" in method:  # e.g. cgmq@2: data parallel over 2 devices (--devices)
-        method, devices = method.split("@")[0], int(method.split("@")[1])
+    variant = None
+    method, _, devices = method.partition("@")  # cgmq@2: data parallel over 2 (--devices)
     if ":" in method:
         method, variant = method.split(":")
     budget = None
@@ -69,7 +68,11 @@ def _build(model: str, method: str, dataset, batch_size: int):
         specs = train.check_config(train.TrainConfig(model=model, method="float"))
         budget = 2e6 * cost.float_bops(specs) / HEADLINE_FLOAT_BOPS
     config = train.TrainConfig(
-        model=model, method=method, budget_bops=budget, batch_size=batch_size, devices=devices
+        model=model,
+        method=method,
+        budget_bops=budget,
+        batch_size=batch_size,
+        devices=int(devices or 1),
     )
     saved = nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE, models.max_pool
     if variant in ("direct-conv", "no-levers"):
