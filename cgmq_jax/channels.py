@@ -9,7 +9,7 @@ channel and a live one is live. So the channels of a layer's input that are exac
 known from the graph alone, and the next layer's MACs on them vanish too.
 
 :func:`input_sources` follows every element of every activation through the export's op
-graph (:func:`cgmq_jax.graph.ops`) back to the layer output channels it is computed from
+graph (:func:`cgmq_jax.opgraph.ops`) back to the layer output channels it is computed from
 (a set; ``ALWAYS`` for the network input and for anything a constant makes nonzero), and
 gives each layer, per channel of its input's last axis, the union over positions.
 :func:`liveness` turns the weight quantizers' live channels into each layer's live inputs
@@ -138,7 +138,7 @@ def input_sources(traced: graph_mod.Graph) -> tuple[tuple[tuple[int, ...], ...],
             out = np.concatenate([tensors[i] for i in op.inputs], axis=op.attrs["axis"])
         elif op.op == "reshape":
             out = np.reshape(x, op.attrs["shape"])
-        else:  # pragma: no cover  (graph.ops emits only the kinds above)
+        else:  # pragma: no cover  (opgraph.ops emits only the kinds above)
             raise graph_mod.UnsupportedOp(f"pruning cannot follow channels through {op.op!r}")
         tensors.append(out)
     missing = [layer.name for i, layer in enumerate(traced.layers) if i not in found]

@@ -12,7 +12,7 @@ emitter see an ordinary network whose recount from shapes is the pruned cost
 (:func:`cgmq_jax.cost.exact_costs`): nothing of :mod:`cgmq_jax.export` changes.
 
 :func:`plan` follows the stored channels of every tensor through the export's op graph
-(:func:`cgmq_jax.graph.ops`): a layer's output stores its live channels, ReLU / clip /
+(:func:`cgmq_jax.opgraph.ops`): a layer's output stores its live channels, ReLU / clip /
 division / pooling over positions keep their input's, a flatten keeps the live features,
 a concatenation along channels joins them. An op that would need a channel an operand
 does not store (a residual add of differently pruned tensors, a pooling window over
@@ -233,7 +233,7 @@ def _follow(params: Any, traced: Any, ops: list, live: list) -> Plan:
             shape = tuple(int(n) for n in op.attrs["shape"])
             s = _reshaped(x, s, shape, where)
             op = dataclasses.replace(op, attrs={**op.attrs, "shape": _compact(shape, s)})
-        else:  # pragma: no cover  (graph.ops emits only the kinds above)
+        else:  # pragma: no cover  (opgraph.ops emits only the kinds above)
             raise ValueError(f"{where}: the export of a pruned network cannot follow it")
         full.append(shape)
         stored.append(s)

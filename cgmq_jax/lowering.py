@@ -1,7 +1,7 @@
 """The lowering: a Flax model and its parameters -> a ``cgmq-int-npz`` file (needs JAX).
 
 :func:`export` traces the model once (:func:`cgmq_jax.graph.trace`, the trace the cost
-uses), reads its op graph (:func:`cgmq_jax.graph.ops`), turns every quantizer into a
+uses), reads its op graph (:func:`cgmq_jax.opgraph.ops`), turns every quantizer into a
 power-of-two step and a level count with the trainer's own functions, rounds the kernels
 to their integer codes and the float biases to integers (the one float-to-integer step),
 and writes the file with :func:`cgmq_jax.export.format.save` (which validates it first).
@@ -9,12 +9,13 @@ and writes the file with :func:`cgmq_jax.export.format.save` (which validates it
 re-derivation, and :func:`compare_with_model` runs the file next to the JAX fake-quant
 model. A pruned model's file holds its live channels only (:mod:`cgmq_jax.compaction`).
 
-This is library core: it imports :mod:`cgmq_jax.graph`, :mod:`cgmq_jax.cost`,
-:mod:`cgmq_jax.compaction`, :mod:`cgmq_jax.nn`, :mod:`cgmq_jax.quantizer` and the
-numpy-only :mod:`cgmq_jax.export`, never the run harness. Exporting a trainer's run directory is
-:mod:`cgmq_jax.runs.export_run`. (``cgmq_jax.export.writer`` is a deprecated alias of
-this module.) It runs a little over 600 lines: :func:`export` documents both bias schemes
-in full, and the input checks name the user's mistake.
+This is library core: it imports :mod:`cgmq_jax.graph`, :mod:`cgmq_jax.opgraph`,
+:mod:`cgmq_jax.cost`, :mod:`cgmq_jax.compaction`, :mod:`cgmq_jax.nn`,
+:mod:`cgmq_jax.quantizer` and the numpy-only :mod:`cgmq_jax.export`, never the run
+harness. Exporting a trainer's run directory is :mod:`cgmq_jax.runs.export_run`.
+(``cgmq_jax.export.writer`` is a deprecated alias of this module.) It runs a little over
+600 lines: :func:`export` documents both bias schemes in full, and the input checks name
+the user's mistake.
 """
 
 from __future__ import annotations
@@ -391,7 +392,7 @@ def build(
     import jax
     import jax.numpy as jnp
 
-    from cgmq_jax import compaction, graph
+    from cgmq_jax import compaction, graph, opgraph
 
     if bias_scheme not in BIAS_SCHEMES:
         raise ValueError(f"bias_scheme must be one of {BIAS_SCHEMES}, got {bias_scheme!r}")
@@ -399,7 +400,7 @@ def build(
     _check_finite(params)
     sample = jax.ShapeDtypeStruct((graph.TRACE_BATCH, *input_shape), jnp.float32)
     traced = _trace(model, sample, params, input_shape, call_kwargs)
-    ops, output = graph.ops(traced)
+    ops, output = opgraph.ops(traced)
     cuts = compaction.plan(model, params, traced, ops, sample, call_kwargs)  # None: no pruning
     ops = ops if cuts is None else cuts.ops
     facts = {

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgmq_jax import cost, graph, models, quantizer
+from cgmq_jax import cost, graph, models, opgraph, quantizer
 from cgmq_jax.export import count_bops, load, run_integer, writer
 from cgmq_jax.nn import QuantConv, QuantDense
 from cgmq_jax.rules import QuantRule, quantize_model
@@ -449,11 +449,11 @@ class Refused(nn.Module):
 )
 @pytest.mark.slow  # compiles whole training steps or many programs
 def test_unsupported_ops_are_refused(tmp_path, kind, fragments):
-    """``graph.ops`` and ``export`` raise a ValueError naming the primitive and the module."""
+    """``opgraph.ops`` and ``export`` raise a ValueError naming the primitive and the module."""
     model = Refused(kind)
     sample = jax.ShapeDtypeStruct((1, 6), jnp.float32)
     with pytest.raises(graph.UnsupportedOp) as info:
-        graph.ops(graph.trace(model, sample))
+        opgraph.ops(graph.trace(model, sample))
     assert isinstance(info.value, ValueError)
     for fragment in fragments:
         assert re.search(fragment, str(info.value)), str(info.value)
@@ -463,6 +463,14 @@ def test_unsupported_ops_are_refused(tmp_path, kind, fragments):
     for fragment in fragments:
         assert re.search(fragment, str(info.value)), str(info.value)
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_op_graph_names_still_reachable_from_graph():
+    """The op graph moved to ``cgmq_jax.opgraph``; ``graph.ops`` / ``graph.Op`` still work."""
+    assert graph.ops is opgraph.ops
+    assert graph.Op is opgraph.Op
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        graph.nothing  # noqa: B018
 
 
 class PaddedConv(nn.Module):
@@ -517,7 +525,7 @@ def test_library_models_trace_cost_and_op_graph():
         ], name
         assert sum(layer.macs for layer in traced.layers) == LIBRARY_MACS[name]
         assert all(layer.quantized for layer in traced.layers)
-        ops, output = graph.ops(traced)
+        ops, output = opgraph.ops(traced)
         assert [op.op for op in ops] == LIBRARY_OPS[name], name
         assert output == len(ops)  # the last op's tensor: the logits
         assert [op.layer for op in ops if op.layer is not None] == list(range(len(specs)))
