@@ -394,6 +394,34 @@ def test_depthwise_patch_conv_gradients_are_those_of_lax(
         )
 
 
+@pytest.mark.parametrize("function", ["patch_conv", "depthwise_conv"])
+@pytest.mark.parametrize("first", [np.inf, np.nan, 2.0])
+def test_depthwise_running_sums_with_a_non_finite_tap_are_those_of_lax(function, first):
+    """The running sums are computed under a ``lax.cond`` on whether the kernel's first
+    entry is finite, with the same function in both branches (``conv._computed_once``):
+    either branch gives XLA's convolution's values and gradients, infinities and NaNs
+    where it has them."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-3, 4, (2, 7, 6, 3)), jnp.float32)
+    kernel = np.asarray(rng.integers(-3, 4, (3, 3, 1, 3)), np.float32)
+    kernel[0, 0, 0, 0] = first
+    kernel = jnp.asarray(kernel)
+    options = {"feature_group_count": 3, "dimension_numbers": ("NHWC", "HWIO", "NHWC")}
+
+    def run(conv_fn):
+        def f(x, kernel):
+            y = conv_fn(x, kernel, (2, 1), "SAME", **options)
+            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 3 - 1.0
+            return jnp.sum(y * weights), y
+
+        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
+
+    (got_x, got_k), got_y = run(getattr(conv, function))
+    (want_x, want_k), want_y = run(jax.lax.conv_general_dilated)
+    for got, want in ((got_y, want_y), (got_x, want_x), (got_k, want_k)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_float_depthwise_layer_is_flax_with_the_running_sums_gradient():
     """A float32 depthwise ``QuantConv(quantize=False)`` computes with
     ``conv.depthwise_conv``: Flax's output bit for bit for any values, and with integer
