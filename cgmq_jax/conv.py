@@ -320,13 +320,15 @@ def _computed_once(fn, x, kernel):
     """``fn(x, kernel)`` (a depthwise running sum), computed once for all its consumers.
 
     XLA:CPU fuses an elementwise computation into each of its consumers and computes it
-    again in each: the DS-CNN's nine-tap sums were computed two or three times a step (the
+    again in each: the DS-CNN's forward nine-tap sums were computed three times a step (the
     next layer's quantizer, forward, and its backward masks). A conditional's result is
     written out, and its consumers read it: both branches here are ``fn``, so the
     predicate (whether the kernel's first entry is finite, which XLA cannot know when it
-    compiles) chooses nothing, and the result is ``fn(x, kernel)`` bit for bit. The
-    DS-CNN's cgmq step 1.17x as fast (docs/performance.md). An ``optimization_barrier``
-    does not do this: XLA:CPU removes barriers before it fuses.
+    compiles) chooses nothing. The forward sums only: their products are exact (quantized
+    operands), so the result is the fused one's bit for bit; the input gradient's sums
+    (float gradients times taps) came out rounded differently under the conditional, so
+    they stay as they were. The DS-CNN's cgmq step 1.09x as fast (docs/performance.md).
+    An ``optimization_barrier`` does not do this: XLA:CPU removes barriers before it fuses.
     """
     if kernel.size == 0:
         return fn(x, kernel)
@@ -361,18 +363,14 @@ def _depthwise_bwd(strides, dilation, saved, g):
         for r, size, length, s in zip(reach, x.shape[1:-1], spread, strides, strict=True)
     ]
     padded = jax.lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *config, (0, 0, 0)])
-
-    def running_sum(padded, kernel):
-        taps = jnp.reshape(kernel, (-1, *(1,) * (x.ndim - 1), kernel.shape[-1]))
-        terms = []
-        offsets = itertools.product(*(range(k) for k in kernel_size))
-        for tap, offset in zip(taps, offsets, strict=True):
-            start = [r - o * d for r, o, d in zip(reach, offset, dilation, strict=True)]
-            window = tuple(slice(b, b + n) for b, n in zip(start, x.shape[1:-1], strict=True))
-            terms.append(padded[(slice(None), *window, slice(None))] * tap)
-        return functools.reduce(operator.add, terms)
-
-    x_grad = _computed_once(running_sum, padded, kernel)
+    taps = jnp.reshape(kernel, (-1, *(1,) * (x.ndim - 1), kernel.shape[-1]))
+    terms = []
+    offsets = itertools.product(*(range(k) for k in kernel_size))
+    for tap, offset in zip(taps, offsets, strict=True):
+        start = [r - o * d for r, o, d in zip(reach, offset, dilation, strict=True)]
+        window = tuple(slice(b, b + size) for b, size in zip(start, x.shape[1:-1], strict=True))
+        terms.append(padded[(slice(None), *window, slice(None))] * tap)
+    x_grad = functools.reduce(operator.add, terms)
     return x_grad, jnp.reshape(taps_grad, kernel.shape)
 
 

@@ -397,10 +397,10 @@ def test_depthwise_patch_conv_gradients_are_those_of_lax(
 @pytest.mark.parametrize("function", ["patch_conv", "depthwise_conv"])
 @pytest.mark.parametrize("first", [np.inf, np.nan, 2.0])
 def test_depthwise_running_sums_with_a_non_finite_tap_are_those_of_lax(function, first):
-    """The running sums are computed under a ``lax.cond`` on whether the kernel's first
-    entry is finite, with the same function in both branches (``conv._computed_once``):
-    either branch gives XLA's convolution's values and gradients, infinities and NaNs
-    where it has them."""
+    """The forward running sums are computed under a ``lax.cond`` on whether the kernel's
+    first entry is finite, with the same function in both branches
+    (``conv._computed_once``): either branch gives XLA's convolution's values and
+    gradients, infinities and NaNs where it has them."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.integers(-3, 4, (2, 7, 6, 3)), jnp.float32)
     kernel = np.asarray(rng.integers(-3, 4, (3, 3, 1, 3)), np.float32)
