@@ -92,17 +92,17 @@ def plan(model: Any, params: Any, traced: Any, ops: list, sample: Any, call_kwar
 def constants(model: Any, params: Any, sample: Any, found) -> dict[str, np.ndarray]:
     """Per layer name, the value its quantized input holds at each channel that is not
     live (0 at the live ones), read off the model itself on a zero input
-    (:func:`cgmq_jax.lowering.layer_inputs`: the layers' own quantizers).
+    (:func:`cgmq_jax.model_check.layer_inputs`: the layers' own quantizers).
 
     Raises:
       ValueError: a channel counted as not live whose value is not one constant (it
         would not fold into the layer's bias).
     """
-    from cgmq_jax import lowering
+    from cgmq_jax import model_check
 
     specs, live = found
     zeros = np.zeros((1, *sample.shape[1:]), np.float32)
-    codes = lowering.layer_inputs(model, params, zeros)
+    codes = model_check.layer_inputs(model, params, zeros)
     out = {}
     for spec, (live_in, _) in zip(specs, live, strict=True):
         live_in = np.asarray(live_in, bool).reshape(-1)

@@ -6,22 +6,23 @@ power-of-two step and a level count with the trainer's own functions, rounds the
 to their integer codes and the float biases to integers (the one float-to-integer step),
 and writes the file with :func:`cgmq_jax.export.format.save` (which validates it first).
 :func:`build` is the same without the file, :func:`differences` compares a file with a
-re-derivation, and :func:`compare_with_model` runs the file next to the JAX fake-quant
-model. A pruned model's file holds its live channels only (:mod:`cgmq_jax.compaction`).
+re-derivation. A pruned model's file holds its live channels only
+(:mod:`cgmq_jax.compaction`). Running the file next to the JAX fake-quant model
+(:func:`cgmq_jax.model_check.compare_with_model`, :func:`cgmq_jax.model_check.layer_inputs`)
+is :mod:`cgmq_jax.model_check`'s; both names still resolve here.
 
 This is library core: it imports :mod:`cgmq_jax.graph`, :mod:`cgmq_jax.opgraph`,
 :mod:`cgmq_jax.cost`, :mod:`cgmq_jax.compaction`, :mod:`cgmq_jax.nn`,
-:mod:`cgmq_jax.quantizer` and the numpy-only :mod:`cgmq_jax.export`, never the run
-harness. Exporting a trainer's run directory is :mod:`cgmq_jax.runs.export_run`.
-(``cgmq_jax.export.writer`` is a deprecated alias of this module.) It runs a little over
-600 lines: :func:`export` documents both bias schemes in full, and the input checks name
-the user's mistake.
+:mod:`cgmq_jax.quantizer`, :mod:`cgmq_jax.model_check` and the numpy-only
+:mod:`cgmq_jax.export`, never the run harness. Exporting a trainer's run directory is
+:mod:`cgmq_jax.runs.export_run`. (``cgmq_jax.export.writer`` is a deprecated alias of this
+module.) It runs a little over 550 lines: :func:`export` documents both bias schemes in
+full, and the input checks name the user's mistake.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -31,20 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from cgmq_jax.export import engine
 from cgmq_jax.export.diff import INFORMATIVE, differences  # noqa: F401  (the lowering's names)
 from cgmq_jax.export.format import (
     BIAS_BITS,
     LAYER_OPS,
     PIXEL_EXPONENT,
-    IntegerModel,
     LayerRow,
     bits_for_levels,
     int_dtype_for_bits,
-    load,
     save,
     signed_bits,
 )
+from cgmq_jax.model_check import compare_with_model, layer_inputs  # noqa: F401  (re-exported)
 
 #: How the float bias becomes an integer (see :func:`export`): ``"odd"`` (default) or
 #: ``"accumulator"`` (round half to even at the accumulator scale).
@@ -553,128 +552,4 @@ def _graph_header(ops, output: int, layers: list, input_shape, input_exponent: i
         "bias_scheme": None,
         "macs": sum(row.macs for row in rows),
         "bops": sum(row.bops for row in rows),
-    }
-
-
-@functools.cache
-def _jitted_forward():
-    """``jit(model, params, x) -> (logits, {layer: Q(x)})``, built once (needs JAX).
-
-    ``Q(x)`` is each quantized layer's input as its quantizer computed it (a multiple of
-    its power-of-two step), reported by the layer itself (:func:`cgmq_jax.nn.record_layers`).
-    """
-    import jax
-
-    from cgmq_jax import nn as qnn
-
-    def forward(model, params, x):
-        with qnn.record_layers() as records:
-            logits = model.apply({"params": params}, x)
-        quantized = {
-            "/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None
-        }
-        return logits, quantized
-
-    return jax.jit(forward, static_argnums=0)
-
-
-def _nnx_forward(model, params, x):
-    """:func:`_jitted_forward`'s ``(logits, {layer: Q(x)})`` for an NNX model, eagerly."""
-    from cgmq_jax import nn as qnn
-    from cgmq_jax import nnx as cnnx
-
-    model = cnnx.with_state(model, params)
-    with qnn.record_layers() as records, cnnx.reporting_paths(model):
-        logits = model(x)
-    codes = {"/".join(r.path): r.quantized_input for r in records if r.quantized_input is not None}
-    return logits, codes
-
-
-def layer_inputs(model: Any, params: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-    """``{layer name: Q(x)}``: each quantized layer's input as its own quantizer computes
-    it, on the batch ``x``, as :func:`compare_with_model` intercepts them (a linen model
-    with its ``params``; an NNX module holds its own state, ``params`` is not read)."""
-    import jax.numpy as jnp
-
-    from cgmq_jax import nn as qnn
-
-    if qnn.is_nnx_module(model):
-        _, codes = _nnx_forward(model, None, jnp.asarray(x))
-    else:
-        _, codes = _jitted_forward()(model, params, jnp.asarray(x))
-    return {name: np.asarray(value) for name, value in codes.items()}
-
-
-def compare_with_model(
-    path: str | os.PathLike | IntegerModel,
-    params: Any,
-    model: Any,
-    images: np.ndarray,
-    *,
-    batch_size: int = 1000,
-) -> dict:
-    """Run the file's integer inference and the JAX fake-quant model side by side (needs JAX).
-
-    Args:
-      path: the exported file (or a loaded :class:`IntegerModel`).
-      params: the quantized parameters it was exported from (an NNX model: ``None``, or
-        an ``nnx.State`` of it).
-      model: the Flax model (linen or NNX).
-      images: float inputs, exact multiples of ``2**header["input"]["exponent"]``
-        (MNIST: ``uint8 / 256``); the integer side gets them as integers at that exponent.
-      batch_size: examples per batch.
-
-    Returns:
-      ``{"examples", "agree", "int_predictions", "jax_predictions", "code_mismatches":
-      {layer: [mismatching codes, total codes, max |difference|]}, "max_logit_difference"}``:
-      the layer input codes are those the JAX model's quantizers produce (intercepted),
-      compared with the integer engine's; the logit difference is in float units.
-    """
-    import jax.numpy as jnp
-
-    exported = path if isinstance(path, IntegerModel) else load(path)
-    header = exported.header
-    exponent, divisor = header["input"]["exponent"], header["output"]["divisor"]
-    from cgmq_jax import nn as qnn
-
-    forward = _nnx_forward if qnn.is_nnx_module(model) else _jitted_forward()
-    images = np.asarray(images)
-    scaled = images.astype(np.float64) * 2.0**-exponent
-    integers = np.round(scaled)
-    if not np.array_equal(integers, scaled):
-        raise ValueError(f"inputs are not exact multiples of 2**{exponent}")
-    integers = integers.astype(np.int64)
-    names = {layer["name"]: i for i, layer in enumerate(exported.layers)}
-    from cgmq_jax import compaction
-
-    spread = compaction.Spread(lambda: _model_and_params(model, params), header["input"]["shape"])
-    int_pred, jax_pred, mismatches, max_logit = [], [], {}, 0.0
-    for start in range(0, len(images), batch_size):
-        stop = start + batch_size
-        logits, codes = forward(model, params, jnp.asarray(images[start:stop]))
-        logits = np.asarray(logits, np.float64)
-        int_logits, out_exp, int_codes = engine.run_integer(
-            exported, integers[start:stop], return_codes=True
-        )
-        jax_pred.append(np.argmax(logits, -1))
-        int_pred.append(np.argmax(int_logits, -1))
-        scaled_logits = int_logits.astype(np.float64) * 2.0**out_exp / divisor
-        max_logit = max(max_logit, float(np.max(np.abs(scaled_logits - logits), initial=0.0)))
-        for name, ours in int_codes.items():
-            step = 2.0 ** exported.layers[names[name]]["input_exponent"]
-            ours = spread(name, ours, np.size(codes[name]), step)  # a pruned model's file
-            theirs = np.asarray(codes[name], np.float64).reshape(ours.shape) / step
-            theirs = np.round(theirs).astype(np.int64)  # exact: Q(x) is a multiple of step
-            row = mismatches.setdefault(name, [0, 0, 0])
-            row[0] += int(np.sum(theirs != ours))
-            row[1] += int(ours.size)
-            row[2] = max(row[2], int(np.max(np.abs(theirs - ours), initial=0)))
-    int_pred, jax_pred = np.concatenate(int_pred), np.concatenate(jax_pred)
-    return {
-        "examples": len(images),
-        "agree": int(np.sum(int_pred == jax_pred)),
-        "int_predictions": int_pred,
-        "jax_predictions": jax_pred,
-        "code_mismatches": mismatches,
-        "max_logit_difference": max_logit,
     }

@@ -425,10 +425,10 @@ def _evaluate(model, path, opened, args, summary: dict, problems: list[str]) -> 
 
 def _against_jax(model, opened, images, labels, summary, problems):
     """Predictions and codes against the JAX model; its accuracy against the claim."""
-    from cgmq_jax import export as ex
+    from cgmq_jax import model_check
 
     results, params, network = opened.results, opened.params, opened.model
-    compared = ex.compare_with_model(model, params, network, images)
+    compared = model_check.compare_with_model(model, params, network, images)
     int_pred, jax_pred = compared["int_predictions"], compared["jax_predictions"]
     agree, n = compared["agree"], len(labels)
     jax_accuracy = float((jax_pred == labels).mean())

@@ -1,6 +1,7 @@
 """The export's layering: ``cgmq_jax.export`` (format, engine, C) is numpy-only, the
-lowering (``cgmq_jax.lowering``) is core and never reaches the run harness, and the old
-names (``cgmq_jax.export.writer``, ``cgmq_jax.export.export_run``) still resolve.
+lowering (``cgmq_jax.lowering``) and the check against the model (``cgmq_jax.model_check``)
+are core and never reach the run harness, and the old names (``cgmq_jax.export.writer``,
+``cgmq_jax.export.export_run``, ``cgmq_jax.lowering.compare_with_model``) still resolve.
 
 The import checks run in a subprocess whose ``sys.meta_path`` refuses the blocked
 packages, so an import of one anywhere (at module level or lazily) raises ImportError.
@@ -66,13 +67,16 @@ print(json.dumps({{"loaded": loaded}}))
 
 
 def test_the_lowering_imports_with_the_harness_blocked():
-    """``cgmq_jax.lowering`` (and the writer alias of it) import without the harness."""
+    """``cgmq_jax.lowering``, ``cgmq_jax.model_check`` (and the writer alias of them) import
+    without the harness."""
     got = _run(
         [f"cgmq_jax.{name}" for name in HARNESS],
         """
+import cgmq_jax.model_check as model_check
 import cgmq_jax.lowering as lowering
 from cgmq_jax.export import writer
 assert writer.build is lowering.build and writer.export is lowering.export
+assert writer.compare_with_model is lowering.compare_with_model is model_check.compare_with_model
 print(json.dumps({"loaded": sorted(m for m in sys.modules if m.startswith("cgmq_jax"))}))
 """,
     )
@@ -93,21 +97,24 @@ def _imports(path: Path) -> set[str]:
 
 def test_no_import_runs_upward():
     """Read, not run: the numpy-only modules import numpy, the standard library, each other
-    and ``cgmq_jax.files``; the lowering imports no harness module, even lazily."""
+    and ``cgmq_jax.files``; the lowering and the check against the model import no harness
+    module, even lazily."""
     for name in NUMPY_ONLY:
         ours = {m for m in _imports(EXPORT / f"{name}.py") if m.startswith("cgmq_jax.")}
         outside = {m for m in ours if not m.startswith(("cgmq_jax.export", "cgmq_jax.files"))}
         assert not outside, (name, outside)
         assert not {m for m in _imports(EXPORT / f"{name}.py") if m.split(".")[0] in (
             "jax", "flax", "optax")}, name  # fmt: skip
-    lowering = _imports(REPO / "cgmq_jax" / "lowering.py")
-    upward = {m for m in lowering if m.startswith("cgmq_jax.") and m.split(".")[1] in HARNESS}
-    assert not upward, upward
+    for name in ("lowering", "model_check"):
+        core = _imports(REPO / "cgmq_jax" / f"{name}.py")
+        upward = {m for m in core if m.startswith("cgmq_jax.") and m.split(".")[1] in HARNESS}
+        assert not upward, (name, upward)
 
 
 def test_old_names_resolve_to_their_new_homes(monkeypatch):
     import cgmq_jax.export as ex
     import cgmq_jax.lowering as lowering
+    import cgmq_jax.model_check as model_check
     import cgmq_jax.runs.export_run as export_run
     from cgmq_jax.export import writer
 
@@ -117,10 +124,14 @@ def test_old_names_resolve_to_their_new_homes(monkeypatch):
         assert getattr(writer, name) is getattr(export_run, name)
     assert ex.export is lowering.export and ex.export_run is export_run.export_run
     assert ex.compare_with_model is lowering.compare_with_model
+    for name in ("compare_with_model", "layer_inputs"):  # moved to model_check, kept here
+        assert getattr(lowering, name) is getattr(model_check, name) is getattr(writer, name)
+    assert ex.compare_with_model is model_check.compare_with_model
     monkeypatch.setattr(writer, "build", "patched")  # set on the module that owns it
-    assert lowering.build == "patched"
+    monkeypatch.setattr(writer, "layer_inputs", "patched")
+    assert lowering.build == "patched" and model_check.layer_inputs == "patched"
     monkeypatch.undo()
-    assert callable(lowering.build)
+    assert callable(lowering.build) and callable(model_check.layer_inputs)
 
 
 def test_the_certificates_old_names_warn_and_resolve_to_their_new_homes():

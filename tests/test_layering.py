@@ -58,6 +58,7 @@ CORE = (
     "cgmq_jax.export.engine",
     "cgmq_jax.export.c",
     LOWERING,
+    "cgmq_jax.model_check",
     "cgmq_jax.compaction",
 )
 NUMPY_ONLY = (

@@ -11,9 +11,10 @@ The package is split by job:
   and the recount from an ONNX file alone (:func:`recount_onnx`); numpy at import, ``onnx``
   and ``onnxruntime`` when used (``pip install -r requirements-onnx.txt``).
 
-The JAX side lives outside this package: :mod:`cgmq_jax.lowering` (:func:`export`,
-:func:`compare_with_model`: a Flax model and its parameters to a file) and, for a trainer's
-run directory, :mod:`cgmq_jax.runs.export_run` (:func:`export_run`). Their names here are
+The JAX side lives outside this package: :mod:`cgmq_jax.lowering` (:func:`export`: a Flax
+model and its parameters to a file), :mod:`cgmq_jax.model_check` (:func:`compare_with_model`:
+the file run next to the model) and, for a trainer's run directory,
+:mod:`cgmq_jax.runs.export_run` (:func:`export_run`). Their names here are
 resolved on first use, so ``import cgmq_jax.export`` imports numpy only (and
 ``cgmq_jax.export.writer`` is a deprecated alias of :mod:`cgmq_jax.lowering`). The file
 format and the integer semantics are in ``docs/export.md``.
@@ -84,7 +85,7 @@ __all__ = [
 _LAZY = {
     "BIAS_SCHEMES": "cgmq_jax.lowering",
     "LOGIT_BIAS_BITS": "cgmq_jax.lowering",
-    "compare_with_model": "cgmq_jax.lowering",
+    "compare_with_model": "cgmq_jax.model_check",
     "export": "cgmq_jax.lowering",
     "export_run": "cgmq_jax.runs.export_run",
     "round_to_odd": "cgmq_jax.lowering",

@@ -1,10 +1,11 @@
-"""Deprecated alias of :mod:`cgmq_jax.lowering` (and, for run directories, of
-:mod:`cgmq_jax.runs.export_run`).
+"""Deprecated alias of :mod:`cgmq_jax.lowering` (and, for the check against the model and
+run directories, of :mod:`cgmq_jax.model_check` and :mod:`cgmq_jax.runs.export_run`).
 
 The JAX side of the export moved out of the numpy-only :mod:`cgmq_jax.export` package:
-``export``, ``build``, ``differences``, ``compare_with_model``, ``round_to_odd``, ... are
-:mod:`cgmq_jax.lowering`'s; ``export_run``, ``derive_run`` and ``read_results`` (which read
-a trainer's run directory) are :mod:`cgmq_jax.runs.export_run`'s. ``writer.X`` still
+``export``, ``build``, ``differences``, ``round_to_odd``, ... are :mod:`cgmq_jax.lowering`'s;
+``compare_with_model`` and ``layer_inputs`` are :mod:`cgmq_jax.model_check`'s (the lowering
+re-exports them); ``export_run``, ``derive_run`` and ``read_results`` (which read a
+trainer's run directory) are :mod:`cgmq_jax.runs.export_run`'s. ``writer.X`` still
 resolves every one of them, and setting ``writer.X`` (``monkeypatch.setattr``) sets it on
 the module that owns it, so code calling through either name sees the change.
 """
@@ -15,10 +16,17 @@ import types as _types
 
 #: The names that live in :mod:`cgmq_jax.runs.export_run` (imported on first use).
 _RUN_NAMES = frozenset({"export_run", "derive_run", "read_results", "open_run", "RunExport"})
+#: The names that live in :mod:`cgmq_jax.model_check` (the lowering re-exports them).
+_CHECK_NAMES = frozenset({"compare_with_model", "layer_inputs"})
 
 
 def _owner(name: str) -> _types.ModuleType:
-    module = "cgmq_jax.runs.export_run" if name in _RUN_NAMES else "cgmq_jax.lowering"
+    if name in _RUN_NAMES:
+        module = "cgmq_jax.runs.export_run"
+    elif name in _CHECK_NAMES:
+        module = "cgmq_jax.model_check"
+    else:
+        module = "cgmq_jax.lowering"
     return _importlib.import_module(module)
 
 

@@ -8,7 +8,7 @@ directories.
 
 The params file is read and its SHA-256 verified once per :func:`open_run`; pass the
 :class:`RunExport` it returns to :func:`derive_run` / :func:`export_run` (and its
-``params`` / ``model`` to :func:`cgmq_jax.lowering.compare_with_model`) to export and check
+``params`` / ``model`` to :func:`cgmq_jax.model_check.compare_with_model`) to export and check
 a run from that one read.
 """
 
