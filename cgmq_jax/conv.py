@@ -111,7 +111,15 @@ def patch_conv(
         return _depthwise_sum(x, kernel, strides, dilation)
     if _banded_pays(x, kernel):
         return _banded_conv(x, kernel, strides, dilation, precision)
-    patches = jnp.concatenate(_columns(x, kernel_size, dilation, strides), axis=-1)
+    columns = _columns(x, kernel_size, dilation, strides)
+    if x.shape[-1] == 1:
+        # One channel: each column is stacked whole, then the offsets moved last (a copy
+        # XLA:CPU does in tiles). Concatenated along the last axis, 25 single-channel
+        # columns were written one element in 25 at a time: 12.6 of 109 ms of lenet5_bb's
+        # step on one core. The same array, so the same products bit for bit.
+        patches = jnp.moveaxis(jnp.stack([c[..., 0] for c in columns]), 0, -1)
+    else:
+        patches = jnp.concatenate(columns, axis=-1)
     # One matrix product over the flattened positions: XLA:CPU's dot of a 4-D array was
     # 1.5-2.5x slower forward and backward (a 14x14x32 -> 64 1x1 convolution, batch 128).
     rows = jnp.reshape(patches, (-1, patches.shape[-1]))
@@ -205,7 +213,7 @@ def _xla_depthwise_bwd(strides, pads, dilation, numbers, precision, saved, g):
     del numbers, precision
     x, kernel = saved
     padded, unpad = jax.vjp(functools.partial(_pad_and_crop, pads=pads), x)
-    x_grad, kernel_grad = _depthwise_bwd(strides, dilation, (padded, kernel), g)
+    x_grad, kernel_grad = _running_sum_bwd(strides, dilation, (padded, kernel), g, once=False)
     return (*unpad(x_grad), kernel_grad)
 
 
@@ -324,11 +332,13 @@ def _computed_once(fn, x, kernel):
     next layer's quantizer, forward, and its backward masks). A conditional's result is
     written out, and its consumers read it: both branches here are ``fn``, so the
     predicate (whether the kernel's first entry is finite, which XLA cannot know when it
-    compiles) chooses nothing. The forward sums only: their products are exact (quantized
-    operands), so the result is the fused one's bit for bit; the input gradient's sums
-    (float gradients times taps) came out rounded differently under the conditional, so
-    they stay as they were. The DS-CNN's cgmq step 1.09x as fast (docs/performance.md).
-    An ``optimization_barrier`` does not do this: XLA:CPU removes barriers before it fuses.
+    compiles) chooses nothing. Both running sums of a depthwise layer take it: the forward
+    one (its products are exact, quantized operands, so the result is the fused one's bit
+    for bit) and the input gradient's (float gradients times taps: fused into its
+    consumers they may be rounded differently, so trajectories can change in their last
+    bits). The DS-CNN's cgmq step 1.09x as fast with the first, about 1.2x with both
+    (docs/performance.md). An ``optimization_barrier`` does not do this: XLA:CPU removes
+    barriers before it fuses.
     """
     if kernel.size == 0:
         return fn(x, kernel)
@@ -341,6 +351,14 @@ def _depthwise_fwd(x, kernel, strides, dilation):
 
 
 def _depthwise_bwd(strides, dilation, saved, g):
+    return _running_sum_bwd(strides, dilation, saved, g, once=True)
+
+
+def _running_sum_bwd(strides, dilation, saved, g, *, once: bool):
+    """The depthwise running sum's gradients; with ``once`` the input's is computed once
+    for all its consumers (:func:`_computed_once`). The float layers' (``once=False``,
+    :func:`depthwise_conv`) stay fused: under the conditional their float products were
+    rounded differently, which changed the float DS-CNN that QAT starts from."""
     x, kernel = saved
     kernel_size = kernel.shape[:-2]
     columns = _columns(x, kernel_size, dilation, strides)
@@ -362,15 +380,21 @@ def _depthwise_bwd(strides, dilation, saved, g):
         (r, size - length, s - 1)
         for r, size, length, s in zip(reach, x.shape[1:-1], spread, strides, strict=True)
     ]
-    padded = jax.lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *config, (0, 0, 0)])
-    taps = jnp.reshape(kernel, (-1, *(1,) * (x.ndim - 1), kernel.shape[-1]))
-    terms = []
-    offsets = itertools.product(*(range(k) for k in kernel_size))
-    for tap, offset in zip(taps, offsets, strict=True):
-        start = [r - o * d for r, o, d in zip(reach, offset, dilation, strict=True)]
-        window = tuple(slice(b, b + size) for b, size in zip(start, x.shape[1:-1], strict=True))
-        terms.append(padded[(slice(None), *window, slice(None))] * tap)
-    x_grad = functools.reduce(operator.add, terms)
+
+    def running_sum(g, kernel):
+        padded = jax.lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+        taps = jnp.reshape(kernel, (-1, *(1,) * (x.ndim - 1), kernel.shape[-1]))
+        terms = []
+        offsets = itertools.product(*(range(k) for k in kernel_size))
+        for tap, offset in zip(taps, offsets, strict=True):
+            start = [r - o * d for r, o, d in zip(reach, offset, dilation, strict=True)]
+            window = tuple(
+                slice(b, b + size) for b, size in zip(start, x.shape[1:-1], strict=True)
+            )
+            terms.append(padded[(slice(None), *window, slice(None))] * tap)
+        return functools.reduce(operator.add, terms)
+
+    x_grad = _computed_once(running_sum, g, kernel) if once else running_sum(g, kernel)
     return x_grad, jnp.reshape(taps_grad, kernel.shape)
 
 

@@ -505,6 +505,39 @@ def test_one_channel_banded_conv_and_its_gradients_are_those_of_lax(
 
 
 @pytest.mark.parametrize(
+    ("shape", "strides", "padding"),
+    [((2, 9, 8, 1), (1, 1), "VALID"), ((2, 9, 8, 1), (2, 3), "SAME"), ((2, 11, 1), (2,), "SAME")],
+)
+def test_one_channel_stacked_patches_and_their_gradients_are_those_of_lax(
+    shape, strides, padding, monkeypatch
+):
+    """One input channel into more filters than the banded product takes: the patches are
+    the columns stacked whole, the offsets moved last (``conv.patch_conv``); output and
+    both gradients equal XLA's convolution's exactly (integer values)."""
+    rng = np.random.default_rng(5)
+    rank = len(shape) - 2
+    filters = conv.BANDED_MAX_FILTERS + 4
+    x = jnp.asarray(rng.integers(-3, 4, shape), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-3, 4, (*(3,) * rank, 1, filters)), jnp.float32)
+    spec = "".join("DHW"[3 - rank :])
+    numbers = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
+    monkeypatch.setattr(conv, "_banded_conv", lambda *args: pytest.fail("took the band"))
+
+    def run(convolve):
+        def f(x, kernel):
+            y = convolve(x, kernel, strides, padding, dimension_numbers=numbers)
+            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
+            return jnp.sum(y * weights), y
+
+        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
+
+    (got_grads, got), (grads, expected) = run(cnn.patch_conv), run(jax.lax.conv_general_dilated)
+    np.testing.assert_array_equal(got, expected)
+    for g, e in zip(got_grads, grads, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize(
     ("shape", "window"),
     [
         ((2, 8, 8, 3), (2, 2)),
