@@ -334,11 +334,12 @@ def _computed_once(fn, x, kernel):
     predicate (whether the kernel's first entry is finite, which XLA cannot know when it
     compiles) chooses nothing. Both running sums of a depthwise layer take it: the forward
     one (its products are exact, quantized operands, so the result is the fused one's bit
-    for bit) and the input gradient's (float gradients times taps: fused into its
-    consumers they may be rounded differently, so trajectories can change in their last
-    bits). The DS-CNN's cgmq step 1.09x as fast with the first, about 1.2x with both
-    (docs/performance.md). An ``optimization_barrier`` does not do this: XLA:CPU removes
-    barriers before it fuses.
+    for bit) and, on the quantized layers, the input gradient's (float gradients times
+    taps; the DS-CNN and ``lenet5_bb`` runs checked gave the same parameters bit for bit,
+    while on the float layers it changed the float start, so those stay fused:
+    :func:`_running_sum_bwd`). The DS-CNN's cgmq step 1.09x as fast with the first, about
+    1.2x with both (docs/performance.md). An ``optimization_barrier`` does not do this:
+    XLA:CPU removes barriers before it fuses.
     """
     if kernel.size == 0:
         return fn(x, kernel)
