@@ -570,6 +570,35 @@ def min_costs(specs: tuple[LayerSpec, ...], *, activation_reduce: str = "max") -
             "weight_memory_bits": sum(int(t[1]) for t in terms),
             "activation_bits": max(sizes) if activation_reduce == "max" else sum(sizes),
         }
+    return _costs_of(specs, bits, activation_reduce)
+
+
+def costs_at(
+    specs: tuple[LayerSpec, ...], weight_bits: int, input_bits: int, *, activation_reduce="max"
+) -> dict:
+    """``{name: exact cost}`` with every learned quantizer at ``weight_bits`` /
+    ``input_bits`` (pinned quantizers at their pin, float layers at 32 x 32 bits, every
+    channel kept): a network's costs at its initial bits
+    (:func:`cgmq_jax.calibration.init_quantizers`), known before it is calibrated.
+
+    Examples:
+      >>> import jax
+      >>> from cgmq_jax import cost, models
+      >>> x = jax.ShapeDtypeStruct((1, 28, 28, 1), jax.numpy.float32)
+      >>> cost.costs_at(cost.layer_specs(models.MLP(), x), 8, 8)["bops"]  # 266200 * 8 * 8
+      17036800
+    """
+    bits = [
+        (spec.weight_bits or weight_bits, spec.input_bits or input_bits)
+        if spec.quantized
+        else (FLOAT_BITS, FLOAT_BITS)
+        for spec in specs
+    ]
+    return _costs_of(specs, bits, activation_reduce)
+
+
+def _costs_of(specs, bits: list, activation_reduce: str) -> dict:
+    """Every cost of :data:`COSTS` from each layer's ``(weight bits, input bits)``."""
     sizes = [spec.input_elements * b_in for spec, (_, b_in) in zip(specs, bits, strict=True)]
     return {
         "bops": sum(spec.macs * b_w * b_in for spec, (b_w, b_in) in zip(specs, bits, strict=True)),

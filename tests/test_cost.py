@@ -200,3 +200,29 @@ def test_exact_bitwidths_read_from_the_tree(lenet, set_bits):
         assert w.dtype == jnp.int32
         d, q_max = quantizer.from_latents(_leaf(params, spec, "weight_quantizer"))
         assert int(quantizer.exact_bitwidth(d, q_max, signed=True)) == 5
+
+
+@pytest.mark.slow  # calibrates four networks
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"model": "lenet5", "init_bits": 6},
+        {"model": "lenet5_bb", "input_bits": 8},
+        {"model": "dscnn"},  # BatchNorm folded first
+        {"model": "dscnn", "prune": True},
+    ],
+)
+def test_costs_at_the_initial_bits_are_the_calibrated_networks(flags, tiny_mnist):
+    # The budget warm-up starts from costs_at (a resumed run has no values to count): it
+    # must be the exact cost of the network that init_quantizers calibrates.
+    from cgmq_jax.runs import train
+
+    config = train.TrainConfig(budget_bops=1e9, epochs=1, pretrain_epochs=0, **flags)
+    setup = train._make_setup(config, tiny_mnist, pretrained=False)
+    calibration = jnp.asarray(tiny_mnist.train[0][:16])
+    variables = setup.float_model.init(jax.random.key(0), calibration)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam, see conftest.py
+        params = train._qat_state(setup, variables, calibration).params
+    at = cost.costs_at(setup.specs, config.init_bits, config.init_bits)
+    assert at == cost.exact_costs(params, setup.specs)
+    assert at["bops"] > cost.min_cost(setup.specs)

@@ -302,8 +302,11 @@ def test_dscnn_qat_checkpoint_restores_through_the_folding(
     tiny_mnist, tmp_path, standard_promotion_fixture
 ):
     # A QAT checkpoint of a run that pretrains is restored into the structure of the QAT
-    # state, which is built abstractly from the float variables: through the folding.
-    config = TrainConfig(model="dscnn", budget_bops=5e6, epochs=1, pretrain_epochs=1)
+    # state, which is built abstractly from the float variables: through the folding, and
+    # with the budget warm-up (its start counted from the specs: there are no values).
+    config = TrainConfig(
+        model="dscnn", budget_bops=5e6, epochs=1, pretrain_epochs=1, budget_warmup_epochs=0.5
+    )
     setup = train._make_setup(config, tiny_mnist, pretrained=False)
     calibration = jnp.asarray(tiny_mnist.train[0][:16])
     variables = _bn_variables(setup.float_model, calibration)

@@ -24,8 +24,10 @@ class Schedule:
     """A model's default training schedule: float epochs, QAT epochs, weight learning rate,
     what the guard admits (:mod:`cgmq_jax.admission`) when the whole proposal would cross
     a limit, without and with ``prune``, whether ranges are refitted under ``prune``
-    (they are without it), and whether the quantizers' learning rate decays under
-    ``prune`` (it is constant without it)."""
+    (they are without it), whether the quantizers' learning rate decays under
+    ``prune`` (it is constant without it), and over how many first QAT epochs the BOP
+    budget is lowered to the limit (``cgmq`` with ``budget_bops`` alone and no ``prune``;
+    at most half the QAT epochs; 0: the limit from the first step)."""
 
     pretrain_epochs: int
     epochs: int
@@ -34,6 +36,7 @@ class Schedule:
     refit_with_prune: bool = False
     admission_with_prune: str = "all_or_nothing"
     quantizer_lr_decay_with_prune: bool = False
+    budget_warmup_epochs: float = 0
 
 
 #: The schedule of a model not in :data:`SCHEDULES` (and of every model before LeNet-5's
@@ -59,7 +62,10 @@ SCHEDULES = {
         pretrain_epochs=2, epochs=8, lr=2e-3, refit_with_prune=True, admission_with_prune="gain"
     ),
     "dscnn": dataclasses.replace(
-        DEFAULT_SCHEDULE, admission="gain", refit_with_prune=True, admission_with_prune="gain"
+        DEFAULT_SCHEDULE,
+        admission="gain",
+        refit_with_prune=True,
+        admission_with_prune="gain",
     ),
     "lenet5_bb": dataclasses.replace(DEFAULT_SCHEDULE, quantizer_lr_decay_with_prune=True),
 }
@@ -132,7 +138,8 @@ class TrainConfig:
     # None: constant, and with prune the model's schedule's
     quantizer_lr_decay: bool | None = None
     # cgmq, a BOP limit alone: the budget lowered geometrically from the network's cost at
-    # its initial bits to the limit over the first this many QAT epochs (None or 0: off)
+    # its initial bits to the limit over the first this many QAT epochs (0: off; None: the
+    # model's schedule's, see warmup_epochs)
     budget_warmup_epochs: float | None = None
     rescale: float = constraint.DEFAULT_RESCALE
     # cgmq only: what the guard admits (cgmq_jax.admission); None: the model's schedule's
@@ -205,6 +212,22 @@ class TrainConfig:
         if self.refit_ranges is not None:
             return bool(self.refit_ranges)
         return not self.prune or schedule(self.model).refit_with_prune
+
+    @property
+    def warmup_epochs(self) -> float:
+        """Over how many first QAT epochs the BOP budget is lowered to the limit:
+        ``budget_warmup_epochs``, or by default the model schedule's where it applies
+        (``cgmq``, ``budget_bops`` alone, no ``prune``), at most half the QAT epochs; 0: off."""
+        if self.budget_warmup_epochs is not None:
+            return self.budget_warmup_epochs
+        applies = (
+            self.method == "cgmq"
+            and not self.prune
+            and list(self.limits) == ["bops"]
+            and isinstance(self.epochs, int)
+            and self.epochs > 0
+        )
+        return min(schedule(self.model).budget_warmup_epochs, self.epochs / 2) if applies else 0
 
     @property
     def limits(self) -> dict:

@@ -225,8 +225,8 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
         quantizer_lr = optax.cosine_decay_schedule(quantizer_lr, steps)
     if config.method == "cgmq":
         cost_fn, budget = guard_constraints(setup.limits, setup.specs)
-        if config.budget_warmup_epochs:
-            budget = _budget_warmup(setup, params, budget)
+        if config.warmup_epochs:
+            budget = _budget_warmup(setup, budget)
         tx = optimizers.cgmq_optimizer(
             cost_fn,
             budget,
@@ -244,14 +244,18 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
 
 
-def _budget_warmup(setup: _Setup, params, budget: float):
+def _budget_warmup(setup: _Setup, budget: float):
     """``--budget_warmup_epochs``: the BOP budget as a schedule, lowered geometrically (an
     equal share of the way in log-cost per step) from the network's exact cost at its
-    initial bits to ``budget`` over the first warm-up epochs' steps, ``budget`` after."""
-    start = float(cost.exact_bops(params, setup.specs))
+    initial bits to ``budget`` over the first warm-up epochs' steps, ``budget`` after.
+
+    That cost is counted from the specs (:func:`cgmq_jax.cost.costs_at`), not from
+    ``params``: a resumed run builds its QAT state abstractly, with no values to count."""
+    config = setup.config
+    start = float(cost.costs_at(setup.specs, config.init_bits, config.init_bits)["bops"])
     if start <= budget:
         return budget
-    steps = max(round(setup.config.budget_warmup_epochs * setup.steps_per_epoch), 1)
+    steps = max(round(setup.config.warmup_epochs * setup.steps_per_epoch), 1)
     return optax.exponential_decay(start, steps, budget / start, end_value=budget)
 
 
