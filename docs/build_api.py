@@ -2,8 +2,9 @@
 
     python docs/build_api.py [--out DIR] [--warnings-ok]
 
-``cgmq_jax`` resolves its public names lazily (PEP 562); they are resolved first so that
-pdoc documents them where users import them from (``cgmq_jax.constrained_update``).
+``cgmq_jax`` resolves its public names lazily (PEP 562), as ``cgmq_jax.nnx`` does the names
+of ``cgmq_jax.nnx_specs``; they are resolved first so that pdoc documents them where
+users import them from (``cgmq_jax.constrained_update``, ``cgmq_jax.nnx.layer_specs``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
         import cgmq_jax
         import cgmq_jax.export
+        import cgmq_jax.nnx
 
-        for package in (cgmq_jax, cgmq_jax.export):
+        for package in (cgmq_jax, cgmq_jax.export, cgmq_jax.nnx):
             for name in package.__all__:
                 getattr(package, name)
         pdoc.render.configure(docformat="google", search=True)

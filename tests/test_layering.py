@@ -40,6 +40,7 @@ CORE = (
     "cgmq_jax.nn",
     "cgmq_jax.calibration",
     "cgmq_jax.nnx",
+    "cgmq_jax.nnx_specs",
     "cgmq_jax.rules",
     "cgmq_jax.rules_nnx",
     "cgmq_jax.operands",
