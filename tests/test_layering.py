@@ -69,6 +69,7 @@ NUMPY_ONLY = (
     "cgmq_jax.export.c",
     "cgmq_jax.export.onnx",  # onnx itself is imported on first use
     "cgmq_jax.export.onnx_recount",
+    "cgmq_jax.export.onnx_runtime",
 )
 
 SCRIPT = """

@@ -9,6 +9,9 @@ initializers (each layer's codes, in the narrowest ONNX integer type that holds 
 engine computes in integers (``docs/export.md``, "ONNX"). The bit-widths, the certificate
 and a SHA-256 of the graph go into ``metadata_props``. :func:`recount_onnx`
 (:mod:`cgmq_jax.export.onnx_recount`) recounts MACs, bits and BOPs from an ONNX file alone.
+Running the file (:func:`session`, :func:`run_onnx`, :func:`layer_codes`) is
+:mod:`cgmq_jax.export.onnx_runtime`'s; those names resolve here too (on first use: that
+module imports this one).
 
 The graph keeps the file's channels-last layout: a convolution or pool is wrapped in two
 ``Transpose`` nodes (ONNX Runtime cancels the pairs between layers). The input is the real
@@ -516,67 +519,21 @@ def to_onnx(
     return proto
 
 
-def session(model, *, threads: int | None = None, optimization: str = "all"):
-    """An ONNX Runtime CPU ``InferenceSession`` of an ONNX model (a path or a ``ModelProto``).
-
-    ``optimization``: ``"all"`` (ONNX Runtime's default), ``"extended"``, ``"basic"`` or
-    ``"none"``."""
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    levels = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
-    options.graph_optimization_level = levels[optimization]
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    source = model if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-    return ort.InferenceSession(str(source) if isinstance(source, os.PathLike) else source,
-                                options, providers=["CPUExecutionProvider"])  # fmt: skip
+#: ONNX Runtime's side, moved to :mod:`cgmq_jax.export.onnx_runtime` and still importable
+#: from here (lazily: that module imports this one).
+_RUNTIME = ("layer_codes", "run_onnx", "session")
 
 
-def run_onnx(model, inputs: np.ndarray, *, batch_size: int = 1000, **kwargs) -> np.ndarray:
-    """float32 logits of ONNX Runtime on ``inputs`` (real values, ``[N, *input shape]``).
-
-    ``model``: an ``.onnx`` path, a ``ModelProto`` or an ``InferenceSession``; ``kwargs``
-    go to :func:`session`."""
-    ort = require("onnxruntime")
-    sess = model if isinstance(model, ort.InferenceSession) else session(model, **kwargs)
-    x = np.asarray(inputs, np.float32)
-    out = [sess.run(["logits"], {"input": x[i : i + batch_size]})[0]
-           for i in range(0, len(x), batch_size)]  # fmt: skip
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+def __getattr__(name: str):
+    if name in _RUNTIME:
+        value = getattr(importlib.import_module("cgmq_jax.export.onnx_runtime"), name)
+        globals()[name] = value  # resolved once; later lookups find it directly
+        return value
+    raise AttributeError(f"module 'cgmq_jax.export.onnx' has no attribute {name!r}")
 
 
-def layer_codes(model, inputs: np.ndarray, **kwargs) -> dict[str, np.ndarray]:
-    """Every layer's input codes as ONNX Runtime computes them, by layer name (int64).
-
-    The graph is re-written with each layer's clipped input (after its ``DequantizeLinear``)
-    as an extra output (the file is not changed); codes are those values over the scale
-    (exact: a power of two).
-    """
-    onnx = require("onnx")
-    proto = onnx.load(str(model)) if isinstance(model, (str, os.PathLike)) else model
-    proto = type(proto).FromString(proto.SerializeToString())
-    scales = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    wanted = {}
-    for node in proto.graph.node:
-        if node.op_type == "Clip" and node.name.split("#")[0].endswith("/input_clip"):
-            scale = float(scales[producer[node.input[0]].input[1]])  # the DequantizeLinear's
-            wanted[node.output[0]] = (node.name.split("/input_clip")[0], scale)
-    for name in wanted:
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = session(proto, **kwargs)
-    x = np.asarray(inputs, np.float32)
-    values = sess.run(list(wanted), {"input": x})
-    return {
-        layer: np.rint(v.astype(np.float64) / scale).astype(np.int64)
-        for (layer, scale), v in zip(wanted.values(), values, strict=True)
-    }
+def __dir__():
+    return sorted((*globals(), *_RUNTIME))
 
 
 from cgmq_jax.export.onnx_recount import recount_onnx  # noqa: E402  (the public face)
@@ -591,10 +548,10 @@ __all__ = [
     "code_type",
     "float32_exact",
     "graph_sha256",
-    "layer_codes",
+    "layer_codes",  # noqa: F822  (resolved by __getattr__)
     "recount_onnx",
     "require",
-    "run_onnx",
-    "session",
+    "run_onnx",  # noqa: F822  (resolved by __getattr__)
+    "session",  # noqa: F822  (resolved by __getattr__)
     "to_onnx",
 ]
