@@ -29,8 +29,9 @@ def run_flags(args: argparse.Namespace) -> dict:
     A flag left at ``None`` matches a checkpoint written before that flag existed;
     ``--admission`` left out is resolved to the model's (and written back into ``args``),
     the value checkpoints written before it had a per-model default hold; so are
-    ``--refit_ranges`` with ``--prune`` (its default there is the model's) and
-    ``--quantizer_lr_decay``.
+    ``--refit_ranges`` with ``--prune`` (its default there is the model's),
+    ``--quantizer_lr_decay`` and ``--budget_warmup_epochs`` (the model's where it applies,
+    else left ``None``; flags that fail their checks are left for the checks to report).
     """
     from cgmq_jax.runs import train
 
@@ -41,11 +42,28 @@ def run_flags(args: argparse.Namespace) -> dict:
     if args.quantizer_lr_decay is None:
         config = train.TrainConfig(model=args.model, prune=args.prune)
         args.quantizer_lr_decay = config.quantizer_lr_decay
+    if args.budget_warmup_epochs is None:
+        args.budget_warmup_epochs = _default_warmup(args) or None
     skipped = (
         *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
         "min_eval_examples",  # a check of the data, not part of the run
     )
     return {k: v for k, v in vars(args).items() if k not in skipped}
+
+
+def _default_warmup(args: argparse.Namespace) -> float:
+    """The model's budget warm-up for these flags (0 where it does not apply or a flag is bad)."""
+    from cgmq_jax import cost, data
+    from cgmq_jax.runs import train
+
+    names = ("model", "method", "prune", "epochs", "input_bits", "budget_bops")
+    names += ("budget_weight_kib", "budget_activation_kib")
+    try:
+        config = train.TrainConfig(**{name: getattr(args, name) for name in names})
+        specs = train.check_config(config, data.DATASETS[args.dataset or "mnist"].image_shape)
+    except (ValueError, KeyError):
+        return 0
+    return config.budget_warmup(cost.min_cost(specs))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=None,
         help="cgmq with --budget_bops alone: lower the budget geometrically from the "
-        "network's cost at its initial bits over this many first QAT epochs (default: off)",
+        "network's cost at its initial bits over this many first QAT epochs (default: the "
+        "model's: dscnn 2 below twice its minimum BOPs, without --prune; else off)",
     )
     p.add_argument("--rescale", type=float, default=defaults.rescale, help="CGGD's R (> 1)")
     p.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -306,3 +307,39 @@ def test_the_cli_stores_the_models_admission():
     assert cli.run_flags(cli.parse_args(["--prune"]))["admission"] == "gain"  # LeNet-5's
     chosen = cli.parse_args(["--model", "dscnn", "--admission", "all_or_nothing"])
     assert cli.run_flags(chosen)["admission"] == "all_or_nothing"
+
+
+def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
+    """The DS-CNN's schedule lowers a BOP budget below twice its minimum over its first 2
+    QAT epochs (at most half of them; cgmq, --budget_bops alone, no --prune); larger
+    budgets, other models, methods and limits keep the limit from the first step. The CLI
+    stores what was resolved (an older DS-CNN checkpoint, None, is refused by name)."""
+    from cgmq_jax.runs import rundir
+
+    minimum = 2_403_456  # the DS-CNN's on 28 x 28 images
+    tight = functools.partial(train.TrainConfig, model="dscnn", budget_bops=4e6)
+    assert tight().budget_warmup(minimum) == 2
+    assert tight(epochs=3).budget_warmup(minimum) == 1.5
+    assert tight(budget_warmup_epochs=0).budget_warmup(minimum) == 0
+    assert tight(budget_warmup_epochs=0.5).budget_warmup(minimum) == 0.5
+    assert tight(budget_bops=8e6).budget_warmup(minimum) == 0  # 3.3x its minimum
+    assert tight(budget_bops=8e6, budget_warmup_epochs=1).budget_warmup(minimum) == 1
+    for off in (
+        {"prune": True},
+        {"budget_weight_kib": 8},
+        {"method": "dq"},
+        {"method": "float", "budget_bops": None},
+        {"budget_bops": None, "budget_activation_kib": 4},
+    ):
+        assert tight(**off).budget_warmup(minimum) == 0, off
+    for model in ("lenet5", "lenet5_bb", "mlp"):
+        assert train.TrainConfig(model=model, budget_bops=4e6).budget_warmup(minimum) == 0
+    cli = load_cli("mnist")
+    dscnn = cli.run_flags(cli.parse_args(["--model", "dscnn", "--budget_bops", "4e6"]))
+    assert dscnn["budget_warmup_epochs"] == 2
+    for flags in ([], ["--model", "dscnn", "--budget_bops", "8e6"], ["--model", "dscnn"]):
+        assert cli.run_flags(cli.parse_args(flags))["budget_warmup_epochs"] is None, flags
+    short = ["--model", "dscnn", "--budget_bops", "4e6", "--epochs", "1"]
+    assert cli.run_flags(cli.parse_args(short))["budget_warmup_epochs"] == 0.5
+    older = {**dscnn, "budget_warmup_epochs": None}
+    assert rundir.changed_flags(older, dscnn) == ["budget_warmup_epochs"]

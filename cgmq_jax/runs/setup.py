@@ -225,8 +225,9 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
         quantizer_lr = optax.cosine_decay_schedule(quantizer_lr, steps)
     if config.method == "cgmq":
         cost_fn, budget = guard_constraints(setup.limits, setup.specs)
-        if config.warmup_epochs:
-            budget = _budget_warmup(setup, budget)
+        warmup = config.budget_warmup(cost.min_cost(setup.specs))
+        if warmup:
+            budget = _budget_warmup(setup, budget, warmup)
         tx = optimizers.cgmq_optimizer(
             cost_fn,
             budget,
@@ -244,10 +245,10 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
     return train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
 
 
-def _budget_warmup(setup: _Setup, budget: float):
+def _budget_warmup(setup: _Setup, budget: float, epochs: float):
     """``--budget_warmup_epochs``: the BOP budget as a schedule, lowered geometrically (an
     equal share of the way in log-cost per step) from the network's exact cost at its
-    initial bits to ``budget`` over the first warm-up epochs' steps, ``budget`` after.
+    initial bits to ``budget`` over the first ``epochs`` QAT epochs' steps, ``budget`` after.
 
     That cost is counted from the specs (:func:`cgmq_jax.cost.costs_at`), not from
     ``params``: a resumed run builds its QAT state abstractly, with no values to count."""
@@ -255,7 +256,7 @@ def _budget_warmup(setup: _Setup, budget: float):
     start = float(cost.costs_at(setup.specs, config.init_bits, config.init_bits)["bops"])
     if start <= budget:
         return budget
-    steps = max(round(setup.config.warmup_epochs * setup.steps_per_epoch), 1)
+    steps = max(round(epochs * setup.steps_per_epoch), 1)
     return optax.exponential_decay(start, steps, budget / start, end_value=budget)
 
 
