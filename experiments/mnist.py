@@ -31,7 +31,8 @@ def run_flags(args: argparse.Namespace) -> dict:
     the value checkpoints written before it had a per-model default hold; so are
     ``--refit_ranges`` with ``--prune`` (its default there is the model's),
     ``--quantizer_lr_decay`` and ``--budget_warmup_epochs`` (the model's where it applies,
-    else left ``None``; flags that fail their checks are left for the checks to report).
+    else left ``None``, as is a given ``0``; flags that fail their checks are left for the
+    checks to report).
     """
     from cgmq_jax.runs import train
 
@@ -48,7 +49,10 @@ def run_flags(args: argparse.Namespace) -> dict:
         *("out", "resume", "overwrite", "coordinator", "num_processes", "process_id"),
         "min_eval_examples",  # a check of the data, not part of the run
     )
-    return {k: v for k, v in vars(args).items() if k not in skipped}
+    flags = {k: v for k, v in vars(args).items() if k not in skipped}
+    if flags["budget_warmup_epochs"] == 0:  # off, given: as a checkpoint before the flag
+        flags["budget_warmup_epochs"] = None
+    return flags
 
 
 def _default_warmup(args: argparse.Namespace) -> float:

@@ -335,7 +335,8 @@ def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
     for model in ("lenet5", "lenet5_bb", "mlp"):
         assert train.TrainConfig(model=model, budget_bops=4e6).budget_warmup(minimum) == 0
     cli = load_cli("mnist")
-    dscnn = cli.run_flags(cli.parse_args(["--model", "dscnn", "--budget_bops", "4e6"]))
+    tight_flags = ["--model", "dscnn", "--budget_bops", "4e6"]
+    dscnn = cli.run_flags(cli.parse_args(tight_flags))
     assert dscnn["budget_warmup_epochs"] == 2
     for flags in ([], ["--model", "dscnn", "--budget_bops", "8e6"], ["--model", "dscnn"]):
         assert cli.run_flags(cli.parse_args(flags))["budget_warmup_epochs"] is None, flags
@@ -343,3 +344,6 @@ def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
     assert cli.run_flags(cli.parse_args(short))["budget_warmup_epochs"] == 0.5
     older = {**dscnn, "budget_warmup_epochs": None}
     assert rundir.changed_flags(older, dscnn) == ["budget_warmup_epochs"]
+    off = cli.parse_args([*tight_flags, "--budget_warmup_epochs", "0"])
+    assert rundir.changed_flags(older, cli.run_flags(off)) == []  # resumes as it was trained
+    assert off.budget_warmup_epochs == 0  # and the run's config keeps it off
