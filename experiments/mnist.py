@@ -263,6 +263,7 @@ def main(argv=None) -> int:
             return _error(error, 2)
     elif args.devices is not None and 1 < args.devices <= parallel.usable_cpus():
         parallel.split_cpu(args.devices)  # a CPU: one device per core (an accelerator: no-op)
+    default_warmup = args.budget_warmup_epochs is None
     flags = run_flags(args)
     if args.devices is None:
         import jax
@@ -296,6 +297,15 @@ def main(argv=None) -> int:
         return _error(error, 2)
     except KeyboardInterrupt:
         return _error("interrupted before training started; nothing was written", 130)
+    if default_warmup and args.budget_warmup_epochs:
+        epochs = args.budget_warmup_epochs
+        print(
+            "the budget is lowered from the network's cost at its initial bits to "
+            f"{args.budget_bops:,.0f} BOPs over the first {epochs:g} QAT "
+            f"epoch{'s' * (epochs != 1)} ({args.model}'s default below twice its minimum "
+            "BOPs; --budget_warmup_epochs 0 keeps the limit from the first step)",
+            flush=True,
+        )
     with run:
         return _train_and_publish(args, argv, config, flags, run)
 

@@ -347,3 +347,17 @@ def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
     off = cli.parse_args([*tight_flags, "--budget_warmup_epochs", "0"])
     assert rundir.changed_flags(older, cli.run_flags(off)) == []  # resumes as it was trained
     assert off.budget_warmup_epochs == 0  # and the run's config keeps it off
+
+
+@pytest.mark.parametrize("budget, said", [("4e6", True), ("8e6", False)])
+def test_the_cli_says_when_the_models_warmup_lowers_the_budget(
+    budget, said, tmp_path, monkeypatch, capsys
+):
+    cli = load_cli("mnist")
+    monkeypatch.setattr(cli, "_train_and_publish", lambda args, *rest: 0)
+    argv = ["--model", "dscnn", "--budget_bops", budget, "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("lowered" in out and "over the first 2 QAT epochs" in out) == said, out
+    assert cli.main([*argv, "--budget_warmup_epochs", "1", "--overwrite"]) == 0
+    assert "lowered" not in capsys.readouterr().out  # asked for: not news
