@@ -49,6 +49,7 @@ CORE = (
     "cgmq_jax.ptq",
     "cgmq_jax.trades",
     "cgmq_jax.graph",
+    "cgmq_jax.specs",
     "cgmq_jax.cost",
     "cgmq_jax.constraint",
     "cgmq_jax.certify",
