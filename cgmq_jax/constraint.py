@@ -2,6 +2,10 @@
 
 This is Constraint Guided Gradient Descent (Van Baelen & Karsmakers) applied to the
 quantizer parameters, made exact for the integer BOP cost (docs/method.md section 3).
+
+What a step then does to the quantizers' ranges (at least one level kept, a lost bit's
+weight range refitted) is :mod:`cgmq_jax.step_ranges`'s; its names resolve here too
+(``cgmq_jax.constraint.refit_lost_weight_ranges``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import optax
 from cgmq_jax import _deprecated, quantizer
 from cgmq_jax import admission as admission_rules
 from cgmq_jax import cost as cost_module
+from cgmq_jax.step_ranges import _keep_levels, refit_lost_weight_ranges
 
 #: The optax chains built on the constraint moved to :mod:`cgmq_jax.optimizers`; the old
 #: names still resolve there, with a warning.
@@ -27,6 +32,16 @@ _MOVED = dict.fromkeys(
 
 
 __getattr__ = _deprecated.moved("cgmq_jax.constraint", _MOVED)
+
+#: The public names, in the API reference's order (``refit_lost_weight_ranges`` from
+#: :mod:`cgmq_jax.step_ranges`).
+__all__ = [
+    "DEFAULT_RESCALE",
+    "DEFAULT_MIN_SCALE",
+    "ConstrainedUpdateState",
+    "constrained_update",
+    "refit_lost_weight_ranges",
+]
 
 DEFAULT_RESCALE = 1.5
 # Smallest CGGD scale s while infeasible, in log2 units (the step is at least rescale * s,
@@ -492,80 +507,9 @@ def _length_to_lose_a_bit(params, cost_grad, direction_norm, quantizer_mask) -> 
     return jnp.where(jnp.isfinite(shortest), shortest, 0.0)
 
 
-def refit_lost_weight_ranges(updates, params, prunable=None):
-    """``updates`` with every weight quantizer that they leave with fewer bits refitted.
-
-    For each mapping of ``params`` holding a ``weight_quantizer`` leaf and its ``kernel``
-    (a linen layer's parameters), where the updated leaf has fewer bits than the current
-    one (per channel for a per-channel leaf), its update is replaced by the one that
-    lands on :func:`cgmq_jax.quantizer.least_squares_latents` of the updated kernel at
-    the updated (smaller) bit-width. Bit-widths after the update are exactly those of
-    ``params + updates``: no cost changes. Everything else passes through. ``prunable``
-    (a tree of bools like ``params``) marks the leaves whose channels may be removed: a
-    channel the update removes (0 bits) stays removed, not refitted.
-    """
-    if not isinstance(params, Mapping):
-        return updates
-    prunable = prunable if isinstance(prunable, Mapping) else {}
-    out = dict(updates)
-    for name, value in params.items():
-        if isinstance(value, Mapping):
-            out[name] = refit_lost_weight_ranges(updates[name], value, prunable.get(name))
-    theta, kernel = params.get("weight_quantizer"), params.get("kernel")
-    if (
-        theta is None
-        or kernel is None
-        or not hasattr(theta, "shape")
-        or not hasattr(kernel, "shape")
-        or theta.shape[-1:] != (2,)
-    ):
-        return out
-    update = updates["weight_quantizer"]
-    new_theta = theta + update
-    prune = bool(prunable.get("weight_quantizer", False))
-    bits = lambda leaf: quantizer.exact_bitwidth(  # noqa: E731
-        *quantizer.from_latents(leaf), signed=True, prune=prune
-    )
-    before, after = bits(theta), bits(new_theta)
-    lost = ((after < before) & (after > 0))[..., None]
-    dtype = jnp.result_type(jnp.float32, theta, update)  # as jnp.where(lost, refit, update)
-
-    def refit():
-        refitted = quantizer.least_squares_latents(
-            kernel + updates["kernel"],
-            jnp.maximum(after, quantizer.min_bitwidth(signed=True)),
-            signed=True,
-            per_channel=theta.ndim == 2,
-        )
-        return jnp.where(lost, refitted - theta, update).astype(dtype)
-
-    # Most steps lose no bit: the least-squares search (13 passes over the kernel) runs
-    # only on those that do.
-    out["weight_quantizer"] = jax.lax.cond(jnp.any(lost), refit, lambda: update.astype(dtype))
-    return out
-
-
 def _default_is_quantizer(params):
     return quantizer.is_quantizer(params)
 
 
 def _no_prunable(params):
     return jax.tree.map(lambda _: False, params)
-
-
-def _keep_levels(update: jax.Array, theta: jax.Array, *, prune: bool = False) -> jax.Array:
-    """Raise the ``log2 q_max`` update so that ``q_max >= d_q`` after it (``n >= 1``).
-
-    ``d_q`` is computed exactly as the forward pass computes it, so at the floor
-    ``q_max / d_q`` is 1 (less a millionth) and ``n = round(q_max / d_q)`` is 1: this never
-    adds a bit. (A half-step margin below ``d_q`` made bits slower to come back after the
-    constraint: the 2e6 runs then used 1.59-1.93M BOPs and lost accuracy.) A prunable leaf's
-    floor is a removed channel's range, ``q_max >= d_q / 4`` (``n = 0``, half a level from
-    coming back, :data:`cgmq_jax.quantizer.PRUNED_RANGE_LOG2`).
-    """
-    new = theta + update
-    d_step = quantizer.power_of_two_step(jnp.exp2(new[..., 0]))
-    # 2**-20 of slack in log2 units: float noise in log2/exp2 must not move a leaf at q_max == d_q.
-    lowest = quantizer.PRUNED_RANGE_LOG2 if prune else 0.0
-    floor = jnp.log2(d_step) + lowest - theta[..., 1] - 2.0**-20
-    return update.at[..., 1].set(jnp.maximum(update[..., 1], floor))

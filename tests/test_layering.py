@@ -52,6 +52,7 @@ CORE = (
     "cgmq_jax.specs",
     "cgmq_jax.cost",
     "cgmq_jax.constraint",
+    "cgmq_jax.step_ranges",
     "cgmq_jax.certify",
     "cgmq_jax.models",
     "cgmq_jax.files",
