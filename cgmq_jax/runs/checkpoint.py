@@ -123,26 +123,33 @@ class Checkpointer:
         # (their event loops are torn down as the run stops).
         hook, threading.excepthook = threading.excepthook, _quiet
         _silence_closed_loop_callbacks()
-        try:
-            self._manager.save(
-                index,
-                args=ocp.args.Composite(
-                    **{_STATE: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
-                ),
-                force=True,
-            )
-            self._manager.wait_until_finished()
-            threading.excepthook = hook
-        except Exception as error:  # orbax and tensorstore raise several types
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its orphaned tasks
-            for partial in self.directory.glob(f"{index}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            if "No space left on device" in reason:
-                reason = "No space left on device"
-            raise CheckpointError(
-                f"cannot write a checkpoint into {self.directory} ({reason[:200]})"
-            ) from None
+        for attempt in (1, 2):
+            try:
+                self._manager.save(
+                    index,
+                    args=ocp.args.Composite(
+                        **{_STATE: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave(meta)}
+                    ),
+                    force=True,
+                )
+                self._manager.wait_until_finished()
+                threading.excepthook = hook
+                return
+            except Exception as error:  # orbax and tensorstore raise several types
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its orphaned tasks
+                for partial in self.directory.glob(f"{index}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                # Once in CI, a file of the save's own temporary directory vanished while it
+                # was written ("[Errno 2] No such file or directory"); the write is tried
+                # again once from scratch. Anything else (a full disk) is reported at once.
+                if attempt == 1 and "No such file or directory" in reason:
+                    continue
+                if "No space left on device" in reason:
+                    reason = "No space left on device"
+                raise CheckpointError(
+                    f"cannot write a checkpoint into {self.directory} ({reason[:200]})"
+                ) from None
 
     def latest_meta(self) -> dict | None:
         """The ``meta`` of the latest complete checkpoint (verified), or None if there is none.
