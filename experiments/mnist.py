@@ -302,8 +302,8 @@ def main(argv=None) -> int:
         print(
             "the budget is lowered from the network's cost at its initial bits to "
             f"{args.budget_bops:,.0f} BOPs over the first {epochs:g} QAT "
-            f"epoch{'s' * (epochs != 1)} ({args.model}'s default below twice its minimum "
-            "BOPs; --budget_warmup_epochs 0 keeps the limit from the first step)",
+            f"epoch{'s' * (epochs != 1)} ({args.model}'s default for a budget this close to "
+            "its minimum; --budget_warmup_epochs 0 keeps the limit from the first step)",
             flush=True,
         )
     with run:
