@@ -6,9 +6,11 @@ layers before it, initialises every quantizer at 8 bits, runs quantization-aware
 inside one jitted train step, evaluates the validation accuracy and the exact cost after
 each epoch, keeps the best feasible checkpoint, repairs if none was feasible, fills,
 certifies, and reports the test accuracy. Its phases: :func:`_start` (initial or resumed
-state), :func:`_train_phase` (the float epochs, then the QAT ones, each by
-:func:`_one_epoch`), :func:`_finish_qat` / :func:`_finish_float` (select, repair, fill,
-certify, test).
+state; :mod:`cgmq_jax.runs.resume`, with the checkpoints and :func:`stop_on_sigint`),
+:func:`_train_phase` (the float epochs, then the QAT ones, each by :func:`_one_epoch`;
+here), :func:`_finish_qat` / :func:`_finish_float` (select, repair, fill, certify, test;
+:mod:`cgmq_jax.runs.finish`). The names of both modules still resolve here
+(``cgmq_jax.runs.fit.stop_on_sigint``).
 
 Methods (``TrainConfig.method``):
 
@@ -23,13 +25,9 @@ Methods (``TrainConfig.method``):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import signal
-import threading
 import time
-from typing import Any
 
 import flax.traverse_util
 import jax
@@ -37,52 +35,36 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgmq_jax import calibration, certify, cost, data, repair, trades
+from cgmq_jax import calibration, cost, data, trades
 from cgmq_jax.runs import parallel
 from cgmq_jax.runs.config import FitResult, TrainConfig
-from cgmq_jax.runs.fill import _fill, _tune_weights
-from cgmq_jax.runs.ptq import _evaluator, post_train
-from cgmq_jax.runs.setup import (
-    _calibration_batch,
-    _float_state,
-    _float_variables_of,
-    _make_setup,
-    _qat_loss,
-    _qat_state,
-    _Setup,
+from cgmq_jax.runs.fill import _tune_weights
+from cgmq_jax.runs.finish import _finish_float, _finish_ptq, _finish_qat, _float_accuracy
+from cgmq_jax.runs.ptq import _evaluator
+from cgmq_jax.runs.resume import (
+    StopFlag,
+    _checkpoint_arrays,  # noqa: F401  (moved to cgmq_jax.runs.resume; still resolves here)
+    _restore,  # noqa: F401  (moved to cgmq_jax.runs.resume; still resolves here)
+    _Run,
+    _save,
+    _start,
+    _stop_never,
+    stop_on_sigint,
 )
+from cgmq_jax.runs.setup import _make_setup, _qat_loss, _qat_state, _Setup
 from cgmq_jax.runs.steps import (
-    BatchNormTrainState,
     _check_finite,
-    _epoch_name,
     _evaluate_float,
     _evaluate_qat,
     _float_variables,
-    _Progress,
     _train_epoch,
     make_accuracy,
     make_train_step,
 )
 
-
-def _stop_never() -> bool:
-    return False
-
-
-@dataclasses.dataclass
-class _Run:
-    """The part of a run that changes as it trains: the state, where it stands, the best
-    feasible params so far, and the wall time by part."""
-
-    state: Any
-    progress: _Progress
-    best_params: Any
-    calibration: jax.Array
-    started: float  # ``time.perf_counter()`` when this process's part of the run began
-    timings: dict = dataclasses.field(
-        default_factory=lambda: {"compile": 0.0, "train": 0.0, "evaluate": 0.0}
-    )
-    trade_loss: Any = None  # the trades' jitted loss (compiled once per run)
+#: The public names, in the API reference's order (``StopFlag`` and ``stop_on_sigint``
+#: from :mod:`cgmq_jax.runs.resume`).
+__all__ = ["fit", "REFIT_EXAMPLES", "TRADE_EXAMPLES", "StopFlag", "stop_on_sigint"]
 
 
 def fit(
@@ -161,50 +143,6 @@ def fit(
     other = time.perf_counter() - started - sum(run.timings.values())
     result.timings = {**run.timings, "other": other}
     return result
-
-
-def _start(setup: _Setup, images, float_params, checkpointer, log) -> _Run:
-    """The run's first state (float, or QAT when nothing is pretrained), or the state of
-    ``checkpointer``'s latest checkpoint (when resuming; None: start afresh), replicated."""
-    config = setup.config
-    sample = jnp.asarray(images[:2])
-    if float_params is None:
-        variables = jax.jit(setup.float_model.init)(jax.random.key(config.seed), sample)
-        variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-    else:
-        variables = _float_variables_of(setup, float_params, sample)
-    calibration = _calibration_batch(setup, images)
-    progress = _Progress(epoch=setup.float_epochs.start if setup.float_epochs else 0)
-    state, best_params = _float_state(setup, variables), None
-    if not setup.float_epochs and config.method not in ("float", "ptq"):
-        progress = _Progress(phase="qat", epoch=setup.qat_epochs.start)
-        state = _qat_state(setup, variables, calibration)
-    if checkpointer is not None:
-        restored = _restore(setup, checkpointer, state, variables, calibration)
-        if restored is not None:
-            state, progress, best_params = restored
-            log(
-                f"resumed from the checkpoint at {_epoch_name(setup, progress)}, "
-                f"batch {progress.step}"
-            )
-    state = setup.placement.replicate(state)
-    return _Run(state, progress, best_params, calibration, time.perf_counter())
-
-
-def _save(setup: _Setup, run: _Run, checkpointer, meta: dict | None, state, progress) -> bool:
-    """Checkpoint ``state`` at ``progress`` (with the run's best params); False if there is
-    no ``checkpointer``."""
-    if checkpointer is None:
-        return False
-    elapsed = progress.seconds + time.perf_counter() - run.started
-    body = {
-        "progress": {**dataclasses.asdict(progress), "seconds": elapsed},
-        "position": f"{_epoch_name(setup, progress)}, batch {progress.step}",
-    }
-    index = progress.epoch * setup.steps_per_epoch + progress.step
-    arrays = parallel.local_copy(_checkpoint_arrays(state, run.best_params))
-    checkpointer.save(index, arrays, {**(meta or {}), **body})
-    return True
 
 
 def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_stop, log):
@@ -392,169 +330,3 @@ def _to_qat(setup: _Setup, run: _Run) -> None:
     )
     variables = parallel.local_copy(_float_variables(run.state))
     run.state = setup.placement.replicate(_qat_state(setup, variables, run.calibration))
-
-
-def _float_accuracy(setup: _Setup, float_params, dataset) -> float:
-    """The validation accuracy of a given float network (params, or variables with
-    BatchNorm statistics)."""
-    variables = float_params if "batch_stats" in float_params else {"params": float_params}
-    return make_accuracy(setup.float_model)(
-        variables["params"], *dataset.validation, batch_stats=variables.get("batch_stats")
-    )
-
-
-def _restore(setup: _Setup, checkpointer, state, variables, calibration):
-    """``(state, progress, best_params)`` from the latest checkpoint, or None if there is none.
-
-    ``state`` is the fresh state of the run's first phase (``variables`` the float
-    network's); a QAT checkpoint of a run that pretrains is restored into the QAT state's
-    structure (built abstractly, no compute). A float checkpoint of a model with BatchNorm
-    holds its ``batch_stats`` too.
-    """
-    meta = checkpointer.latest_meta()
-    if meta is None:
-        return None
-    progress = _Progress(**meta["progress"])
-    if progress.phase == "qat" and setup.float_epochs:  # ``state`` is the float one
-        state = jax.eval_shape(lambda v: _qat_state(setup, v, calibration), variables)
-    like = jax.eval_shape(lambda s: _checkpoint_arrays(s, None), state)
-    arrays = checkpointer.restore_arrays(like)
-    state = state.replace(
-        params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"]
-    )
-    if "batch_stats" in arrays:
-        state = state.replace(batch_stats=arrays["batch_stats"])
-    best_params = arrays["best_params"] if progress.best_epoch is not None else None
-    return state, progress, best_params
-
-
-def _finish_qat(
-    setup, last_params, best_params, progress, dataset, log, tune, known=None
-) -> FitResult:
-    """The best feasible checkpoint, or the last one repaired (cgmq); filled; certified.
-
-    ``known``: ``(accuracy function, validation accuracy)`` of ``best_params`` already
-    measured (PTQ's), so that neither is compiled or measured again."""
-    config, specs, limits = setup.config, setup.specs, setup.limits
-    repaired_bits = 0
-    if best_params is not None:
-        params = jax.device_get(best_params)
-    else:
-        # dq keeps its last epoch when no epoch was feasible (as DQ's code does); cgmq repairs.
-        params = jax.device_get(last_params)
-        if config.method == "cgmq":
-            params, repaired_bits = repair.greedy_repair(params, specs, limits)
-            log(f"no feasible checkpoint: greedy repair removed {repaired_bits} bits")
-    fill = None
-    if config.method == "cgmq":
-        params, fill = _fill(setup, params, dataset.validation, log, tune)
-    if config.method in ("cgmq", "ptq"):
-        certificate = certify.certify(params, specs, limits)
-    else:  # dq and fixed are reported as they are: meeting the budget is their problem
-        certificate = certify.cost_report(params, specs, limits or None)
-    if known is None:
-        accuracy_fn = make_accuracy(setup.model)
-        known = accuracy_fn, accuracy_fn(params, *dataset.validation)
-    (accuracy_fn, accuracy), float_accuracy = known, progress.float_val_accuracy
-    if float_accuracy is not None:
-        certify.with_collapse(certificate, float_accuracy, accuracy)
-    if certificate.get("collapsed"):
-        log(certificate["collapse"]["message"])
-    certificate["selected_epoch"] = progress.best_epoch
-    certificate["repaired_bits"] = repaired_bits
-    certificate["fill"] = fill
-    return FitResult(
-        config=config,
-        params=params,
-        history=progress.history,
-        test_accuracy=accuracy_fn(params, *dataset.test),
-        certificate=certificate,
-        wall_seconds=0.0,  # set by fit
-        data_source=dataset.source,
-        specs=specs,
-        val_accuracy=accuracy,
-        float_val_accuracy=float_accuracy,
-    )
-
-
-def _finish_ptq(setup, run, float_params, dataset, log, tune) -> FitResult:
-    """PTQ from the float network (:func:`cgmq_jax.runs.ptq.post_train`), certified as
-    :func:`_finish_qat` certifies; the certificate's ``ptq`` holds its record, with
-    ``float_seconds`` (the run's time before PTQ: setup, and the float training unless a
-    float network was given)."""
-    float_seconds = run.progress.seconds + time.perf_counter() - run.started
-    float_rows = [row for row in run.progress.history if row.get("phase") == "float"]
-    run.progress.float_val_accuracy = (
-        float_rows[-1]["val_accuracy"]
-        if float_rows
-        else _float_accuracy(setup, float_params, dataset)
-    )
-    variables = _float_variables(parallel.local_copy(run.state))
-    params, record = post_train(setup, variables, dataset, log, tune)
-    known = record.pop("accuracy"), record["val_accuracy"]
-    result = _finish_qat(setup, params, params, run.progress, dataset, log, tune, known)
-    result.certificate["ptq"] = {**record, "float_seconds": float_seconds}
-    return result
-
-
-def _checkpoint_arrays(state, best_params) -> dict:
-    arrays = {
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "step": jnp.asarray(state.step, jnp.int32),
-        "best_params": best_params if best_params is not None else state.params,
-    }
-    if isinstance(state, BatchNormTrainState):  # the float phase of a model with BatchNorm
-        arrays["batch_stats"] = state.batch_stats
-    return arrays
-
-
-def _finish_float(setup, variables, history, dataset) -> FitResult:
-    """A float run: its params, or (a model with BatchNorm) its variables, as ``params``."""
-    variables = jax.device_get(variables)
-    params = variables if "batch_stats" in variables else variables["params"]
-    certificate = certify.cost_report(None, setup.specs, setup.config.limits or None)
-    certificate.update(selected_epoch=setup.config.epochs, repaired_bits=0)
-    return FitResult(
-        config=setup.config,
-        params=params,
-        history=history,
-        test_accuracy=make_accuracy(setup.float_model)(
-            variables["params"], *dataset.test, batch_stats=variables.get("batch_stats")
-        ),
-        certificate=certificate,
-        wall_seconds=0.0,  # set by fit
-        data_source=dataset.source,
-        specs=setup.specs,
-    )
-
-
-class StopFlag:
-    """A flag set by the first SIGINT (Ctrl-C); a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
-@contextlib.contextmanager
-def stop_on_sigint():
-    """Within the block, Ctrl-C asks :func:`fit` to checkpoint and stop after the current
-    step (pass the yielded flag as ``should_stop``); a second Ctrl-C raises at once."""
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        flag.requested = True
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)

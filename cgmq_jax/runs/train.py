@@ -3,9 +3,11 @@
 The code lives in :mod:`cgmq_jax.runs.config` (``TrainConfig``, ``FitResult``),
 :mod:`~cgmq_jax.runs.steps` (steps, batches, epochs, evaluation), :mod:`~cgmq_jax.runs.setup`
 (models, first states, optimizers, the guard's limits), :mod:`~cgmq_jax.runs.fill`,
-:mod:`~cgmq_jax.runs.ptq` (post-training quantization) and :mod:`~cgmq_jax.runs.fit`
-(``fit`` and its phases); this module re-exports them, and is the
-module behind the old name ``cgmq_jax.train``.
+:mod:`~cgmq_jax.runs.ptq` (post-training quantization), :mod:`~cgmq_jax.runs.resume`
+(first or restored state, checkpoints, ``stop_on_sigint``), :mod:`~cgmq_jax.runs.finish`
+(select, repair, fill, certify, test) and :mod:`~cgmq_jax.runs.fit` (``fit`` and its
+training phases); this module re-exports them, and is the module behind the old name
+``cgmq_jax.train``.
 
 Setting one of its names (``monkeypatch.setattr(train, "make_train_step", ...)``, or
 ``train.fit = ...``) sets it in every module of :mod:`cgmq_jax.runs` that holds the same
@@ -29,18 +31,16 @@ from cgmq_jax.runs.config import (
     TrainingDiverged,
 )
 from cgmq_jax.runs.fill import FILL_LR_SCALE, _fill, _tune_weights
-from cgmq_jax.runs.fit import (
+from cgmq_jax.runs.finish import _finish_float, _finish_ptq, _finish_qat
+from cgmq_jax.runs.fit import fit
+from cgmq_jax.runs.ptq import calibration_split, post_train
+from cgmq_jax.runs.resume import (
     StopFlag,
     _checkpoint_arrays,
-    _finish_float,
-    _finish_ptq,
-    _finish_qat,
     _restore,
     _stop_never,
-    fit,
     stop_on_sigint,
 )
-from cgmq_jax.runs.ptq import calibration_split, post_train
 from cgmq_jax.runs.setup import (
     _calibration_batch,
     _float_state,
