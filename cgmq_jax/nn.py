@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from cgmq_jax import quantizer
+from cgmq_jax import _deprecated, quantizer
 from cgmq_jax.conv import (  # noqa: F401  (re-exported: cgmq_jax.nn is their public home)
     conv_dimension_numbers,
     conv_geometry,
@@ -469,12 +469,9 @@ def is_conv(module) -> bool:
 _CALIBRATION = ("init_quantizers", "layer_inputs", "refit_ranges", "strip_quantizers")
 
 
-def __getattr__(name: str):
-    if name in _CALIBRATION:
-        from cgmq_jax import calibration
-
-        return getattr(calibration, name)
-    raise AttributeError(f"module 'cgmq_jax.nn' has no attribute {name!r}")
+__getattr__ = _deprecated.moved(
+    __name__, dict.fromkeys(_CALIBRATION, "cgmq_jax.calibration"), warn=False
+)
 
 
 def __dir__():

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cgmq_jax import conv, operands, quantizer
+from cgmq_jax import _deprecated, conv, operands, quantizer
 from cgmq_jax import nn as qnn
 
 DEFAULT_PERCENTILE = qnn.DEFAULT_PERCENTILE
@@ -462,12 +461,9 @@ _SPECS = ("layer_specs", "linen_params", "with_state", "_MAC_LAYERS", "_calibrat
           "_is_array", "_refuse_plain_layers", "_spec")  # fmt: skip
 
 
-def __getattr__(name: str):
-    if name in _SPECS:
-        value = getattr(importlib.import_module("cgmq_jax.nnx_specs"), name)
-        globals()[name] = value  # resolved once; later lookups (and pdoc) find it directly
-        return value
-    raise AttributeError(f"module 'cgmq_jax.nnx' has no attribute {name!r}")
+__getattr__ = _deprecated.moved(
+    __name__, dict.fromkeys(_SPECS, "cgmq_jax.nnx_specs"), warn=False, namespace=globals()
+)
 
 
 def __dir__():

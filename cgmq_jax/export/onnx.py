@@ -520,7 +520,8 @@ def to_onnx(
 
 
 #: ONNX Runtime's side, moved to :mod:`cgmq_jax.export.onnx_runtime` and still importable
-#: from here (lazily: that module imports this one).
+#: from here (lazily: that module imports this one). Written out rather than through
+#: ``cgmq_jax._deprecated.moved``: the export package imports nothing outside itself.
 _RUNTIME = ("layer_codes", "run_onnx", "session")
 
 
