@@ -5,6 +5,7 @@
 * :func:`patch_conv`: ``jax.lax.conv_general_dilated`` computed as patches times the
   kernel (one input channel into few filters: as a banded matrix product), faster on
   XLA:CPU for convolutions with few input channels;
+* :func:`image_conv`: XLA's convolution forward, with the patches' input gradient;
 * :func:`max_pool`: ``flax.linen.max_pool`` with a cheaper gradient for tiling windows.
 
 Pure functions of arrays and shapes: no module state, no quantizers. The layers that use
@@ -111,20 +112,105 @@ def patch_conv(
         return _depthwise_sum(x, kernel, strides, dilation)
     if _banded_pays(x, kernel):
         return _banded_conv(x, kernel, strides, dilation, precision)
+    patches = _patches(x, kernel_size, dilation, strides)
+    # One matrix product over the flattened positions: XLA:CPU's dot of a 4-D array was
+    # 1.5-2.5x slower forward and backward (a 14x14x32 -> 64 1x1 convolution, batch 128).
+    rows = jnp.reshape(patches, (-1, patches.shape[-1]))
+    product = jnp.dot(rows, jnp.reshape(kernel, (-1, kernel.shape[-1])), precision=precision)
+    return jnp.reshape(product, (*patches.shape[:-1], kernel.shape[-1]))
+
+
+def _patches(x, kernel_size, dilation, strides) -> jax.Array:
+    """The patches of the padded ``x``: ``(batch, *out, offsets * C)``, the kernel's
+    offsets in row-major order, channels fastest (the flattened kernel's rows)."""
     columns = _columns(x, kernel_size, dilation, strides)
     if x.shape[-1] == 1:
         # One channel: each column is stacked whole, then the offsets moved last (a copy
         # XLA:CPU does in tiles). Concatenated along the last axis, 25 single-channel
         # columns were written one element in 25 at a time: 12.6 of 109 ms of lenet5_bb's
         # step on one core. The same array, so the same products bit for bit.
-        patches = jnp.moveaxis(jnp.stack([c[..., 0] for c in columns]), 0, -1)
-    else:
-        patches = jnp.concatenate(columns, axis=-1)
-    # One matrix product over the flattened positions: XLA:CPU's dot of a 4-D array was
-    # 1.5-2.5x slower forward and backward (a 14x14x32 -> 64 1x1 convolution, batch 128).
-    rows = jnp.reshape(patches, (-1, patches.shape[-1]))
-    product = jnp.dot(rows, jnp.reshape(kernel, (-1, kernel.shape[-1])), precision=precision)
-    return jnp.reshape(product, (*patches.shape[:-1], kernel.shape[-1]))
+        return jnp.moveaxis(jnp.stack([c[..., 0] for c in columns]), 0, -1)
+    return jnp.concatenate(columns, axis=-1)
+
+
+def image_conv(
+    x,
+    kernel,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
+    """``jax.lax.conv_general_dilated`` (channels last, no groups, no input dilation) whose
+    forward pass and kernel gradient are XLA's convolution, and whose input gradient is
+    the patches' (:func:`patch_conv`'s: the output gradient times the kernel, added back
+    at each offset).
+
+    For a network's first convolution when its input quantizer learns (that needs the
+    input gradient, which XLA:CPU computes slowly for few channels) and XLA:CPU's
+    convolutions run on Eigen (the compiler option of ``lenet5_bb``'s schedule,
+    :class:`cgmq_jax.runs.config.Schedule`): ``lenet5_bb``'s conv1 (one channel into 32
+    filters) made its cgmq step 1.10x as fast as :func:`patch_conv` there, and 0.93x
+    under XLA's default options (docs/performance.md). With quantized operands (codes
+    times powers of two) the forward pass computes the same exact sums as
+    :func:`patch_conv`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.arange(2 * 6 * 6 * 1.0).reshape(2, 6, 6, 1)
+      >>> k = jnp.ones((3, 3, 1, 4))
+      >>> dn = ("NHWC", "HWIO", "NHWC")
+      >>> ref = jax.lax.conv_general_dilated(x, k, (2, 1), "SAME", dimension_numbers=dn)
+      >>> bool(jnp.all(image_conv(x, k, (2, 1), "SAME") == ref))
+      True
+    """
+    del dimension_numbers
+    if feature_group_count != 1:
+        raise ValueError("image_conv has no feature groups")
+    if any(d != 1 for d in _as_tuple(lhs_dilation, x.ndim - 2)):
+        raise ValueError("image_conv has no input dilation")
+    strides, pads, dilation = _window(x, kernel, window_strides, padding, rhs_dilation)
+    return _xla_forward_conv(_pad_and_crop(x, pads), kernel, strides, dilation, precision)
+
+
+def _valid_conv(x, kernel, strides, dilation, precision):
+    numbers = conv_dimension_numbers(x.shape)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        "VALID",
+        rhs_dilation=dilation,
+        dimension_numbers=numbers,
+        precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _xla_forward_conv(x, kernel, strides, dilation, precision):
+    return _valid_conv(x, kernel, strides, dilation, precision)
+
+
+def _xla_forward_conv_fwd(x, kernel, strides, dilation, precision):
+    return _valid_conv(x, kernel, strides, dilation, precision), (x, kernel)
+
+
+def _xla_forward_conv_bwd(strides, dilation, precision, saved, g):
+    x, kernel = saved
+    _, kernel_vjp = jax.vjp(lambda k: _valid_conv(x, k, strides, dilation, precision), kernel)
+    patches, spread = jax.vjp(lambda x: _patches(x, kernel.shape[:-2], dilation, strides), x)
+    rows = jnp.dot(
+        jnp.reshape(g, (-1, g.shape[-1])),
+        jnp.reshape(kernel, (-1, kernel.shape[-1])).T,
+        precision=precision,
+    )
+    return (*spread(jnp.reshape(rows, patches.shape)), *kernel_vjp(g))
+
+
+_xla_forward_conv.defvjp(_xla_forward_conv_fwd, _xla_forward_conv_bwd)
 
 
 def _require_depthwise(x, kernel, groups: int, name: str) -> None:

@@ -43,6 +43,7 @@ from cgmq_jax.conv import (  # noqa: F401  (re-exported: cgmq_jax.nn is their pu
     conv_dimension_numbers,
     conv_geometry,
     depthwise_conv,
+    image_conv,
     max_pool,
     patch_conv,
 )

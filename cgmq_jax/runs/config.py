@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+
 from cgmq_jax import admission, constraint, cost, models
 from cgmq_jax.limits import LIMIT_FLAGS, limits_from_flags
 
@@ -28,7 +30,8 @@ class Schedule:
     ``prune`` (it is constant without it), and over how many first QAT epochs the BOP
     budget is lowered to the limit (``cgmq`` with ``budget_bops`` alone, below
     ``budget_warmup_below`` times the network's minimum BOPs, and no ``prune``; at most
-    half the QAT epochs; 0: the limit from the first step)."""
+    half the QAT epochs; 0: the limit from the first step), and the XLA options its train
+    steps compile with on a CPU (``(name, value)`` pairs; :attr:`TrainConfig.compiler_options`)."""
 
     pretrain_epochs: int
     epochs: int
@@ -39,6 +42,13 @@ class Schedule:
     quantizer_lr_decay_with_prune: bool = False
     budget_warmup_epochs: float = 0
     budget_warmup_below: float = 0.0
+    compiler_options: tuple[tuple[str, str], ...] = ()
+
+
+#: XLA:CPU hands reductions alone to the YNNPACK library, its convolutions to Eigen: the
+#: option of ``lenet5_bb``'s schedule (XLA's default gives YNNPACK its convolutions too,
+#: which run there on one thread at about half the speed; docs/performance.md).
+YNNPACK_REDUCTIONS_ONLY = (("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE"),)
 
 
 #: The schedule of a model not in :data:`SCHEDULES` (and of every model before LeNet-5's
@@ -74,7 +84,11 @@ SCHEDULES = {
         budget_warmup_epochs=2,
         budget_warmup_below=2.0,
     ),
-    "lenet5_bb": dataclasses.replace(DEFAULT_SCHEDULE, quantizer_lr_decay_with_prune=True),
+    "lenet5_bb": dataclasses.replace(
+        DEFAULT_SCHEDULE,
+        quantizer_lr_decay_with_prune=True,
+        compiler_options=YNNPACK_REDUCTIONS_ONLY,
+    ),
 }
 
 
@@ -179,6 +193,15 @@ class TrainConfig:
         for name in ("pretrain_epochs", "epochs", "lr", "admission"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(defaults, name))
+
+    @property
+    def compiler_options(self) -> dict[str, str] | None:
+        """The XLA options of the run's train steps (``jax.jit``'s ``compiler_options``):
+        the model's schedule's on a CPU, else ``None`` (XLA's defaults). They change
+        which library sums a convolution, so a run's last bits; ``results.json`` records
+        them under ``versions``."""
+        options = schedule(self.model).compiler_options
+        return dict(options) if options and jax.default_backend() == "cpu" else None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field and its valid range."""

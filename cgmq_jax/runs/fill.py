@@ -98,7 +98,12 @@ def _tune_weights(setup, train, params, *, should_stop, saved, timings):
     )
     state = train_state.TrainState.create(apply_fn=setup.model.apply, params=params, tx=tx)
     state = setup.placement.replicate(state)
-    train_step = make_train_step(setup.model, placement=setup.placement, donate=True)
+    train_step = make_train_step(
+        setup.model,
+        placement=setup.placement,
+        donate=True,
+        compiler_options=setup.config.compiler_options,
+    )
     for k in range(epochs):
         progress = _Progress(phase="tune", epoch=setup.qat_epochs.stop + k)
         state, losses = _train_epoch(

@@ -162,7 +162,13 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
             setup.qat_epochs,
         )
     accuracy_fn = make_accuracy(model)
-    train_step = make_train_step(model, loss_fn, placement=setup.placement, donate=True)
+    train_step = make_train_step(
+        model,
+        loss_fn,
+        placement=setup.placement,
+        donate=True,
+        compiler_options=setup.config.compiler_options,
+    )
     if phase == "qat" and setup.config.method == "cgmq" and setup.config.refits:
         train_step = _with_input_refit(setup, run, train_step)
     first = run.progress.epoch

@@ -180,7 +180,13 @@ def initial_step(config: TrainConfig, dataset: data.MnistData, *, donate: bool =
         calibration = _calibration_batch(setup, dataset.train[0])
         state, model = _qat_state(setup, variables, calibration), setup.model
         loss_fn = _qat_loss(setup)
-    step = make_train_step(model, loss_fn, placement=setup.placement, donate=donate)
+    step = make_train_step(
+        model,
+        loss_fn,
+        placement=setup.placement,
+        donate=donate,
+        compiler_options=setup.config.compiler_options,
+    )
     return step, setup.placement.replicate(state), setup.placement
 
 

@@ -71,7 +71,12 @@ def _float_variables(state) -> dict:
 
 
 def make_train_step(
-    model, loss_fn=None, *, placement: parallel.Placement | None = None, donate: bool = False
+    model,
+    loss_fn=None,
+    *,
+    placement: parallel.Placement | None = None,
+    donate: bool = False,
+    compiler_options: dict | None = None,
 ):
     """A jitted step ``(state, images, labels) -> (state, loss)`` for a ``TrainState``.
 
@@ -83,6 +88,7 @@ def make_train_step(
     and the loss replicated (the loss and the gradients are means over the global batch).
     With ``donate`` the step reuses the input state's buffers (``fit`` does; on a CPU the
     effect was within the benchmark's noise); the state passed in is then unusable.
+    ``compiler_options`` are XLA's, for ``jax.jit`` (:attr:`TrainConfig.compiler_options`).
     """
     loss_fn = loss_fn or functools.partial(_cross_entropy, model)
 
@@ -101,16 +107,13 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels)
         return _apply_gradients(state, grads), loss
 
-    donated = (0,) if donate else ()
-    if placement is None:
-        return jax.jit(train_step, donate_argnums=donated)
-    replicated, batch = placement.replicated, placement.batch
-    return jax.jit(
-        train_step,
-        in_shardings=(replicated, batch, batch),
-        out_shardings=replicated,
-        donate_argnums=donated,
+    jit = functools.partial(
+        jax.jit, donate_argnums=(0,) if donate else (), compiler_options=compiler_options
     )
+    if placement is None:
+        return jit(train_step)
+    replicated, batch = placement.replicated, placement.batch
+    return jit(train_step, in_shardings=(replicated, batch, batch), out_shardings=replicated)
 
 
 def _apply_gradients(state, grads):
