@@ -538,6 +538,44 @@ def test_one_channel_stacked_patches_and_their_gradients_are_those_of_lax(
 
 
 @pytest.mark.parametrize(
+    ("shape", "filters", "strides", "padding"),
+    [
+        ((2, 12, 10, 1), 32, (1, 1), "VALID"),  # lenet5_bb's conv1, smaller
+        ((2, 9, 8, 1), 5, (2, 3), "SAME"),
+        ((2, 11, 1), 4, (2,), "SAME"),
+        ((2, 8, 7, 3), 6, (1, 2), ((1, 2), (0, 1))),  # several channels, explicit padding
+    ],
+)
+def test_image_conv_and_its_gradients_are_those_of_lax(shape, filters, strides, padding):
+    """``conv.image_conv`` (XLA's forward and kernel gradient, the patches' input
+    gradient): output and both gradients equal XLA's convolution's exactly (integer
+    values); groups and input dilation are refused by name."""
+    rng = np.random.default_rng(6)
+    rank = len(shape) - 2
+    x = jnp.asarray(rng.integers(-3, 4, shape), jnp.float32)
+    kernel = jnp.asarray(rng.integers(-3, 4, (*(3,) * rank, shape[-1], filters)), jnp.float32)
+    spec = "".join("DHW"[3 - rank :])
+    numbers = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
+
+    def run(convolve):
+        def f(x, kernel):
+            y = convolve(x, kernel, strides, padding, dimension_numbers=numbers)
+            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
+            return jnp.sum(y * weights), y
+
+        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
+
+    (got_grads, got), (grads, expected) = run(cnn.image_conv), run(jax.lax.conv_general_dilated)
+    np.testing.assert_array_equal(got, expected)
+    for g, e in zip(got_grads, grads, strict=True):
+        np.testing.assert_array_equal(g, e)
+    with pytest.raises(ValueError, match="image_conv has no feature groups"):
+        cnn.image_conv(x, kernel, strides, padding, feature_group_count=shape[-1])
+    with pytest.raises(ValueError, match="image_conv has no input dilation"):
+        cnn.image_conv(x, kernel, strides, padding, lhs_dilation=(2,) * rank)
+
+
+@pytest.mark.parametrize(
     ("shape", "window"),
     [
         ((2, 8, 8, 3), (2, 2)),

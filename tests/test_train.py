@@ -170,6 +170,7 @@ def test_cli_writes_results(finished_run, tiny_mnist):
     assert results["versions"]["jax"]
     # the XLA options it ran with (they change a run's last bits): the suite's own
     assert results["versions"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert results["versions"]["compiler_options"] is None  # LeNet-5's steps: XLA's defaults
     assert (out / "training.png").stat().st_size > 0
     params = report.load_params(out)
     specs = cost.layer_specs(models.LeNet5(), tiny_mnist.train[0][:1])
@@ -273,7 +274,8 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     dscnn = train.TrainConfig(model="dscnn")
     assert (dscnn.pretrain_epochs, dscnn.epochs, dscnn.lr) == (5, 25, 1e-3)
     bb = config.schedule("lenet5_bb")  # the default one, but its rate decays under prune
-    assert dataclasses.replace(bb, quantizer_lr_decay_with_prune=False) == config.DEFAULT_SCHEDULE
+    default = dataclasses.replace(bb, quantizer_lr_decay_with_prune=False, compiler_options=())
+    assert default == config.DEFAULT_SCHEDULE  # and it compiles with its own XLA options
     assert bb.quantizer_lr_decay_with_prune
     given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4)
     assert (given.pretrain_epochs, given.epochs, given.lr) == (5, 3, 5e-4)
@@ -289,6 +291,43 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     assert train.TrainConfig(model="dscnn", prune=True).admission == "gain"
     assert train.TrainConfig(model="lenet5_bb", prune=True).admission == "all_or_nothing"
     train.TrainConfig(prune=True).validate()
+
+
+def test_lenet5_bb_steps_compile_with_xlas_convolutions_off_ynnpack():
+    """``lenet5_bb``'s schedule's XLA options reach its train steps (on this CPU): a
+    convolution compiled with them is XLA's own instruction, under XLA's defaults (every
+    other model) it is a YNNPACK fusion."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+    from flax.training import train_state
+
+    from cgmq_jax.runs import config, steps
+
+    bb = train.TrainConfig(model="lenet5_bb")
+    assert bb.compiler_options == dict(config.YNNPACK_REDUCTIONS_ONLY)
+    assert train.TrainConfig().compiler_options is None
+    assert train.TrainConfig(model="dscnn").compiler_options is None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.mean(nn.Conv(64, (5, 5), padding="VALID")(x), axis=(1, 2))
+
+    model, x = Net(), jnp.ones((8, 12, 12, 32))  # lenet5_bb's conv2, a smaller batch
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"], tx=optax.sgd(0.1)
+    )
+    labels = jnp.zeros(8, jnp.int32)
+
+    def convolutions_in_ynnpack(options) -> bool:
+        step = steps.make_train_step(model, compiler_options=options)
+        hlo = step.lower(state, x, labels).compile().as_text()
+        ynn = [line for line in hlo.splitlines() if "ynn_fusion" in line and "conv" in line]
+        return bool(ynn)
+
+    assert convolutions_in_ynnpack(None)
+    assert not convolutions_in_ynnpack(bb.compiler_options)
 
 
 def test_the_cli_stores_the_models_admission():

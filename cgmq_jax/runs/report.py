@@ -84,14 +84,14 @@ def timings_text(timings: dict) -> str:
 
 def result_dict(result: FitResult, *, flags: dict | None = None) -> dict:
     """The contents of ``results.json`` for ``result``: flags (default: its config), config,
-    seed, data source, package versions, history, test accuracy, BOPs, budget verdict, wall
-    time and its split (``timings``) and certificate."""
+    seed, data source, package versions (with the train steps' XLA options), history, test
+    accuracy, BOPs, budget verdict, wall time and its split (``timings``) and certificate."""
     return {
         "flags": flags if flags is not None else dataclasses.asdict(result.config),
         "config": dataclasses.asdict(result.config),
         "seed": result.config.seed,
         "data_source": result.data_source,
-        "versions": package_versions(),
+        "versions": {**package_versions(), "compiler_options": result.config.compiler_options},
         "history": result.history,
         "test_accuracy": result.test_accuracy,
         "val_accuracy": result.val_accuracy,
