@@ -462,6 +462,24 @@ def test_float_depthwise_layer_is_flax_with_the_running_sums_gradient():
         conv.depthwise_conv(x, jnp.ones((3, 3, 2, 6)), (1, 1), "SAME", feature_group_count=3)
 
 
+def _assert_same_as_lax(convolve, x, kernel, strides, padding, **options):
+    """``convolve``'s output and both gradients (of a weighted sum of the output) equal
+    ``jax.lax.conv_general_dilated``'s exactly, with the same arguments."""
+
+    def run(convolve):
+        def f(x, kernel):
+            y = convolve(x, kernel, strides, padding, **options)
+            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
+            return jnp.sum(y * weights), y
+
+        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
+
+    (got_grads, got), (grads, expected) = run(convolve), run(jax.lax.conv_general_dilated)
+    np.testing.assert_array_equal(got, expected)
+    for g, e in zip(got_grads, grads, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
 @pytest.mark.parametrize(
     ("shape", "strides", "padding", "dilation"),
     [
@@ -487,21 +505,16 @@ def test_one_channel_banded_conv_and_its_gradients_are_those_of_lax(
     banded, band = [], conv._banded_conv
     monkeypatch.setattr(conv, "_banded_conv", lambda *args: banded.append(1) or band(*args))
 
-    def run(convolve):
-        def f(x, kernel):
-            y = convolve(
-                x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=numbers
-            )
-            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
-            return jnp.sum(y * weights), y
-
-        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
-
-    (got_grads, got), (grads, expected) = run(cnn.patch_conv), run(jax.lax.conv_general_dilated)
+    _assert_same_as_lax(
+        cnn.patch_conv,
+        x,
+        kernel,
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=numbers,
+    )
     assert banded, "the one-channel convolution did not take the banded product"
-    np.testing.assert_array_equal(got, expected)
-    for g, e in zip(got_grads, grads, strict=True):
-        np.testing.assert_array_equal(g, e)
 
 
 @pytest.mark.parametrize(
@@ -523,18 +536,7 @@ def test_one_channel_stacked_patches_and_their_gradients_are_those_of_lax(
     numbers = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
     monkeypatch.setattr(conv, "_banded_conv", lambda *args: pytest.fail("took the band"))
 
-    def run(convolve):
-        def f(x, kernel):
-            y = convolve(x, kernel, strides, padding, dimension_numbers=numbers)
-            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
-            return jnp.sum(y * weights), y
-
-        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
-
-    (got_grads, got), (grads, expected) = run(cnn.patch_conv), run(jax.lax.conv_general_dilated)
-    np.testing.assert_array_equal(got, expected)
-    for g, e in zip(got_grads, grads, strict=True):
-        np.testing.assert_array_equal(g, e)
+    _assert_same_as_lax(cnn.patch_conv, x, kernel, strides, padding, dimension_numbers=numbers)
 
 
 @pytest.mark.parametrize(
@@ -557,18 +559,7 @@ def test_image_conv_and_its_gradients_are_those_of_lax(shape, filters, strides, 
     spec = "".join("DHW"[3 - rank :])
     numbers = (f"N{spec}C", f"{spec}IO", f"N{spec}C")
 
-    def run(convolve):
-        def f(x, kernel):
-            y = convolve(x, kernel, strides, padding, dimension_numbers=numbers)
-            weights = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 5 - 2
-            return jnp.sum(y * weights), y
-
-        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(x, kernel)
-
-    (got_grads, got), (grads, expected) = run(cnn.image_conv), run(jax.lax.conv_general_dilated)
-    np.testing.assert_array_equal(got, expected)
-    for g, e in zip(got_grads, grads, strict=True):
-        np.testing.assert_array_equal(g, e)
+    _assert_same_as_lax(cnn.image_conv, x, kernel, strides, padding, dimension_numbers=numbers)
     with pytest.raises(ValueError, match="image_conv has no feature groups"):
         cnn.image_conv(x, kernel, strides, padding, feature_group_count=2)
     with pytest.raises(ValueError, match="image_conv has no input dilation"):
