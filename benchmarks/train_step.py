@@ -5,12 +5,16 @@ wall time split, with its peak memory.
     python benchmarks/train_step.py --models lenet5,mlp,lenet5_bb,dscnn --fit
 
 Every configuration's jitted step (:func:`cgmq_jax.runs.train.initial_step`, as ``fit`` builds
-it) is compiled first; then ``--repeats`` rounds each time ``--steps`` steps of every
-configuration in turn (interleaved, so that a slow moment of the machine hits all of
-them), on real MNIST batches already on the device. Printed: the median samples/s, the
-spread, and the ratios that the targets are stated in. The lever variants time the same
-cgmq step with one lever undone: ``direct-conv`` (XLA's direct convolution instead of
-:func:`cgmq_jax.nn.patch_conv` for conv1, depthwise and pointwise convolutions) and
+it) is compiled first; then ``--repeats`` rounds each time every configuration in turn
+(interleaved, so that a slow moment of the machine hits all of them), on real MNIST
+batches already on the device, for about ``--seconds`` each: a probe of
+:data:`PROBE_STEPS` steps after the compile sets each configuration's (and each peer's)
+step count. (``--steps N`` instead times N steps of LeNet-5 and fewer, by MACs, of the
+bigger networks: their windows then differ in length, ``lenet5_bb``'s under a second.)
+Printed: the median samples/s, the spread, and the ratios that the targets are stated
+in. The lever variants time the same cgmq step with one lever undone: ``direct-conv``
+(XLA's direct convolution instead of :func:`cgmq_jax.nn.patch_conv` for conv1, depthwise
+and pointwise convolutions) and
 ``no-donate`` (the state's buffers not donated to the step), ``flax-max-pool``
 (``flax.linen.max_pool``'s gradient instead of :func:`cgmq_jax.nn.max_pool`'s), and
 ``no-levers`` (all three undone: the step of the release before them).
@@ -49,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 
 VARIANTS = ("direct-conv", "no-donate", "flax-max-pool", "no-levers")
 HEADLINE_FLOAT_BOPS = 288_399_360  # lenet5 at 32 x 32 bits
+PROBE_STEPS = 20  # timed once after the compile to size each window (--seconds)
 
 
 def _build(model: str, method: str, dataset, batch_size: int):
@@ -110,6 +115,11 @@ def _time(entry: dict, steps: int, batch_size: int) -> float:
     jax.block_until_ready((state, loss))
     entry["state"] = state
     return steps * batch_size / (time.perf_counter() - start)
+
+
+def _timer(entry: dict, batch_size: int):
+    """``steps -> samples/s`` of one of our configurations, as a peer's ``time``."""
+    return lambda steps: _time(entry, steps, batch_size)
 
 
 #: (model, row) -> the peer script and its arguments; rows named ``<peer>-<mode>``.
@@ -209,6 +219,18 @@ def _counts(args, python: str | None) -> None:
         print(f"| {name} | {ours} | {peer_params} | {macs:,} | {peer_macs} |")
 
 
+def _steps_for_seconds(samples_per_second: float, seconds: float, batch_size: int) -> int:
+    """The steps that take about ``seconds`` at ``samples_per_second`` (at least 20).
+
+    Examples:
+      >>> _steps_for_seconds(12_800, 3.0, 128)
+      300
+      >>> _steps_for_seconds(500, 3.0, 128)
+      20
+    """
+    return max(20, round(seconds * samples_per_second / batch_size))
+
+
 def _steps_for(model: str, steps: int) -> int:
     """``--steps`` for lenet5, fewer for bigger networks (about the same seconds)."""
     from cgmq_jax import cost
@@ -231,15 +253,21 @@ def step_table(args) -> dict:
     ]
     rows += [("lenet5", f"{m}:{v}") for v in args.variants for m in ("float", "cgmq")]
     started = _start_peers(args)  # they start and compile while ours compile
-    entries, steps = {}, {}
+    entries = {}
     for model, method in rows:
         print(f"compiling {model} {method} ...", file=sys.stderr, flush=True)
         entries[model, method] = _build(model, method, dataset, args.batch_size)
-        steps[model, method] = _steps_for(model, args.steps)
     peers = {row: peer for row, peer in started.items() if peer.ready() is not None}
-    for row in peers:
-        rows.append(row)
-        steps[row] = _steps_for(row[0], args.steps)
+    rows += list(peers)
+    if args.steps is not None:
+        steps = {row: _steps_for(row[0], args.steps) for row in rows}
+    else:
+        steps = {}
+        for row in rows:
+            probe = peers[row].time if row in peers else _timer(entries[row], args.batch_size)
+            steps[row] = _steps_for_seconds(probe(PROBE_STEPS), args.seconds, args.batch_size)
+        sized = ", ".join(f"{' '.join(row)} {n}" for row, n in steps.items())
+        print(f"steps per timing (about {args.seconds:g} s each): {sized}", file=sys.stderr)
     versions = {row[1].split("-")[0]: peer.info for row, peer in peers.items()}
     for name, info in versions.items():
         keys = ("torch", "threads") if name == "torch" else ("qwix", "jax", "flax")
@@ -249,10 +277,8 @@ def step_table(args) -> dict:
     samples = {row: [] for row in rows}
     for r in range(args.repeats):
         for row in rows:
-            if row in peers:
-                samples[row].append(peers[row].time(steps[row]))
-            else:
-                samples[row].append(_time(entries[row], steps[row], args.batch_size))
+            time_steps = peers[row].time if row in peers else _timer(entries[row], args.batch_size)
+            samples[row].append(time_steps(steps[row]))
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     for peer in peers.values():
         peer.close()
@@ -369,7 +395,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="lenet5", help="comma-separated")
     parser.add_argument("--methods", default="float,cgmq,dq,fixed", help="comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="lever variants, or ''")
-    parser.add_argument("--steps", type=int, default=300, help="per timing, for lenet5")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="about this long per timing (a probe sizes it)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="instead: this many per timing for lenet5"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument(
@@ -391,6 +422,8 @@ def main(argv=None) -> int:
         from cgmq_jax.runs import parallel
 
         parallel.split_cpu(max(args.devices))
+    if not args.seconds > 0 or (args.steps is not None and args.steps < 1):
+        parser.error("--seconds must be > 0 and --steps (when given) at least 1")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
