@@ -14,10 +14,10 @@ bigger networks: their windows then differ in length, ``lenet5_bb``'s under a se
 Printed: the median samples/s, the spread, and the ratios that the targets are stated
 in. The lever variants time the same cgmq step with one lever undone: ``direct-conv``
 (XLA's direct convolution instead of :func:`cgmq_jax.nn.patch_conv` for conv1, depthwise
-and pointwise convolutions) and
-``no-donate`` (the state's buffers not donated to the step), ``flax-max-pool``
-(``flax.linen.max_pool``'s gradient instead of :func:`cgmq_jax.nn.max_pool`'s), and
-``no-levers`` (all three undone: the step of the release before them).
+and pointwise convolutions) and ``no-donate`` (the state's buffers not donated to the
+step), ``flax-max-pool`` (``flax.linen.max_pool``'s gradient instead of
+:func:`cgmq_jax.nn.max_pool`'s), and ``no-levers`` (all three undone: the step of the
+release before them).
 
 Peers: with ``--peers_python PATH`` (or ``CGMQ_PEERS_PYTHON``; ``make setup-peers`` builds
 ``.venv-peers``, never a dependency of this project), each round also times the peers, each
@@ -232,7 +232,8 @@ def _steps_for_seconds(samples_per_second: float, seconds: float, batch_size: in
 
 
 def _steps_for(model: str, steps: int) -> int:
-    """``--steps`` for lenet5, fewer for bigger networks (about the same seconds)."""
+    """``--steps`` for lenet5, fewer for bigger networks, by their MACs (the rule before
+    ``--seconds``: a window's seconds then differ from network to network)."""
     from cgmq_jax import cost
     from cgmq_jax.runs import train
 
@@ -259,13 +260,17 @@ def step_table(args) -> dict:
         entries[model, method] = _build(model, method, dataset, args.batch_size)
     peers = {row: peer for row, peer in started.items() if peer.ready() is not None}
     rows += list(peers)
+    timers = {  # steps -> samples/s, ours and the peers' alike
+        row: peers[row].time if row in peers else _timer(entries[row], args.batch_size)
+        for row in rows
+    }
     if args.steps is not None:
         steps = {row: _steps_for(row[0], args.steps) for row in rows}
     else:
-        steps = {}
-        for row in rows:
-            probe = peers[row].time if row in peers else _timer(entries[row], args.batch_size)
-            steps[row] = _steps_for_seconds(probe(PROBE_STEPS), args.seconds, args.batch_size)
+        steps = {
+            row: _steps_for_seconds(timers[row](PROBE_STEPS), args.seconds, args.batch_size)
+            for row in rows
+        }
         sized = ", ".join(f"{' '.join(row)} {n}" for row, n in steps.items())
         print(f"steps per timing (about {args.seconds:g} s each): {sized}", file=sys.stderr)
     versions = {row[1].split("-")[0]: peer.info for row, peer in peers.items()}
@@ -277,8 +282,7 @@ def step_table(args) -> dict:
     samples = {row: [] for row in rows}
     for r in range(args.repeats):
         for row in rows:
-            time_steps = peers[row].time if row in peers else _timer(entries[row], args.batch_size)
-            samples[row].append(time_steps(steps[row]))
+            samples[row].append(timers[row](steps[row]))
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     for peer in peers.values():
         peer.close()
