@@ -35,11 +35,14 @@ def test_fit_returns_a_certified_model_within_budget(tiny_mnist):
     assert sum(row["bops"] for row in certificate["layers"]) == certificate["bops"]
     assert 0.0 <= result.test_accuracy <= 1.0
     assert [row["phase"] for row in result.history] == ["float", "qat"]
-    fill = certificate["fill"]  # the bits that fit, their weights trained, if not worse
+    fill = certificate["fill"]  # the bits that fit, their weights trained, unless worse
     assert fill["bits"] > 0 and fill["tune_epochs"] == config.fill_epochs == 1
-    with_bits = max(fill["val_accuracy_after"], fill["val_accuracy_filled"])
-    assert fill["kept"] == (with_bits >= fill["val_accuracy_before"])
-    assert fill["tuned"] == (fill["kept"] and with_bits == fill["val_accuracy_after"])
+    lost, won = fill["val_lost"], fill["val_won"]
+    n = len(tiny_mnist.validation[1])  # the images each network gets right, counted twice:
+    moved = round((fill["val_accuracy_after"] - fill["val_accuracy_before"]) * n)
+    assert won - lost == moved  # the trained filled network's against the one as trained
+    assert fill["kept"] == (lost - won <= 2.0 * (lost + won) ** 0.5)
+    assert fill["tuned"] == fill["kept"]  # its weight training did not diverge
     if fill["kept"]:  # then no single bit fits any more: training moved no quantizer
         assert certificate["bops"] + certificate["one_more_bit_bops"] > 2e6
 
@@ -80,6 +83,40 @@ def test_fill_uses_the_budget_until_no_single_bit_fits(budget, lenet_init_params
     assert report["bops"] + report["one_more_bit_bops"] > budget  # no single bit fits now
     assert report["bops"] >= 0.97 * budget
     assert repair.greedy_fill(filled, specs, budget)[1] == 0  # a fixed point
+
+
+def test_the_fill_drops_a_filled_network_worse_beyond_chance(lenet_init_params, tiny_mnist):
+    """The filled network is kept unless it loses more validation images than chance
+    explains (McNemar, z = 2): here its weight training returns a network that calls every
+    image one class, against labels the network as trained gets all right."""
+    from types import SimpleNamespace
+
+    from cgmq_jax.runs import fill
+
+    model, images = models.LeNet5(), tiny_mnist.validation[0][:200]
+    specs = cost.layer_specs(model, images[:1])
+    params, _ = repair.greedy_repair(lenet_init_params, specs, 1.2e6)  # room to fill
+    labels = np.argmax(np.asarray(model.apply({"params": params}, images)), -1)
+    setup = SimpleNamespace(model=model, specs=specs, limits=2e6, config=SimpleNamespace(
+        fill_epochs=1))  # fmt: skip
+    rare = int(np.argmin(np.bincount(labels, minlength=10)))
+
+    def one_class(p):
+        head = {**p["fc3"], "kernel": np.zeros_like(p["fc3"]["kernel"])}
+        head["bias"] = 10.0 * np.eye(10, dtype=np.float32)[rare]
+        return {**p, "fc3": head}, None
+
+    kept, record = fill._fill(setup, params, (images, labels), lambda _: None, one_class)
+    assert kept is params and not record["kept"] and not record["tuned"]
+    assert record["bits"] > 0 and record["val_accuracy_before"] == 1.0
+    assert (record["val_lost"], record["val_won"]) == (np.sum(labels != rare), 0)
+    # A diverged weight training leaves the filled network, untrained: judged the same way.
+    diverged = lambda p: (None, "the loss became nan")  # noqa: E731
+    messages = []
+    returned, record = fill._fill(setup, params, (images, labels), messages.append, diverged)
+    assert record["val_accuracy_after"] == record["val_accuracy_filled"]
+    assert not record["tuned"] and record["kept"] == (returned is not params)
+    assert "the fill's weight training is dropped: the loss became nan" in messages[0]
 
 
 def test_one_more_bit_bops_is_the_cheapest_single_bit(lenet_init_params):

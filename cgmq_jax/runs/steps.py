@@ -128,12 +128,31 @@ def _apply_gradients(state, grads):
     )
 
 
+def _is_right(model, variables, images, labels):
+    """Whether ``model`` classifies each of ``images`` right (a boolean per image)."""
+    return jnp.argmax(model.apply(variables, images), -1) == labels
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _correct(model, variables, images, labels):
     """How many of ``images`` ``model`` classifies right; compiled once per (equal) model,
     however many accuracy functions are made for it."""
-    logits = model.apply(variables, images)
-    return jnp.sum(jnp.argmax(logits, -1) == labels)
+    return jnp.sum(_is_right(model, variables, images, labels))
+
+
+_right_each = jax.jit(_is_right, static_argnums=0)
+
+
+def right_each(model, params, images, labels, batch_size: int = 1000) -> np.ndarray:
+    """Whether ``model`` with ``params`` (host arrays, no BatchNorm statistics) classifies
+    each of ``images`` right: a boolean array, jitted per batch."""
+    return np.concatenate(
+        [
+            np.asarray(_right_each(model, {"params": params}, images[i : i + batch_size],
+                                   labels[i : i + batch_size]))
+            for i in range(0, len(labels), batch_size)
+        ]
+    )  # fmt: skip
 
 
 def make_accuracy(model, batch_size: int = 1000):
