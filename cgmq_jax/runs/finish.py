@@ -43,6 +43,9 @@ def _finish_qat(
     fill = None
     if config.method == "cgmq":
         params, fill = _fill(setup, params, dataset.validation, log, tune)
+        # the returned network's validation accuracy, measured by the fill: not again
+        kept = fill["val_accuracy_after"] if fill["kept"] else fill["val_accuracy_before"]
+        known = make_accuracy(setup.model), kept
     if config.method in ("cgmq", "ptq"):
         certificate = certify.certify(params, specs, limits)
     else:  # dq and fixed are reported as they are: meeting the budget is their problem
