@@ -13,8 +13,8 @@ refused.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,141 +25,12 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from integer_models import Builder, residual_model  # noqa: E402
+
 from cgmq_jax.export import engine, format  # noqa: E402
 from cgmq_jax.export import onnx as ox  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------- model builder
-
-
-class Builder:
-    """Builds a header and arrays for ``format.save``, one layer at a time."""
-
-    def __init__(self, input_shape, *, seed=0):
-        self.rng = np.random.default_rng(seed)
-        self.input = dict(shape=list(input_shape), exponent=-8)
-        self.ops: list[dict] = []
-        self.layers: list[dict] = []
-        self.arrays: dict[str, np.ndarray] = {}
-        self.shapes = [tuple(input_shape)]
-
-    def op(self, kind, inputs, out_shape, **fields) -> int:
-        self.ops.append(dict(op=kind, inputs=list(inputs), **fields))
-        self.shapes.append(tuple(out_shape))
-        return len(self.ops)
-
-    def layer(
-        self,
-        kind,
-        x,
-        kernel_shape,
-        *,
-        in_exponent,
-        in_levels,
-        signed=False,
-        w_levels=3,
-        w_exponent=-3,
-        bias_shift=1,
-        bias_max=50,
-        **geometry,
-    ) -> int:
-        index, shape, cout = len(self.layers), self.shapes[x], kernel_shape[-1]
-        per_channel = isinstance(w_levels, list)
-        levels = w_levels if per_channel else [w_levels] * cout
-        w_exps = w_exponent if per_channel else [w_exponent] * cout
-        kernel = np.stack(
-            [self.rng.integers(-n, n + 1, math.prod(kernel_shape[:-1])) for n in levels], axis=-1
-        ).reshape(kernel_shape)
-        w_bits = [format.bits_for_levels(n, signed=True) for n in levels]
-        acc = [e + in_exponent for e in w_exps]
-        bias = self.rng.integers(-bias_max, bias_max + 1, cout)
-        if kind == "conv":
-            rank = len(kernel_shape) - 2
-            geometry = (
-                dict(
-                    strides=[1] * rank,
-                    padding=[[0, 0]] * rank,
-                    groups=1,
-                    kernel_dilation=[1] * rank,
-                    input_dilation=[1] * rank,
-                )
-                | geometry
-            )
-            spatial = []
-            for i in range(rank):
-                a, b = geometry["input_dilation"][i], geometry["kernel_dilation"][i]
-                padded = (shape[i] - 1) * a + 1 + sum(geometry["padding"][i])
-                k = (kernel_shape[i] - 1) * b + 1
-                spatial.append((padded - k) // geometry["strides"][i] + 1)
-            out = (*spatial, cout)
-        else:
-            out = (*shape[:-1], cout)
-        record = dict(
-            name=f"{kind}{index}",
-            kind=kind,
-            per_channel=per_channel,
-            input_shape=list(shape),
-            output_shape=list(out),
-            kernel_shape=list(kernel_shape),
-            weight_key=f"L{index}.weight",
-            bias_key=f"L{index}.bias",
-            weight_bits=w_bits if per_channel else w_bits[0],
-            weight_exponent=w_exps if per_channel else w_exps[0],
-            weight_levels=levels if per_channel else levels[0],
-            input_bits=format.bits_for_levels(in_levels, signed=signed),
-            input_exponent=in_exponent,
-            input_levels=in_levels,
-            input_signed=signed,
-            accumulator_exponent=acc if per_channel else acc[0],
-            bias_exponent=min(acc) - bias_shift,
-            output_bits=48,
-            bias_bits=32,
-            macs=math.prod(out) * math.prod(kernel_shape[:-1]),
-            **geometry,
-        )
-        self.layers.append(record)
-        self.arrays[record["weight_key"]] = kernel.astype(format.int_dtype_for_bits(max(w_bits)))
-        self.arrays[record["bias_key"]] = bias.astype(np.int32)
-        return self.op(kind, [x], out, layer=index)
-
-    def save(self, path) -> format.IntegerModel:
-        exponents, divisors = [self.input["exponent"]], [1]
-        for op in self.ops:  # follow the exponents and divisors (docs/export.md)
-            if op["op"] in ("conv", "dense"):
-                exponent, divisor = self.layers[op["layer"]]["bias_exponent"], 1
-            else:
-                exponent = min(exponents[i] for i in op["inputs"])
-                divisor = divisors[op["inputs"][0]] * op.get("by", 1)
-            exponents.append(exponent)
-            divisors.append(divisor)
-        t = len(self.ops)
-        rows = [
-            {
-                "layer": r["name"],
-                "macs": r["macs"],
-                "weight_bits": r["weight_bits"],
-                "input_bits": r["input_bits"],
-            }
-            for r in self.layers
-        ]
-        for row in rows:
-            bits = row["weight_bits"]
-            row["bops"] = format.LayerRow(
-                "x", row["macs"], tuple(bits) if isinstance(bits, list) else bits, row["input_bits"]
-            ).bops
-        total = sum(row["bops"] for row in rows)
-        header = dict(
-            model="synthetic",
-            input=self.input,
-            ops=self.ops,
-            layers=self.layers,
-            output=dict(tensor=t, exponent=exponents[t], divisor=divisors[t]),
-            certificate=dict(bops=total, budget_bops=2 * total, within_budget=True, layers=rows),
-        )
-        format.save(path, header, self.arrays)
-        return format.load(path)
 
 
 # --------------------------------------------------------------------------- the models
@@ -168,7 +39,7 @@ class Builder:
 def lenet_model(path):
     """conv (SAME) -> ReLU -> 2x2 max pool -> conv 2-bit input -> ReLU -> max pool ->
     reshape -> dense 1-bit input -> ReLU -> dense (8-bit weights, 4-bit input)."""
-    b = Builder([12, 12, 1], seed=6)
+    b = Builder([12, 12, 1], bias_bits=32, seed=6)
     t = b.layer(
         "conv",
         0,
@@ -196,7 +67,7 @@ def depthwise_model(path):
     """Conv stride 2 + padding; depthwise per-channel conv with kernel dilation (2- to
     5-bit channels); ReLU6 clip; max pool with padding and a window over channels (pooled
     as one channel); a sum pool per channel (average: sum + div); reshape; dense."""
-    b = Builder([9, 9, 3], seed=1)
+    b = Builder([9, 9, 3], bias_bits=32, seed=1)
     t = b.layer(
         "conv",
         0,
@@ -252,7 +123,7 @@ def conv1d_model(path):
     """Signed first quantizer, 1-D conv with input dilation, average pool over time and
     channels (sum pool + div, one channel) into a grouped conv, global average (sum + div)
     into a per-channel dense layer."""
-    b = Builder([12, 2], seed=2)
+    b = Builder([12, 2], bias_bits=32, seed=2)
     t = b.layer(
         "conv",
         0,
@@ -298,69 +169,10 @@ def conv1d_model(path):
     return b.save(path)
 
 
-def residual_model(path):
-    """Residual add of tensors at different exponents, concat, a dense layer on a 3-D input
-    (10-bit signed codes, int16), reshape, sum over axes + div into a dense layer (15-bit
-    signed input)."""
-    b = Builder([6, 6, 2], seed=3)
-    t1 = b.layer(
-        "conv",
-        0,
-        [3, 3, 2, 4],
-        in_exponent=-8,
-        in_levels=255,
-        padding=[[1, 1]] * 2,
-        w_levels=3,
-        w_exponent=-3,
-        bias_max=400,
-    )
-    t2 = b.layer(
-        "conv",
-        t1,
-        [1, 1, 4, 4],
-        in_exponent=-6,
-        in_levels=15,
-        signed=True,
-        w_levels=3,
-        w_exponent=-2,
-        bias_shift=6,
-        bias_max=300,
-    )
-    t = b.op("add", [t1, t2], b.shapes[t1])
-    t = b.op("relu", [t], b.shapes[t])
-    t = b.op("concat", [t1, t], [6, 6, 8], axis=2)
-    t = b.layer(
-        "dense",
-        t,
-        [8, 3],
-        in_exponent=-16,
-        in_levels=511,
-        signed=True,
-        w_levels=5,
-        w_exponent=-2,
-        bias_max=1000,
-    )
-    t = b.op("reshape", [t], [36, 3], shape=[36, 3])
-    t = b.op("sum", [t], [3], axes=[0])
-    t = b.op("div", [t], [3], by=36)
-    exponent = b.layers[-1]["bias_exponent"]
-    b.layer(
-        "dense",
-        t,
-        [3, 5],
-        in_exponent=exponent,
-        in_levels=16383,
-        signed=True,
-        w_levels=3,
-        bias_max=100,
-    )
-    return b.save(path)
-
-
 def conv3d_model(path):
     """3-D conv with strides, asymmetric padding, kernel and input dilation; a max pool over
     the three spatial axes with padding; a dense layer on the 4-D result (per position)."""
-    b = Builder([3, 4, 4, 2], seed=5)
+    b = Builder([3, 4, 4, 2], bias_bits=32, seed=5)
     t = b.layer(
         "conv",
         0,
@@ -391,7 +203,7 @@ MODELS = {
     "conv3d": conv3d_model,
     "depthwise": depthwise_model,
     "conv1d": conv1d_model,
-    "residual": residual_model,
+    "residual": functools.partial(residual_model, bias_bits=32),
 }
 N_EXAMPLES = 64
 
@@ -567,7 +379,7 @@ def test_clear_errors(exported, tmp_path, monkeypatch):
     (tmp_path / "junk.onnx").write_bytes(b"\x00junk")
     with pytest.raises(ox.OnnxError, match="not a readable ONNX file"):
         ox.recount_onnx(tmp_path / "junk.onnx")
-    wide = Builder([4], seed=9)
+    wide = Builder([4], bias_bits=32, seed=9)
     wide.layer("dense", 0, [4, 2], in_exponent=-8, in_levels=1 << 17, signed=True)
     with pytest.raises(ox.OnnxError, match="a 19-bit activation quantizer: ONNX QDQ holds"):
         ox.to_onnx(wide.save(tmp_path / "wide.npz"))
