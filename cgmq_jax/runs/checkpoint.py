@@ -142,7 +142,7 @@ class Checkpointer:
                     shutil.rmtree(partial, ignore_errors=True)
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 full = "No space left on device" in reason
-                # Twice in CI (under load, 1 save in thousands), Orbax 0.12.8 lost a file of
+                # Twice in CI runs (under load, rarely), Orbax 0.12.8 lost a file of
                 # the save's own temporary directory mid-write: "[Errno 2] No such file or
                 # directory: '.../meta.orbax-checkpoint-tmp'", and "No ArrayMetadata found
                 # ... in the checkpoint directory: .../1.orbax-checkpoint-tmp/...". A failure
