@@ -29,7 +29,8 @@ lenet5. The ratios to a peer are paired per round (ours / the peer's, in the sam
 and their median over the rounds is printed with their range. PyTorch's OpenMP workers run
 with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it: on a loaded 2-core machine
 its spinning workers made its LeNet-5 QAT step 9x slower (283 against 2,536 samples/s),
-which would flatter us. The load average is printed before and after the rounds. Without
+which would flatter us. The load average is printed before and after the rounds, and the CPU
+(model, usable cores, AVX2 / AVX-512 / AMX: the ratios depend on it). Without
 a peers' Python the peers are skipped with a message.
 
 ``--fit`` also runs the headline (``experiments/mnist.py --budget_bops 2e6``'s config) in a
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -277,6 +279,7 @@ def step_table(args) -> dict:
     for name, info in versions.items():
         keys = ("torch", "threads") if name == "torch" else ("qwix", "jax", "flax")
         print(f"peer {name}: " + ", ".join(f"{k} {info.get(k)}" for k in keys), file=sys.stderr)
+    print(f"cpu: {cpu_model()}", file=sys.stderr)
     load = [os.getloadavg()]
     print(f"load average before the rounds: {_load(load[0])}", file=sys.stderr, flush=True)
     samples = {row: [] for row in rows}
@@ -312,15 +315,33 @@ def step_table(args) -> dict:
                 f"{min(values):.2f}-{max(values):.2f} |"
             )
     print(f"\nload average (1, 5, 15 min): before {_load(load[0])}, after {_load(load[1])}")
+    print(f"cpu: {cpu_model()}")
     result = {"|".join(row): {"median": medians[row], "samples": samples[row]} for row in rows}
     result["ratios"] = {f"{m}|{label}": values for (m, label), values in ratios.items()}
     result["load_average"] = load
+    result["cpu"] = cpu_model()
     result["peers"] = versions
     return result
 
 
 def _load(load: tuple[float, ...]) -> str:
     return ", ".join(f"{x:.2f}" for x in load)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and usable cores, and its widest vector units (the ratios to the
+    peers depend on them: docs/performance.md), from ``/proc/cpuinfo`` where there is one."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    flags = set(fields.get("flags", "").split())
+    units = [u for u in ("avx2", "avx512f", "amx_tile") if u in flags]
+    name = fields.get("model name", platform.machine())
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, {' '.join(units) or 'no AVX2'}"
 
 
 #: (ours, theirs, label): a ratio of samples/s, paired per round; the QAT / float cost ratio
