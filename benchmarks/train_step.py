@@ -279,7 +279,8 @@ def step_table(args) -> dict:
     for name, info in versions.items():
         keys = ("torch", "threads") if name == "torch" else ("qwix", "jax", "flax")
         print(f"peer {name}: " + ", ".join(f"{k} {info.get(k)}" for k in keys), file=sys.stderr)
-    print(f"cpu: {cpu_model()}", file=sys.stderr)
+    cpu = cpu_model()
+    print(f"cpu: {cpu}", file=sys.stderr)
     load = [os.getloadavg()]
     print(f"load average before the rounds: {_load(load[0])}", file=sys.stderr, flush=True)
     samples = {row: [] for row in rows}
@@ -315,11 +316,11 @@ def step_table(args) -> dict:
                 f"{min(values):.2f}-{max(values):.2f} |"
             )
     print(f"\nload average (1, 5, 15 min): before {_load(load[0])}, after {_load(load[1])}")
-    print(f"cpu: {cpu_model()}")
+    print(f"cpu: {cpu}")
     result = {"|".join(row): {"median": medians[row], "samples": samples[row]} for row in rows}
     result["ratios"] = {f"{m}|{label}": values for (m, label), values in ratios.items()}
     result["load_average"] = load
-    result["cpu"] = cpu_model()
+    result["cpu"] = cpu
     result["peers"] = versions
     return result
 
