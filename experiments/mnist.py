@@ -28,7 +28,8 @@ def run_flags(args: argparse.Namespace) -> dict:
 
     A flag left at ``None`` matches a checkpoint written before that flag existed;
     ``--admission`` left out is resolved to the model's (and written back into ``args``),
-    the value checkpoints written before it had a per-model default hold; so are
+    the value checkpoints written before it had a per-model default hold; so is
+    ``--batch_size`` (checkpoints before its per-model default hold 128); so are
     ``--refit_ranges`` with ``--prune`` (its default there is the model's),
     ``--quantizer_lr_decay`` and ``--budget_warmup_epochs`` (the model's where it applies,
     else left ``None``, as is a given ``0``; flags that fail their checks are left for the
@@ -38,6 +39,8 @@ def run_flags(args: argparse.Namespace) -> dict:
 
     if args.admission is None:
         args.admission = train.TrainConfig(model=args.model, prune=args.prune).admission
+    if args.batch_size is None:
+        args.batch_size = train.TrainConfig(model=args.model).batch_size
     if args.refit_ranges is None and args.prune:
         args.refit_ranges = train.TrainConfig(model=args.model, prune=True).refits
     if args.quantizer_lr_decay is None:
@@ -106,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="float epochs before QAT (default: the model's)",
     )
-    p.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    p.add_argument("--batch_size", type=int, default=None, help="batch size (default: the model's)")
     p.add_argument(
         "--lr", type=float, default=None, help="weight learning rate (Adam; default: the model's)"
     )

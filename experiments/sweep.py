@@ -30,10 +30,10 @@ from pathlib import Path
 PRESETS = {
     # epochs are QAT epochs, after a float pretraining shared by the quantized runs of a
     # seed; the float row trains pretrain_epochs + epochs float epochs on its own.
-    # lr: the presets' own weight learning rate (the one they were measured with), for
-    # every model whatever its default schedule.
-    "quick": {"epochs": 2, "pretrain_epochs": 2, "lr": 1e-3, "seeds": [0, 1]},
-    "full": {"epochs": 8, "pretrain_epochs": 5, "lr": 1e-3, "seeds": [0, 1]},
+    # lr, batch_size: the presets' own (the ones they were measured with), for every model
+    # whatever its default schedule.
+    "quick": {"epochs": 2, "pretrain_epochs": 2, "lr": 1e-3, "batch_size": 128, "seeds": [0, 1]},
+    "full": {"epochs": 8, "pretrain_epochs": 5, "lr": 1e-3, "batch_size": 128, "seeds": [0, 1]},
 }
 BUDGETS = [1e6, 2e6, 4e6, 8e6]
 LAMS = [0.01, 0.1, 1.0, 10.0]
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as error:
         return _error(error)
     preset = PRESETS[args.preset]
-    base = train.TrainConfig(model=args.model, lr=preset["lr"])
+    base = train.TrainConfig(model=args.model, lr=preset["lr"], batch_size=preset["batch_size"])
     runs = sweep.grid(
         budgets=args.budgets,
         seeds=args.seeds,

@@ -307,18 +307,17 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     from cgmq_jax.runs import config
 
     lenet = train.TrainConfig()
-    assert (lenet.pretrain_epochs, lenet.epochs, lenet.lr) == (2, 8, 2e-3)
+    assert (lenet.pretrain_epochs, lenet.epochs, lenet.lr, lenet.batch_size) == (2, 8, 2e-3, 64)
     dscnn = train.TrainConfig(model="dscnn")
-    assert (dscnn.pretrain_epochs, dscnn.epochs, dscnn.lr) == (5, 25, 1e-3)
+    assert (dscnn.pretrain_epochs, dscnn.epochs, dscnn.lr, dscnn.batch_size) == (5, 25, 1e-3, 128)
     bb = config.schedule("lenet5_bb")  # the default one, but its rate decays under prune
     default = dataclasses.replace(bb, quantizer_lr_decay_with_prune=False, compiler_options=())
     assert default == config.DEFAULT_SCHEDULE  # and it compiles with its own XLA options
     assert bb.quantizer_lr_decay_with_prune
-    given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4)
-    assert (given.pretrain_epochs, given.epochs, given.lr) == (5, 3, 5e-4)
-    moved = dataclasses.replace(
-        lenet, model="dscnn", epochs=None, pretrain_epochs=None, lr=None, admission=None
-    )
+    given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4, batch_size=32)
+    assert (given.pretrain_epochs, given.epochs, given.lr, given.batch_size) == (5, 3, 5e-4, 32)
+    schedule = {"epochs": None, "pretrain_epochs": None, "lr": None, "batch_size": None}
+    moved = dataclasses.replace(lenet, model="dscnn", admission=None, **schedule)
     assert moved == dscnn
     lenet.validate()  # the resolved schedule passes the checks
     # The guard's admission too: gain for the DS-CNN, the schedule's under prune, or the
@@ -383,6 +382,22 @@ def test_the_cli_stores_the_models_admission():
     assert cli.run_flags(cli.parse_args(["--prune"]))["admission"] == "gain"  # LeNet-5's
     chosen = cli.parse_args(["--model", "dscnn", "--admission", "all_or_nothing"])
     assert cli.run_flags(chosen)["admission"] == "all_or_nothing"
+
+
+def test_the_cli_stores_the_models_batch_size():
+    """``--batch_size`` left out is stored as the model's (LeNet-5 64, the others 128): a
+    LeNet-5 checkpoint written at the older default, 128, is refused by name, and resumes
+    with ``--batch_size 128``."""
+    from cgmq_jax.runs import rundir
+
+    cli = load_cli("mnist")
+    lenet = cli.run_flags(cli.parse_args([]))
+    assert lenet["batch_size"] == 64
+    assert cli.run_flags(cli.parse_args(["--model", "dscnn"]))["batch_size"] == 128
+    older = {**lenet, "batch_size": 128}
+    assert rundir.changed_flags(older, lenet) == ["batch_size"]
+    given = cli.run_flags(cli.parse_args(["--batch_size", "128"]))
+    assert rundir.changed_flags(older, given) == []
 
 
 def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
