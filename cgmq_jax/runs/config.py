@@ -59,8 +59,8 @@ DEFAULT_SCHEDULE = Schedule(pretrain_epochs=5, epochs=25, lr=1e-3)
 #: LeNet-5 at 2e6, 3 seeds, median 98.96% with 2 + 8 epochs at 2e-3 against 98.92% with
 #: 5 + 25 at 1e-3, in a third of the time (docs/method.md section 5); at batch 64 instead of
 #: 128, ten seeds, median 98.995% (seeds 0-2: 99.02%) against 98.915%, 7 seeds better, 2
-#: worse (section 5). The DS-CNN at 4e6
-#: fell from 80.73% to 74.30% with it (section 10); the others were not measured with it.
+#: worse (section 5). The DS-CNN at 4e6 fell from 80.73% to 74.30% with LeNet-5's epochs
+#: and rate (section 10); the others were not measured with them.
 #: The DS-CNN admits by gain per BOP: on Fashion-MNIST at 4e6, 3 seeds, median 80.70%
 #: against 77.51% with the all-or-nothing guard (LeNet-5 at 2e6: 0.33 points worse with it).
 #: Below twice its minimum BOPs it lowers the budget over its first 2 QAT epochs: at 4e6
