@@ -97,6 +97,39 @@ def neighbours(leaf, signed: bool, direction: int) -> list:
     return found
 
 
+def _learned_units(specs) -> list[tuple]:
+    """The learned quantizers, in the certificate's order: ``(path, signed, layer index,
+    0: weight / 1: input)`` each (a pinned quantizer is not one)."""
+    return [
+        ((*spec.path, f"{kind}_quantizer"), signed, k, j)
+        for k, spec in enumerate(specs)
+        if spec.quantized
+        for j, (kind, signed, pinned) in enumerate(
+            (
+                ("weight", spec.weight_signed, spec.weight_bits),
+                ("input", spec.input_signed, spec.input_bits),
+            )
+        )
+        if pinned is None
+    ]
+
+
+def _ranked_moves(gain: dict) -> list[tuple[tuple, tuple]]:
+    """``(ups, downs)`` unit indices of every move whose measured loss gain is positive: one
+    bit up, one bit down, or one up and another down (a trade), by gain, the largest first.
+    ``gain`` is ``{+1 or -1: {unit index: loss gain of its best neighbour that way}}``."""
+    candidates = [(g, (i,), ()) for i, g in gain[+1].items() if g > 0]
+    candidates += [(g, (), (i,)) for i, g in gain[-1].items() if g > 0]
+    candidates += [
+        (gu + gd, (u,), (d,))
+        for u, gu in gain[+1].items()
+        for d, gd in gain[-1].items()
+        if u != d and gu > 0 and gu + gd > 0
+    ]
+    candidates.sort(key=lambda c: -c[0])
+    return [(ups, downs) for _, ups, downs in candidates]
+
+
 def trade_bits(
     params, specs: tuple[cost.LayerSpec, ...], budget, loss_fn: Callable, *,
     activation_reduce: str = "max", max_checks: int | None = None,
@@ -119,18 +152,7 @@ def trade_bits(
     """
     limits = limits_of(budget)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    units = [  # (path, signed, layer index, 0: weight / 1: input), as the certificate's order
-        ((*spec.path, f"{kind}_quantizer"), signed, k, j)
-        for k, spec in enumerate(specs)
-        if spec.quantized
-        for j, (kind, signed, pinned) in enumerate(
-            (
-                ("weight", spec.weight_signed, spec.weight_bits),
-                ("input", spec.input_signed, spec.input_bits),
-            )
-        )
-        if pinned is None
-    ]
+    units = _learned_units(specs)
     table = cost.layer_table(params, specs)
     bits = [
         [tuple(w) if isinstance(w := row["weight_bits"], list) else w, row["input_bits"]]
@@ -163,18 +185,9 @@ def trade_bits(
                 if i not in best[direction] or loss < best[direction][i][0]:
                     best[direction][i] = (loss, leaf)
     gain = {d: {i: base - loss for i, (loss, _) in best[d].items()} for d in best}
-    candidates = [(g, (i,), ()) for i, g in gain[+1].items() if g > 0]
-    candidates += [(g, (), (i,)) for i, g in gain[-1].items() if g > 0]
-    candidates += [
-        (gu + gd, (u,), (d,))
-        for u, gu in gain[+1].items()
-        for d, gd in gain[-1].items()
-        if u != d and gu > 0 and gu + gd > 0
-    ]
-    candidates.sort(key=lambda c: -c[0])
     current, moved, moves, checks = base, set(), [], 0
     limit = 2 * len(units) if max_checks is None else max_checks
-    for _, ups, downs in candidates:
+    for ups, downs in _ranked_moves(gain):
         if checks >= limit:
             break
         if moved & {*ups, *downs}:
