@@ -18,7 +18,9 @@ priced with the exact cost functions themselves (docs/method.md section 3):
   :func:`bit_values`) takes a bit from the quantizer whose bit is worth least per unit of
   cost freed, when that is a gain and the result is within every limit.
 * ``admission="all_or_nothing"`` (the default): every cost-raising component is
-  refused, so in a budget that is full, bits can only fall.
+  refused, so in a budget that is full, bits can only fall. With ``move_at_floor``,
+  :func:`floor_moves` lets a quantizer at its minimum bit-width that stays there move as
+  proposed.
 * :func:`within_bits` (``admission="within_bits"``): a quantizer's whole move passes
   where it gives that quantizer (or channel) no more bits, else its cost-raising
   components are refused; no bit is gained, so no cost rises.
@@ -48,7 +50,7 @@ BIT_VALUE_DECAY = 0.99
 
 def guarded(
     admission, updates, masked, guard, *, params, constraints, quantizer_mask, bit_value,
-    loss_grads=None,
+    loss_grads=None, move_at_floor=False, prunable_mask=None,
 ):  # fmt: skip
     """``(update, bit_value)``: what passes of ``updates`` (``masked`` is it with every
     cost-raising component zeroed) on a feasible step, and the running bit values.
@@ -57,9 +59,13 @@ def guarded(
     ``updates`` passes. ``"all_or_nothing"`` then passes ``masked`` (computed op for op as
     releases up to 0.3 did; the bit values are not kept); ``"gain"`` passes
     :func:`by_gain`'s choice (only evaluated on guarded steps) and keeps the running mean
-    of :func:`bit_values`.
+    of :func:`bit_values`. With ``move_at_floor``, ``"all_or_nothing"`` passes
+    :func:`floor_moves` of ``masked`` instead (``prunable_mask`` marks the leaves it leaves
+    alone).
     """
     if admission == "all_or_nothing":
+        if move_at_floor:
+            masked = floor_moves(updates, masked, params, quantizer_mask, prunable_mask)
         return jax.tree.map(lambda u, m: jnp.where(guard, m, u), updates, masked), bit_value
     if admission == "within_bits":
         return within_bits(updates, masked, guard, params, quantizer_mask), bit_value
@@ -98,6 +104,29 @@ def within_bits(updates, masked, guard, params, quantizer_mask):
         return jnp.where(guard & rises[..., None], m, u)
 
     return jax.tree.map(pick, updates, masked, params, quantizer_mask)
+
+
+def floor_moves(updates, masked, params, quantizer_mask, prunable_mask=None):
+    """``masked``, except that a quantizer (channel) at its minimum bit-width moves as
+    proposed where it stays at it (so no cost rises).
+
+    Under ``all_or_nothing`` a quantizer keeps only the coarser-step components on a
+    guarded step. Above its minimum that ratchet is how bits fall and move. At the
+    minimum no bit can fall, so ``log2 d`` (and ``q_max`` with it, kept at ``d_q``) only
+    rises, however the loss pushes back, until the quantizer rounds everything to one
+    level. Leaves marked in ``prunable_mask`` (their minimum is 0 levels, a removed
+    channel) keep the ratchet.
+    """
+    if prunable_mask is None:
+        prunable_mask = jax.tree.map(lambda _: False, quantizer_mask)
+
+    def pick(u, m, p, q, prunable):
+        if not q or prunable:
+            return m
+        stays = (_bit_length(p) <= 1) & (_bit_length(p + u) <= 1)
+        return jnp.where(stays[..., None], u, m)
+
+    return jax.tree.map(pick, updates, masked, params, quantizer_mask, prunable_mask)
 
 
 def bit_values(updates, quantizer_mask, loss_grads=None) -> jax.Array:

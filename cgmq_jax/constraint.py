@@ -159,6 +159,7 @@ def constrained_update(
     admission: str = "all_or_nothing",
     refit_weight_ranges: bool = False,
     prunable: Callable[[Any], Any] | None = None,
+    move_at_floor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Keep a quantized network's cost within ``budget``, CGGD-style, with no penalty weight.
 
@@ -246,6 +247,11 @@ def constrained_update(
         instead of ``d_q``, and the minimum-cost check counts them removed. With
         ``admission`` ``"all_or_nothing"`` or ``"gain"`` (whose moves are priced with the
         exact costs, removed channels included), not ``"within_bits"``.
+      move_at_floor: with ``admission="all_or_nothing"``, a guarded quantizer (channel)
+        at its minimum bit-width moves as proposed where it stays at it
+        (:func:`cgmq_jax.admission.floor_moves`): the refused finer-step components no
+        longer ratchet its step up until it rounds everything to one level (``"gain"``
+        and ``"within_bits"`` already pass such moves; prunable leaves keep the ratchet).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -343,6 +349,8 @@ def constrained_update(
             quantizer_mask=quantizer_mask,
             bit_value=state.bit_value,
             loss_grads=loss_grads,
+            move_at_floor=move_at_floor,
+            prunable_mask=prunable_mask(params),
         )
         new_updates = _admit(admitted, corrected, feasible)
         new_updates = jax.tree.map(

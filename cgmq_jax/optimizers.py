@@ -87,6 +87,7 @@ def cgmq_optimizer(
     admission: str = "all_or_nothing",
     refit_weight_ranges: bool = False,
     prunable: Callable[[Any], Any] | None = None,
+    move_at_floor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The recommended CGMQ chain, the one :func:`cgmq_jax.train.fit` trains with.
 
@@ -112,6 +113,8 @@ def cgmq_optimizer(
       refit_weight_ranges: refit the range of a weight quantizer that loses bits
         (:func:`constrained_update`).
       prunable: the weight quantizers that may remove channels (:func:`constrained_update`).
+      move_at_floor: a guarded quantizer at its minimum bit-width moves where it stays
+        there (:func:`constrained_update`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` (and
@@ -132,7 +135,8 @@ def cgmq_optimizer(
     update = constrained_update
     if callable(budget):  # a schedule: the budget becomes a hyperparameter of the step count
         update = optax.inject_hyperparams(
-            constrained_update, static_args=("cost_fn", "admission", "prunable")
+            constrained_update,
+            static_args=("cost_fn", "admission", "prunable", "move_at_floor"),
         )
     return optax.chain(
         partitioned_adam(learning_rate, quantizer_learning_rate),
@@ -143,5 +147,6 @@ def cgmq_optimizer(
             admission=admission,
             refit_weight_ranges=refit_weight_ranges,
             prunable=prunable,
+            move_at_floor=move_at_floor,
         ),
     )

@@ -31,6 +31,7 @@ def run_flags(args: argparse.Namespace) -> dict:
     the value checkpoints written before it had a per-model default hold; so is
     ``--batch_size`` (checkpoints before its per-model default hold 128); so are
     ``--refit_ranges`` with ``--prune`` (its default there is the model's),
+    ``--move_at_floor`` (the model's where it is on, else left ``None``, as before it existed),
     ``--quantizer_lr_decay`` and ``--budget_warmup_epochs`` (the model's where it applies,
     else left ``None``, as is a given ``0``; flags that fail their checks are left for the
     checks to report).
@@ -43,6 +44,9 @@ def run_flags(args: argparse.Namespace) -> dict:
         args.batch_size = train.TrainConfig(model=args.model).batch_size
     if args.refit_ranges is None and args.prune:
         args.refit_ranges = train.TrainConfig(model=args.model, prune=True).refits
+    if args.move_at_floor is None:  # the model's where it is on, else left None
+        config = train.TrainConfig(model=args.model, prune=args.prune, admission=args.admission)
+        args.move_at_floor = config.move_at_floor or None
     if args.quantizer_lr_decay is None:
         config = train.TrainConfig(model=args.model, prune=args.prune)
         args.quantizer_lr_decay = config.quantizer_lr_decay
@@ -157,6 +161,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cgmq: a quantizer that loses bits gets the least-squares range at its new "
         "bit-width (weights: its kernel; inputs: 512 calibration images); default on, "
         "with --prune the model's (on for LeNet-5 and the DS-CNN)",
+    )
+    p.add_argument(
+        "--move_at_floor",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cgmq, all_or_nothing: a quantizer at its minimum bit-width moves where it "
+        "stays there, instead of its step only rising on a guarded step (default: the "
+        "model's, off with --prune)",
     )
     p.add_argument(
         "--prune",

@@ -202,6 +202,76 @@ def test_all_or_nothing_guard_zeroes_cost_raising_components_when_crossing(lenet
     assert cost.exact_bops(optax.apply_updates(params, out), specs) <= budget
 
 
+def _at_floor_with_a_bit_proposed(lenet):
+    """LeNet-5 with fc3's input quantizer at its floor (``d = q_max = 1``: one level), a
+    budget that no bit fits, and ``(tx(move_at_floor), step)``: ``step(params, u)`` proposes
+    ``u`` for fc3's input and conv1's weight step halved (+1 bit, so the guard is on)."""
+    params = quantizer.at_min_bitwidths(lenet["params8"])
+    params["fc3"]["input_quantizer"] = jnp.zeros([2], jnp.float32)
+    specs = lenet["specs"]
+    budget = float(cost.exact_bops(params, specs))
+    cost_fn = functools.partial(cost.bops, specs=specs)
+
+    def tx(move_at_floor):
+        return cgmq_jax.constrained_update(cost_fn, budget, move_at_floor=move_at_floor)
+
+    def proposal(params, u):
+        updates = jax.tree.map(jnp.zeros_like, params)
+        updates["conv1"]["weight_quantizer"] = jnp.asarray([-1.0, 0.0], jnp.float32)
+        updates["fc3"]["input_quantizer"] = u
+        return updates
+
+    return params, specs, budget, tx, proposal
+
+
+@pytest.mark.slow  # compiles whole training steps or many programs
+def test_move_at_floor_passes_a_floor_quantizers_move_that_adds_no_bit(lenet):
+    params, specs, budget, tx, proposal = _at_floor_with_a_bit_proposed(lenet)
+    finer_in_place = jnp.asarray([-0.2, -0.2], jnp.float32)  # n = round(2**-0.2) = 1: stays
+    finer = jnp.asarray([-0.7, 0.0], jnp.float32)  # d_q halves, n = 2: a bit more
+    for u, passes in ((finer_in_place, True), (finer, False)):
+        updates = proposal(params, u)
+        for move_at_floor in (False, True):
+            out, state = _update(tx(move_at_floor), updates, params)
+            assert int(state.guard_steps) == 1
+            np.testing.assert_array_equal(np.asarray(out["conv1"]["weight_quantizer"]), [0, 0])
+            step = float(out["fc3"]["input_quantizer"][0])  # q_max is kept at d_q either way
+            assert step == (float(u[0]) if move_at_floor and passes else 0.0)
+            assert cost.exact_bops(optax.apply_updates(params, out), specs) <= budget
+
+
+@pytest.mark.slow  # compiles whole training steps or many programs
+def test_the_all_or_nothing_guard_ratchets_a_floor_quantizers_step_up_unless_it_may_move(lenet):
+    """On guarded steps a quantizer at one level, pushed both ways by noise, only coarsens
+    (its step doubles until everything rounds to 0) under the all-or-nothing guard; with
+    ``move_at_floor`` it goes both ways. The cost never rises either way."""
+    params0, specs, budget, tx, proposal = _at_floor_with_a_bit_proposed(lenet)
+    pushes = 0.1 * np.sign(np.random.default_rng(0).standard_normal(200)).astype(np.float32)
+    for move_at_floor in (False, True):
+        transform = tx(move_at_floor)
+
+        @jax.jit
+        def run(params, transform=transform):
+            def one(carry, push):
+                params, state = carry
+                updates = proposal(params, jnp.stack([push, push]))
+                out, state = transform.update(updates, state, params)
+                params = optax.apply_updates(params, out)
+                return (params, state), params["fc3"]["input_quantizer"][0]
+
+            (params, state), path = jax.lax.scan(one, (params, transform.init(params)), pushes)
+            return params, state, path
+
+        params, state, path = run(params0)
+        path = np.asarray(path)
+        assert int(state.guard_steps) == len(pushes)
+        assert cost.exact_bops(params, specs) <= budget
+        if move_at_floor:
+            assert np.any(np.diff(path) < 0) and path[-1] < 2.0
+        else:
+            assert np.all(np.diff(path) >= 0) and path[-1] > 5.0
+
+
 def _crossing_updates(params):
     """Tiny noise (no quantizer crosses a rounding boundary), conv1's weight step halved
     (+1 bit, 2 * 8 * conv1's MACs more), fc3's input step raised (cost-lowering)."""

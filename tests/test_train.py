@@ -311,9 +311,13 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     dscnn = train.TrainConfig(model="dscnn")
     assert (dscnn.pretrain_epochs, dscnn.epochs, dscnn.lr, dscnn.batch_size) == (5, 25, 1e-3, 128)
     bb = config.schedule("lenet5_bb")  # the default one, but its rate decays under prune
-    default = dataclasses.replace(bb, quantizer_lr_decay_with_prune=False, compiler_options=())
+    default = dataclasses.replace(
+        bb, quantizer_lr_decay_with_prune=False, move_at_floor=False, compiler_options=()
+    )
     assert default == config.DEFAULT_SCHEDULE  # and it compiles with its own XLA options
-    assert bb.quantizer_lr_decay_with_prune
+    assert bb.quantizer_lr_decay_with_prune and bb.move_at_floor
+    assert train.TrainConfig(model="lenet5_bb").move_at_floor
+    assert not lenet.move_at_floor and not dscnn.move_at_floor
     given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4, batch_size=32)
     assert (given.pretrain_epochs, given.epochs, given.lr, given.batch_size) == (5, 3, 5e-4, 32)
     schedule = {"epochs": None, "pretrain_epochs": None, "lr": None, "batch_size": None}
@@ -398,6 +402,29 @@ def test_the_cli_stores_the_models_batch_size():
     assert rundir.changed_flags(older, lenet) == ["batch_size"]
     given = cli.run_flags(cli.parse_args(["--batch_size", "128"]))
     assert rundir.changed_flags(older, given) == []
+
+
+def test_move_at_floor_is_the_models_under_the_all_or_nothing_guard(monkeypatch):
+    """``move_at_floor`` left out takes the model's schedule, but not with ``prune`` or
+    another admission; given with another admission it is refused by name. The CLI stores
+    it where it is on, else leaves it ``None`` (as checkpoints written before it)."""
+    from cgmq_jax.runs import config
+
+    on = dataclasses.replace(config.DEFAULT_SCHEDULE, move_at_floor=True)
+    monkeypatch.setitem(config.SCHEDULES, "mlp", on)
+    assert train.TrainConfig(model="mlp").move_at_floor is True
+    assert train.TrainConfig(model="mlp", prune=True).move_at_floor is False
+    assert train.TrainConfig(model="mlp", admission="gain").move_at_floor is False
+    assert train.TrainConfig(model="mlp", move_at_floor=False).move_at_floor is False
+    off = "lenet5" if not config.schedule("lenet5").move_at_floor else "dscnn"
+    assert train.TrainConfig(model=off, admission="all_or_nothing").move_at_floor is False
+    with pytest.raises(ValueError, match="--move_at_floor changes the all-or-nothing guard"):
+        train.TrainConfig(model="mlp", admission="gain", move_at_floor=True).validate()
+    cli = load_cli("mnist")
+    assert cli.run_flags(cli.parse_args(["--model", "mlp"]))["move_at_floor"] is True
+    assert cli.run_flags(cli.parse_args(["--model", "mlp", "--prune"]))["move_at_floor"] is None
+    given = cli.run_flags(cli.parse_args(["--model", "mlp", "--no-move_at_floor"]))
+    assert given["move_at_floor"] is False
 
 
 def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():

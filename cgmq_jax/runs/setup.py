@@ -243,6 +243,7 @@ def _qat_state(setup: _Setup, variables: dict, calibration: jax.Array) -> train_
             admission=config.admission,
             refit_weight_ranges=config.refits,
             prunable=cost.prunable_quantizers(setup.specs),
+            move_at_floor=config.move_at_floor,
         )
     else:
         tx = optimizers.partitioned_adam(learning_rate, quantizer_lr)
