@@ -113,8 +113,8 @@ def floor_moves(updates, masked, params, quantizer_mask, prunable_mask=None):
     Under ``all_or_nothing`` a quantizer keeps only the coarser-step components on a
     guarded step. Above its minimum that ratchet is how bits fall and move. At the
     minimum no bit can fall, so ``log2 d`` (and ``q_max`` with it, kept at ``d_q``) only
-    rises, however the loss pushes back, until the quantizer rounds everything to one
-    level. Leaves marked in ``prunable_mask`` (their minimum is 0 levels, a removed
+    rises, however the loss pushes back, until the quantizer rounds every value to 0.
+    Leaves marked in ``prunable_mask`` (their minimum is 0 levels, a removed
     channel) keep the ratchet.
     """
     if prunable_mask is None:

@@ -250,8 +250,9 @@ def constrained_update(
       move_at_floor: with ``admission="all_or_nothing"``, a guarded quantizer (channel)
         at its minimum bit-width moves as proposed where it stays at it
         (:func:`cgmq_jax.admission.floor_moves`): the refused finer-step components no
-        longer ratchet its step up until it rounds everything to one level (``"gain"``
-        and ``"within_bits"`` already pass such moves; prunable leaves keep the ratchet).
+        longer ratchet its step up until it rounds every value to 0 (``"gain"`` and
+        ``"within_bits"`` already pass such moves, so it is refused with them; prunable
+        leaves keep the ratchet).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -259,7 +260,8 @@ def constrained_update(
     Raises:
       TypeError: a budget that is not a number or a numeric scalar.
       ValueError: a budget that is not positive and finite, ``rescale <= 1``,
-        ``min_scale <= 0``; at ``init``, a budget below the minimum cost.
+        ``min_scale <= 0``, ``move_at_floor`` with another admission; at ``init``, a
+        budget below the minimum cost.
 
     Examples:
       >>> import functools, jax, optax
@@ -305,6 +307,11 @@ def constrained_update(
         )
     if is_quantizer is None:
         is_quantizer = _default_is_quantizer
+    if move_at_floor and admission != "all_or_nothing":
+        raise ValueError(
+            f"move_at_floor applies to admission='all_or_nothing' only ({admission!r} "
+            "already lets a quantizer move where it gains no bit): drop it"
+        )
     if prunable is not None and admission == "within_bits":
         raise ValueError(
             "prunable quantizers work with admission='all_or_nothing' or 'gain', not "

@@ -401,6 +401,12 @@ def guarded(cost_fn):
     return step
 
 
+def test_move_at_floor_is_refused_with_another_admission(cost_fn):
+    for admission in ("gain", "within_bits"):
+        with pytest.raises(ValueError, match="move_at_floor applies to admission='all_or"):
+            cgmq_jax.constrained_update(cost_fn, 1e6, admission=admission, move_at_floor=True)
+
+
 def test_admission_must_be_known(cost_fn):
     with pytest.raises(ValueError, match="admission must be one of 'gain', 'all_or_nothing'"):
         cgmq_jax.constrained_update(cost_fn, BUDGET, admission="greedy")
