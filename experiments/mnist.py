@@ -31,7 +31,8 @@ def run_flags(args: argparse.Namespace) -> dict:
     the value checkpoints written before it had a per-model default hold; so is
     ``--batch_size`` (checkpoints before its per-model default hold 128); so are
     ``--refit_ranges`` with ``--prune`` (its default there is the model's),
-    ``--move_at_floor`` (the model's where it is on, else left ``None``, as before it existed),
+    ``--move_at_floor`` (the model's where it is on; off, given or not, is stored as ``None``,
+    as before it existed),
     ``--quantizer_lr_decay`` and ``--budget_warmup_epochs`` (the model's where it applies,
     else left ``None``, as is a given ``0``; flags that fail their checks are left for the
     checks to report).
@@ -59,6 +60,8 @@ def run_flags(args: argparse.Namespace) -> dict:
     flags = {k: v for k, v in vars(args).items() if k not in skipped}
     if flags["budget_warmup_epochs"] == 0:  # off, given: as a checkpoint before the flag
         flags["budget_warmup_epochs"] = None
+    if flags["move_at_floor"] is False:  # the same
+        flags["move_at_floor"] = None
     return flags
 
 

@@ -408,7 +408,7 @@ def test_move_at_floor_is_the_models_under_the_all_or_nothing_guard(monkeypatch)
     """``move_at_floor`` left out takes the model's schedule, but not with ``prune`` or
     another admission; given with another admission it is refused by name. The CLI stores
     it where it is on, else leaves it ``None`` (as checkpoints written before it)."""
-    from cgmq_jax.runs import config
+    from cgmq_jax.runs import config, rundir
 
     on = dataclasses.replace(config.DEFAULT_SCHEDULE, move_at_floor=True)
     monkeypatch.setitem(config.SCHEDULES, "mlp", on)
@@ -424,7 +424,13 @@ def test_move_at_floor_is_the_models_under_the_all_or_nothing_guard(monkeypatch)
     assert cli.run_flags(cli.parse_args(["--model", "mlp"]))["move_at_floor"] is True
     assert cli.run_flags(cli.parse_args(["--model", "mlp", "--prune"]))["move_at_floor"] is None
     given = cli.run_flags(cli.parse_args(["--model", "mlp", "--no-move_at_floor"]))
-    assert given["move_at_floor"] is False
+    assert given["move_at_floor"] is None  # off: as a checkpoint written before the flag
+    older = cli.run_flags(cli.parse_args(["--model", "mlp"]))
+    del older["move_at_floor"]  # a checkpoint written before the flag
+    assert rundir.changed_flags(older, given) == []
+    assert rundir.changed_flags(older, cli.run_flags(cli.parse_args(["--model", "mlp"]))) == [
+        "move_at_floor"
+    ]
 
 
 def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
