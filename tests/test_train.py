@@ -433,6 +433,24 @@ def test_move_at_floor_is_the_models_under_the_all_or_nothing_guard(monkeypatch)
     ]
 
 
+@pytest.mark.parametrize("model", ["lenet5_bb", "lenet5"])
+def test_the_trainer_hands_move_at_floor_to_the_constrained_update(monkeypatch, tiny_mnist, model):
+    """``TrainConfig.move_at_floor`` (resolved: on for ``lenet5_bb``, off for LeNet-5)
+    reaches the optimizer the trainer builds."""
+    from cgmq_jax import optimizers
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["move_at_floor"])
+        return optimizers.partitioned_adam(1e-3, 1e-2)  # a stand-in: nothing is trained here
+
+    monkeypatch.setattr(optimizers, "cgmq_optimizer", recording)
+    config = train.TrainConfig(model=model, budget_bops=4e7, calibration_size=8)
+    train.initial_step(config, tiny_mnist)
+    assert seen == [model == "lenet5_bb"]
+
+
 def test_the_dscnn_lowers_a_tight_budget_over_two_qat_epochs_by_default():
     """The DS-CNN's schedule lowers a BOP budget below twice its minimum over its first 2
     QAT epochs (at most half of them; cgmq, --budget_bops alone, no --prune); larger
