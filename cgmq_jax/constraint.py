@@ -338,7 +338,7 @@ def constrained_update(
                 "constrained_update needs the current params: call tx.update(updates, state, "
                 "params)"
             )
-        quantizer_mask = is_quantizer(params)
+        quantizer_mask, prunable_leaves = is_quantizer(params), prunable_mask(params)
         costs, grads, violated, breaks = _evaluate(constraints, params, updates)
         feasible, guard = _guard(violated, breaks)
         masked = _zero_where(updates, _cost_raising(updates, quantizer_mask))
@@ -357,7 +357,7 @@ def constrained_update(
             bit_value=state.bit_value,
             loss_grads=loss_grads,
             move_at_floor=move_at_floor,
-            prunable_mask=prunable_mask(params),
+            prunable_mask=prunable_leaves,
         )
         new_updates = _admit(admitted, corrected, feasible)
         new_updates = jax.tree.map(
@@ -365,10 +365,10 @@ def constrained_update(
             new_updates,
             params,
             quantizer_mask,
-            prunable_mask(params),
+            prunable_leaves,
         )
         if refit_weight_ranges:
-            new_updates = refit_lost_weight_ranges(new_updates, params, prunable_mask(params))
+            new_updates = refit_lost_weight_ranges(new_updates, params, prunable_leaves)
         return new_updates, _next_state(state, names, costs, violated, guard, scale_floor)._replace(
             bit_value=bit_value
         )

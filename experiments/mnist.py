@@ -45,9 +45,9 @@ def run_flags(args: argparse.Namespace) -> dict:
         args.batch_size = train.TrainConfig(model=args.model).batch_size
     if args.refit_ranges is None and args.prune:
         args.refit_ranges = train.TrainConfig(model=args.model, prune=True).refits
-    if args.move_at_floor is None:  # the model's where it is on, else left None
+    if args.move_at_floor is None:  # the model's (off is stored as None, below)
         config = train.TrainConfig(model=args.model, prune=args.prune, admission=args.admission)
-        args.move_at_floor = config.move_at_floor or None
+        args.move_at_floor = config.move_at_floor
     if args.quantizer_lr_decay is None:
         config = train.TrainConfig(model=args.model, prune=args.prune)
         args.quantizer_lr_decay = config.quantizer_lr_decay
