@@ -33,6 +33,7 @@ def run_flags(args: argparse.Namespace) -> dict:
     ``--refit_ranges`` with ``--prune`` (its default there is the model's),
     ``--move_at_floor`` (the model's where it is on; off, given or not, is stored as ``None``,
     as before it existed),
+    ``--microbatches`` (the model's; 1 is stored as ``None``, as before it existed),
     ``--quantizer_lr_decay`` and ``--budget_warmup_epochs`` (the model's where it applies,
     else left ``None``, as is a given ``0``; flags that fail their checks are left for the
     checks to report).
@@ -48,6 +49,10 @@ def run_flags(args: argparse.Namespace) -> dict:
     if args.move_at_floor is None:  # the model's (off is stored as None, below)
         config = train.TrainConfig(model=args.model, prune=args.prune, admission=args.admission)
         args.move_at_floor = config.move_at_floor
+    if args.microbatches is None:
+        devices = args.devices if isinstance(args.devices, int) else 1
+        config = train.TrainConfig(model=args.model, batch_size=args.batch_size, devices=devices)
+        args.microbatches = config.microbatches
     if args.quantizer_lr_decay is None:
         config = train.TrainConfig(model=args.model, prune=args.prune)
         args.quantizer_lr_decay = config.quantizer_lr_decay
@@ -62,6 +67,8 @@ def run_flags(args: argparse.Namespace) -> dict:
         flags["budget_warmup_epochs"] = None
     if flags["move_at_floor"] is False:  # the same
         flags["move_at_floor"] = None
+    if flags["microbatches"] == 1:  # the same
+        flags["microbatches"] = None
     return flags
 
 
@@ -230,6 +237,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="data parallel over N devices (default 1; all of them with --coordinator; "
         "a CPU is split into N devices, up to one per core)",
+    )
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="take each train step's batch in N equal parts, one after another, and "
+        "average their gradients (the same up to float rounding; on a CPU each part's "
+        "activations stay in the caches; default: the model's, 8 for dscnn, else 1)",
     )
     p.add_argument(
         "--coordinator",

@@ -32,8 +32,10 @@ class Schedule:
     ``budget_warmup_below`` times the network's minimum BOPs, and no ``prune``; at most
     half the QAT epochs; 0: the limit from the first step), whether a quantizer at its
     minimum bit-width moves freely within it under the all-or-nothing guard (without
-    ``prune``; :func:`cgmq_jax.admission.floor_moves`), and the XLA options its train
-    steps compile with on a CPU (``(name, value)`` pairs; :attr:`TrainConfig.compiler_options`)."""
+    ``prune``; :func:`cgmq_jax.admission.floor_moves`), the XLA options its train
+    steps compile with on a CPU (``(name, value)`` pairs; :attr:`TrainConfig.compiler_options`),
+    and into how many microbatches its train steps split a batch
+    (:func:`cgmq_jax.runs.steps.microbatched`)."""
 
     pretrain_epochs: int
     epochs: int
@@ -47,6 +49,7 @@ class Schedule:
     budget_warmup_below: float = 0.0
     move_at_floor: bool = False
     compiler_options: tuple[tuple[str, str], ...] = ()
+    microbatches: int = 1
 
 
 #: XLA:CPU hands reductions alone to the YNNPACK library, its convolutions to Eigen: the
@@ -100,6 +103,7 @@ SCHEDULES = {
         admission_with_prune="gain",
         budget_warmup_epochs=2,
         budget_warmup_below=2.0,
+        microbatches=8,
     ),
     "lenet5_bb": dataclasses.replace(
         DEFAULT_SCHEDULE,
@@ -149,6 +153,7 @@ INTEGER_RANGES = {
     "calibration_size": (1, 1 << 20),
     "seed": (0, 2**32 - 1),
     "devices": (1, 1 << 16),
+    "microbatches": (1, 1 << 20),
 }
 
 
@@ -156,8 +161,9 @@ INTEGER_RANGES = {
 class TrainConfig:
     """Every knob of a run; the defaults are the README's headline run.
 
-    ``epochs``, ``pretrain_epochs``, ``lr``, ``batch_size`` and ``admission`` left at
-    ``None`` take the model's :func:`schedule` when the config is made
+    ``epochs``, ``pretrain_epochs``, ``lr``, ``batch_size``, ``admission`` and
+    ``microbatches`` left at ``None`` take the model's :func:`schedule` when the config is
+    made (``microbatches``: where the batch splits into them, else 1)
     (``dataclasses.replace`` with another ``model`` keeps the values already set: pass them
     as ``None`` to take its schedule).
     """
@@ -205,6 +211,9 @@ class TrainConfig:
     calibration_size: int = 2048
     seed: int = 0
     devices: int = 1  # data parallel over this many devices (of all processes' devices)
+    # each train step's batch taken in this many parts, one after another (the gradient is
+    # their mean; cgmq_jax.runs.steps.microbatched); None: the model's schedule's
+    microbatches: int | None = None
 
     def __post_init__(self):
         defaults = schedule(self.model)
@@ -219,6 +228,11 @@ class TrainConfig:
         if self.move_at_floor is None:
             floor = defaults.move_at_floor and self.admission == "all_or_nothing"
             object.__setattr__(self, "move_at_floor", floor and not self.prune)
+        if self.microbatches is None:  # the schedule's where the batch splits so, else 1
+            parts = defaults.microbatches
+            splits = isinstance(self.batch_size, int) and isinstance(self.devices, int)
+            splits = splits and self.devices > 0 and self.batch_size % (parts * self.devices) == 0
+            object.__setattr__(self, "microbatches", parts if splits else 1)
 
     @property
     def compiler_options(self) -> dict[str, str] | None:
@@ -336,6 +350,14 @@ def _check_integers(config: TrainConfig) -> None:
         raise ValueError(
             f"--batch_size {config.batch_size} does not split over --devices {config.devices}: "
             "choose a batch size that is a multiple of the number of devices"
+        )
+    parts = config.microbatches * config.devices
+    if config.batch_size % parts:
+        raise ValueError(
+            f"--batch_size {config.batch_size} does not split into --microbatches "
+            f"{config.microbatches} equal parts over --devices {config.devices}: choose a "
+            f"batch size that is a multiple of {parts}, or fewer microbatches "
+            "(--microbatches 1 takes the whole batch at once)"
         )
 
 

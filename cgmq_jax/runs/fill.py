@@ -152,6 +152,7 @@ def _tune_weights(setup, train, params, *, should_stop, saved, timings):
         placement=setup.placement,
         donate=True,
         compiler_options=setup.config.compiler_options,
+        microbatches=setup.config.microbatches,
     )
     for k in range(epochs):
         progress = _Progress(phase="tune", epoch=setup.qat_epochs.stop + k)

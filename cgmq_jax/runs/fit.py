@@ -168,6 +168,7 @@ def _train_phase(setup: _Setup, run: _Run, dataset, phase: str, *, save, should_
         placement=setup.placement,
         donate=True,
         compiler_options=setup.config.compiler_options,
+        microbatches=setup.config.microbatches,
     )
     if phase == "qat" and setup.config.method == "cgmq" and setup.config.refits:
         train_step = _with_input_refit(setup, run, train_step)

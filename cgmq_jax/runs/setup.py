@@ -186,6 +186,7 @@ def initial_step(config: TrainConfig, dataset: data.MnistData, *, donate: bool =
         placement=setup.placement,
         donate=donate,
         compiler_options=setup.config.compiler_options,
+        microbatches=setup.config.microbatches,
     )
     return step, setup.placement.replicate(state), setup.placement
 
