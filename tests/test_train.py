@@ -321,6 +321,7 @@ def test_each_model_gets_its_schedule_unless_one_is_given():
     given = train.TrainConfig(model="dscnn", epochs=3, lr=5e-4, batch_size=32)
     assert (given.pretrain_epochs, given.epochs, given.lr, given.batch_size) == (5, 3, 5e-4, 32)
     schedule = {"epochs": None, "pretrain_epochs": None, "lr": None, "batch_size": None}
+    schedule["microbatches"] = None
     moved = dataclasses.replace(lenet, model="dscnn", admission=None, **schedule)
     assert moved == dscnn
     lenet.validate()  # the resolved schedule passes the checks
@@ -431,6 +432,83 @@ def test_move_at_floor_is_the_models_under_the_all_or_nothing_guard(monkeypatch)
     assert rundir.changed_flags(older, cli.run_flags(cli.parse_args(["--model", "mlp"]))) == [
         "move_at_floor"
     ]
+
+
+def test_microbatches_are_the_models_where_the_batch_splits_into_them():
+    """``microbatches`` left out takes the model's schedule (8 for the DS-CNN, 1 for the
+    others) where the batch splits into that many equal parts over the devices, else 1;
+    given, a batch that does not split is refused by name. The CLI stores 1 as ``None`` (as
+    checkpoints written before the flag): an older DS-CNN run is refused by name, and
+    resumes with ``--microbatches 1``."""
+    from cgmq_jax.runs import rundir
+
+    assert train.TrainConfig(model="dscnn").microbatches == 8
+    assert train.TrainConfig().microbatches == 1
+    assert train.TrainConfig(model="lenet5_bb").microbatches == 1
+    assert train.TrainConfig(model="dscnn", batch_size=100).microbatches == 1
+    assert train.TrainConfig(model="dscnn", batch_size=64, devices=8).microbatches == 8
+    assert train.TrainConfig(model="dscnn", batch_size=64, devices=16).microbatches == 1
+    train.TrainConfig(model="dscnn", microbatches=4).validate()
+    train.TrainConfig(model="dscnn", batch_size=100).validate()
+    with pytest.raises(ValueError, match="--batch_size 100 does not split into --microbatches 8"):
+        train.TrainConfig(model="dscnn", batch_size=100, microbatches=8).validate()
+    with pytest.raises(ValueError, match="a multiple of 16"):
+        train.TrainConfig(model="dscnn", batch_size=72, microbatches=8, devices=2).validate()
+    with pytest.raises(ValueError, match=r"--microbatches must be an integer in \[1,"):
+        train.TrainConfig(microbatches=0).validate()
+    cli = load_cli("mnist")
+
+    def flags(*argv):
+        return cli.run_flags(cli.parse_args(list(argv)))
+
+    assert flags("--model", "dscnn")["microbatches"] == 8
+    assert flags("--model", "dscnn", "--microbatches", "4")["microbatches"] == 4
+    assert flags("--model", "dscnn", "--batch_size", "100")["microbatches"] is None
+    assert flags("--model", "dscnn", "--microbatches", "1")["microbatches"] is None
+    assert flags()["microbatches"] is None
+    older = flags("--model", "dscnn")
+    del older["microbatches"]  # a DS-CNN checkpoint written before the flag
+    assert rundir.changed_flags(older, flags("--model", "dscnn")) == ["microbatches"]
+    assert rundir.changed_flags(older, flags("--model", "dscnn", "--microbatches", "1")) == []
+
+
+def test_the_trainer_hands_microbatches_to_every_train_step(monkeypatch, tiny_mnist):
+    """``TrainConfig.microbatches`` reaches the steps the trainer builds (the float
+    phase's, QAT's and the fill's), and their loss and gradient are the whole batch's up to
+    float rounding."""
+    import chex
+    import jax.numpy as jnp
+    import optax
+
+    from cgmq_jax.runs import steps
+
+    seen, make_train_step = [], steps.make_train_step
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["microbatches"])
+        return make_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_train_step", recording)
+    config = train.TrainConfig(
+        budget_bops=2e6, pretrain_epochs=1, epochs=1, batch_size=32, microbatches=4,
+        calibration_size=8,
+    )  # fmt: skip
+    result = train.fit(config, tiny_mnist, log=lambda _: None)
+    assert seen == [4, 4, 4] and result.certificate["within_budget"]
+    model = models.LeNet5(quantized=False)
+    images, labels = (jnp.asarray(a[:32]) for a in tiny_mnist.train)
+    params = model.init(jax.random.key(0), images)["params"]
+
+    def loss(params, images, labels):
+        logits = model.apply({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    whole = jax.value_and_grad(loss)(params, images, labels)
+    parts = steps.microbatched(jax.value_and_grad(loss), 4)(params, images, labels)
+    chex.assert_trees_all_close(whole, parts, rtol=1e-5, atol=1e-7)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), whole, parts))
+    one = jax.value_and_grad(loss)
+    assert steps.microbatched(one, 1) is one  # the whole batch, the very same step
 
 
 @pytest.mark.parametrize("model", ["lenet5_bb", "lenet5"])
