@@ -1,7 +1,8 @@
 """One training step, one epoch, one evaluation: the pieces :func:`cgmq_jax.runs.fit.fit`
 repeats.
 
-:func:`make_train_step` (jitted; data parallel with a ``Placement``), :func:`make_accuracy`,
+:func:`make_train_step` (jitted; data parallel with a ``Placement``; the batch in parts with
+:func:`microbatched`), :func:`make_accuracy`,
 the seeded :func:`batches`, an epoch (:func:`_train_epoch`: interruptible, timed) and the
 row that each epoch adds to the history (:func:`_evaluate_float`, :func:`_evaluate_qat`).
 The loss of DQ's baseline, :func:`dq_penalty`, is here too.
