@@ -17,7 +17,8 @@ in. The lever variants time the same cgmq step with one lever undone: ``direct-c
 and pointwise convolutions) and ``no-donate`` (the state's buffers not donated to the
 step), ``flax-max-pool`` (``flax.linen.max_pool``'s gradient instead of
 :func:`cgmq_jax.nn.max_pool`'s), and ``no-levers`` (all three undone: the step of the
-release before them).
+release before them). ``--microbatches 1`` adds each model's cgmq step with its batch whole
+(``cgmq/1``: the DS-CNN's before its default of 8 parts, :func:`cgmq_jax.runs.steps.microbatched`).
 
 Peers: with ``--peers_python PATH`` (or ``CGMQ_PEERS_PYTHON``; ``make setup-peers`` builds
 ``.venv-peers``, never a dependency of this project), each round also times the peers, each
@@ -67,6 +68,7 @@ def _build(model: str, method: str, dataset, batch_size: int):
     from cgmq_jax.runs import train
 
     variant = None
+    method, _, parts = method.partition("/")  # cgmq/1: the batch in 1 part (--microbatches)
     method, _, devices = method.partition("@")  # cgmq@2: data parallel over 2 (--devices)
     if ":" in method:
         method, variant = method.split(":")
@@ -80,6 +82,7 @@ def _build(model: str, method: str, dataset, batch_size: int):
         budget_bops=budget,
         batch_size=batch_size,
         devices=int(devices or 1),
+        microbatches=int(parts) if parts else None,  # None: the model's schedule's
     )
     saved = nn.PATCH_CONV_MAX_CHANNELS, nn.PATCH_CONV_POINTWISE, models.max_pool
     if variant in ("direct-conv", "no-levers"):
@@ -255,6 +258,7 @@ def step_table(args) -> dict:
         for method in args.methods
     ]
     rows += [("lenet5", f"{m}:{v}") for v in args.variants for m in ("float", "cgmq")]
+    rows += [(m, f"cgmq/{k}") for m in args.models for k in args.microbatches]
     started = _start_peers(args)  # they start and compile while ours compile
     entries = {}
     for model, method in rows:
@@ -366,6 +370,11 @@ def _paired_ratios(args, samples: dict) -> dict:
             (f"float@{n}", "torch-float", f"our float on {n} devices / PyTorch float (speed)"),
             (f"cgmq@{n}", "cgmq", f"CGMQ QAT on {n} devices / on 1 (speed)"),
         ]
+    for k in args.microbatches:  # the batch in k parts instead of the model's
+        pairs += [
+            (f"cgmq/{k}", "torch-qat", f"CGMQ QAT, the batch in {k} part(s) / PyTorch QAT (speed)"),
+            ("cgmq", f"cgmq/{k}", f"CGMQ QAT / the batch in {k} part(s) (speed)"),
+        ]
     for model in args.models:
         for ours, theirs, label in pairs:
             if (model, ours) in samples and (model, theirs) in samples:
@@ -436,6 +445,12 @@ def main(argv=None) -> int:
         "--peers_python", "--torch_python", default=None, help="a Python with torch and qwix"
     )
     parser.add_argument("--peers", default="torch,qwix", help="comma-separated, or ''")
+    parser.add_argument(
+        "--microbatches",
+        default="",
+        help="comma-separated: also time each model's cgmq step with its batch in N parts "
+        "(cgmq/N rows; 1: the whole batch, the DS-CNN's step before its default of 8)",
+    )
     parser.add_argument("--fit", action="store_true", help="also run the headline fit")
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args(argv)
@@ -444,6 +459,7 @@ def main(argv=None) -> int:
     args.variants = [v for v in args.variants.split(",") if v]
     args.peers = [p for p in args.peers.split(",") if p]
     args.devices = [int(n) for n in args.devices.split(",") if n]
+    args.microbatches = [int(n) for n in args.microbatches.split(",") if n]
     if max(args.devices) > 1:  # before anything computes; on a GPU it splits nothing
         from cgmq_jax.runs import parallel
 
