@@ -509,6 +509,10 @@ def test_the_trainer_hands_microbatches_to_every_train_step(monkeypatch, tiny_mn
     assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), whole, parts))
     one = jax.value_and_grad(loss)
     assert steps.microbatched(one, 1) is one  # the whole batch, the very same step
+    with pytest.raises(ValueError, match="a batch of 32 does not split into 5 equal"):
+        steps.microbatched(one, 5)(params, images, labels)
+    with pytest.raises(ValueError, match="microbatches must be a positive integer, got 0"):
+        steps.microbatched(one, 0)
 
 
 @pytest.mark.parametrize("model", ["lenet5_bb", "lenet5"])

@@ -145,10 +145,18 @@ def microbatched(loss_and_grad, microbatches: int):
       >>> bool(jnp.allclose(whole[0], parts[0]) and jnp.allclose(whole[1], parts[1]))
       True
     """
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
     if microbatches == 1:
         return loss_and_grad
 
     def mean_over_parts(params, images, labels):
+        if images.shape[0] % microbatches:
+            raise ValueError(
+                f"a batch of {images.shape[0]} does not split into {microbatches} equal "
+                "microbatches: choose a batch size that is a multiple of it"
+            )
+
         def parts(batch):
             rows = jnp.reshape(batch, (-1, microbatches, *batch.shape[1:]))
             return jnp.swapaxes(rows, 0, 1)
