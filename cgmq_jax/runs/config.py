@@ -87,6 +87,11 @@ DEFAULT_SCHEDULE = Schedule(pretrain_epochs=5, epochs=25, lr=1e-3)
 #: bits) and 99.31% (learned) against 99.31% and 99.32%, every run at 99.6-99.9% of the
 #: budget (one at 81.5% before). LeNet-5 trained worse with it (2e6: 98.94% against
 #: 99.02%; 1e6: 98.49% against 98.71%), so not there (docs/method.md section 3).
+#: The DS-CNN takes each batch in 8 parts (``microbatches``): its cgmq step 1.75x as fast
+#: (2.16x PyTorch's QAT step, 1.24x with the batch whole; docs/performance.md); at 4e6, 3
+#: seeds, median 80.43% (seed 0 80.43% against 80.78% with the batch whole, the same day;
+#: 8e6 84.01% against 85.43%, 1.6e7 87.10% against 87.13%). XLA's own convolutions ran
+#: several times slower inside the parts' loop, so LeNet-5 and ``lenet5_bb`` keep 1.
 SCHEDULES = {
     "lenet5": Schedule(
         pretrain_epochs=2,
